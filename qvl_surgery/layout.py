@@ -1,0 +1,87 @@
+"""Window order, its inverse, window ids and rotary tables for one image of a fixed size.
+
+Computed in numpy outside any traced graph and baked into the export as constants; the tests
+check them against transformers' own ``get_window_index`` and ``rot_pos_emb``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import VisionConfig
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    grid_t: int
+    grid_h: int            # patches
+    grid_w: int
+    window_index: np.ndarray      # [S/4] merged-token order used inside the blocks
+    reverse_index: np.ndarray     # argsort(window_index)
+    cu_window_seqlens: np.ndarray  # patch boundaries of the windows (unique, starts at 0)
+    window_id: np.ndarray         # [S] window of each patch, in window order
+    cos: np.ndarray               # [S, head_dim] float32, window order
+    sin: np.ndarray
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_t * self.grid_h * self.grid_w
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.cu_window_seqlens) - 1
+
+    @property
+    def window_sizes(self) -> list[int]:
+        return np.diff(self.cu_window_seqlens).tolist()
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.window_sizes)) == 1
+
+    def patch_order(self, merge_unit: int) -> np.ndarray:
+        """Row order of pixel_values (patches) that puts them in window order."""
+        return (self.window_index[:, None] * merge_unit + np.arange(merge_unit)[None, :]).reshape(-1)
+
+    def to_metadata(self) -> dict:
+        sizes = self.window_sizes
+        return {"grid": [self.grid_t, self.grid_h, self.grid_w], "num_windows": self.num_windows,
+                "window_sizes": sizes, "uniform": self.uniform,
+                "cu_window_seqlens": self.cu_window_seqlens.tolist()}
+
+
+def window_layout(cfg: VisionConfig, image_size: tuple[int, int], grid_t: int = 1) -> WindowLayout:
+    h_px, w_px = image_size
+    gh, gw = h_px // cfg.patch_size, w_px // cfg.patch_size
+    m = cfg.spatial_merge_size
+    lh, lw = gh // m, gw // m
+    ws = cfg.window_merged
+    # Same rule as transformers: pad to whole windows (a full extra window when it divides evenly,
+    # which then has length 0 and disappears).
+    pad_h, pad_w = ws - lh % ws, ws - lw % ws
+    nwh, nww = (lh + pad_h) // ws, (lw + pad_w) // ws
+    index = np.full((grid_t, lh + pad_h, lw + pad_w), -1, dtype=np.int64)
+    index[:, :lh, :lw] = np.arange(grid_t * lh * lw).reshape(grid_t, lh, lw)
+    windows = index.reshape(grid_t, nwh, ws, nww, ws).transpose(0, 1, 3, 2, 4).reshape(grid_t * nwh * nww, ws * ws)
+    counts = (windows >= 0).sum(axis=1)
+    flat = windows.reshape(-1)
+    window_index = flat[flat >= 0]
+    counts = counts[counts > 0] * cfg.merge_unit
+    cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    window_id = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+
+    # Rotary: (row, col) position of every patch in the processor's merge-unit order.
+    hpos = np.broadcast_to(np.arange(gh)[:, None], (gh, gw)).reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+    wpos = np.broadcast_to(np.arange(gw)[None, :], (gh, gw)).reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+    pos = np.tile(np.stack([hpos, wpos], axis=-1), (grid_t, 1))
+    dim = cfg.head_dim // 2
+    inv_freq = (1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+    freqs = np.outer(np.arange(max(gh, gw), dtype=np.float32), inv_freq).astype(np.float32)
+    rot = freqs[pos].reshape(len(pos), -1)  # [S, head_dim/2]
+    mu = cfg.merge_unit
+    rot = rot.reshape(-1, mu, rot.shape[-1])[window_index].reshape(len(pos), -1)
+    emb = np.concatenate([rot, rot], axis=-1)
+    return WindowLayout(grid_t=grid_t, grid_h=gh, grid_w=gw, window_index=window_index,
+                        reverse_index=np.argsort(window_index, kind="stable"), cu_window_seqlens=cu,
+                        window_id=window_id, cos=np.cos(emb).astype(np.float32), sin=np.sin(emb).astype(np.float32))
