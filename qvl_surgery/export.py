@@ -232,11 +232,11 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
 
 
 def export(weights: WeightSource, out: str | Path, image_size: tuple[int, int], *, progress: bool = True,
-           check: bool = True) -> ExportReport:
+           check: bool = True, overwrite: bool = False) -> ExportReport:
     """Build the graph and stream every weight into ``out.data``; returns what was written."""
     out = Path(out)
     model = build_encoder(weights.cfg, weights, image_size)
-    save_model(model, out, check=check, progress="export" if progress else None)
+    save_model(model, out, check=check, progress="export" if progress else None, overwrite=overwrite)
     lay_grid = json.loads(model.metadata()[META + "grid"])
     S = int(np.prod(lay_grid))
     return ExportReport(output=out, image_size=tuple(image_size), grid=tuple(lay_grid), seq_len=S,

@@ -369,11 +369,16 @@ def check_model_path(path: Path) -> None:
 
 
 def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, progress: str | None = None,
-               inputs: Iterable[Path] = ()) -> Path:
-    """Write ``out`` and ``out.data`` atomically; never overwrite an input or its data."""
+               inputs: Iterable[Path] = (), overwrite: bool = False) -> Path:
+    """Write ``out`` and ``out.data`` atomically; never overwrite an input or its data.
+
+    An existing output is replaced only with ``overwrite=True`` (the CLI's ``--force``).
+    """
     out = Path(out)
     guard = list(inputs) + ([model.path] if model.path else []) + sorted(model.data_files())
     check_output_path(out, guard)
+    if not overwrite and (out.exists() or out.with_name(out.name + ".data").exists()):
+        raise BadInput(f"{out}: already exists; pass --force to replace it or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

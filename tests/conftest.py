@@ -1,0 +1,81 @@
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qvl_surgery.config import PRESETS
+from qvl_surgery.export import export
+from qvl_surgery.weights import RandomWeights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = PRESETS["tiny"]
+
+
+def run_cli(*args, cwd=None):
+    """Run the installed console script; returns CompletedProcess (text)."""
+    exe = Path(sys.executable).with_name("qvl-surgery")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def ort_run(path, feeds):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def check_written(path):
+    """Every file written must pass the checker by path and run in onnxruntime."""
+    onnx.checker.check_model(str(path))
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s
+
+
+def tiny_pixels(size, seed=0):
+    gh, gw = size[0] // 14, size[1] // 14
+    return np.random.default_rng(seed).standard_normal((gh * gw, 1176)).astype(np.float32)
+
+
+def hf_vision_model(cfg, state_dict):
+    import torch
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    hc = Qwen2_5_VLVisionConfig(**cfg.to_dict())
+    torch.manual_seed(0)
+    m = Qwen2_5_VisionTransformerPretrainedModel(hc).eval()
+    m.load_state_dict(state_dict)
+    return m
+
+
+def hf_forward(model, pixels, size):
+    import torch
+    gh, gw = size[0] // 14, size[1] // 14
+    with torch.no_grad():
+        return model(torch.from_numpy(pixels), torch.tensor([[1, gh, gw]])).numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_448(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny448")
+    export(RandomWeights(TINY, seed=0), d / "model.onnx", (448, 448), progress=False)
+    return d / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_uneven(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny252")
+    export(RandomWeights(TINY, seed=1), d / "model.onnx", (252, 364), progress=False)
+    return d / "model.onnx"
+
+
+def peak_rss_mb_of(code: str) -> tuple[float, str]:
+    """Run python code in a fresh child; returns the child's own peak RSS (MB) and its stdout."""
+    code += "\nimport resource as _r; print('PEAK_KB', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    return int(lines[-1].split()[1]) / 1024, "\n".join(lines[:-1])

@@ -1,0 +1,67 @@
+"""Bad input: exit 2, one line, no traceback, nothing written."""
+import os
+
+import pytest
+
+from conftest import check_written, run_cli
+
+
+def _assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_export_random_tiny_and_inspect(tmp_path):
+    out = tmp_path / "o" / "m.onnx"
+    r = run_cli("export", "--random-init", "tiny", "--seed", "3", "-o", out, "--image-size", "56x84", "-q")
+    assert r.returncode == 0, r.stderr
+    check_written(out)
+    r = run_cli("inspect", out)
+    assert r.returncode == 0, r.stderr
+    assert "attention       4 patterns" in r.stdout and "sigmoid*mul     4 patterns" in r.stdout
+    assert "fits as one file" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "{tmp}/nope", "-o", "{tmp}/o/m.onnx"], "no such checkpoint directory"),
+    (["export", "{tmp}/empty", "-o", "{tmp}/o/m.onnx"], "no config.json"),
+    (["export", "{tmp}/novis", "-o", "{tmp}/o/m.onnx"], "no vision-tower weights"),
+    (["export", "--random-init", "tiny", "--image-size", "450x448", "-o", "{tmp}/o/m.onnx"], "multiples of 28"),
+    (["export", "--random-init", "13b", "-o", "{tmp}/o/m.onnx"], "unknown preset"),
+    (["export", "-o", "{tmp}/o/m.onnx"], "not both or neither"),
+    (["inspect", "{tmp}/nope.onnx"], "no such file"),
+    (["inspect", "{tmp}/garbage.onnx"], "not an ONNX model"),
+])
+def test_bad_input(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    nv = tmp_path / "novis"
+    nv.mkdir()
+    (nv / "config.json").write_text('{"model_type": "qwen2_5_vl", "vision_config": {"depth": 1}}')
+    from safetensors.numpy import save_file
+    import numpy as np
+    save_file({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, str(nv / "model.safetensors"))
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model at all")
+    r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    _assert_one_line_error(r, needle)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert run_cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", out, "-q").returncode == 0
+    before = out.read_bytes()
+    r = run_cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q")
+    _assert_one_line_error(r, "already exists", "--force")
+    assert out.read_bytes() == before
+    r = run_cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q", "--force")
+    assert r.returncode == 0, r.stderr
+    check_written(out)
+
+
+def test_export_into_the_checkpoint_directory_is_refused(tmp_path):
+    r = run_cli("export", tmp_path, "-o", tmp_path, "-q")
+    _assert_one_line_error(r)
