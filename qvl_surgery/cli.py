@@ -65,6 +65,39 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(a: argparse.Namespace) -> int:
+    from passes.split import split
+    from .modelfile import load_model
+    from .errors import BadInput
+    given = sum(x is not None for x in (a.parts, a.at, a.max_part_bytes))
+    if given != 1:
+        raise BadInput("split: give exactly one of --parts N, --at CUT[,CUT...], --max-part-bytes BYTES")
+    at = [c for item in a.at for c in item.split(",") if c] if a.at else None
+    report = split(load_model(a.model), a.output, parts=a.parts, at=at,
+                   max_part_bytes=int(float(a.max_part_bytes)) if a.max_part_bytes else None,
+                   force=a.force, progress=not a.quiet)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from passes.merge import merge
+    from .manifest import read_manifest
+    from .modelfile import save_model
+    model, report = merge(a.split_dir)
+    inputs = read_manifest(a.split_dir, verify_hashes=False).part_paths()
+    save_model(model, a.output, progress=None if a.quiet else "merge", overwrite=a.force, inputs=inputs)
+    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
+    return 0
+
+
+def cmd_simplify(a: argparse.Namespace) -> int:
+    from passes.simplify import simplify
+    report = simplify(a.model, a.output, max_part_bytes=int(float(a.max_part_bytes)), overwrite=a.force)
+    print("\n".join(report.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
                                 "and run graph passes on that file.")
@@ -90,13 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub, fmt)
+    s = sub.add_parser("split", help="cut a model into N self-contained parts (< 2 GB each) + manifest.json",
+                       epilog=_epilog("split") + "\n  qvl-surgery split out/model.onnx --at 16,merger -o out/parts"
+                       "\n  qvl-surgery split out/model.onnx --max-part-bytes 1e9 -o out/parts",
+                       formatter_class=fmt)
+    s.add_argument("model", type=Path)
+    s.add_argument("--parts", type=int, help="number of parts, balanced by weight bytes")
+    s.add_argument("--at", action="append", help="explicit cut points: block index K (the hidden state entering "
+                   "block K), 'merger', or a tensor name; comma separated or repeated")
+    s.add_argument("--max-part-bytes", help="let the tool choose the fewest parts whose weights stay under this")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output(s, what="output folder for partK.onnx(.data) and manifest.json")
+    add_force(s)
+    s.set_defaults(func=cmd_split)
+
+    m = sub.add_parser("merge", help="join a split back into one model with external data", epilog=_epilog("merge"),
+                       formatter_class=fmt)
+    m.add_argument("split_dir", type=Path, help="folder written by split (or its manifest.json)")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output(m)
+    add_force(m)
+    m.set_defaults(func=cmd_merge)
+
+    si = sub.add_parser("simplify", help="onnxsim on a model of any size, part by part", epilog=_epilog("simplify"),
+                        formatter_class=fmt)
+    si.add_argument("model", type=Path)
+    si.add_argument("--max-part-bytes", default="1.5e9", help="largest part handed to onnxsim (default 1.5e9)")
+    add_output(si)
+    add_force(si)
+    si.set_defaults(func=cmd_simplify)
     return p
-
-
-# Subcommands defined next to their passes register themselves here.
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

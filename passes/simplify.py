@@ -1,0 +1,179 @@
+"""simplify: onnxsim on a model of any size.
+
+onnxsim's python API needs the whole model as one protobuf, which fails above 2 GB. This pass
+splits the model into parts under ``max_part_bytes`` (the 3b fp32 encoder: 2 parts), runs
+``onnxsim.simplify`` on each part, and merges the results with external data.
+
+Rules and limits:
+- Constant subgraphs whose result would be large (the window mask: S x S floats, 340 MB at
+  1344x1344) are protected from constant folding: the int tables feeding them (``window_id``)
+  are lifted to graph inputs while onnxsim runs and put back afterwards. So the no-dense-mask
+  contract survives simplification.
+- Names onnxsim creates in one part are prefixed with the part's name before merging, so two
+  parts cannot clash.
+- Peak memory is about one part held by onnxsim (a few GB for a 1.5 GB part), not the model.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qvl_surgery.errors import BadInput
+from qvl_surgery.graphinfo import static_tensors
+from qvl_surgery.modelfile import Model, load_model, save_model, check_output_path
+
+from .merge import merge_models
+from .split import split
+
+log = logging.getLogger(__name__)
+
+LARGE_FOLD_BYTES = 1 << 20
+LIFT_MIN_ELEMENTS = 64
+
+
+@dataclass
+class SimplifyReport:
+    output: Path
+    parts: int
+    nodes_before: int
+    nodes_after: int
+    protected: list[str]
+
+    def lines(self) -> list[str]:
+        return [f"simplified in {self.parts} part(s) with onnxsim: {self.nodes_before} -> {self.nodes_after} nodes",
+                f"  kept from constant folding (would make large constants): {', '.join(self.protected) or 'none'}",
+                f"wrote {self.output} ({self.output.name}.data beside it)"]
+
+
+def _large_static_roots(model: Model) -> list[str]:
+    """Small initializer tables that feed a constant subgraph whose result is large."""
+    g = model.graph
+    static = static_tensors(g)
+    inferred = onnx.shape_inference.infer_shapes(model.proto)
+    sizes = {}
+    for v in inferred.graph.value_info:
+        t = v.type.tensor_type
+        if all(d.HasField("dim_value") for d in t.shape.dim):
+            n = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64))
+            sizes[v.name] = n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    roots: set[str] = set()
+    for n in g.node:
+        if all(i in static for i in n.input) and any(sizes.get(o, 0) > LARGE_FOLD_BYTES for o in n.output):
+            stack = list(n.input)
+            while stack:
+                t = stack.pop()
+                if t in inits:
+                    if int(np.prod(inits[t].dims, dtype=np.int64)) >= LIFT_MIN_ELEMENTS:
+                        roots.add(t)
+                elif t in producer:
+                    stack.extend(producer[t].input)
+    return sorted(roots)
+
+
+def _lift(model: Model, names: list[str]) -> dict[str, onnx.TensorProto]:
+    """Move initializers to graph inputs (onnxsim cannot fold through inputs); returns them."""
+    g = model.graph
+    lifted = {}
+    keep = []
+    for t in g.initializer:
+        if t.name in names:
+            lifted[t.name] = t
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return lifted
+
+
+def _restore(part: Model, lifted: dict[str, onnx.TensorProto], original: Model) -> None:
+    g = part.graph
+    ins = [i for i in g.input if i.name not in lifted]
+    present = {i.name for i in g.input if i.name in lifted}
+    del g.input[:]
+    g.input.extend(ins)
+    for name in sorted(present):
+        t = onnx.TensorProto()
+        t.CopyFrom(lifted[name])
+        g.initializer.append(t)
+        if name in original.sources:
+            part.sources[name] = original.sources[name]
+
+
+def _prefix_new_names(part: Model, k: int, keep: set[str]) -> None:
+    """Prefix initializers and node outputs onnxsim created, so parts cannot clash when merged."""
+    g = part.graph
+    boundary = {i.name for i in g.input} | {o.name for o in g.output}
+    rename = {}
+    for t in g.initializer:
+        if t.name not in keep:
+            rename[t.name] = f"part{k}/{t.name}"
+    for n in g.node:
+        for o in n.output:
+            if o not in keep and o not in boundary:
+                rename[o] = f"part{k}/{o}"
+    for t in g.initializer:
+        if t.name in rename:
+            if t.name in part.sources:
+                part.sources[rename[t.name]] = part.sources.pop(t.name)
+            t.name = rename[t.name]
+    for n in g.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+    for v in g.value_info:
+        v.name = rename.get(v.name, v.name)
+
+
+def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: int = int(1.5e9),
+             overwrite: bool = False) -> SimplifyReport:
+    import onnxsim
+    out = Path(out)
+    model = load_model(model_path)
+    check_output_path(out, [Path(model_path)] + sorted(model.data_files()))
+    if out.exists() and not overwrite:
+        raise BadInput(f"{out}: already exists; pass --force to replace it or choose another path")
+    original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.simplify-", dir=out.parent if out.parent.exists() else None))
+    try:
+        split(model, work / "parts", max_part_bytes=max_part_bytes)
+        from qvl_surgery.manifest import read_manifest
+        from qvl_surgery.modelfile import write_model_files
+        manifest = read_manifest(work / "parts", verify_hashes=False)
+        simplified, protected = [], []
+        for k, path in enumerate(manifest.part_paths()):
+            part = load_model(path)
+            roots = _large_static_roots(part)
+            protected += [r for r in roots if r not in protected]
+            lifted = _lift(part, roots)
+            d = work / f"sim{k}"
+            d.mkdir()
+            lifted_path = write_model_files(part, d, "lifted.onnx")
+            proto = onnx.load(str(lifted_path))  # one part, < 2 GB, with its weights
+            try:
+                proto, ok = onnxsim.simplify(proto)
+            except Exception as e:
+                raise BadInput(f"onnxsim failed on part {k} ({type(e).__name__}: {str(e)[:150]})") from None
+            if not ok:
+                raise BadInput(f"onnxsim could not validate its result for part {k}")
+            onnx.save_model(proto, str(d / "part.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="part.onnx.data", size_threshold=1024)
+            del proto
+            part_out = load_model(d / "part.onnx")
+            _restore(part_out, lifted, part)
+            _prefix_new_names(part_out, k, original_names)
+            simplified.append(part_out)
+        merged, _ = merge_models(simplified)
+        merged.set_metadata("qvl_surgery.simplified", "onnxsim " + getattr(onnxsim, "__version__", ""))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(merged, out, overwrite=overwrite, inputs=[Path(model_path)])
+        return SimplifyReport(out, len(simplified), len(model.graph.node), len(merged.graph.node), protected)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,251 @@
+"""split: cut one model into N self-contained parts by node range.
+
+Rules:
+- A cut point is a place in node order where exactly one activation crosses from earlier to
+  later nodes (constants and tensors computed only from constants do not count: a part that
+  needs them gets its own copy). In this toolkit's exports those places are the hidden state
+  between blocks (``blocks.{i}.output``) and before the merger; when the model's metadata names
+  them, only those are used, otherwise every single-tensor crossing is a candidate.
+- Cut points are chosen to minimise the largest part's weight bytes (exact, by dynamic
+  programming), or given explicitly with ``at``: a block index K cuts at the hidden state
+  entering block K (``merger`` cuts before the merger), or a tensor name.
+- Each part is ``partK.onnx`` + ``partK.onnx.data`` with only its own weights, < 2 GB, checked
+  with ``onnx.checker`` by path. ``manifest.json`` lists the parts in chain order with their
+  inputs, outputs (names, dtypes, shapes) and data-file sizes and sha256.
+- Everything is written into a temporary sibling folder and renamed at the end. An output
+  folder that already holds a split is replaced only with ``force``; a folder holding anything
+  else is never touched.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from qvl_surgery.errors import BadInput
+from qvl_surgery.graphinfo import CutPoint, Plan, analyse, block_outputs, describe_value, value_types
+from qvl_surgery.manifest import MANIFEST, write_manifest
+from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model, check_model_path, sha256_file, write_model_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitReport:
+    out_dir: Path
+    cuts: list[str]
+    parts: list[dict] = field(default_factory=list)
+    candidates: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"split into {len(self.parts)} parts at {', '.join(self.cuts) or '(no cut)'} "
+               f"({self.candidates} candidate cut points) -> {self.out_dir}/{MANIFEST}"]
+        for p in self.parts:
+            out.append(f"  {p['path']:<12} {p['nodes']:5d} nodes  {p['data_bytes'] / 1e9:7.3f} GB  "
+                       f"{', '.join(i['name'] for i in p['inputs'])} -> {', '.join(o['name'] for o in p['outputs'])}")
+        return out
+
+
+def _candidates(model: Model, plan: Plan) -> list[CutPoint]:
+    named = set(block_outputs(model))
+    if named:
+        chosen = [c for c in plan.cut_points if c.tensor in named]
+        if chosen:
+            return chosen
+    return plan.cut_points
+
+
+def _resolve_at(model: Model, cands: list[CutPoint], plan: Plan, at: list[str]) -> list[CutPoint]:
+    by_tensor = {c.tensor: c for c in plan.cut_points}
+    names = block_outputs(model)
+    chosen = []
+    for item in at:
+        item = str(item).strip()
+        if item == "merger" and names:
+            tensor = names[-1]
+        elif item.lstrip("-").isdigit() and names:
+            k = int(item)
+            if not 0 <= k < len(names):
+                raise BadInput(f"--at {item}: block index out of range (0..{len(names) - 1}, or 'merger')")
+            tensor = names[k]
+        else:
+            tensor = item
+        if tensor not in by_tensor:
+            hint = ", ".join(c.tensor for c in cands[:4])
+            raise BadInput(f"--at {item}: {tensor!r} is not a clean cut point (more than one activation crosses "
+                           f"there, or no such tensor); clean ones include {hint}")
+        chosen.append(by_tensor[tensor])
+    chosen = sorted(set(chosen), key=lambda c: c.position)
+    return chosen
+
+
+def _balanced(cands: list[CutPoint], plan: Plan, parts: int) -> list[CutPoint]:
+    """Cut points that minimise the largest part's weight bytes (DP over candidates)."""
+    if parts - 1 > len(cands):
+        raise BadInput(f"--parts {parts}: this model has only {len(cands)} clean cut points, so at most "
+                       f"{len(cands) + 1} parts; use fewer parts or choose cuts with --at")
+    pos = [0] + [c.bytes_before for c in cands] + [plan.total_bytes]
+    n = len(pos)
+    INF = float("inf")
+    # best[j][k]: minimal max part bytes covering [0, pos[j]] with k parts ending at j
+    best = [[INF] * (parts + 1) for _ in range(n)]
+    back = [[-1] * (parts + 1) for _ in range(n)]
+    best[0][0] = 0
+    for j in range(1, n):
+        for k in range(1, parts + 1):
+            for i in range(j):
+                if best[i][k - 1] == INF:
+                    continue
+                if (i == 0) != (k - 1 == 0):
+                    continue
+                v = max(best[i][k - 1], pos[j] - pos[i])
+                if v < best[j][k]:
+                    best[j][k], back[j][k] = v, i
+    j, k, idx = n - 1, parts, []
+    while k > 0:
+        i = back[j][k]
+        if i > 0:
+            idx.append(i)
+        j, k = i, k - 1
+    return [cands[i - 1] for i in sorted(idx)]
+
+
+def plan_cuts(model: Model, *, parts: int | None = None, at: list[str] | None = None,
+              max_part_bytes: int | None = None) -> tuple[Plan, list[CutPoint], int]:
+    plan = analyse(model)
+    cands = _candidates(model, plan)
+    if at:
+        return plan, _resolve_at(model, cands, plan, at), len(cands)
+    if max_part_bytes is not None:
+        if max_part_bytes <= 0:
+            raise BadInput(f"--max-part-bytes {max_part_bytes}: must be positive")
+        for n in range(1, len(cands) + 2):
+            cuts = _balanced(cands, plan, n) if n > 1 else []
+            edges = [0] + [c.bytes_before for c in cuts] + [plan.total_bytes]
+            if max(b - a for a, b in zip(edges, edges[1:])) <= max_part_bytes:
+                return plan, cuts, len(cands)
+        raise BadInput(f"--max-part-bytes {max_part_bytes}: even one part per cut point is larger; "
+                       "the largest block does not fit")
+    if parts is None or parts < 1:
+        raise BadInput(f"--parts {parts}: need at least 1 part")
+    if parts > 1 and not cands:
+        raise BadInput("this model has no clean cut point (no place where a single activation crosses); "
+                       "name a tensor with --at if you know one")
+    return plan, (_balanced(cands, plan, parts) if parts > 1 else []), len(cands)
+
+
+def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list[tuple[Model, list[str], list[str]]]:
+    g = model.graph
+    bounds = [0] + [c.position for c in cuts] + [len(plan.dynamic)]
+    dyn_index = {id(n): k for k, n in enumerate(plan.dynamic)}
+    static_producer = {o: n for n in g.node if id(n) not in dyn_index for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    graph_inputs = [i for i in g.input if i.name not in inits]
+    cut_tensors = [c.tensor for c in cuts]
+    types = value_types(model, set(cut_tensors))
+    result = []
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        chosen = {id(n) for n in plan.dynamic[lo:hi]}
+        # static closure
+        stack = [i for n in plan.dynamic[lo:hi] for i in n.input]
+        while stack:
+            t = stack.pop()
+            p = static_producer.get(t)
+            if p is not None and id(p) not in chosen:
+                chosen.add(id(p))
+                stack.extend(p.input)
+        nodes = [n for n in g.node if id(n) in chosen]
+        used = {i for n in nodes for i in n.input}
+        part_inits = [t for t in g.initializer if t.name in used]
+        ins = graph_inputs if k == 0 else [types[cut_tensors[k - 1]]]
+        ins = [i for i in ins if i.name in used]
+        outs = list(g.output) if k == len(bounds) - 2 else [types[cut_tensors[k]]]
+        produced = {o for n in nodes for o in n.output}
+        vi = [v for v in g.value_info if v.name in produced and v.name not in {o.name for o in outs}]
+        pg = helper.make_graph(nodes, f"{g.name}_part{k}", ins, outs, initializer=part_inits, value_info=vi)
+        proto = helper.make_model(pg, opset_imports=list(model.proto.opset_import),
+                                  producer_name=model.proto.producer_name, producer_version=model.proto.producer_version)
+        proto.ir_version = model.proto.ir_version
+        for p in model.proto.metadata_props:
+            proto.metadata_props.add(key=p.key, value=p.value)
+        part = Model(proto, {t.name: model.sources[t.name] for t in part_inits if t.name in model.sources})
+        part.set_metadata("qvl_surgery.part", json.dumps({"index": k, "of": len(bounds) - 1}))
+        result.append((part, [i.name for i in ins], [o.name for o in outs]))
+    return result
+
+
+def prepare_output_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise BadInput(f"{out_dir}: exists and is not a folder; choose a new folder for the parts")
+        entries = list(out_dir.iterdir())
+        if (out_dir / MANIFEST).exists():
+            if not force:
+                raise BadInput(f"{out_dir}: already holds a split ({MANIFEST}); pass --force to replace it")
+        elif entries:
+            raise BadInput(f"{out_dir}: exists and holds other files; choose a new or empty folder")
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by tmp with renames only; an old split is removed after the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: list[str] | None = None,
+          max_part_bytes: int | None = None, force: bool = False, progress: bool = False) -> SplitReport:
+    out_dir = Path(out_dir)
+    if parts is not None and parts < 1:
+        raise BadInput(f"--parts {parts}: need at least 1 part")
+    prepare_output_dir(out_dir, force)
+    plan, cuts, ncand = plan_cuts(model, parts=parts, at=at, max_part_bytes=max_part_bytes)
+    built = _part_models(model, plan, cuts)
+    for k, (part, _, _) in enumerate(built):
+        size = part.weight_bytes() + part.proto.ByteSize()
+        if size > PROTOBUF_LIMIT:
+            raise BadInput(f"part {k} would be {size / 1e9:.2f} GB, above protobuf's 2 GB limit; "
+                           "use more parts or --max-part-bytes 1.5e9")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    report = SplitReport(out_dir, [c.tensor for c in cuts], candidates=ncand)
+    try:
+        entries = []
+        # Hash each part's data in a thread while the next part is copied (hashlib frees the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            futures = []
+            for k, (part, ins, outs) in enumerate(built):
+                name = f"part{k}.onnx"
+                path = write_model_files(part, tmp, name, progress=f"part{k}" if progress else None)
+                check_model_path(path)
+                futures.append(pool.submit(sha256_file, tmp / (name + ".data")))
+                types = value_types(part, set(ins) | set(outs))
+                entries.append({"path": name, "data": name + ".data",
+                                "inputs": [describe_value(types[i]) for i in ins],
+                                "outputs": [describe_value(types[o]) for o in outs],
+                                "nodes": len(part.graph.node),
+                                "data_bytes": (tmp / (name + ".data")).stat().st_size})
+            for e, f in zip(entries, futures):
+                e["data_sha256"] = f.result()
+        for e in entries:
+            e["onnx_sha256"] = sha256_file(tmp / e["path"])
+        write_manifest(tmp, entries, source=str(model.path) if model.path else None, cuts=report.cuts)
+        publish_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.parts = entries
+    return report

@@ -1,0 +1,145 @@
+"""Facts about a graph that several passes need: static (constant-only) nodes, single-tensor cut
+points, value types. Works on the weightless proto; never reads weight bytes."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from .errors import BadInput
+from .modelfile import Model
+
+log = logging.getLogger(__name__)
+
+
+def static_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Initializers and every tensor computed from initializers only (e.g. the window mask)."""
+    known = {t.name for t in graph.initializer} | {""}
+    for n in graph.node:
+        if all(i in known for i in n.input):
+            known.update(n.output)
+    return known
+
+
+def is_static(node: onnx.NodeProto, static: set[str]) -> bool:
+    return all(i in static for i in node.input)
+
+
+def check_topological(graph: onnx.GraphProto) -> None:
+    seen = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {""}
+    for n in graph.node:
+        for i in n.input:
+            if i not in seen:
+                raise BadInput(f"node {n.name!r} reads {i!r} before it is produced; the graph is not in "
+                               "topological order (run it through onnx-graphsurgeon's toposort first)")
+        seen.update(n.output)
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    position: int        # index into the dynamic-node list: the cut is before dynamic node `position`
+    tensor: str          # the one activation crossing the cut
+    bytes_before: int    # weight bytes used by dynamic nodes before the cut
+
+
+@dataclass
+class Plan:
+    dynamic: list[onnx.NodeProto]
+    static: set[str]
+    cut_points: list[CutPoint]
+    total_bytes: int
+    node_bytes: list[int]
+
+
+def analyse(model: Model) -> Plan:
+    """Every place where exactly one non-constant tensor crosses from earlier to later nodes."""
+    g = model.graph
+    check_topological(g)
+    static = static_tensors(g)
+    dynamic = [n for n in g.node if not is_static(n, static)]
+    init_bytes = {t.name: model.tensor_nbytes(t) for t in g.initializer}
+    produced_at: dict[str, int] = {i.name: -1 for i in g.input if i.name not in init_bytes}
+    last_use: dict[str, int] = {}
+    node_bytes = []
+    counted: set[str] = set()
+    # Initializers reached through static nodes (e.g. window_id) count where first used.
+    static_producer = {o: n for n in g.node if is_static(n, static) for o in n.output}
+
+    def weight_inputs(name: str, acc: set[str]) -> None:
+        if name in init_bytes:
+            acc.add(name)
+        elif name in static_producer:
+            for i in static_producer[name].input:
+                weight_inputs(i, acc)
+
+    for k, n in enumerate(dynamic):
+        acc: set[str] = set()
+        for i in n.input:
+            if i in produced_at:
+                last_use[i] = k
+            elif i in static:
+                weight_inputs(i, acc)
+        node_bytes.append(sum(init_bytes[a] for a in acc - counted))
+        counted |= acc
+        for o in n.output:
+            produced_at[o] = k
+    for o in g.output:
+        last_use[o.name] = len(dynamic)
+    # crossing[p] = tensors with produced_at < p <= last_use
+    delta = [0] * (len(dynamic) + 2)
+    for t, a in produced_at.items():
+        b = last_use.get(t)
+        if b is None or b <= a:
+            continue
+        delta[a + 1] += 1
+        delta[b + 1] -= 1
+    crossing_count, run = [], 0
+    for p in range(len(dynamic) + 1):
+        run += delta[p]
+        crossing_count.append(run)
+    cuts = []
+    cum = 0
+    by_producer: dict[int, list[str]] = {}
+    for t, a in produced_at.items():
+        by_producer.setdefault(a, []).append(t)
+    for p in range(1, len(dynamic)):
+        cum += node_bytes[p - 1]
+        if crossing_count[p] != 1:
+            continue
+        # the crossing tensor is one produced before p and used at or after p
+        cand = [t for t in dynamic[p - 1].output if last_use.get(t, -1) >= p]
+        if not cand:
+            cand = [t for t, a in produced_at.items() if a < p <= last_use.get(t, -1)]
+        cuts.append(CutPoint(p, cand[0], cum))
+    return Plan(dynamic, static, cuts, sum(node_bytes), node_bytes)
+
+
+def block_outputs(model: Model) -> list[str]:
+    raw = model.metadata().get("qvl_surgery.block_outputs")
+    return json.loads(raw) if raw else []
+
+
+def value_types(model: Model, names: set[str]) -> dict[str, onnx.ValueInfoProto]:
+    """Type and shape of the named tensors: from the graph, else from shape inference on the weightless proto."""
+    g = model.graph
+    found = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info) if v.name in names}
+    missing = names - set(found)
+    if missing:
+        inferred = onnx.shape_inference.infer_shapes(model.proto)  # weightless proto: small
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+            if v.name in missing:
+                found[v.name] = v
+    still = names - set(found)
+    if still:
+        raise BadInput(f"cannot tell the type of {sorted(still)[0]!r}; the graph has no value_info for it "
+                       "and shape inference could not find it")
+    return found
+
+
+def describe_value(v: onnx.ValueInfoProto) -> dict:
+    t = v.type.tensor_type
+    return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]}

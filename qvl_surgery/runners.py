@@ -1,0 +1,59 @@
+"""Running models: one file in onnxruntime, or the parts of a split as a chain."""
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .errors import BadInput
+from .manifest import is_manifest_path, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def ort_session(path: str | Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_model(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    s = ort_session(path)
+    names = [o.name for o in s.get_outputs()]
+    return dict(zip(names, s.run(names, dict(feeds))))
+
+
+def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_hashes: bool = False,
+              keep_intermediate: bool = False) -> dict[str, np.ndarray]:
+    """Run the parts of a split in order, each fed by the one before; one session alive at a time.
+
+    Returns the last part's outputs (plus every cut tensor with ``keep_intermediate``).
+    """
+    m = read_manifest(split_dir, verify_hashes=verify_hashes)
+    values = dict(feeds)
+    result: dict[str, np.ndarray] = {}
+    for part, path in zip(m.parts, m.part_paths()):
+        s = ort_session(path)
+        needed = [i.name for i in s.get_inputs()]
+        missing = [n for n in needed if n not in values]
+        if missing:
+            raise BadInput(f"{path}: needs input {missing[0]!r}, which nothing before it provides")
+        names = [o.name for o in s.get_outputs()]
+        outs = s.run(names, {n: values[n] for n in needed})
+        del s
+        gc.collect()
+        values.update(zip(names, outs))
+        if keep_intermediate:
+            result.update(zip(names, outs))
+    last = [o["name"] for o in m.parts[-1]["outputs"]]
+    result.update({n: values[n] for n in last})
+    return result
+
+
+def run_any(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A model file or a split (folder or manifest.json)."""
+    return run_chain(path, feeds) if is_manifest_path(path) else run_model(path, feeds)
