@@ -83,3 +83,23 @@ def merge(split_dir: str | Path) -> tuple[Model, MergeReport]:
     """Read and verify a split (sizes and sha256), and join it into one weightless Model."""
     m = read_manifest(split_dir)
     return merge_models(load_parts(m))
+
+
+def merge_to_file(split_dir: str | Path, out: str | Path, *, overwrite: bool = False,
+                  progress: bool = False) -> MergeReport:
+    """merge + save. The sha256 check of the parts runs in the background while the bytes are
+    copied; a mismatch stops the publish, so nothing is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+    from qvl_surgery.manifest import hash_checks, verify_files
+    from qvl_surgery.modelfile import save_model
+    m = read_manifest(split_dir, verify_hashes=False)  # sizes, paths and chain checked here
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        verified = pool.submit(verify_files, hash_checks(m))
+        try:
+            model, report = merge_models(load_parts(m))
+            save_model(model, out, progress="merge" if progress else None, overwrite=overwrite,
+                       inputs=m.part_paths(), before_publish=verified.result)
+        except BaseException:
+            verified.cancel()
+            raise
+    return report

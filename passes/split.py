@@ -225,7 +225,7 @@ def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: li
     try:
         entries = []
         # Hash each part's data in a thread while the next part is copied (hashlib frees the GIL).
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             futures = []
             for k, (part, ins, outs) in enumerate(built):
                 name = f"part{k}.onnx"

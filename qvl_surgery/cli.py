@@ -81,12 +81,8 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    from passes.merge import merge
-    from .manifest import read_manifest
-    from .modelfile import save_model
-    model, report = merge(a.split_dir)
-    inputs = read_manifest(a.split_dir, verify_hashes=False).part_paths()
-    save_model(model, a.output, progress=None if a.quiet else "merge", overwrite=a.force, inputs=inputs)
+    from passes.merge import merge_to_file
+    report = merge_to_file(a.split_dir, a.output, overwrite=a.force, progress=not a.quiet)
     print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
     return 0
 

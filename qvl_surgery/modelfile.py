@@ -291,16 +291,15 @@ class _DataWriter:
         os.close(self.fd)
 
 
-def _tensor_bytes(t: TensorProto, src: TensorSource | None) -> bytes | None:
-    """Bytes of a tensor that must go to the data file (None: a FileRange, copied by the kernel)."""
-    if isinstance(src, FileRange):
-        return None
+def _tensor_bytes(t: TensorProto, src: TensorSource | None) -> memoryview:
+    """Bytes of a computed or inline tensor, as a view of its array (no extra copy)."""
     if isinstance(src, Computed):
         arr = np.ascontiguousarray(src.make(), dtype=dtype_of(t))
         if arr.size != int(np.prod(t.dims, dtype=np.int64)):
             raise ValueError(f"computed tensor {t.name!r} has {arr.size} values, expected shape {list(t.dims)}")
-        return arr.tobytes()
-    return numpy_helper.to_array(t).tobytes()
+    else:
+        arr = np.ascontiguousarray(numpy_helper.to_array(t))
+    return memoryview(arr.reshape(-1)).cast("B")
 
 
 def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
@@ -324,7 +323,7 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
     if progress:
         from tqdm import tqdm
         total = sum(model.tensor_nbytes(t) for t in tensors)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=progress, leave=False)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=progress, leave=False, disable=None)  # off without a TTY
     try:
         for t in tensors:
             src = model.sources.get(t.name)
@@ -343,10 +342,11 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
                     del t.external_data[:]
                     for f in ("float_data", "int32_data", "int64_data", "double_data"):
                         t.ClearField(f)
-                    t.raw_data = data
+                    t.raw_data = data.tobytes()
                     continue
                 off = writer.write_bytes(data)
-                length = len(data)
+                length = data.nbytes
+                del data
             _set_external(t, data_name, off, length)
             if bar:
                 bar.update(nbytes)
@@ -369,10 +369,13 @@ def check_model_path(path: Path) -> None:
 
 
 def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, progress: str | None = None,
-               inputs: Iterable[Path] = (), overwrite: bool = False) -> Path:
+               inputs: Iterable[Path] = (), overwrite: bool = False,
+               before_publish: Callable[[], None] | None = None) -> Path:
     """Write ``out`` and ``out.data`` atomically; never overwrite an input or its data.
 
     An existing output is replaced only with ``overwrite=True`` (the CLI's ``--force``).
+    ``before_publish`` runs after writing and checking, before the rename: if it raises,
+    nothing is published (merge verifies its inputs' hashes there, while the copy ran).
     """
     out = Path(out)
     guard = list(inputs) + ([model.path] if model.path else []) + sorted(model.data_files())
@@ -385,6 +388,8 @@ def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, prog
         written = write_model_files(model, tmp, out.name, progress=progress)
         if check:
             check_model_path(written)
+        if before_publish is not None:
+            before_publish()
         data = out.with_name(out.name + ".data")
         # Data first, model last: until the .onnx appears nothing looks like a finished model.
         if out.exists():
@@ -398,12 +403,17 @@ def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, prog
 
 # ----------------------------------------------------------------------------- hashing
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 64 << 20) -> str:
+    """sha256 read through mmap (no copy into Python buffers); releases the GIL while hashing."""
+    import mmap
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        # One window at a time, so resident pages stay about one window, not the file.
+        for off in range(0, size, chunk):
+            with mmap.mmap(f.fileno(), min(chunk, size - off), access=mmap.ACCESS_READ, offset=off) as mm:
+                with memoryview(mm) as view:
+                    h.update(view)
     return h.hexdigest()
