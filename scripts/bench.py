@@ -33,8 +33,21 @@ class Run:
     peak_mb: float
 
 
+def clear(*paths: Path) -> None:
+    """Remove earlier outputs and flush dirty pages, outside the timed region, so that no run
+    pays for deleting or writing back another run's gigabytes."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    os.sync()
+
+
 def measure(label: str, argv: list[str], *, show: str | None = None, env: dict | None = None) -> Run:
     """Run argv as a child process; wall seconds and the child's peak RSS in MB."""
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     out = proc.stdout.read()
@@ -114,20 +127,24 @@ def section_split(work: Path) -> list[str]:
     data = str(model) + ".data"
     parts, merged = work / "parts", work / "merged.onnx"
     cp_runs, split_runs, merge_runs = [], [], []
-    for _ in range(3):  # interleaved: the disk here is shared and noisy
+    for _ in range(5):  # interleaved: the disk here is shared and noisy
+        clear(work / "cp.data")
         cp_runs.append(measure("baseline: cp of the .onnx.data", ["cp", data, str(work / "cp.data")]))
-        os.unlink(work / "cp.data")
+        clear(work / "cp.data", parts)
         split_runs.append(measure("qvl-surgery split --parts 3", [QVL, "split", str(model), "--parts", "3", "-o",
-                                                                  str(parts), "-q", "--force"]))
-        merge_runs.append(measure("qvl-surgery merge", [QVL, "merge", str(parts), "-o", str(merged), "-q", "--force"]))
+                                                                  str(parts), "-q"]))
+        clear(merged, Path(str(merged) + ".data"))
+        merge_runs.append(measure("qvl-surgery merge", [QVL, "merge", str(parts), "-o", str(merged), "-q"]))
+    clear(merged, Path(str(merged) + ".data"))
     cp, sp, mg = median_run(cp_runs), median_run(split_runs), median_run(merge_runs)
     rows_cold = []
+    clear(parts)
     if drop_caches():
         rows_cold.append(measure("cold: cp of the .onnx.data", ["cp", data, str(work / "cp.data")]))
-        os.unlink(work / "cp.data")
+        clear(work / "cp.data")
         drop_caches()
         rows_cold.append(measure("cold: qvl-surgery split --parts 3", [QVL, "split", str(model), "--parts", "3", "-o",
-                                                                       str(parts), "-q", "--force"]))
+                                                                       str(parts), "-q"]))
     half = work / "half.onnx"
     extract = measure("baseline: onnx.utils.extract_model, ONE half", py(
         f"import onnx.utils; onnx.utils.extract_model({str(model)!r}, {str(half)!r}, ['pixel_values'], ['blocks.15.output'])"),
