@@ -145,8 +145,9 @@ def plan_cuts(model: Model, *, parts: int | None = None, at: list[str] | None = 
 def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list[tuple[Model, list[str], list[str]]]:
     g = model.graph
     bounds = [0] + [c.position for c in cuts] + [len(plan.dynamic)]
-    dyn_index = {id(n): k for k, n in enumerate(plan.dynamic)}
-    static_producer = {o: n for n in g.node if id(n) not in dyn_index for o in n.output}
+    # nodes are identified by their first output (protobuf wrappers have no stable id())
+    dyn_keys = {n.output[0] for n in plan.dynamic}
+    static_producer = {o: n for n in g.node if n.output[0] not in dyn_keys for o in n.output}
     inits = {t.name: t for t in g.initializer}
     graph_inputs = [i for i in g.input if i.name not in inits]
     cut_tensors = [c.tensor for c in cuts]
@@ -154,16 +155,16 @@ def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list[tuple[M
     result = []
     for k in range(len(bounds) - 1):
         lo, hi = bounds[k], bounds[k + 1]
-        chosen = {id(n) for n in plan.dynamic[lo:hi]}
+        chosen = {n.output[0] for n in plan.dynamic[lo:hi]}
         # static closure
         stack = [i for n in plan.dynamic[lo:hi] for i in n.input]
         while stack:
             t = stack.pop()
             p = static_producer.get(t)
-            if p is not None and id(p) not in chosen:
-                chosen.add(id(p))
+            if p is not None and p.output[0] not in chosen:
+                chosen.add(p.output[0])
                 stack.extend(p.input)
-        nodes = [n for n in g.node if id(n) in chosen]
+        nodes = [n for n in g.node if n.output[0] in chosen]
         used = {i for n in nodes for i in n.input}
         part_inits = [t for t in g.initializer if t.name in used]
         ins = graph_inputs if k == 0 else [types[cut_tensors[k - 1]]]

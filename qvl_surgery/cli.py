@@ -21,6 +21,11 @@ EXAMPLES = {
     "split": "qvl-surgery split out/model.onnx --parts 3 -o out/parts",
     "merge": "qvl-surgery merge out/parts -o out/merged.onnx",
     "simplify": "qvl-surgery simplify out/model.onnx -o out/model.sim.onnx",
+    "fp16": "qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
+            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node '/blocks.31/mlp/down_proj/*'\n"
+            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz",
+    "compare": "qvl-surgery compare out/model.onnx out/fp16.onnx --emulate-fp16 --per-block\n"
+               "  qvl-surgery compare out/model.onnx out/parts --image cat.jpg --save-outputs ref.json",
 }
 
 
@@ -94,6 +99,38 @@ def cmd_simplify(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fp16(a: argparse.Namespace) -> int:
+    from passes.fp16 import convert_fp16
+    from .modelfile import load_model, save_model, check_output_path
+    model = load_model(a.model)
+    check_output_path(a.output, [a.model] + sorted(model.data_files()))
+    keep_cal = None
+    if a.calibrate:
+        from .calibrate import calibrate, calibration_inputs
+        cal = calibrate(a.model, calibration_inputs(a.model, a.calibrate), margin=a.calibrate_margin)
+        print("\n".join(cal.lines()))
+        keep_cal = cal.keep
+    out, report = convert_fp16(model, keep_silu=a.keep_silu_fp32, keep_rmsnorm=a.keep_rmsnorm_fp32,
+                               keep_ops=a.keep_op or [], keep_nodes=a.keep_node or [], keep_calibrated=keep_cal,
+                               keep_io_types=a.keep_io_types, explain=a.verbose)
+    save_model(out, a.output, progress=None if a.quiet else "fp16", overwrite=a.force)
+    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare, load_inputs
+    from .errors import ToleranceFailed
+    feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, seed=a.seed)
+    report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, atol=a.atol, rtol=a.rtol,
+                     min_cosine=a.min_cosine, per_block=a.per_block, save_outputs=a.save_outputs,
+                     save_inputs=a.save_inputs, verbose=a.verbose)
+    print("\n".join(report.lines()))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report.to_dict(), indent=1))
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
                                 "and run graph passes on that file.")
@@ -148,6 +185,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(si)
     add_force(si)
     si.set_defaults(func=cmd_simplify)
+
+    f = sub.add_parser("fp16", help="convert to fp16 with whole-pattern fp32 islands", formatter_class=fmt,
+                       epilog=_epilog("fp16"))
+    f.add_argument("model", type=Path)
+    f.add_argument("--keep-silu-fp32", action="store_true", help="keep each x*sigmoid(x) (Sigmoid + Mul) in fp32")
+    f.add_argument("--keep-rmsnorm-fp32", action="store_true",
+                   help="keep each RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div, scale) in fp32")
+    f.add_argument("--keep-op", action="append", metavar="TYPE", help="keep every node of this op type (repeatable)")
+    f.add_argument("--keep-node", action="append", metavar="GLOB",
+                   help="keep nodes whose name matches, e.g. '/blocks.31/mlp/down_proj/*' (repeatable)")
+    f.add_argument("--keep-io-types", action="store_true", help="keep float32 graph inputs and outputs")
+    f.add_argument("--calibrate", metavar="INPUTS",
+                   help="an .npz of inputs or image file(s), comma separated: keep in fp32 every node whose values "
+                        "come within --calibrate-margin of fp16's range on the fp32 model")
+    f.add_argument("--calibrate-margin", type=float, default=0.5, help="fraction of 65504 (default 0.5)")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output(f)
+    add_force(f)
+    f.set_defaults(func=cmd_fp16)
+
+    c = sub.add_parser("compare", help="compare two models or splits on the same inputs (polygraphy)",
+                       formatter_class=fmt, epilog=_epilog("compare"))
+    c.add_argument("ref", type=Path, help="reference model, or split folder / manifest.json")
+    c.add_argument("cand", type=Path, help="candidate model, or split folder / manifest.json")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--inputs", help=".npz with one array per model input")
+    src.add_argument("--image", help="an image, resized to the export size and run through transformers' processor")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random input when neither is given")
+    c.add_argument("--emulate-fp16", action="store_true",
+                   help="run CAND with fp16 rounding emulated (onnxruntime's CPU provider hides fp16 error)")
+    c.add_argument("--atol", type=float, default=1e-3)
+    c.add_argument("--rtol", type=float, default=1e-3)
+    c.add_argument("--min-cosine", type=float, default=0.999)
+    c.add_argument("--per-block", action="store_true", help="also compare the hidden state after each block")
+    c.add_argument("--save-outputs", metavar="FILE",
+                   help="save both runs as polygraphy RunResults (use with polygraphy run --load-outputs FILE)")
+    c.add_argument("--save-inputs", metavar="FILE",
+                   help="save the inputs used (use with polygraphy run --load-inputs FILE)")
+    c.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    c.set_defaults(func=cmd_compare)
     return p
 
 

@@ -1,0 +1,103 @@
+"""Calibration for fp16: run the fp32 model, record each tensor's max |value|, and name the nodes
+whose inputs or outputs come within a margin of fp16's range (65504).
+
+Runs onnxruntime on the fp32 model with intermediate tensors added as outputs, a group at a time,
+so memory stays about one group of activations. A node is kept when any of its float inputs or
+outputs reaches ``margin * 65504`` (default margin 0.5): an fp16 node reading such a tensor would
+see it overflow through its input Cast, so the readers of a large tensor are kept too.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from .compare import _with_extra_outputs
+from .errors import BadInput
+from .modelfile import load_model
+from .runners import ort_session
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+GROUP = 256
+
+
+@dataclass
+class Calibration:
+    tensor_max: dict[str, float]
+    keep: dict[str, str]   # node name -> why
+    margin: float
+
+    def lines(self) -> list[str]:
+        top = sorted(self.tensor_max.items(), key=lambda kv: -kv[1])[:3]
+        out = [f"calibration: {len(self.tensor_max)} tensors measured, largest "
+               + ", ".join(f"{n} {v:.3g}" for n, v in top),
+               f"  {len(self.keep)} nodes reach {self.margin:g} x 65504 and stay fp32"]
+        out += [f"    {n}: {why}" for n, why in list(self.keep.items())[:12]]
+        if len(self.keep) > 12:
+            out.append(f"    ... and {len(self.keep) - 12} more")
+        return out
+
+
+def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]], *, margin: float = 0.5) -> Calibration:
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    g = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model.proto).graph
+    ftypes = {v.name for v in list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    if not ftypes:
+        raise BadInput(f"{model_path}: no float32 tensors to calibrate; calibrate on the fp32 model")
+    inits = {t.name for t in g.initializer}
+    names = [o for n in g.node for o in n.output if o in ftypes and o not in inits]
+    sess0 = ort_session(model_path)
+    expected = {i.name: i.shape for i in sess0.get_inputs()}
+    del sess0
+    for feeds in feeds_list:
+        for k, shape in expected.items():
+            if k not in feeds:
+                raise BadInput(f"calibration inputs: no array named {k!r}")
+            if list(feeds[k].shape) != list(shape):
+                raise BadInput(f"calibration inputs: {k!r} has shape {list(feeds[k].shape)}, the model takes {shape}")
+    tmax: dict[str, float] = {}
+    for i in g.input:
+        if i.name in ftypes and i.name not in inits:
+            tmax[i.name] = max(float(np.abs(f[i.name]).max()) for f in feeds_list)
+    for start in range(0, len(names), GROUP):
+        group = names[start:start + GROUP]
+        with _with_extra_outputs(model_path, group) as p:
+            sess = ort_session(p)
+        for feeds in feeds_list:
+            outs = sess.run(group, {k: np.asarray(v, np.float32) for k, v in feeds.items() if k in expected})
+            for n, v in zip(group, outs):
+                m = float(np.abs(v).max()) if v.size else 0.0
+                if not np.isfinite(m):
+                    m = float("inf")
+                tmax[n] = max(tmax.get(n, 0.0), m)
+        del sess
+    limit = margin * FP16_MAX
+    keep: dict[str, str] = {}
+    for n in g.node:
+        touched = [(t, tmax[t]) for t in list(n.input) + list(n.output) if t in tmax]
+        big = [(t, v) for t, v in touched if v >= limit]
+        if big:
+            t, v = max(big, key=lambda tv: tv[1])
+            keep[n.name or n.output[0]] = f"|{t}| reaches {v:.3g}"
+    return Calibration(tmax, keep, margin)
+
+
+def calibration_inputs(model_path: Path, source: str) -> list[dict[str, np.ndarray]]:
+    """An .npz (one set of arrays, or arrays with a leading batch of sets) or image files (comma separated)."""
+    from .compare import pixel_values_from_image
+    if source.endswith(".npz"):
+        try:
+            data = np.load(source)
+        except Exception as e:
+            raise BadInput(f"{source}: not a readable .npz ({type(e).__name__})") from None
+        return [{k: data[k] for k in data.files}]
+    return [{"pixel_values": pixel_values_from_image(model_path, s)} for s in source.split(",")]

@@ -1,0 +1,271 @@
+"""compare: two models (or splits) on the same inputs, through polygraphy's Comparator.
+
+Runners are polygraphy ``BaseRunner`` subclasses, so the results are ordinary ``RunResults``
+(``--save-outputs`` files work with ``polygraphy run other.onnx --onnxrt --load-outputs FILE``),
+and the pass/fail verdict is polygraphy's ``CompareFunc.simple`` with the given atol/rtol, plus
+a cosine-similarity floor. Outputs are returned as float32 so fp16 and fp32 models compare.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
+
+from .errors import BadInput, ToleranceFailed
+from .manifest import is_manifest_path, read_manifest
+from .modelfile import load_model
+
+log = logging.getLogger(__name__)
+
+
+def _io_of(path: Path) -> tuple[list[tuple[str, np.dtype, list]], list[str]]:
+    """(inputs with dtype and shape, output names) of a model or a split, from the graph only."""
+    if is_manifest_path(path):
+        m = read_manifest(path, verify_hashes=False)
+        first, last = m.parts[0], m.parts[-1]
+        ins = [(i["name"], np.dtype(i["dtype"]), i["shape"]) for i in first["inputs"]]
+        return ins, [o["name"] for o in last["outputs"]]
+    model = load_model(path)
+    inits = {t.name for t in model.graph.initializer}
+    ins = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        ins.append((i.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
+                    [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]))
+    return ins, [o.name for o in model.graph.output]
+
+
+@contextlib.contextmanager
+def _with_extra_outputs(path: Path, names: list[str]):
+    """The model with more graph outputs, as a hidden temporary .onnx beside it (same data file),
+    removed once onnxruntime has loaded it."""
+    if not names:
+        yield path
+        return
+    proto = onnx.load(str(path), load_external_data=False)
+    have = {o.name for o in proto.graph.output}
+    for n in names:
+        if n not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=n))
+    tmp = path.with_name(f".{path.stem}.qvl-{uuid.uuid4().hex[:8]}.onnx")
+    try:
+        onnx.save(proto, str(tmp))
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class QvlRunner(BaseRunner):
+    """Runs a model file or a split: onnxruntime (``mode='onnxrt'``) or fp16 emulation
+    (``mode='emulate-fp16'``). Inputs are cast to the model's input dtypes; outputs come back as
+    float32. ``extra_outputs`` names intermediate tensors to return too (e.g. block outputs)."""
+
+    def __init__(self, path: str | Path, mode: str = "onnxrt", extra_outputs: list[str] | None = None,
+                 name: str | None = None):
+        self.path = Path(path)
+        self.mode = mode
+        self.extra = list(extra_outputs or [])
+        kind = "chain" if is_manifest_path(self.path) else "model"
+        super().__init__(name=name, prefix=f"qvl-{mode}-{kind}")
+        self.inputs, self.outputs = _io_of(self.path)
+
+    def activate_impl(self):
+        pass
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name, dt, shape in self.inputs:
+            meta.add(name, dtype=DataType.from_dtype(dt), shape=shape)
+        return meta
+
+    def _run(self, feeds: dict) -> dict:
+        from .runners import ort_session
+        if self.mode == "emulate-fp16":
+            from .emulate import Fp16Emulator, emulate
+            if is_manifest_path(self.path):
+                out = emulate(self.path, feeds, keep_intermediate=bool(self.extra))
+            else:
+                out = Fp16Emulator(self.path).run(feeds, self.outputs + self.extra)
+            return out
+        if is_manifest_path(self.path):
+            from .runners import run_chain
+            return run_chain(self.path, feeds, keep_intermediate=bool(self.extra))
+        with _with_extra_outputs(self.path, self.extra) as p:
+            sess = ort_session(p)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+
+    def infer_impl(self, feed_dict):
+        types = {n: dt for n, dt, _ in self.inputs}
+        feeds = {k: np.asarray(v).astype(types[k], copy=False) for k, v in feed_dict.items() if k in types}
+        import time
+        t0 = time.perf_counter()
+        out = self._run(feeds)
+        self.inference_time = time.perf_counter() - t0
+        result = OrderedDict()
+        for n in self.outputs + [e for e in self.extra if e in out]:
+            v = np.asarray(out[n])
+            result[n] = v.astype(np.float32) if v.dtype == np.float16 else v
+        return result
+
+    def deactivate_impl(self):
+        pass
+
+
+@dataclass
+class OutputStats:
+    name: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    ref_max: float
+    finite: bool
+
+    def line(self) -> str:
+        return (f"{self.name:<28} max abs {self.max_abs:11.4e}  mean abs {self.mean_abs:11.4e}  "
+                f"cosine {self.cosine:.6f}  (ref max {self.ref_max:.3g}){'' if self.finite else '  NON-FINITE'}")
+
+
+def stats(name: str, ref: np.ndarray, cand: np.ndarray) -> OutputStats:
+    r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+    finite = bool(np.isfinite(c).all())
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(r - c)
+        denom = np.linalg.norm(r) * np.linalg.norm(c)
+        cos = float(r @ c / denom) if denom > 0 and finite else float("nan")
+    return OutputStats(name, float(np.nanmax(d)) if finite else float("inf"),
+                       float(np.nanmean(d)) if finite else float("inf"), cos, float(np.abs(r).max()), finite)
+
+
+@dataclass
+class CompareReport:
+    outputs: list[OutputStats]
+    per_block: list[OutputStats] = field(default_factory=list)
+    passed: bool = True
+    reasons: list[str] = field(default_factory=list)
+    ref_name: str = ""
+    cand_name: str = ""
+
+    def lines(self) -> list[str]:
+        out = [f"compare {self.cand_name} against {self.ref_name}"]
+        out += ["  " + s.line() for s in self.outputs]
+        if self.per_block:
+            out.append("  per block (hidden state after each block):")
+            out += ["    " + s.line() for s in self.per_block]
+        out.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.reasons))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"ref": self.ref_name, "cand": self.cand_name, "passed": self.passed, "reasons": self.reasons,
+                "outputs": [s.__dict__ for s in self.outputs], "per_block": [s.__dict__ for s in self.per_block]}
+
+
+def load_inputs(ref_path: Path, *, inputs: str | None = None, image: str | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds from an .npz, an image (through transformers' processor at the export size), or random."""
+    ins, _ = _io_of(ref_path)
+    if inputs:
+        try:
+            data = np.load(inputs)
+        except Exception as e:
+            raise BadInput(f"{inputs}: not a readable .npz ({type(e).__name__})") from None
+        feeds = {k: data[k] for k in data.files}
+    elif image:
+        feeds = {"pixel_values": pixel_values_from_image(ref_path, image)}
+    else:
+        rng = np.random.default_rng(seed)
+        feeds = {n: rng.standard_normal([d or 1 for d in shape]).astype(np.float32) for n, _, shape in ins}
+    for n, dt, shape in ins:
+        if n not in feeds:
+            raise BadInput(f"inputs: no array named {n!r} (the model takes {[i[0] for i in ins]})")
+        got = list(feeds[n].shape)
+        if [d for d in shape] != got and all(d is not None for d in shape):
+            raise BadInput(f"inputs: {n!r} has shape {got}, the model takes {shape}")
+    return feeds
+
+
+def pixel_values_from_image(model_path: Path, image: str) -> np.ndarray:
+    """An image file resized to the export size and run through transformers' Qwen2VLImageProcessor."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessor
+    p = model_path
+    if is_manifest_path(p):
+        m = read_manifest(p, verify_hashes=False)
+        p = m.part_paths()[0]
+    meta = load_model(p).metadata()
+    if "qvl_surgery.image_size" not in meta:
+        raise BadInput(f"{model_path}: no qvl_surgery.image_size metadata; pass --inputs FILE.npz instead of --image")
+    h, w = (int(x) for x in meta["qvl_surgery.image_size"].split("x"))
+    try:
+        img = Image.open(image).convert("RGB").resize((w, h), Image.BICUBIC)
+    except Exception as e:
+        raise BadInput(f"{image}: not a readable image ({type(e).__name__})") from None
+    proc = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w)
+    return proc(images=[img], return_tensors="np")["pixel_values"].astype(np.float32)
+
+
+def block_output_names(path: Path) -> list[str]:
+    p = path
+    if is_manifest_path(p):
+        p = read_manifest(p, verify_hashes=False).part_paths()[0]
+    raw = load_model(p).metadata().get("qvl_surgery.block_outputs")
+    if not raw:
+        raise BadInput(f"{path}: no qvl_surgery.block_outputs metadata; --per-block needs a qvl-surgery export")
+    return json.loads(raw)[1:]
+
+
+def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], emulate_fp16: bool = False,
+            atol: float = 1e-3, rtol: float = 1e-3, min_cosine: float = 0.999, per_block: bool = False,
+            save_outputs: str | Path | None = None, save_inputs: str | Path | None = None,
+            verbose: bool = False) -> CompareReport:
+    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.logger import G_LOGGER
+    # polygraphy's own log is long (histograms per tensor); this command prints a summary instead.
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL
+    ref, cand = Path(ref), Path(cand)
+    extra = block_output_names(ref) if per_block else []
+    if per_block and is_manifest_path(ref):
+        raise BadInput("--per-block needs REF to be a single model, not a split")
+    r_runner = QvlRunner(ref, "onnxrt", extra, name="ref")
+    cand_mode = "emulate-fp16" if emulate_fp16 else "onnxrt"
+    c_runner = QvlRunner(cand, cand_mode, extra if not is_manifest_path(cand) or emulate_fp16 else [], name="cand")
+    results = Comparator.run([r_runner, c_runner], data_loader=[feeds])
+    if save_inputs:
+        from polygraphy.json import save_json
+        save_json([feeds], str(save_inputs), description="qvl-surgery compare inputs")
+    r_out, c_out = results["ref"][0], results["cand"][0]
+    # The verdict is on the model's outputs only; block outputs are for locating error.
+    finals = RunResults()
+    for name, out in (("ref", r_out), ("cand", c_out)):
+        finals.append((name, [IterationResult({n: out[n] for n in r_runner.outputs}, runner_name=name)]))
+    if save_outputs:
+        finals.save(str(save_outputs))
+    accuracy = Comparator.compare_accuracy(finals, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    report = CompareReport([stats(n, r_out[n], c_out[n]) for n in r_runner.outputs],
+                           ref_name=str(ref), cand_name=f"{cand} ({cand_mode})")
+    report.per_block = [stats(n, r_out[n], c_out[n]) for n in extra if n in r_out and n in c_out]
+    if not bool(accuracy):
+        report.passed = False
+        report.reasons.append(f"polygraphy: outside atol {atol} / rtol {rtol}")
+    for s in report.outputs:
+        if not s.finite:
+            report.passed = False
+            report.reasons.append(f"{s.name} has inf/NaN")
+        elif not s.cosine >= min_cosine:
+            report.passed = False
+            report.reasons.append(f"{s.name} cosine {s.cosine:.6f} < {min_cosine}")
+    return report

@@ -1,0 +1,41 @@
+"""A polygraphy run plugin (entry point ``polygraphy.run.plugins``): two more runners for
+``polygraphy run`` beside ``--onnxrt``.
+
+    polygraphy run out/fp16.onnx --onnxrt --qvl-emulate-fp16        # fp16 rounding emulated
+    polygraphy run out/parts/manifest.json --qvl-chain --model-type onnx
+"""
+from __future__ import annotations
+
+from polygraphy.tools.args import ModelArgs
+from polygraphy.tools.args.base import BaseRunnerArgs
+from polygraphy.tools.script import make_invocable
+
+
+class _QvlRunnerArgs(BaseRunnerArgs):
+    mode = "onnxrt"
+    title = ""
+    option = ""
+
+    def get_name_opt_impl(self):
+        return self.title, self.option
+
+    def add_to_script_impl(self, script):
+        script.add_import(imports=["QvlRunner"], frm="qvl_surgery.compare")
+        path = self.arg_groups[ModelArgs].path
+        script.add_runner(make_invocable("QvlRunner", path, mode=self.mode))
+
+
+class QvlEmulateFp16Args(_QvlRunnerArgs):
+    """qvl-surgery fp16 emulation: every fp16 tensor rounded as on a GPU (model file or split)."""
+
+    mode, title, option = "emulate-fp16", "qvl-surgery fp16 emulation", "qvl-emulate-fp16"
+
+
+class QvlChainArgs(_QvlRunnerArgs):
+    """qvl-surgery chain: the parts of a split (manifest.json) run in order in onnxruntime."""
+
+    mode, title, option = "onnxrt", "qvl-surgery split chain", "qvl-chain"
+
+
+def get_arg_groups():
+    return [QvlEmulateFp16Args(), QvlChainArgs()]
