@@ -2,7 +2,8 @@
 whose inputs or outputs come within a margin of fp16's range (65504).
 
 Runs onnxruntime on the fp32 model with intermediate tensors added as outputs, a group at a time,
-so memory stays about one group of activations. A node is kept when any of its float inputs or
+so memory stays about one group of activations. Additive-mask sentinels (values <= -1e30, such
+as the window mask's float32 min) are not magnitudes: they are left out of the measurement. A node is kept when any of its float inputs or
 outputs reaches ``margin * 65504`` (default margin 0.5): an fp16 node reading such a tensor would
 see it overflow through its input Cast, so the readers of a large tensor are kept too.
 """
@@ -44,6 +45,18 @@ class Calibration:
         return out
 
 
+MASK_SENTINEL = -1e30
+
+
+def _magnitude(v: np.ndarray) -> float:
+    """max |value|, ignoring additive-mask sentinels (<= -1e30, e.g. float32 min): fp16 conversion
+    maps those to -65504 / -inf on purpose and softmax still gives 0 there."""
+    if not v.size:
+        return 0.0
+    v = v[v > MASK_SENTINEL] if v.min() <= MASK_SENTINEL else v
+    return float(np.abs(v).max()) if v.size else 0.0
+
+
 def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]], *, margin: float = 0.5) -> Calibration:
     model_path = Path(model_path)
     model = load_model(model_path)
@@ -75,10 +88,7 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
         for feeds in feeds_list:
             outs = sess.run(group, {k: np.asarray(v, np.float32) for k, v in feeds.items() if k in expected})
             for n, v in zip(group, outs):
-                m = float(np.abs(v).max()) if v.size else 0.0
-                if not np.isfinite(m):
-                    m = float("inf")
-                tmax[n] = max(tmax.get(n, 0.0), m)
+                tmax[n] = max(tmax.get(n, 0.0), _magnitude(v))
         del sess
     limit = margin * FP16_MAX
     keep: dict[str, str] = {}
