@@ -324,8 +324,22 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
         from tqdm import tqdm
         total = sum(model.tensor_nbytes(t) for t in tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=progress, leave=False, disable=None)  # off without a TTY
+    # Computed tensors (conversions, random init) are made by two worker threads a few tensors
+    # ahead of the writer (numpy releases the GIL); the lookahead bounds memory to a few tensors.
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(max_workers=2)
+    pending: dict[int, object] = {}
+    computed = [k for k, t in enumerate(tensors) if isinstance(model.sources.get(t.name), Computed)]
+    lookahead = 3
+
+    def schedule(upto: int) -> None:
+        while computed and computed[0] <= upto:
+            k = computed.pop(0)
+            pending[k] = pool.submit(_tensor_bytes, tensors[k], model.sources[tensors[k].name])
+
     try:
-        for t in tensors:
+        for k, t in enumerate(tensors):
+            schedule(k + lookahead)
             src = model.sources.get(t.name)
             nbytes = model.tensor_nbytes(t)
             if src is None and nbytes < INLINE_MAX_BYTES and t.data_location != TensorProto.EXTERNAL:
@@ -336,7 +350,7 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
                 off = writer.write_range(src)
                 length = src.length
             else:
-                data = _tensor_bytes(t, src)
+                data = pending.pop(k).result() if k in pending else _tensor_bytes(t, src)
                 if nbytes < INLINE_MAX_BYTES:
                     t.ClearField("data_location")
                     del t.external_data[:]
@@ -351,6 +365,9 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
             if bar:
                 bar.update(nbytes)
     finally:
+        for f in pending.values():
+            f.cancel()
+        pool.shutdown(wait=True)
         writer.close()
         if bar:
             bar.close()
