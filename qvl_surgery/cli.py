@@ -24,6 +24,8 @@ EXAMPLES = {
     "fp16": "qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
             "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node '/blocks.31/mlp/down_proj/*'\n"
             "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz",
+    "attention": "qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
+                 "  qvl-surgery attention out/model.onnx -o out/mha.onnx --mode mha",
     "compare": "qvl-surgery compare out/model.onnx out/fp16.onnx --emulate-fp16 --per-block\n"
                "  qvl-surgery compare out/model.onnx out/parts --image cat.jpg --save-outputs ref.json",
 }
@@ -131,6 +133,17 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_attention(a: argparse.Namespace) -> int:
+    from passes.attention import rewrite_attention
+    from .modelfile import load_model, save_model, check_output_path
+    model = load_model(a.model)
+    check_output_path(a.output, [a.model] + sorted(model.data_files()))
+    out, report = rewrite_attention(model, mode=a.mode, upgrade_opset=a.upgrade_opset)
+    save_model(out, a.output, progress=None if a.quiet else "attention", overwrite=a.force)
+    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
                                 "and run graph passes on that file.")
@@ -225,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the inputs used (use with polygraphy run --load-inputs FILE)")
     c.add_argument("--json", metavar="FILE", help="write the report as JSON")
     c.set_defaults(func=cmd_compare)
+
+    at = sub.add_parser("attention", help="rewrite attention: windowed blocks without dense masks, or fused ops",
+                        formatter_class=fmt, epilog=_epilog("attention"))
+    at.add_argument("model", type=Path)
+    at.add_argument("--mode", default="windowed", choices=["windowed", "mha", "onnx-attention"],
+                    help="windowed: batched per-window attention (default); mha: com.microsoft.MultiHeadAttention "
+                         "for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)")
+    at.add_argument("--upgrade-opset", action="store_true", help="with onnx-attention: raise the model to opset 23")
+    at.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output(at)
+    add_force(at)
+    at.set_defaults(func=cmd_attention)
     return p
 
 

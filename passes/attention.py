@@ -1,0 +1,454 @@
+"""attention: rewrite explicit attention so window layers stop computing S x S scores.
+
+Pattern (each Softmax is tried; a miss is explained at debug level and in the report):
+
+    MatMul(q, Transpose(k, perm=[0,1,3,2])) -> Div|Mul(scalar) -> [Add(mask)] -> Softmax(-1) -> MatMul(., v)
+
+with q, k, v of shape ``[1, H, S, D]``. The mask tells the windows: this toolkit's export builds it
+from one int64 ``window_id`` vector (``Where(Equal(id_col, id_row), 0, min)``), and a constant
+dense mask is read directly; either way the windows must be contiguous runs (block-diagonal) or
+the pass refuses. Without a mask the layer is full attention of a single image. The export's
+``qvl_surgery.window_layout`` metadata, when present, must agree.
+
+Modes:
+- ``windowed`` (default): window layers become batched attention over ``[H, windows, w, D]``.
+  Uniform windows need only Reshapes and no mask; uneven ones (edge windows of e.g. 252x364)
+  are padded to the largest window with a Gather, get a small per-window key mask
+  ``[windows, 1, w]``, and are gathered back. Full-attention layers are left as they are.
+- ``mha``: every attention becomes onnxruntime's ``com.microsoft.MultiHeadAttention`` (windows
+  as the batch), for onnxruntime.
+- ``onnx-attention``: the ONNX ``Attention`` op (opset 23); a model below opset 23 is refused
+  unless ``upgrade_opset``.
+The mask construction and ``window_id`` disappear when no layer reads them any more.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qvl_surgery.errors import BadInput
+from qvl_surgery.inspect import consumers, producers
+from qvl_surgery.modelfile import Model, read_initializer
+
+log = logging.getLogger(__name__)
+
+MODES = ("windowed", "mha", "onnx-attention")
+
+
+@dataclass
+class AttentionMatch:
+    softmax: onnx.NodeProto
+    qk: onnx.NodeProto
+    k_transpose: onnx.NodeProto
+    scale: onnx.NodeProto
+    mask_add: onnx.NodeProto | None
+    mask: str | None
+    pv: onnx.NodeProto
+    q: str
+    k: str
+    v: str
+    windows: list[int] | None = None   # window lengths in sequence order; None: full attention
+
+    @property
+    def name(self) -> str:
+        return self.qk.name.rsplit("/", 1)[0] or self.qk.output[0]
+
+
+@dataclass
+class AttentionReport:
+    mode: str
+    rewritten: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    misses: list[str] = field(default_factory=list)
+    removed_nodes: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"attention ({self.mode}): {len(self.rewritten)} rewritten, {len(self.unchanged)} unchanged"]
+        out += [f"  {r}" for r in self.rewritten[:4]] + ([f"  ... {len(self.rewritten) - 4} more"]
+                                                       if len(self.rewritten) > 4 else [])
+        out += [f"  unchanged: {u}" for u in self.unchanged[:4]]
+        if self.removed_nodes:
+            out.append(f"  removed {self.removed_nodes} nodes that only built the dense mask")
+        out += [f"  no match: {m}" for m in self.misses[:6]]
+        return out
+
+
+# ----------------------------------------------------------------------------- matching
+
+def _const(model: Model, name: str) -> np.ndarray | None:
+    t = model.initializers().get(name)
+    if t is None:
+        return None
+    return read_initializer(t, model.sources.get(name))
+
+
+def _windows_from_ids(ids: np.ndarray, where: str) -> list[int]:
+    ids = np.asarray(ids).reshape(-1)
+    change = np.flatnonzero(np.diff(ids) != 0) + 1
+    bounds = np.concatenate([[0], change, [len(ids)]])
+    runs = ids[bounds[:-1]]
+    if len(set(runs.tolist())) != len(runs):
+        raise BadInput(f"{where}: the attention mask is not block-diagonal (window ids are not contiguous runs); "
+                       "this pass only rewrites contiguous windows")
+    return np.diff(bounds).astype(int).tolist()
+
+
+def _windows_of_mask(model: Model, mask: str, seq: int) -> list[int]:
+    prod = producers(model.graph)
+    node = prod.get(mask)
+    # this toolkit's export: Where(Equal(Unsqueeze(id), Unsqueeze(id)), 0, min) (possibly through a Cast)
+    while node is not None and node.op_type == "Cast":
+        node = prod.get(node.input[0])
+    if node is not None and node.op_type == "Where":
+        eq = prod.get(node.input[0])
+        if eq is not None and eq.op_type == "Equal":
+            srcs = []
+            for i in eq.input:
+                u = prod.get(i)
+                srcs.append(u.input[0] if u is not None and u.op_type in ("Unsqueeze", "Reshape") else i)
+            if srcs[0] == srcs[1]:
+                ids = _const(model, srcs[0])
+                if ids is not None:
+                    return _windows_from_ids(ids, mask)
+    dense = _const(model, mask) if node is None else None
+    if dense is not None:
+        m = dense.reshape(dense.shape[-2], dense.shape[-1])
+        allowed = m > -1e4
+        sizes, start = [], 0
+        while start < m.shape[0]:
+            row = np.flatnonzero(allowed[start])
+            end = int(row.max()) + 1 if row.size else start + 1
+            if row.size == 0 or row.min() != start:
+                raise BadInput(f"{mask}: the attention mask is not block-diagonal at row {start}")
+            block = allowed[start:end, start:end]
+            if not block.all() or allowed[start:end].sum() != block.sum():
+                raise BadInput(f"{mask}: the attention mask is not block-diagonal at rows {start}..{end}")
+            sizes.append(end - start)
+            start = end
+        return sizes
+    raise BadInput(f"{mask}: cannot tell the windows of this attention mask (it is neither built from a "
+                   "window-id vector nor a constant); the attention pass needs one of those")
+
+
+def find_attention(model: Model, report: AttentionReport | None = None) -> list[AttentionMatch]:
+    g = model.graph
+    prod, cons = producers(g), consumers(g)
+    found = []
+
+    def miss(node: onnx.NodeProto, why: str) -> None:
+        log.debug("attention: no match at %s: %s", node.name, why)
+        if report is not None:
+            report.misses.append(f"{node.name}: {why}")
+
+    for sm in g.node:
+        if sm.op_type != "Softmax":
+            continue
+        axis = next((a.i for a in sm.attribute if a.name == "axis"), -1)
+        if axis not in (-1, 3):
+            miss(sm, f"Softmax axis is {axis}, not the last")
+            continue
+        cur = prod.get(sm.input[0])
+        mask_add, mask = None, None
+        if cur is not None and cur.op_type == "Add":
+            mask_add = cur
+            a, b = cur.input
+            pa = prod.get(a)
+            if pa is not None and pa.op_type in ("Div", "Mul"):
+                cur, mask = pa, b
+            else:
+                cur, mask = prod.get(b), a
+        if cur is None or cur.op_type not in ("Div", "Mul"):
+            miss(sm, "Softmax input is not a scaled score (Div or Mul by a constant), optionally plus a mask")
+            continue
+        scale_node = cur
+        sc = _const(model, scale_node.input[1])
+        if sc is None or sc.size != 1:
+            miss(sm, f"{scale_node.name} does not scale by a scalar constant")
+            continue
+        qk = prod.get(scale_node.input[0])
+        if qk is None or qk.op_type != "MatMul":
+            miss(sm, f"{scale_node.name} does not read a MatMul (a Cast in between? rewrite attention before fp16 "
+                     "islands that split it)")
+            continue
+        kt = prod.get(qk.input[1])
+        perm = next((list(a.ints) for a in kt.attribute if a.name == "perm"), None) if kt is not None else None
+        if kt is None or kt.op_type != "Transpose" or perm != [0, 1, 3, 2]:
+            miss(sm, f"{qk.name}: second input is not Transpose(k, perm=[0,1,3,2])")
+            continue
+        readers = cons.get(sm.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[0] != sm.output[0]:
+            miss(sm, "Softmax output is not read by exactly one MatMul(probs, v)")
+            continue
+        found.append(AttentionMatch(sm, qk, kt, scale_node, mask_add, mask, readers[0], qk.input[0], kt.input[0],
+                                    readers[0].input[1]))
+    return found
+
+
+# ----------------------------------------------------------------------------- rewriting
+
+class _Edit:
+    def __init__(self, model: Model, dtype: int):
+        self.model = model
+        self.dtype = dtype
+        self.np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+        self.new_nodes: dict[str, list[onnx.NodeProto]] = {}   # insert before the node with this first output
+        self.drop: set[str] = set()                            # first outputs of nodes to drop
+        self.inits: list[TensorProto] = []
+        self._names: set[str] = {t.name for t in model.graph.initializer}
+        self._consts: dict[tuple, str] = {}
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key in self._consts:
+            return self._consts[key]
+        base, k = name, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        self.inits.append(numpy_helper.from_array(value, name))
+        self._consts[key] = name
+        return name
+
+
+def _neg_big(np_dtype) -> float:
+    return float(np.finfo(np_dtype).min)
+
+
+def _rewrite_one(e: _Edit, m: AttentionMatch, mode: str, H: int, S: int, D: int, scale_value: float) -> str:
+    p = m.name + "/" + mode
+    nodes: list[onnx.NodeProto] = []
+
+    def op(t, ins, name, outs=None, **kw):
+        outs = outs or [f"{p}/{name}_output_0"]
+        nodes.append(helper.make_node(t, ins, outs, name=f"{p}/{name}", **kw))
+        return outs[0]
+
+    out = m.pv.output[0]
+    windows = m.windows or [S]
+    wmax, nW = max(windows), len(windows)
+    uniform = len(set(windows)) == 1
+    pad_idx = unpad_idx = key_mask = None
+    if not uniform:
+        pad = np.zeros((nW, wmax), np.int64)
+        valid = np.zeros((nW, wmax), bool)
+        unpad = np.zeros(S, np.int64)
+        start = 0
+        for w_i, n in enumerate(windows):
+            pad[w_i, :n] = np.arange(start, start + n)
+            pad[w_i, n:] = start  # padding rows repeat a real position; masked as keys, dropped as queries
+            valid[w_i, :n] = True
+            unpad[start:start + n] = w_i * wmax + np.arange(n)
+            start += n
+        pad_idx = e.const("attn_window_pad_index", pad.reshape(-1))
+        unpad_idx = e.const("attn_window_unpad_index", unpad)
+        key_mask = np.where(valid, 0.0, _neg_big(e.np_dtype)).astype(e.np_dtype)
+
+    def windows_of(t: str, tag: str) -> str:
+        """[1, H, S, D] -> [H, nW, wmax, D]"""
+        if not uniform:
+            t = op("Gather", [t, pad_idx], f"Gather_pad_{tag}", axis=2)
+        return op("Reshape", [t, e.const("attn_shape_hwld", np.array([H, nW, wmax, D], np.int64))], f"Reshape_{tag}")
+
+    if mode == "windowed":
+        q4, k4, v4 = windows_of(m.q, "q"), windows_of(m.k, "k"), windows_of(m.v, "v")
+        kt = op("Transpose", [k4], "Transpose_k", perm=[0, 1, 3, 2])
+        s = op("MatMul", [q4, kt], "MatMul_qk")
+        s = op(m.scale.op_type, [s, m.scale.input[1]], "Scale")
+        if not uniform:
+            s = op("Add", [s, e.const("attn_window_key_mask", key_mask.reshape(nW, 1, wmax))], "Add_key_mask")
+        pr = op("Softmax", [s], "Softmax", axis=-1)
+        o = op("MatMul", [pr, v4], "MatMul_v")
+        if uniform:
+            op("Reshape", [o, e.const("attn_shape_1hsd", np.array([1, H, S, D], np.int64))], "Reshape_out", outs=[out])
+        else:
+            o = op("Reshape", [o, e.const("attn_shape_1hpd", np.array([1, H, nW * wmax, D], np.int64))], "Reshape_out")
+            op("Gather", [o, unpad_idx], "Gather_unpad", outs=[out], axis=2)
+    else:
+        # fused ops take [batch, L, H*D]: windows are the batch
+        def seq3(t: str, tag: str) -> str:
+            t = op("Transpose", [t], f"Transpose_{tag}", perm=[0, 2, 1, 3])  # [1, S, H, D]
+            if not uniform:
+                t = op("Gather", [t, pad_idx], f"Gather_pad_{tag}", axis=1)
+            return op("Reshape", [t, e.const("attn_shape_blc", np.array([nW, wmax, H * D], np.int64))], f"Reshape_{tag}")
+
+        q3, k3, v3 = seq3(m.q, "q"), seq3(m.k, "k"), seq3(m.v, "v")
+        bias = []
+        if not uniform:
+            full = np.broadcast_to(key_mask.reshape(nW, 1, 1, wmax), (nW, 1, wmax, wmax)).copy()
+            bias = [e.const("attn_window_bias", full)]
+        if mode == "mha":
+            o = op("MultiHeadAttention", [q3, k3, v3] + (["", ""] + bias if bias else []), "MultiHeadAttention",
+                   domain="com.microsoft", num_heads=H, scale=scale_value)
+        else:
+            o = op("Attention", [q3, k3, v3] + bias, "Attention", q_num_heads=H, kv_num_heads=H, scale=scale_value)
+        if uniform:
+            o = op("Reshape", [o, e.const("attn_shape_1shd", np.array([1, S, H, D], np.int64))], "Reshape_out")
+        else:
+            o = op("Reshape", [o, e.const("attn_shape_1pc", np.array([1, nW * wmax, H * D], np.int64))], "Reshape_pad")
+            o = op("Gather", [o, unpad_idx], "Gather_unpad", axis=1)
+            o = op("Reshape", [o, e.const("attn_shape_1shd", np.array([1, S, H, D], np.int64))], "Reshape_out")
+        op("Transpose", [o], "Transpose_out", outs=[out], perm=[0, 2, 1, 3])
+    e.new_nodes[m.pv.output[0]] = nodes
+    for n in (m.qk, m.k_transpose, m.scale, m.mask_add, m.softmax, m.pv):
+        if n is not None:
+            e.drop.add(n.output[0])
+    return p
+
+
+def _cancel_transposes(graph: onnx.GraphProto) -> int:
+    """Transpose(perm P) feeding only Transpose(perm P^-1): both go (the fused modes make these)."""
+    prod, cons = producers(graph), consumers(graph)
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    drop: set[str] = set()
+    for n in graph.node:
+        if n.op_type != "Transpose" or n.output[0] in drop:
+            continue
+        first = prod.get(n.input[0])
+        if first is None or first.op_type != "Transpose" or first.output[0] in outputs:
+            continue
+        p1 = next(list(a.ints) for a in first.attribute if a.name == "perm")
+        p2 = next(list(a.ints) for a in n.attribute if a.name == "perm")
+        if [p1[i] for i in p2] != list(range(len(p1))) or len(cons.get(first.output[0], [])) != 1:
+            continue
+        if n.output[0] in outputs:
+            continue
+        rename[n.output[0]] = first.input[0]
+        drop |= {n.output[0], first.output[0]}
+    if not drop:
+        return 0
+    keep = [n for n in graph.node if n.output[0] not in drop]
+    for n in keep:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(drop)
+
+
+def _remove_dead(model: Model) -> int:
+    g = model.graph
+    needed = {o.name for o in g.output}
+    alive = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            alive.append(n)
+            needed.update(n.input)
+    removed = len(g.node) - len(alive)
+    alive.reverse()
+    del g.node[:]
+    g.node.extend(alive)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    for t in g.initializer:
+        if t.name not in used:
+            model.sources.pop(t.name, None)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return removed
+
+
+def _upgrade_to_23(model: Model) -> None:
+    """Opset 17 -> 23 for the ops this toolkit writes (ReduceMean's axes becomes an input in 18)."""
+    g = model.graph
+    names = {t.name for t in g.initializer}
+    for n in g.node:
+        if n.op_type in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd") and n.domain in ("", "ai.onnx"):
+            axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
+            if axes is None:
+                continue
+            name = f"{n.name or n.output[0]}/axes"
+            if name not in names:
+                g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name))
+                names.add(name)
+            keep = [a for a in n.attribute if a.name != "axes"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+            n.input.append(name)
+        elif n.op_type in ("Split",) and len(n.input) < 2 and any(a.name == "split" for a in n.attribute):
+            raise BadInput(f"{n.name}: Split with a 'split' attribute cannot be upgraded here; re-export")
+    for o in model.proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 23
+    model.proto.ir_version = max(model.proto.ir_version, 10)
+
+
+def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bool = False) -> tuple[Model, AttentionReport]:
+    if mode not in MODES:
+        raise BadInput(f"--mode {mode}: choose one of {', '.join(MODES)}")
+    model = model.copy()
+    g = model.graph
+    report = AttentionReport(mode)
+    opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if mode == "onnx-attention" and opset < 23:
+        if not upgrade_opset:
+            raise BadInput(f"--mode onnx-attention needs opset 23 (the ONNX Attention op); this model is opset "
+                           f"{opset}: add --upgrade-opset, or use --mode windowed or mha")
+    matches = find_attention(model, report)
+    if not matches:
+        hint = f" ({report.misses[0]})" if report.misses else ""
+        raise BadInput(f"no attention pattern (MatMul(q, k^T) -> scale -> [mask] -> Softmax -> MatMul(v)) in this "
+                       f"model{hint}")
+    inferred = onnx.shape_inference.infer_shapes(model.proto).graph
+    shapes = {v.name: v.type.tensor_type for v in list(inferred.value_info) + list(inferred.input)}
+    layout = json.loads(model.metadata().get("qvl_surgery.window_layout", "null") or "null")
+    for m in matches:
+        t = shapes.get(m.q)
+        dims = [d.dim_value for d in t.shape.dim] if t is not None else []
+        if len(dims) != 4 or dims[0] != 1 or not all(dims):
+            raise BadInput(f"{m.name}: q must have a static shape [1, heads, seq, head_dim]; found {dims or 'unknown'}")
+        if m.mask is not None:
+            m.windows = _windows_of_mask(model, m.mask, dims[2])
+            if sum(m.windows) != dims[2]:
+                raise BadInput(f"{m.name}: the mask's windows cover {sum(m.windows)} positions, q has {dims[2]}")
+            if layout and layout.get("window_sizes") and layout["window_sizes"] != m.windows:
+                raise BadInput(f"{m.name}: the mask's windows disagree with the export's window_layout metadata")
+    dtype = shapes[matches[0].q].elem_type
+    e = _Edit(model, dtype)
+    for m in matches:
+        H, S, D = [d.dim_value for d in shapes[m.q].shape.dim][1:]
+        if mode == "windowed" and m.windows is None:
+            report.unchanged.append(f"{m.name}: full attention, no mask (nothing to drop)")
+            continue
+        if mode == "windowed" and len(m.windows) == 1:
+            # one window covering everything: an all-true mask; drop it
+            e.new_nodes[m.softmax.output[0]] = [helper.make_node("Softmax", [m.scale.output[0]], [m.softmax.output[0]],
+                                                                 name=m.softmax.name, axis=-1)]
+            e.drop |= {m.mask_add.output[0], m.softmax.output[0]}
+            report.rewritten.append(f"{m.name}: dropped an all-true mask")
+            continue
+        sc = float(_const(model, m.scale.input[1]).reshape(-1)[0])
+        scale_value = 1.0 / sc if m.scale.op_type == "Div" else sc
+        _rewrite_one(e, m, mode, H, S, D, scale_value)
+        w = m.windows or [S]
+        kind = "full" if m.windows is None else (f"{len(w)} windows of {w[0]}" if len(set(w)) == 1
+                                                  else f"{len(w)} windows of {min(w)}..{max(w)}, padded to {max(w)}")
+        report.rewritten.append(f"{m.name}: {kind}")
+    nodes = []
+    for n in g.node:
+        key = n.output[0]
+        if key in e.new_nodes:
+            nodes.extend(e.new_nodes[key])
+        if key not in e.drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(e.inits)
+    del g.value_info[:]
+    # value_info of the hidden states is kept for split (names and shapes do not change)
+    if mode != "windowed":
+        _cancel_transposes(g)
+    if mode == "mha" and not any(o.domain == "com.microsoft" for o in model.proto.opset_import):
+        model.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if mode == "onnx-attention" and opset < 23:
+        _upgrade_to_23(model)
+    report.removed_nodes = _remove_dead(model)
+    passes = json.loads(model.metadata().get("qvl_surgery.passes", "[]"))
+    model.set_metadata("qvl_surgery.passes", json.dumps(passes + [f"attention:{mode}"]))
+    model.set_metadata("qvl_surgery.attention", mode)
+    return model, report
