@@ -24,6 +24,8 @@ EXAMPLES = {
     "fp16": "qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
             "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node '/blocks.31/mlp/down_proj/*'\n"
             "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz",
+    "run": "qvl-surgery run --random-init 3b -o out/run --passes attention,fp16:keep_silu_fp32,split:parts=3\n"
+           "  qvl-surgery run ~/Qwen2.5-VL-3B-Instruct -o out/run --recipe recipe.json",
     "attention": "qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
                  "  qvl-surgery attention out/model.onnx -o out/mha.onnx --mode mha",
     "compare": "qvl-surgery compare out/model.onnx out/fp16.onnx --emulate-fp16 --per-block\n"
@@ -144,6 +146,36 @@ def cmd_attention(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    from .pipeline import gen_script, parse_passes, read_recipe, run_pipeline
+    from .errors import BadInput
+    source: dict = {}
+    image_size, specs = a.image_size, None
+    if a.recipe:
+        doc = read_recipe(a.recipe)
+        source = dict(doc.get("source", {}))
+        image_size = doc.get("image_size", image_size)
+        specs = doc["passes"]
+    if a.passes:
+        specs = parse_passes(a.passes)
+    if specs is None:
+        raise BadInput("run: give --passes or --recipe")
+    if a.random_init:
+        source = {"random_init": a.random_init, "seed": a.seed}
+    elif a.source is not None:
+        source = {"model": a.source} if a.source.suffix == ".onnx" else {"checkpoint": a.source}
+    if not source:
+        raise BadInput("run: give a SOURCE (checkpoint directory or .onnx export) or --random-init PRESET")
+    if a.gen_script:
+        print(gen_script(source, image_size, specs, a.output))
+        return 0
+    result = run_pipeline(out_dir=a.output, specs=specs, checkpoint=source.get("checkpoint"),
+                          random_init=source.get("random_init"), seed=int(source.get("seed", 0)),
+                          model=source.get("model"), image_size=image_size, force=a.force, progress=not a.quiet)
+    print("\n".join(result.lines()))
+    return 0 if result.compare.get("passed") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
                                 "and run graph passes on that file.")
@@ -250,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(at)
     add_force(at)
     at.set_defaults(func=cmd_attention)
+
+    r = sub.add_parser("run", help="one pipeline: export -> passes -> deployable files, compared to the fp32 export",
+                       formatter_class=fmt, epilog=_epilog("run"))
+    r.add_argument("source", nargs="?", type=Path, help="checkpoint directory or an existing fp32 .onnx export")
+    r.add_argument("--random-init", metavar="{tiny,3b,7b}", help="build from a published config with random weights")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--image-size", default="448x448")
+    r.add_argument("--passes", help="e.g. attention,fp16:keep_silu_fp32,split:parts=3")
+    r.add_argument("--recipe", type=Path, help="a JSON recipe with source, image_size and passes")
+    r.add_argument("--gen-script", action="store_true", help="print the equivalent Python API calls and exit")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_output(r, what="output folder")
+    add_force(r)
+    r.set_defaults(func=cmd_run)
     return p
 
 

@@ -232,7 +232,8 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
             atol: float = 1e-3, rtol: float = 1e-3, min_cosine: float = 0.999, per_block: bool = False,
             save_outputs: str | Path | None = None, save_inputs: str | Path | None = None,
             verbose: bool = False) -> CompareReport:
-    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
+    from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
     # polygraphy's own log is long (histograms per tensor); this command prints a summary instead.
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL
@@ -254,7 +255,7 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
         finals.append((name, [IterationResult({n: out[n] for n in r_runner.outputs}, runner_name=name)]))
     if save_outputs:
         finals.save(str(save_outputs))
-    accuracy = Comparator.compare_accuracy(finals, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    accuracy = Comparator.compare_accuracy(finals, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
     report = CompareReport([stats(n, r_out[n], c_out[n]) for n in r_runner.outputs],
                            ref_name=str(ref), cand_name=f"{cand} ({cand_mode})")
     report.per_block = [stats(n, r_out[n], c_out[n]) for n in extra if n in r_out and n in c_out]

@@ -21,10 +21,25 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def cast_feeds(sess, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The session's inputs from feeds, cast to the dtypes it declares (an fp16 model takes fp32 pixels)."""
+    out = {}
+    for i in sess.get_inputs():
+        if i.name not in feeds:
+            raise BadInput(f"no value for input {i.name!r}")
+        dt = _ORT_TYPES.get(i.type)
+        out[i.name] = np.asarray(feeds[i.name]).astype(dt, copy=False) if dt else feeds[i.name]
+    return out
+
+
 def run_model(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     s = ort_session(path)
     names = [o.name for o in s.get_outputs()]
-    return dict(zip(names, s.run(names, dict(feeds))))
+    return dict(zip(names, s.run(names, cast_feeds(s, feeds))))
 
 
 def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_hashes: bool = False,
@@ -43,7 +58,7 @@ def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_
         if missing:
             raise BadInput(f"{path}: needs input {missing[0]!r}, which nothing before it provides")
         names = [o.name for o in s.get_outputs()]
-        outs = s.run(names, {n: values[n] for n in needed})
+        outs = s.run(names, cast_feeds(s, {n: values[n] for n in needed}))
         del s
         gc.collect()
         values.update(zip(names, outs))

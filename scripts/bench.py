@@ -45,7 +45,8 @@ def clear(*paths: Path) -> None:
     os.sync()
 
 
-def measure(label: str, argv: list[str], *, show: str | None = None, env: dict | None = None) -> Run:
+def measure(label: str, argv: list[str], *, show: str | None = None, env: dict | None = None,
+            capture: list | None = None) -> Run:
     """Run argv as a child process; wall seconds and the child's peak RSS in MB."""
     os.sync()
     t0 = time.perf_counter()
@@ -57,6 +58,8 @@ def measure(label: str, argv: list[str], *, show: str | None = None, env: dict |
     if proc.returncode != 0:
         sys.stderr.write(out.decode(errors="replace")[-3000:])
         raise SystemExit(f"bench: {label} failed (exit {proc.returncode}): {' '.join(argv)}")
+    if capture is not None:
+        capture.append(out.decode(errors="replace"))
     r = Run(label, show or " ".join(shlex.quote(a) for a in argv), wall, ru.ru_maxrss / 1024)
     print(f"  {label:<48} {wall:8.2f} s {r.peak_mb:9.0f} MB", flush=True)
     return r
@@ -224,7 +227,80 @@ def section_accuracy(work: Path) -> list[str]:
             *rows, ""]
 
 
-SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy}
+def section_attention(work: Path) -> list[str]:
+    """onnxruntime CPU latency and peak RSS, windowed (and mha) against the original, by image size."""
+    sizes = [(448, 3), (896, 2), (1344, 1)]
+    rows = ["| image | model | latency s (median) | x original | peak RSS MB | x original | file MB | rewrite s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    plot = []
+    goals = {448: 0.9, 896: 0.7, 1344: 0.55}
+    for px, runs in sizes:
+        model = work / f"attn{px}.onnx"
+        clear(model, Path(str(model) + ".data"))
+        measure(f"(setup) export 3b {px}x{px}", [QVL, "export", "--random-init", "3b", "--image-size", f"{px}x{px}",
+                                                 "-o", str(model), "-q"])
+        results = {}
+        for mode in ("original", "windowed", "mha"):
+            target = model if mode == "original" else work / f"attn{px}_{mode}.onnx"
+            rw = None
+            if mode != "original":
+                clear(target, Path(str(target) + ".data"))
+                rw = measure(f"qvl-surgery attention --mode {mode} ({px})", [QVL, "attention", str(model), "-o",
+                                                                             str(target), "--mode", mode, "-q"])
+            cap: list = []
+            r = measure(f"onnxruntime {mode} {px}x{px}", [PY, str(ROOT / "scripts" / "ort_latency.py"), str(target),
+                                                          str(runs)], capture=cap,
+                        show=f"python scripts/ort_latency.py {target.name} {runs}")
+            lat = float(cap[0].split()[1])
+            results[mode] = (lat, r.peak_mb, (target.stat().st_size + Path(str(target) + '.data').stat().st_size) / 1e6,
+                             rw.wall_s if rw else None)
+            if mode != "original":
+                clear(target, Path(str(target) + ".data"))
+        base = results["original"]
+        for mode, (lat, peak, mb, rws) in results.items():
+            rows.append(f"| {px}x{px} | {mode} | {lat:.2f} | {lat / base[0]:.2f} | {peak:.0f} | {peak / base[1]:.2f} | "
+                        f"{mb:.0f} | {'' if rws is None else f'{rws:.1f}'} |")
+        plot.append((px, results))
+        clear(model, Path(str(model) + ".data"))
+    png = _plot_attention(plot)
+    goal_lines = [f"- {px}x{px}: windowed latency {r['windowed'][0] / r['original'][0]:.2f}x (goal <= {goals[px]})"
+                  for px, r in plot]
+    r1344 = dict(plot).get(1344)
+    if r1344:
+        goal_lines.append(f"- 1344x1344: windowed peak RSS {r1344['windowed'][1] / r1344['original'][1]:.2f}x (goal <= 0.5)")
+    return ["## attention rewrite (3b fp32, random weights; onnxruntime CPU, 2 threads)", "",
+            "Each size is exported, rewritten with `qvl-surgery attention --mode windowed|mha`, and run by "
+            "`scripts/ort_latency.py` in its own process (session, then runs on one random input; the median "
+            "excludes the first run where there are several). Goals (issue 5): latency <= 0.9x / 0.7x / 0.55x at "
+            "448 / 896 / 1344, peak RSS at 1344 <= 0.5x.", "", *rows, "", *goal_lines, "",
+            f"![latency and peak RSS against image size]({png})" if png else "", ""]
+
+
+def _plot_attention(plot) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("original", "windowed", "mha"):
+        xs = [px for px, _ in plot]
+        a1.plot(xs, [r[mode][0] for _, r in plot], marker="o", label=mode)
+        a2.plot(xs, [r[mode][1] / 1024 for _, r in plot], marker="o", label=mode)
+    a1.set(xlabel="image side (px)", ylabel="latency (s)", title="onnxruntime CPU latency")
+    a2.set(xlabel="image side (px)", ylabel="peak RSS (GB)", title="peak RSS")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    out = ROOT / "benchmarks_attention.png"
+    fig.savefig(out, dpi=110)
+    return out.name
+
+
+SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
+            "attention": section_attention}
 
 
 def main() -> None:
