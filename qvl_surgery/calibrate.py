@@ -1,8 +1,9 @@
 """Calibration for fp16: run the fp32 model, record each tensor's max |value|, and name the nodes
 whose inputs or outputs come within a margin of fp16's range (65504).
 
-Runs onnxruntime on the fp32 model with intermediate tensors added as outputs, a group at a time,
-so memory stays about one group of activations. Additive-mask sentinels (values <= -1e30, such
+Runs onnxruntime once per input set on a copy of the graph (a hidden temporary .onnx beside the
+model, same data file) where every float tensor also feeds a ReduceMax(Abs(.)) scalar output, so
+memory stays that of one inference. Additive-mask sentinels (values <= -1e30, such
 as the window mask's float32 min) are not magnitudes: they are left out of the measurement. A node is kept when any of its float inputs or
 outputs reaches ``margin * 65504`` (default margin 0.5): an fp16 node reading such a tensor would
 see it overflow through its input Cast, so the readers of a large tensor are kept too.
@@ -10,6 +11,7 @@ see it overflow through its input Cast, so the readers of a large tensor are kep
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -17,7 +19,6 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from .compare import _with_extra_outputs
 from .errors import BadInput
 from .modelfile import load_model
 from .runners import ort_session
@@ -25,7 +26,6 @@ from .runners import ort_session
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
-GROUP = 256
 
 
 @dataclass
@@ -80,16 +80,37 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
     tmax: dict[str, float] = {}
     for i in g.input:
         if i.name in ftypes and i.name not in inits:
-            tmax[i.name] = max(float(np.abs(f[i.name]).max()) for f in feeds_list)
-    for start in range(0, len(names), GROUP):
-        group = names[start:start + GROUP]
-        with _with_extra_outputs(model_path, group) as p:
-            sess = ort_session(p)
-        for feeds in feeds_list:
-            outs = sess.run(group, {k: np.asarray(v, np.float32) for k, v in feeds.items() if k in expected})
-            for n, v in zip(group, outs):
-                tmax[n] = max(tmax.get(n, 0.0), _magnitude(v))
-        del sess
+            tmax[i.name] = max(_magnitude(np.asarray(f[i.name], np.float32)) for f in feeds_list)
+    # One run per input set: each float tensor gets ReduceMax(Abs(Where(t < -1e30, 0, t))) as an extra
+    # scalar output, so onnxruntime frees activations as usual and memory stays that of one inference.
+    proto = onnx.load(str(model_path), load_external_data=False)
+    pg = proto.graph
+    del pg.output[:]
+    neg = onnx.numpy_helper.from_array(np.array(MASK_SENTINEL, np.float32), "qvl_calib_sentinel")
+    zero = onnx.numpy_helper.from_array(np.array(0.0, np.float32), "qvl_calib_zero")
+    pg.initializer.extend([neg, zero])
+    outs = []
+    for k, n in enumerate(names):
+        p = f"qvl_calib/{k}"
+        pg.node.extend([
+            onnx.helper.make_node("Less", [n, neg.name], [p + "/lt"]),
+            onnx.helper.make_node("Where", [p + "/lt", zero.name, n], [p + "/masked"]),
+            onnx.helper.make_node("Abs", [p + "/masked"], [p + "/abs"]),
+            onnx.helper.make_node("ReduceMax", [p + "/abs"], [p + "/max"], keepdims=0)])
+        pg.output.append(onnx.helper.make_tensor_value_info(p + "/max", onnx.TensorProto.FLOAT, []))
+        outs.append(p + "/max")
+    tmp = model_path.with_name(f".{model_path.stem}.qvl-calib-{os.getpid()}.onnx")
+    try:
+        onnx.save(proto, str(tmp))
+        sess = ort_session(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for feeds in feeds_list:
+        vals = sess.run(outs, {k: np.asarray(v, np.float32) for k, v in feeds.items() if k in expected})
+        for n, v in zip(names, vals):
+            v = float(v)
+            tmax[n] = max(tmax.get(n, 0.0), v if np.isfinite(v) else float("inf"))
+    del sess
     limit = margin * FP16_MAX
     keep: dict[str, str] = {}
     for n in g.node:
