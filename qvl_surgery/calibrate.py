@@ -90,19 +90,30 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
     zero = onnx.numpy_helper.from_array(np.array(0.0, np.float32), "qvl_calib_zero")
     pg.initializer.extend([neg, zero])
     outs = []
+    probe_of: dict[str, list] = {}
     for k, n in enumerate(names):
         p = f"qvl_calib/{k}"
-        pg.node.extend([
+        probe_of[n] = [
             onnx.helper.make_node("Less", [n, neg.name], [p + "/lt"]),
             onnx.helper.make_node("Where", [p + "/lt", zero.name, n], [p + "/masked"]),
             onnx.helper.make_node("Abs", [p + "/masked"], [p + "/abs"]),
-            onnx.helper.make_node("ReduceMax", [p + "/abs"], [p + "/max"], keepdims=0)])
+            onnx.helper.make_node("ReduceMax", [p + "/abs"], [p + "/max"], keepdims=0)]
         pg.output.append(onnx.helper.make_tensor_value_info(p + "/max", onnx.TensorProto.FLOAT, []))
         outs.append(p + "/max")
+    # each probe right after the node that makes its tensor, so the tensor is not kept alive to the end
+    nodes = []
+    for node in pg.node:
+        nodes.append(node)
+        for o in node.output:
+            nodes.extend(probe_of.get(o, []))
+    del pg.node[:]
+    pg.node.extend(nodes)
     tmp = model_path.with_name(f".{model_path.stem}.qvl-calib-{os.getpid()}.onnx")
     try:
         onnx.save(proto, str(tmp))
-        sess = ort_session(tmp)
+        # priority-based order runs each probe right after its tensor; the default order kept
+        # every activation of the 3b encoder alive (18.5 GB peak instead of 3.5 GB)
+        sess = ort_session(tmp, execution_order="PRIORITY_BASED")
     finally:
         tmp.unlink(missing_ok=True)
     for feeds in feeds_list:

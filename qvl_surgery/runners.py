@@ -14,10 +14,12 @@ from .manifest import is_manifest_path, read_manifest
 log = logging.getLogger(__name__)
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None):
+def ort_session(path: str | Path, providers: list[str] | None = None, execution_order: str | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if execution_order:
+        so.execution_order = getattr(ort.ExecutionOrder, execution_order)
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
