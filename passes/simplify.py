@@ -1,8 +1,9 @@
 """simplify: onnxsim on a model of any size.
 
-onnxsim's python API needs the whole model as one protobuf, which fails above 2 GB. This pass
-splits the model into parts under ``max_part_bytes`` (the 3b fp32 encoder: 2 parts), runs
-``onnxsim.simplify`` on each part, and merges the results with external data.
+onnxsim's python API given a ModelProto needs the whole model as one protobuf, which fails above
+2 GB. This pass hands onnxsim a *path* instead (onnxsim >= 0.8 reads external data itself) and,
+if onnxsim still fails on the whole model, splits it into parts under ``max_part_bytes`` (the 3b
+fp32 encoder: 2 parts), simplifies each part and merges the results with external data.
 
 Rules and limits:
 - Constant subgraphs whose result would be large (the window mask: S x S floats, 340 MB at
@@ -11,11 +12,13 @@ Rules and limits:
   contract survives simplification.
 - Names onnxsim creates in one part are prefixed with the part's name before merging, so two
   parts cannot clash.
-- Peak memory is about one part held by onnxsim (a few GB for a 1.5 GB part), not the model.
+- Peak memory is what onnxsim needs for the whole model (about 3 GB for the 3b encoder) or for one
+  part on the fallback.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -44,9 +47,11 @@ class SimplifyReport:
     nodes_before: int
     nodes_after: int
     protected: list[str]
+    how: str = ""
 
     def lines(self) -> list[str]:
-        return [f"simplified in {self.parts} part(s) with onnxsim: {self.nodes_before} -> {self.nodes_after} nodes",
+        return [f"simplified in {self.parts} part(s) with onnxsim ({self.how}): {self.nodes_before} -> "
+                f"{self.nodes_after} nodes",
                 f"  kept from constant folding (would make large constants): {', '.join(self.protected) or 'none'}",
                 f"wrote {self.output} ({self.output.name}.data beside it)"]
 
@@ -132,48 +137,105 @@ def _prefix_new_names(part: Model, k: int, keep: set[str]) -> None:
         v.name = rename.get(v.name, v.name)
 
 
-def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: int = int(1.5e9),
-             overwrite: bool = False) -> SimplifyReport:
+def _run_onnxsim(path: Path, what: str) -> onnx.ModelProto:
     import onnxsim
-    out = Path(out)
+    try:
+        proto, ok = onnxsim.simplify(str(path))  # path API: onnxsim reads the external data itself
+    except Exception as e:
+        raise _OnnxsimFailed(f"onnxsim failed on {what} ({type(e).__name__}: {str(e)[:150]})") from None
+    if not ok:
+        raise _OnnxsimFailed(f"onnxsim could not validate its result for {what}")
+    return proto
+
+
+class _OnnxsimFailed(BadInput):
+    pass
+
+
+def _save_sim(proto: onnx.ModelProto, d: Path) -> Model:
+    d.mkdir()
+    onnx.save_model(proto, str(d / "part.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="part.onnx.data", size_threshold=1024)
+    return load_model(d / "part.onnx")
+
+
+def _simplify_whole(model: Model, model_path: Path, work: Path) -> tuple[Model, list[str]]:
+    """onnxsim's path API on the whole model, with the mask tables lifted to inputs. The lifted
+    graph is a hidden temporary .onnx beside the model that reads the model's own data file."""
+    roots = _large_static_roots(model)
+    raw = onnx.load(str(model_path), load_external_data=False)
+    lifted = {t.name: t for t in raw.graph.initializer if t.name in roots}
+    keep = [t for t in raw.graph.initializer if t.name not in lifted]
+    del raw.graph.initializer[:]
+    raw.graph.initializer.extend(keep)
+    for name, t in lifted.items():
+        raw.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    tmp = model_path.with_name(f".{model_path.stem}.qvl-simplify-{os.getpid()}.onnx")
+    try:
+        onnx.save(raw, str(tmp))
+        proto = _run_onnxsim(tmp, "the whole model")
+    finally:
+        tmp.unlink(missing_ok=True)
+    result = _save_sim(proto, work / "whole")
+    del proto
+    _restore(result, {n: model.initializers()[n] for n in lifted}, model)
+    return result, roots
+
+
+def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Model, list[str], int]:
+    from qvl_surgery.manifest import read_manifest
+    from qvl_surgery.modelfile import write_model_files
+    original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    split(model, work / "parts", max_part_bytes=max_part_bytes)
+    manifest = read_manifest(work / "parts", verify_hashes=False)
+    simplified, protected = [], []
+    for k, path in enumerate(manifest.part_paths()):
+        part = load_model(path)
+        roots = _large_static_roots(part)
+        protected += [r for r in roots if r not in protected]
+        lifted = _lift(part, roots)
+        d = work / f"lift{k}"
+        d.mkdir()
+        proto = _run_onnxsim(write_model_files(part, d, "lifted.onnx"), f"part {k}")
+        part_out = _save_sim(proto, work / f"sim{k}")
+        del proto
+        _restore(part_out, lifted, part)
+        _prefix_new_names(part_out, k, original_names)
+        simplified.append(part_out)
+    merged, _ = merge_models(simplified)
+    return merged, protected, len(simplified)
+
+
+def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: int = int(1.5e9), method: str = "auto",
+             overwrite: bool = False) -> SimplifyReport:
+    """``method``: ``whole`` (onnxsim's path API on the whole model), ``parts`` (part by part under
+    ``max_part_bytes``), or ``auto`` (whole, and parts if onnxsim fails on the whole)."""
+    import onnxsim
+    if method not in ("auto", "whole", "parts"):
+        raise BadInput(f"--method {method}: choose auto, whole or parts")
+    model_path, out = Path(model_path), Path(out)
     model = load_model(model_path)
-    check_output_path(out, [Path(model_path)] + sorted(model.data_files()))
+    check_output_path(out, [model_path] + sorted(model.data_files()))
     if out.exists() and not overwrite:
         raise BadInput(f"{out}: already exists; pass --force to replace it or choose another path")
-    original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.simplify-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.simplify-", dir=out.parent))
     try:
-        split(model, work / "parts", max_part_bytes=max_part_bytes)
-        from qvl_surgery.manifest import read_manifest
-        from qvl_surgery.modelfile import write_model_files
-        manifest = read_manifest(work / "parts", verify_hashes=False)
-        simplified, protected = [], []
-        for k, path in enumerate(manifest.part_paths()):
-            part = load_model(path)
-            roots = _large_static_roots(part)
-            protected += [r for r in roots if r not in protected]
-            lifted = _lift(part, roots)
-            d = work / f"sim{k}"
-            d.mkdir()
-            lifted_path = write_model_files(part, d, "lifted.onnx")
-            proto = onnx.load(str(lifted_path))  # one part, < 2 GB, with its weights
+        result, parts, note = None, 1, ""
+        if method in ("auto", "whole"):
             try:
-                proto, ok = onnxsim.simplify(proto)
-            except Exception as e:
-                raise BadInput(f"onnxsim failed on part {k} ({type(e).__name__}: {str(e)[:150]})") from None
-            if not ok:
-                raise BadInput(f"onnxsim could not validate its result for part {k}")
-            onnx.save_model(proto, str(d / "part.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="part.onnx.data", size_threshold=1024)
-            del proto
-            part_out = load_model(d / "part.onnx")
-            _restore(part_out, lifted, part)
-            _prefix_new_names(part_out, k, original_names)
-            simplified.append(part_out)
-        merged, _ = merge_models(simplified)
-        merged.set_metadata("qvl_surgery.simplified", "onnxsim " + getattr(onnxsim, "__version__", ""))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_model(merged, out, overwrite=overwrite, inputs=[Path(model_path)])
-        return SimplifyReport(out, len(simplified), len(model.graph.node), len(merged.graph.node), protected)
+                result, protected = _simplify_whole(model, model_path, work)
+                note = "whole model, onnxsim path API"
+            except _OnnxsimFailed as e:
+                if method == "whole":
+                    raise
+                log.info("%s; falling back to part by part", e)
+                note = f"whole model failed ({e}); "
+        if result is None:
+            result, protected, parts = _simplify_parts(model, work, max_part_bytes)
+            note += f"{parts} parts under {max_part_bytes / 1e9:.2f} GB"
+        result.set_metadata("qvl_surgery.simplified", "onnxsim " + getattr(onnxsim, "__version__", ""))
+        save_model(result, out, overwrite=overwrite, inputs=[model_path])
+        return SimplifyReport(out, parts, len(model.graph.node), len(result.graph.node), protected, note)
     finally:
         shutil.rmtree(work, ignore_errors=True)

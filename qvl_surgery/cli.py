@@ -98,7 +98,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 def cmd_simplify(a: argparse.Namespace) -> int:
     from passes.simplify import simplify
-    report = simplify(a.model, a.output, max_part_bytes=int(float(a.max_part_bytes)), overwrite=a.force)
+    report = simplify(a.model, a.output, max_part_bytes=int(float(a.max_part_bytes)), method=a.method,
+                      overwrite=a.force)
     print("\n".join(report.lines()))
     return 0
 
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     si = sub.add_parser("simplify", help="onnxsim on a model of any size, part by part", epilog=_epilog("simplify"),
                         formatter_class=fmt)
     si.add_argument("model", type=Path)
+    si.add_argument("--method", default="auto", choices=["auto", "whole", "parts"],
+                    help="whole: onnxsim's path API on the whole model; parts: part by part; auto: whole, then parts "
+                         "if onnxsim fails (default)")
     si.add_argument("--max-part-bytes", default="1.5e9", help="largest part handed to onnxsim (default 1.5e9)")
     add_output(si)
     add_force(si)

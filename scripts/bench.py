@@ -46,7 +46,7 @@ def clear(*paths: Path) -> None:
 
 
 def measure(label: str, argv: list[str], *, show: str | None = None, env: dict | None = None,
-            capture: list | None = None) -> Run:
+            capture: list | None = None, allow_fail: bool = False) -> Run | None:
     """Run argv as a child process; wall seconds and the child's peak RSS in MB."""
     os.sync()
     t0 = time.perf_counter()
@@ -57,6 +57,11 @@ def measure(label: str, argv: list[str], *, show: str | None = None, env: dict |
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.stderr.write(out.decode(errors="replace")[-3000:])
+        if allow_fail:
+            print(f"  {label:<48} FAILED (exit {proc.returncode}) after {wall:.1f} s, peak {ru.ru_maxrss / 1024:.0f} MB")
+            if capture is not None:
+                capture.append(out.decode(errors="replace"))
+            return Run(label + f" (FAILED, exit {proc.returncode})", show or " ".join(argv), wall, ru.ru_maxrss / 1024)
         raise SystemExit(f"bench: {label} failed (exit {proc.returncode}): {' '.join(argv)}")
     if capture is not None:
         capture.append(out.decode(errors="replace"))
@@ -249,9 +254,9 @@ def section_attention(work: Path) -> list[str]:
                                                                              str(target), "--mode", mode, "-q"])
             cap: list = []
             r = measure(f"onnxruntime {mode} {px}x{px}", [PY, str(ROOT / "scripts" / "ort_latency.py"), str(target),
-                                                          str(runs)], capture=cap,
+                                                          str(runs)], capture=cap, allow_fail=True,
                         show=f"python scripts/ort_latency.py {target.name} {runs}")
-            lat = float(cap[0].split()[1])
+            lat = float(cap[0].split()[1]) if "FAILED" not in r.label else float("nan")
             results[mode] = (lat, r.peak_mb, (target.stat().st_size + Path(str(target) + '.data').stat().st_size) / 1e6,
                              rw.wall_s if rw else None)
             if mode != "original":
@@ -299,7 +304,36 @@ def _plot_attention(plot) -> str | None:
     return out.name
 
 
+def section_simplify(work: Path) -> list[str]:
+    model = ensure_model(work)
+    out = work / "sim.onnx"
+    clear(out, Path(str(out) + ".data"))
+    ours = measure("qvl-surgery simplify", [QVL, "simplify", str(model), "-o", str(out)])
+    clear(out, Path(str(out) + ".data"))
+    ref = work / "onnxsim.onnx"
+    path_api = measure("baseline: onnxsim.simplify(path) + onnx.save(external data)", py(
+        "import onnx, onnxsim, sys; m, ok = onnxsim.simplify(sys.argv[1]); "
+        "onnx.save(m, sys.argv[2], save_as_external_data=True, location='onnxsim.onnx.data')") + [str(model), str(ref)],
+        show="python -c 'm, ok = onnxsim.simplify(model.onnx); onnx.save(m, ..., external data)'")
+    clear(ref, Path(str(ref) + ".data"))
+    cap: list = []
+    proto_api = measure("baseline: onnxsim.simplify(onnx.load(model))", py(
+        "import onnx, onnxsim, sys\ntry:\n    onnxsim.simplify(onnx.load(sys.argv[1]))\nexcept Exception as e:\n"
+        "    print('FAILED', type(e).__name__, str(e)[:100]); sys.exit(3)") + [str(model)], capture=cap,
+        allow_fail=True, show="python -c 'onnxsim.simplify(onnx.load(model.onnx))'")
+    why = (cap[0].strip().splitlines() or [""])[-1] if cap else ""
+    return ["## simplify (3b fp32, 2.68 GB)", "",
+            "The toolkit hands onnxsim a path (with the window-mask table lifted out of constant folding) and "
+            "streams the result; it falls back to part by part if onnxsim fails on the whole. Measured here: "
+            "onnxsim 0.8.1 itself now copes with the > 2 GB model through both its path and its ModelProto API "
+            "(the failure in the reference notes was an older onnxsim), but on its own it folds the window mask "
+            "into a dense 1024 x 1024 float constant (340 MB at 1344x1344), which the toolkit's run keeps out.", "",
+            *table([ours, path_api, proto_api], path_api), "",
+            f"`onnxsim.simplify(onnx.load(model))`: {why or 'succeeded'}", ""]
+
+
 SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
+            "simplify": section_simplify,
             "attention": section_attention}
 
 

@@ -162,17 +162,20 @@ def test_merge_output_onto_a_part_is_refused(tiny_448, tmp_path):
 
 def test_simplify_equals_input_and_keeps_mask_compact(tiny_448, tmp_path):
     total = load_model(tiny_448).weight_bytes()
-    r = run_cli("simplify", tiny_448, "-o", tmp_path / "s.onnx", "--max-part-bytes", str(total * 0.7))
-    assert r.returncode == 0, r.stderr
-    assert "2 part(s)" in r.stdout and "window_id" in r.stdout
-    check_written(tmp_path / "s.onnx")
-    px = tiny_pixels(SIZE, seed=3)
-    a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
-    b = run_model(tmp_path / "s.onnx", {"pixel_values": px})["image_embeds"]
-    assert np.abs(a - b).max() <= 1e-6
-    S = 1024
-    for t in load_model(tmp_path / "s.onnx").graph.initializer:
-        assert np.prod(t.dims) < S * S, t.name  # onnxsim did not fold the window mask into S x S
+    for method, parts in (("parts", "2 part(s)"), ("whole", "1 part(s)")):
+        out = tmp_path / f"s_{method}.onnx"
+        r = run_cli("simplify", tiny_448, "-o", out, "--method", method, "--max-part-bytes", str(total * 0.7))
+        assert r.returncode == 0, r.stderr
+        assert parts in r.stdout and "window_id" in r.stdout
+        check_written(out)
+        px = tiny_pixels(SIZE, seed=3)
+        a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
+        b = run_model(out, {"pixel_values": px})["image_embeds"]
+        assert np.abs(a - b).max() <= 1e-6
+        S = 1024
+        for t in load_model(out).graph.initializer:
+            assert np.prod(t.dims) < S * S, t.name  # onnxsim did not fold the window mask into S x S
+    assert not [p for p in tiny_448.parent.iterdir() if p.name.startswith(".")]  # temporaries gone
 
 
 def test_split_of_uneven_windows_matches_transformers(tiny_uneven, tmp_path):
