@@ -39,12 +39,32 @@ def _epilog(cmd: str) -> str:
 
 # Shared option groups --------------------------------------------------------------------------
 
-def add_output(p: argparse.ArgumentParser, *, what: str = "output model (.onnx; its .onnx.data goes beside it)") -> None:
-    p.add_argument("-o", "--output", required=True, type=Path, help=what)
+def add_write_options(p: argparse.ArgumentParser, *,
+                      what: str = "output model (.onnx; its .onnx.data goes beside it)") -> None:
+    """-o/--output, --force and -q/--quiet: shared by every subcommand that writes."""
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", required=True, type=Path, help=what)
+    g.add_argument("--force", action="store_true", help="replace an existing output")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def add_force(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+def add_source_options(p: argparse.ArgumentParser, *, source_help: str) -> None:
+    """SOURCE, --random-init, --seed, --image-size: shared by export and run."""
+    p.add_argument("source", nargs="?", type=Path, help=source_help)
+    p.add_argument("--random-init", metavar="{tiny,3b,7b}", help="build from a published config with random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
+    p.add_argument("--image-size", default="448x448", help="HEIGHTxWIDTH in pixels, multiples of 28 (default 448x448)")
+
+
+def _write_pass(a: argparse.Namespace, apply) -> int:
+    """Load a.model, apply the pass (model -> (model, report)), save to a.output, print the report."""
+    from .modelfile import check_output_path, load_model, save_model
+    model = load_model(a.model)
+    check_output_path(a.output, [a.model] + sorted(model.data_files()))
+    out, report = apply(model)
+    save_model(out, a.output, progress=None if a.quiet else a.command, overwrite=a.force)
+    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
+    return 0
 
 
 # Subcommands -----------------------------------------------------------------------------------
@@ -54,13 +74,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
     from .weights import CheckpointWeights, RandomWeights
     from .errors import BadInput
-    if (a.checkpoint is None) == (a.random_init is None):
+    if (a.source is None) == (a.random_init is None):
         raise BadInput("export: give a CHECKPOINT_DIR or --random-init {tiny,3b,7b}, not both or neither")
     size = parse_image_size(a.image_size)
     if a.random_init is not None:
         weights = RandomWeights(preset(a.random_init), seed=a.seed)
     else:
-        weights = CheckpointWeights(a.checkpoint)
+        weights = CheckpointWeights(a.source)
     check_image_size(weights.cfg, size)
     report = export(weights, a.output, size, progress=not a.quiet, overwrite=a.force)
     print("\n".join(report.lines()))
@@ -106,21 +126,18 @@ def cmd_simplify(a: argparse.Namespace) -> int:
 
 def cmd_fp16(a: argparse.Namespace) -> int:
     from passes.fp16 import convert_fp16
-    from .modelfile import load_model, save_model, check_output_path
-    model = load_model(a.model)
-    check_output_path(a.output, [a.model] + sorted(model.data_files()))
-    keep_cal = None
-    if a.calibrate:
-        from .calibrate import calibrate, calibration_inputs
-        cal = calibrate(a.model, calibration_inputs(a.model, a.calibrate), margin=a.calibrate_margin)
-        print("\n".join(cal.lines()))
-        keep_cal = cal.keep
-    out, report = convert_fp16(model, keep_silu=a.keep_silu_fp32, keep_rmsnorm=a.keep_rmsnorm_fp32,
-                               keep_ops=a.keep_op or [], keep_nodes=a.keep_node or [], keep_calibrated=keep_cal,
-                               keep_io_types=a.keep_io_types, explain=a.verbose)
-    save_model(out, a.output, progress=None if a.quiet else "fp16", overwrite=a.force)
-    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
-    return 0
+
+    def apply(model):
+        keep_cal = None
+        if a.calibrate:
+            from .calibrate import calibrate, calibration_inputs
+            cal = calibrate(a.model, calibration_inputs(a.model, a.calibrate), margin=a.calibrate_margin)
+            print("\n".join(cal.lines()))
+            keep_cal = cal.keep
+        return convert_fp16(model, keep_silu=a.keep_silu_fp32, keep_rmsnorm=a.keep_rmsnorm_fp32,
+                            keep_ops=a.keep_op or [], keep_nodes=a.keep_node or [], keep_calibrated=keep_cal,
+                            keep_io_types=a.keep_io_types, explain=a.verbose)
+    return _write_pass(a, apply)
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -138,13 +155,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_attention(a: argparse.Namespace) -> int:
     from passes.attention import rewrite_attention
-    from .modelfile import load_model, save_model, check_output_path
-    model = load_model(a.model)
-    check_output_path(a.output, [a.model] + sorted(model.data_files()))
-    out, report = rewrite_attention(model, mode=a.mode, upgrade_opset=a.upgrade_opset)
-    save_model(out, a.output, progress=None if a.quiet else "attention", overwrite=a.force)
-    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
-    return 0
+    return _write_pass(a, lambda model: rewrite_attention(model, mode=a.mode, upgrade_opset=a.upgrade_opset))
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -187,13 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export the fp32 encoder (one .onnx + one .onnx.data)", epilog=_epilog("export"),
                        formatter_class=fmt)
-    e.add_argument("checkpoint", nargs="?", type=Path, help="local transformers Qwen2.5-VL checkpoint directory")
-    e.add_argument("--random-init", choices=None, metavar="{tiny,3b,7b}", help="build from a published config with random weights")
-    e.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
-    e.add_argument("--image-size", default="448x448", help="HEIGHTxWIDTH in pixels, multiples of 28 (default 448x448)")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_output(e)
-    add_force(e)
+    add_source_options(e, source_help="local transformers Qwen2.5-VL checkpoint directory")
+    add_write_options(e)
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="sizes, ops, metadata and patterns of a model (reads no weights)",
@@ -211,17 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--at", action="append", help="explicit cut points: block index K (the hidden state entering "
                    "block K), 'merger', or a tensor name; comma separated or repeated")
     s.add_argument("--max-part-bytes", help="let the tool choose the fewest parts whose weights stay under this")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_output(s, what="output folder for partK.onnx(.data) and manifest.json")
-    add_force(s)
+    add_write_options(s, what="output folder for partK.onnx(.data) and manifest.json")
     s.set_defaults(func=cmd_split)
 
     m = sub.add_parser("merge", help="join a split back into one model with external data", epilog=_epilog("merge"),
                        formatter_class=fmt)
     m.add_argument("split_dir", type=Path, help="folder written by split (or its manifest.json)")
-    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_output(m)
-    add_force(m)
+    add_write_options(m)
     m.set_defaults(func=cmd_merge)
 
     si = sub.add_parser("simplify", help="onnxsim on a model of any size, part by part", epilog=_epilog("simplify"),
@@ -231,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="whole: onnxsim's path API on the whole model; parts: part by part; auto: whole, then parts "
                          "if onnxsim fails (default)")
     si.add_argument("--max-part-bytes", default="1.5e9", help="largest part handed to onnxsim (default 1.5e9)")
-    add_output(si)
-    add_force(si)
+    add_write_options(si)
     si.set_defaults(func=cmd_simplify)
 
     f = sub.add_parser("fp16", help="convert to fp16 with whole-pattern fp32 islands", formatter_class=fmt,
@@ -249,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an .npz of inputs or image file(s), comma separated: keep in fp32 every node whose values "
                         "come within --calibrate-margin of fp16's range on the fp32 model")
     f.add_argument("--calibrate-margin", type=float, default=0.5, help="fraction of 65504 (default 0.5)")
-    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_output(f)
-    add_force(f)
+    add_write_options(f)
     f.set_defaults(func=cmd_fp16)
 
     c = sub.add_parser("compare", help="compare two models or splits on the same inputs (polygraphy)",
@@ -282,23 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="windowed: batched per-window attention (default); mha: com.microsoft.MultiHeadAttention "
                          "for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)")
     at.add_argument("--upgrade-opset", action="store_true", help="with onnx-attention: raise the model to opset 23")
-    at.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_output(at)
-    add_force(at)
+    add_write_options(at)
     at.set_defaults(func=cmd_attention)
 
     r = sub.add_parser("run", help="one pipeline: export -> passes -> deployable files, compared to the fp32 export",
                        formatter_class=fmt, epilog=_epilog("run"))
-    r.add_argument("source", nargs="?", type=Path, help="checkpoint directory or an existing fp32 .onnx export")
-    r.add_argument("--random-init", metavar="{tiny,3b,7b}", help="build from a published config with random weights")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--image-size", default="448x448")
+    add_source_options(r, source_help="checkpoint directory or an existing fp32 .onnx export")
     r.add_argument("--passes", help="e.g. attention,fp16:keep_silu_fp32,split:parts=3")
     r.add_argument("--recipe", type=Path, help="a JSON recipe with source, image_size and passes")
     r.add_argument("--gen-script", action="store_true", help="print the equivalent Python API calls and exit")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    add_output(r, what="output folder")
-    add_force(r)
+    add_write_options(r, what="output folder")
     r.set_defaults(func=cmd_run)
     return p
 

@@ -79,3 +79,13 @@ def peak_rss_mb_of(code: str) -> tuple[float, str]:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     return int(lines[-1].split()[1]) / 1024, "\n".join(lines[:-1])
+
+
+def assert_one_line_error(r, *needles):
+    """Bad input: exit 2, one line on stderr naming the problem, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err

@@ -4,7 +4,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TINY, check_written, hf_forward, hf_vision_model, run_cli, tiny_pixels
+from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, run_cli, tiny_pixels
 from passes.attention import find_attention, rewrite_attention
 from qvl_surgery.emulate import emulate
 from qvl_surgery.modelfile import load_model, save_model
@@ -85,10 +85,6 @@ def test_composes_with_fp16_and_split(tiny_uneven, tmp_path, order):
     assert np.isfinite(got).all() and cos > 0.999
 
 
-def _one_line(r):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    return r.stderr
 
 
 def test_attention_bad_input(tiny_448, tmp_path):
@@ -97,9 +93,9 @@ def test_attention_bad_input(tiny_448, tmp_path):
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "relu.onnx"))
-    assert "no attention pattern" in _one_line(run_cli("attention", tmp_path / "relu.onnx", "-o", tmp_path / "o.onnx"))
+    assert "no attention pattern" in assert_one_line_error(run_cli("attention", tmp_path / "relu.onnx", "-o", tmp_path / "o.onnx"))
     # a mode the input cannot take without upgrading
-    err = _one_line(run_cli("attention", tiny_448, "-o", tmp_path / "o.onnx", "--mode", "onnx-attention"))
+    err = assert_one_line_error(run_cli("attention", tiny_448, "-o", tmp_path / "o.onnx", "--mode", "onnx-attention"))
     assert "opset 23" in err and "--upgrade-opset" in err
     assert not (tmp_path / "o.onnx").exists()
 
@@ -112,7 +108,7 @@ def test_mask_that_is_not_block_diagonal_is_refused(tiny_448, tmp_path):
     t.CopyFrom(numpy_helper.from_array(wid, "window_id"))
     m.sources.pop("window_id", None)
     save_model(m, tmp_path / "scrambled.onnx")
-    err = _one_line(run_cli("attention", tmp_path / "scrambled.onnx", "-o", tmp_path / "o.onnx"))
+    err = assert_one_line_error(run_cli("attention", tmp_path / "scrambled.onnx", "-o", tmp_path / "o.onnx"))
     assert "not block-diagonal" in err
     assert not (tmp_path / "o.onnx").exists()
 

@@ -3,16 +3,9 @@ import os
 
 import pytest
 
-from conftest import check_written, run_cli
+from conftest import assert_one_line_error, check_written, run_cli
 
 
-def _assert_one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    err = r.stderr.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_export_random_tiny_and_inspect(tmp_path):
@@ -46,7 +39,7 @@ def test_bad_input(tmp_path, args, needle):
     save_file({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, str(nv / "model.safetensors"))
     (tmp_path / "garbage.onnx").write_bytes(b"not a model at all")
     r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
-    _assert_one_line_error(r, needle)
+    assert_one_line_error(r, needle)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
@@ -55,7 +48,7 @@ def test_existing_output_needs_force(tmp_path):
     assert run_cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", out, "-q").returncode == 0
     before = out.read_bytes()
     r = run_cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q")
-    _assert_one_line_error(r, "already exists", "--force")
+    assert_one_line_error(r, "already exists", "--force")
     assert out.read_bytes() == before
     r = run_cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q", "--force")
     assert r.returncode == 0, r.stderr
@@ -64,4 +57,4 @@ def test_existing_output_needs_force(tmp_path):
 
 def test_export_into_the_checkpoint_directory_is_refused(tmp_path):
     r = run_cli("export", tmp_path, "-o", tmp_path, "-q")
-    _assert_one_line_error(r)
+    assert_one_line_error(r)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TINY, check_written, ort_run, run_cli, tiny_pixels
+from conftest import assert_one_line_error, TINY, check_written, ort_run, run_cli, tiny_pixels
 from passes.fp16 import convert_fp16, rmsnorm_patterns
 from qvl_surgery.emulate import emulate
 from qvl_surgery.errors import BadInput
@@ -222,19 +222,30 @@ def test_fp16_then_split_chain_under_emulation(tiny_448, tmp_path):
     assert np.array_equal(whole, chain)
 
 
-def _one_line(r):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    return r.stderr
 
 
 def test_fp16_bad_input(tiny_448, tmp_path):
     out = tmp_path / "o.onnx"
-    assert "not an ONNX op type" in _one_line(run_cli("fp16", tiny_448, "-o", out, "--keep-op", "Sigmoidd"))
-    assert "matches no node" in _one_line(run_cli("fp16", tiny_448, "-o", out, "--keep-node", "/nope/*"))
-    assert "overwrite the input" in _one_line(run_cli("fp16", tiny_448, "-o", tiny_448, "--force"))
-    assert "no such file" in _one_line(run_cli("fp16", tmp_path / "missing.onnx", "-o", out))
+    assert "not an ONNX op type" in assert_one_line_error(run_cli("fp16", tiny_448, "-o", out, "--keep-op", "Sigmoidd"))
+    assert "matches no node" in assert_one_line_error(run_cli("fp16", tiny_448, "-o", out, "--keep-node", "/nope/*"))
+    assert "overwrite the input" in assert_one_line_error(run_cli("fp16", tiny_448, "-o", tiny_448, "--force"))
+    assert "no such file" in assert_one_line_error(run_cli("fp16", tmp_path / "missing.onnx", "-o", out))
     np.savez(tmp_path / "bad.npz", pixel_values=np.zeros((3, 1176), np.float32))
-    assert "shape" in _one_line(run_cli("fp16", tiny_448, "-o", out, "--calibrate", tmp_path / "bad.npz"))
-    assert "shape" in _one_line(run_cli("compare", tiny_448, tiny_448, "--inputs", tmp_path / "bad.npz"))
+    assert "shape" in assert_one_line_error(run_cli("fp16", tiny_448, "-o", out, "--calibrate", tmp_path / "bad.npz"))
+    assert "shape" in assert_one_line_error(run_cli("compare", tiny_448, tiny_448, "--inputs", tmp_path / "bad.npz"))
     assert not out.exists() and not (tmp_path / "o.onnx.data").exists()
+
+
+def test_image_inputs_for_compare_and_calibrate(tiny_448, tmp_path):
+    from PIL import Image
+    img = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(img)
+    from qvl_surgery.compare import pixel_values_from_image
+    px = pixel_values_from_image(tiny_448, str(img))
+    assert px.shape == (1024, 1176) and px.dtype == np.float32
+    r = run_cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--calibrate", img, "-q")
+    assert r.returncode == 0 and "calibration:" in r.stdout, r.stderr
+    r = run_cli("compare", tiny_448, tmp_path / "h.onnx", "--image", img, "--emulate-fp16")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    r = run_cli("compare", tiny_448, tmp_path / "h.onnx", "--image", tmp_path / "missing.png")
+    assert_one_line_error(r, "not a readable image")

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, check_written, hf_forward, hf_vision_model, ort_run, run_cli, tiny_pixels
+from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, ort_run, run_cli, tiny_pixels
 from passes.merge import merge
 from passes.split import split
 from qvl_surgery.errors import BadInput
@@ -104,28 +104,24 @@ def test_split_foreign_model_without_cut_point(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _one_line(r):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    return r.stderr
 
 
 def test_split_bad_input(tiny_448, tmp_path):
     out = tmp_path / "out"
-    assert "at least 1" in _one_line(run_cli("split", tiny_448, "--parts", "0", "-o", out))
-    assert "at most" in _one_line(run_cli("split", tiny_448, "--parts", "9", "-o", out))
-    assert "not a clean cut point" in _one_line(run_cli("split", tiny_448, "--at", "no_such_tensor", "-o", out))
+    assert "at least 1" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "0", "-o", out))
+    assert "at most" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "9", "-o", out))
+    assert "not a clean cut point" in assert_one_line_error(run_cli("split", tiny_448, "--at", "no_such_tensor", "-o", out))
     assert not out.exists()
     assert run_cli("split", tiny_448, "--parts", "2", "-o", out, "-q").returncode == 0
     before = sorted(os.listdir(out))
-    assert "already holds a split" in _one_line(run_cli("split", tiny_448, "--parts", "3", "-o", out))
+    assert "already holds a split" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "3", "-o", out))
     assert sorted(os.listdir(out)) == before
     assert run_cli("split", tiny_448, "--parts", "3", "-o", out, "-q", "--force").returncode == 0
     assert len(read_manifest(out).parts) == 3
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("user file")
-    assert "holds other files" in _one_line(run_cli("split", tiny_448, "--parts", "2", "-o", other, "--force"))
+    assert "holds other files" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "2", "-o", other, "--force"))
     assert (other / "keep.txt").read_text() == "user file"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 
@@ -148,7 +144,7 @@ def test_merge_refuses_damaged_split(tiny_448, tmp_path, damage):
         doc = json.loads(man.read_text())
         doc["parts"][0]["data"] = "../../etc/passwd"
         man.write_text(json.dumps(doc))
-    err = _one_line(run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx"))
+    err = assert_one_line_error(run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx"))
     assert "manifest" in err or "split" in err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.data").exists()
 
@@ -156,7 +152,7 @@ def test_merge_refuses_damaged_split(tiny_448, tmp_path, damage):
 def test_merge_output_onto_a_part_is_refused(tiny_448, tmp_path):
     split(load_model(tiny_448), tmp_path / "p", parts=2)
     before = (tmp_path / "p" / "part0.onnx").read_bytes()
-    _one_line(run_cli("merge", tmp_path / "p", "-o", tmp_path / "p" / "part0.onnx", "--force"))
+    assert_one_line_error(run_cli("merge", tmp_path / "p", "-o", tmp_path / "p" / "part0.onnx", "--force"))
     assert (tmp_path / "p" / "part0.onnx").read_bytes() == before
 
 
