@@ -155,7 +155,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_attention(a: argparse.Namespace) -> int:
     from passes.attention import rewrite_attention
-    return _write_pass(a, lambda model: rewrite_attention(model, mode=a.mode, upgrade_opset=a.upgrade_opset))
+    return _write_pass(a, lambda model: rewrite_attention(model, mode=a.mode, upgrade_opset=a.upgrade_opset,
+                                                          full_chunk_mb=a.full_chunk_mb))
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="windowed: batched per-window attention (default); mha: com.microsoft.MultiHeadAttention "
                          "for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)")
     at.add_argument("--upgrade-opset", action="store_true", help="with onnx-attention: raise the model to opset 23")
+    at.add_argument("--full-chunk-mb", type=float, default=256,
+                    help="windowed mode: full-attention layers whose S x S scores exceed this many MB compute their "
+                         "queries in chunks under it (default 256; 0: never)")
     add_write_options(at)
     at.set_defaults(func=cmd_attention)
 

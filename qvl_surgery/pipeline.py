@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # pass name -> {option: (type, python keyword)}
 PASS_OPTIONS: dict[str, dict[str, tuple[type, str]]] = {
-    "attention": {"mode": (str, "mode"), "upgrade_opset": (bool, "upgrade_opset")},
+    "attention": {"mode": (str, "mode"), "upgrade_opset": (bool, "upgrade_opset"),
+                  "full_chunk_mb": (float, "full_chunk_mb")},
     "fp16": {"keep_silu_fp32": (bool, "keep_silu"), "keep_rmsnorm_fp32": (bool, "keep_rmsnorm"),
              "keep_op": (list, "keep_ops"), "keep_node": (list, "keep_nodes"), "keep_io_types": (bool, "keep_io_types"),
              "calibrate": (str, "calibrate")},

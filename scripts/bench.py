@@ -337,6 +337,26 @@ SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp
             "attention": section_attention}
 
 
+MARK = "<!-- bench section: {} -->"
+
+
+def _existing_sections(path: Path) -> dict[str, str]:
+    """Sections of an earlier BENCHMARKS.md, by name (kept when --only reruns others)."""
+    if not path.exists():
+        return {}
+    found, name, buf = {}, None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("<!-- bench section: "):
+            if name:
+                found[name] = "\n".join(buf).rstrip() + "\n"
+            name, buf = line[len("<!-- bench section: "):-len(" -->")], [line]
+        elif name:
+            buf.append(line)
+    if name:
+        found[name] = "\n".join(buf).rstrip() + "\n"
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
@@ -344,16 +364,26 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for name in a.only.split(","):
+    names = [n for n in a.only.split(",") if n]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"bench: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    sections = _existing_sections(a.output)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    for name in names:
         print(f"[{name}]", flush=True)
-        parts += SECTIONS[name](a.work)
-    head = ["# Benchmarks", "",
-            f"Written by `scripts/bench{' --only ' + a.only if a.only != ','.join(SECTIONS) else ''}` on "
-            f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}). "
-            "Every figure is measured in that one run; ratios are against the baseline run beside it. Peak RSS is the "
-            "child process's own maximum resident set. Page cache was warm (the data file had just been written).", ""]
-    a.output.write_text("\n".join(head + parts))
+        body = SECTIONS[name](a.work)
+        stamp = (f"_Measured {datetime.datetime.now():%Y-%m-%d %H:%M} by `scripts/bench --only {name}` "
+                 f"(or a full `scripts/bench`) on {machine}._")
+        sections[name] = "\n".join([MARK.format(name), body[0], "", stamp, *body[1:]]).rstrip() + "\n"
+        # write after every section, so a long run that is stopped keeps what it measured
+        head = ["# Benchmarks", "",
+                "Written by `scripts/bench` (all sections) or `scripts/bench --only NAME[,NAME]` (those sections; "
+                "the others are kept from their own earlier run). Within a section every figure comes from one "
+                "invocation and each ratio is against the baseline measured beside it. Peak RSS is the child "
+                "process's own maximum resident set. Page cache was warm unless a row says cold.", ""]
+        ordered = [sections[n] for n in SECTIONS if n in sections]
+        a.output.write_text("\n".join(head) + "\n" + "\n".join(ordered))
     print(f"wrote {a.output}")
 
 

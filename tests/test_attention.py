@@ -123,3 +123,19 @@ def test_matcher_explains_a_miss(tiny_448):
     found = find_attention(m, rep)
     assert len(found) == TINY.depth - 1
     assert any("axis" in line and sm.name in line for line in rep.misses)
+
+
+def test_full_attention_in_query_chunks(tiny_448, tmp_path):
+    r = run_cli("attention", tiny_448, "-o", tmp_path / "c.onnx", "--full-chunk-mb", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "queries in 17 chunks of 61 rows" in r.stdout
+    check_written(tmp_path / "c.onnx")
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "c.onnx"), load_external_data=False))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.value_info}
+    chunk_sm = [n for n in m.graph.node if n.op_type == "Softmax" and "chunked" in n.name]
+    assert len(chunk_sm) == 17 * len(TINY.fullatt_block_indexes)
+    assert max(shapes[n.output[0]][2] for n in chunk_sm) == 61  # no [S, S] score tensor is left
+    px = tiny_pixels((448, 448), seed=8)
+    a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
+    b = run_model(tmp_path / "c.onnx", {"pixel_values": px})["image_embeds"]
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
