@@ -381,7 +381,7 @@ def main() -> None:
                 "Written by `scripts/bench` (all sections) or `scripts/bench --only NAME[,NAME]` (those sections; "
                 "the others are kept from their own earlier run). Within a section every figure comes from one "
                 "invocation and each ratio is against the baseline measured beside it. Peak RSS is the child "
-                "process's own maximum resident set. Page cache was warm unless a row says cold.", ""]
+                "process's ru_maxrss (Linux carries the bench process's own ~15-40 MB into it). Page cache was warm unless a row says cold.", ""]
         ordered = [sections[n] for n in SECTIONS if n in sections]
         a.output.write_text("\n".join(head) + "\n" + "\n".join(ordered))
     print(f"wrote {a.output}")

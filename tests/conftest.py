@@ -73,8 +73,12 @@ def tiny_uneven(tmp_path_factory):
 
 
 def peak_rss_mb_of(code: str) -> tuple[float, str]:
-    """Run python code in a fresh child; returns the child's own peak RSS (MB) and its stdout."""
-    code += "\nimport resource as _r; print('PEAK_KB', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)"
+    """Run python code in a fresh child; returns the child's own peak RSS (MB) and its stdout.
+
+    VmHWM of the child's own address space, not ru_maxrss: Linux carries the forking parent's RSS
+    into the child's ru_maxrss (the pytest process, with torch loaded, is ~500 MB)."""
+    code += ("\nprint('PEAK_KB', next(int(l.split()[1]) for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()

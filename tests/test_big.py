@@ -59,7 +59,7 @@ def test_synthetic_over_2gb_round_trip_split_merge_and_the_reference_failure(big
         save_model(load_model({str(src)!r}), {str(big_dir / 'copy.onnx')!r})
     """))
     print(f"round trip of a {size / 1e9:.2f} GB model: peak RSS {peak:.0f} MB (build: {build_peak:.0f} MB)")
-    assert peak < 600, peak  # a quarter of the model at most (typically ~80 MB measured here)
+    assert peak < 400, peak  # the model is 2,280 MB; about 70 MB measured here
     assert (big_dir / "copy.onnx.data").stat().st_size == size
     onnx.checker.check_model(str(big_dir / "copy.onnx"))
     (big_dir / "copy.onnx.data").unlink()
