@@ -23,7 +23,6 @@ import fnmatch
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -31,8 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.inspect import consumers, producers, sigmoid_mul_patterns
-from qvl_surgery.modelfile import Computed, FileRange, Model, read_initializer
+from qvl_surgery.inspect import consumers, sigmoid_mul_patterns
+from qvl_surgery.modelfile import Computed, Model, read_initializer
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,10 @@ value_info, and the source's metadata. Bytes are streamed by modelfile.save_mode
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from onnx import helper
 
 from qvl_surgery.errors import BadInput

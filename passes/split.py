@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 from onnx import helper
 
 from qvl_surgery.errors import BadInput

@@ -142,7 +142,6 @@ def cmd_fp16(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare, load_inputs
-    from .errors import ToleranceFailed
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, seed=a.seed)
     report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, atol=a.atol, rtol=a.rtol,
                      min_cosine=a.min_cosine, per_block=a.per_block, save_outputs=a.save_outputs,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
-from .errors import BadInput, ToleranceFailed
+from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
 from .modelfile import load_model
 

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
 from .config import VisionConfig, check_image_size
-from .layout import WindowLayout, window_layout
+from .layout import window_layout
 from .modelfile import Computed, Model, save_model
 from .weights import WeightSource
 

@@ -1,7 +1,6 @@
 """What is in a model file, read from the graph only: no weight bytes are touched."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -17,13 +17,11 @@ All code that moves weight bytes lives in this module.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator

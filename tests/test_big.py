@@ -4,11 +4,10 @@ import json
 import shutil
 import textwrap
 
-import numpy as np
 import onnx
 import pytest
 
-from conftest import ROOT, check_written, peak_rss_mb_of, run_cli
+from conftest import check_written, peak_rss_mb_of, run_cli
 
 pytestmark = pytest.mark.big
 

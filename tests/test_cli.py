@@ -1,5 +1,4 @@
 """Bad input: exit 2, one line, no traceback, nothing written."""
-import os
 
 import pytest
 

@@ -9,12 +9,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_one_line_error, TINY, check_written, ort_run, run_cli, tiny_pixels
-from passes.fp16 import convert_fp16, rmsnorm_patterns
+from conftest import assert_one_line_error, TINY, check_written, run_cli, tiny_pixels
+from passes.fp16 import convert_fp16
 from qvl_surgery.emulate import emulate
-from qvl_surgery.errors import BadInput
 from qvl_surgery.export import export
-from qvl_surgery.modelfile import Computed, Model, load_model, save_model
+from qvl_surgery.modelfile import load_model, save_model
 from qvl_surgery.runners import run_model
 from qvl_surgery.weights import RandomWeights
 

@@ -1,7 +1,6 @@
 """split / merge / chain / simplify on tiny models."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -10,12 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, ort_run, run_cli, tiny_pixels
-from passes.merge import merge
+from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, run_cli, tiny_pixels
 from passes.split import split
-from qvl_surgery.errors import BadInput
 from qvl_surgery.manifest import read_manifest
-from qvl_surgery.modelfile import load_model, save_model
+from qvl_surgery.modelfile import load_model
 from qvl_surgery.runners import run_chain, run_model
 from qvl_surgery.weights import RandomWeights
 
