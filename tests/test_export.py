@@ -121,3 +121,20 @@ def test_state_dict_source_equals_random_source(tmp_path):
     export(w, tmp_path / "a.onnx", (56, 56), progress=False)
     export(sd, tmp_path / "b.onnx", (56, 56), progress=False)
     assert (tmp_path / "a.onnx.data").read_bytes() == (tmp_path / "b.onnx.data").read_bytes()
+
+
+def test_export_from_bf16_checkpoint(tmp_path):
+    """Released checkpoints are bf16: the export upcasts each tensor to fp32 exactly."""
+    ckpt = tmp_path / "ckpt"
+    model = _tiny_checkpoint(ckpt)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    r = run_cli("export", tmp_path / "bf16", "-o", tmp_path / "out" / "m.onnx", "--image-size", "56x112", "-q")
+    assert r.returncode == 0, r.stderr
+    visual32 = model.visual.float()  # the bf16 weights, upcast: what the export must contain
+    px = tiny_pixels((56, 112), seed=6)
+    ref = hf_forward(visual32, px, (56, 112))
+    out, = ort_run(tmp_path / "out" / "m.onnx", {"pixel_values": px})
+    assert np.abs(out - ref).max() <= 1e-4
+    w = CheckpointWeights(tmp_path / "bf16").array("blocks.0.attn.qkv.weight")
+    assert w.dtype == np.float32
+    assert np.array_equal(w, visual32.blocks[0].attn.qkv.weight.detach().numpy())

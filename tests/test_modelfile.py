@@ -109,3 +109,16 @@ def test_failed_save_leaves_nothing(tmp_path, tiny_448):
     with pytest.raises(Exception):
         save_model(m, tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_falls_back_to_chunks_where_the_kernel_cannot(tiny_448, tmp_path, monkeypatch):
+    import errno
+    import qvl_surgery.modelfile as mf
+
+    def no_kernel_copy(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+    monkeypatch.setattr(mf.os, "copy_file_range", no_kernel_copy)
+    out = save_model(load_model(tiny_448), tmp_path / "c.onnx")
+    a, b = load_model(tiny_448), load_model(out)
+    for name in a.sources:
+        assert a.read_array(name).tobytes() == b.read_array(name).tobytes()
