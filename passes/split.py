@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from onnx import helper
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import CutPoint, Plan, analyse, block_outputs, describe_value, value_types
 from qvl_surgery.manifest import MANIFEST, write_manifest
-from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model, check_model_path, sha256_file, write_model_files
+from qvl_surgery.modelfile import (PROTOBUF_LIMIT, Model, StreamDigest, check_model_path, sha256_file,
+                                   write_model_files)
 
 log = logging.getLogger(__name__)
 
@@ -223,23 +223,22 @@ def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: li
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     report = SplitReport(out_dir, [c.tensor for c in cuts], candidates=ncand)
     try:
-        entries = []
-        # Hash each part's data in a thread while the next part is copied (hashlib frees the GIL).
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = []
-            for k, (part, ins, outs) in enumerate(built):
-                name = f"part{k}.onnx"
-                path = write_model_files(part, tmp, name, progress=f"part{k}" if progress else None)
-                check_model_path(path)
-                futures.append(pool.submit(sha256_file, tmp / (name + ".data")))
-                types = value_types(part, set(ins) | set(outs))
-                entries.append({"path": name, "data": name + ".data",
-                                "inputs": [describe_value(types[i]) for i in ins],
-                                "outputs": [describe_value(types[o]) for o in outs],
-                                "nodes": len(part.graph.node),
-                                "data_bytes": (tmp / (name + ".data")).stat().st_size})
-            for e, f in zip(entries, futures):
-                e["data_sha256"] = f.result()
+        entries, digests = [], []
+        for k, (part, ins, outs) in enumerate(built):
+            name = f"part{k}.onnx"
+            # each part's sha256 is computed by its own thread while its bytes are copied
+            digest = StreamDigest()
+            digests.append(digest)
+            path = write_model_files(part, tmp, name, progress=f"part{k}" if progress else None, digest=digest)
+            check_model_path(path)
+            types = value_types(part, set(ins) | set(outs))
+            entries.append({"path": name, "data": name + ".data",
+                            "inputs": [describe_value(types[i]) for i in ins],
+                            "outputs": [describe_value(types[o]) for o in outs],
+                            "nodes": len(part.graph.node),
+                            "data_bytes": (tmp / (name + ".data")).stat().st_size})
+        for e, d in zip(entries, digests):
+            e["data_sha256"] = d.hexdigest()
         for e in entries:
             e["onnx_sha256"] = sha256_file(tmp / e["path"])
         write_manifest(tmp, entries, source=str(model.path) if model.path else None, cuts=report.cuts)

@@ -254,18 +254,79 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
             done += len(chunk)
 
 
+class StreamDigest:
+    """sha256 of a data file computed while it is written: a worker thread hashes the same byte
+    sequence (alignment zeros, source ranges read through mmap windows, computed bytes) that the
+    writer puts in the file, so the hash is ready about when the copy ends instead of after a
+    second full read. The queue is bounded, so computed tensors waiting to be hashed stay few."""
+
+    def __init__(self):
+        import queue
+        import threading
+        self._q: "queue.Queue" = queue.Queue(maxsize=4)
+        self._h = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        import mmap
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                kind, value = item
+                if kind == "zeros":
+                    self._h.update(bytes(value))
+                elif kind == "bytes":
+                    self._h.update(value)
+                else:
+                    src: FileRange = value
+                    with open(src.path, "rb") as f:
+                        page = mmap.ALLOCATIONGRANULARITY
+                        pos, end = src.offset, src.offset + src.length
+                        while pos < end:
+                            base = pos - pos % page
+                            n = min(end - base, 64 << 20)
+                            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=base) as mm:
+                                with memoryview(mm) as view:
+                                    self._h.update(view[pos - base:n])
+                            pos = base + n
+            except BaseException as e:  # surfaced by hexdigest()
+                self._error = e
+
+    def add(self, kind: str, value) -> None:
+        self._q.put((kind, value))
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._h.hexdigest()
+
+
 class _DataWriter:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, digest: StreamDigest | None = None):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.offset = 0
         self._src_fds: dict[Path, int] = {}
+        self.digest = digest
 
     def _aligned(self) -> int:
-        self.offset = (self.offset + ALIGN - 1) // ALIGN * ALIGN
+        start = (self.offset + ALIGN - 1) // ALIGN * ALIGN
+        if self.digest is not None and start > self.offset:
+            self.digest.add("zeros", start - self.offset)  # the gap reads back as zeros
+        self.offset = start
         return self.offset
 
     def write_range(self, src: FileRange) -> int:
         start = self._aligned()
+        if self.digest is not None:
+            self.digest.add("range", src)
         fd = self._src_fds.get(src.path)
         if fd is None:
             fd = self._src_fds[src.path] = os.open(src.path, os.O_RDONLY)
@@ -276,6 +337,8 @@ class _DataWriter:
     def write_bytes(self, data: bytes | memoryview) -> int:
         start = self._aligned()
         view = memoryview(data)
+        if self.digest is not None:
+            self.digest.add("bytes", view)
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], start + done)
@@ -310,12 +373,14 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         t.external_data.add(key=k, value=v)
 
 
-def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str | None = None) -> Path:
-    """Write ``out_dir/name`` + ``out_dir/name.data`` (no checks, no rename). Returns the .onnx path."""
+def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str | None = None,
+                      digest: StreamDigest | None = None) -> Path:
+    """Write ``out_dir/name`` + ``out_dir/name.data`` (no checks, no rename). Returns the .onnx path.
+    With ``digest``, the data file's sha256 is computed while it is written."""
     data_name = name + ".data"
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    writer = _DataWriter(out_dir / data_name)
+    writer = _DataWriter(out_dir / data_name, digest)
     tensors = list(proto.graph.initializer)
     bar = None
     if progress:

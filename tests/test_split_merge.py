@@ -188,3 +188,13 @@ def test_each_part_runs_under_polygraphy(tiny_448, tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert "PASSED" in r.stdout + r.stderr
+
+
+def test_streamed_sha256_matches_the_written_files(tiny_448, tmp_path):
+    from passes.fp16 import convert_fp16
+    from qvl_surgery.modelfile import sha256_file
+    # computed sources (fp16 conversion while writing), file ranges and alignment gaps all hashed in stream
+    for name, model in (("fp32", load_model(tiny_448)), ("fp16", convert_fp16(load_model(tiny_448))[0])):
+        r = split(model, tmp_path / name, parts=3)
+        for p in r.parts:
+            assert p["data_sha256"] == sha256_file(tmp_path / name / p["data"])
