@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     except QvlError as e:
         print(f"qvl-surgery {a.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # unwritable folder, full disk, ...: the output was not published
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qvl-surgery {a.command}: error: {where}{e.strerror or e}; nothing was written", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"qvl-surgery {a.command}: interrupted; no output was left behind", file=sys.stderr)
         return 130

@@ -57,3 +57,10 @@ def test_existing_output_needs_force(tmp_path):
 def test_export_into_the_checkpoint_directory_is_refused(tmp_path):
     r = run_cli("export", tmp_path, "-o", tmp_path, "-q")
     assert_one_line_error(r)
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run_cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", blocker / "m.onnx", "-q")
+    assert_one_line_error(r, "nothing was written")
