@@ -144,18 +144,30 @@ def _check_keep_ops(ops: Iterable[str]) -> None:
 # ----------------------------------------------------------------------------- conversion
 
 def _float_types(model: Model) -> dict[str, int]:
-    """Element type of every tensor (weightless shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(model.proto)
-    g = inferred.graph
-    types = {t.name: t.data_type for t in g.initializer}
-    for v in list(g.input) + list(g.output) + list(g.value_info):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-            types[v.name] = v.type.tensor_type.elem_type
-    missing = [o for n in g.node for o in n.output if o and o not in types]
-    if missing:
-        raise BadInput(f"fp16: cannot tell the type of tensor {missing[0]!r} (shape inference found none); "
-                       "the model needs value_info for it")
-    return types
+    """Element type of every tensor (weightless shape inference). Outputs of ops that onnx's
+    inference does not know (com.microsoft.MultiHeadAttention, ...) take the type of the node's first
+    input, and inference is run again from there."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    for _ in range(8):
+        g = onnx.shape_inference.infer_shapes(proto).graph
+        types = {t.name: t.data_type for t in g.initializer}
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                types[v.name] = v.type.tensor_type.elem_type
+        missing = [(n, o) for n in g.node for o in n.output if o and o not in types]
+        if not missing:
+            return types
+        added = False
+        for n, o in missing:
+            first = n.input[0] if n.input else ""
+            if n.domain not in ("", "ai.onnx") and first in types:
+                proto.graph.value_info.append(helper.make_tensor_value_info(o, types[first], None))
+                added = True
+        if not added:
+            break
+    raise BadInput(f"fp16: cannot tell the type of tensor {missing[0][1]!r} (shape inference found none); "
+                   "the model needs value_info for it")
 
 
 def _to_fp16(arr: np.ndarray, name: str, report: Fp16Report) -> np.ndarray:

@@ -81,7 +81,12 @@ class Fp16Emulator:
         self.input_types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
                             for i in proto.graph.input}
         self.output_names = [o.name for o in proto.graph.output]
-        self.ref = ReferenceEvaluator(proto, new_ops=CUSTOM_OPS)
+        try:
+            self.ref = ReferenceEvaluator(proto, new_ops=CUSTOM_OPS)
+        except NotImplementedError as e:
+            raise BadInput(f"{path}: fp16 emulation cannot run this model ({str(e).split(',')[0]}); "
+                           "compare it without --emulate-fp16, or emulate the model before that rewrite "
+                           "(e.g. attention --mode windowed)") from None
         del proto
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

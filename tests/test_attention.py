@@ -139,3 +139,13 @@ def test_full_attention_in_query_chunks(tiny_448, tmp_path):
     a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
     b = run_model(tmp_path / "c.onnx", {"pixel_values": px})["image_embeds"]
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+def test_mha_then_fp16_runs_in_onnxruntime_and_emulation_says_why_not(tiny_448, tmp_path):
+    out, _ = _rewrite(tiny_448, tmp_path, "mha")
+    r = run_cli("fp16", out, "-o", tmp_path / "mha16.onnx", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compare", tiny_448, tmp_path / "mha16.onnx", "--atol", "0.05", "--rtol", "0.05")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    r = run_cli("compare", tiny_448, tmp_path / "mha16.onnx", "--emulate-fp16")
+    assert_one_line_error(r, "fp16 emulation cannot run", "MultiHeadAttention")
