@@ -18,7 +18,6 @@ Rules and limits:
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import onnx
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import static_tensors
-from qvl_surgery.modelfile import Model, load_model, save_model, check_output_path
+from qvl_surgery.modelfile import Model, check_output_path, load_model, save_model, sibling_model
 
 from .merge import merge_models
 from .split import split
@@ -163,22 +162,14 @@ def _simplify_whole(model: Model, model_path: Path, work: Path) -> tuple[Model, 
     """onnxsim's path API on the whole model, with the mask tables lifted to inputs. The lifted
     graph is a hidden temporary .onnx beside the model that reads the model's own data file."""
     roots = _large_static_roots(model)
-    raw = onnx.load(str(model_path), load_external_data=False)
-    lifted = {t.name: t for t in raw.graph.initializer if t.name in roots}
-    keep = [t for t in raw.graph.initializer if t.name not in lifted]
-    del raw.graph.initializer[:]
-    raw.graph.initializer.extend(keep)
-    for name, t in lifted.items():
-        raw.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-    tmp = model_path.with_name(f".{model_path.stem}.qvl-simplify-{os.getpid()}.onnx")
-    try:
-        onnx.save(raw, str(tmp))
+    # the file's own proto, whose external-data entries still point at the model's data file
+    raw = Model(onnx.load(str(model_path), load_external_data=False))
+    lifted = _lift(raw, roots)
+    with sibling_model(model_path, raw.proto) as tmp:
         proto = _run_onnxsim(tmp, "the whole model")
-    finally:
-        tmp.unlink(missing_ok=True)
     result = _save_sim(proto, work / "whole")
     del proto
-    _restore(result, {n: model.initializers()[n] for n in lifted}, model)
+    _restore(result, lifted, model)
     return result, roots
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from polygraphy.datatype import DataType
 
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
-from .modelfile import load_model
+from .modelfile import load_model, sibling_model
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,8 @@ def _with_extra_outputs(path: Path, names: list[str]):
     for n in names:
         if n not in have:
             proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    tmp = path.with_name(f".{path.stem}.qvl-{uuid.uuid4().hex[:8]}.onnx")
-    try:
-        onnx.save(proto, str(tmp))
+    with sibling_model(path, proto) as tmp:
         yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class QvlRunner(BaseRunner):

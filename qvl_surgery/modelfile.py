@@ -17,11 +17,13 @@ All code that moves weight bytes lives in this module.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -270,7 +272,6 @@ class StreamDigest:
         self._thread.start()
 
     def _work(self) -> None:
-        import mmap
         while True:
             item = self._q.get()
             if item is None:
@@ -284,17 +285,7 @@ class StreamDigest:
                 elif kind == "bytes":
                     self._h.update(value)
                 else:
-                    src: FileRange = value
-                    with open(src.path, "rb") as f:
-                        page = mmap.ALLOCATIONGRANULARITY
-                        pos, end = src.offset, src.offset + src.length
-                        while pos < end:
-                            base = pos - pos % page
-                            n = min(end - base, 64 << 20)
-                            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=base) as mm:
-                                with memoryview(mm) as view:
-                                    self._h.update(view[pos - base:n])
-                            pos = base + n
+                    _hash_range(self._h, value.path, value.offset, value.length)
             except BaseException as e:  # surfaced by hexdigest()
                 self._error = e
 
@@ -483,17 +474,36 @@ def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, prog
 
 # ----------------------------------------------------------------------------- hashing
 
-def sha256_file(path: Path, chunk: int = 64 << 20) -> str:
-    """sha256 read through mmap (no copy into Python buffers); releases the GIL while hashing."""
+def _hash_range(h, path: Path, offset: int, length: int, window: int = 64 << 20) -> None:
+    """Feed bytes [offset, offset + length) of a file to ``h`` through mmap windows: no copy into
+    Python buffers, hashlib releases the GIL, and resident pages stay about one window."""
     import mmap
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        # One window at a time, so resident pages stay about one window, not the file.
-        for off in range(0, size, chunk):
-            with mmap.mmap(f.fileno(), min(chunk, size - off), access=mmap.ACCESS_READ, offset=off) as mm:
+        pos, end = offset, offset + length
+        while pos < end:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            n = min(end - base, window)
+            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=base) as mm:
                 with memoryview(mm) as view:
-                    h.update(view)
+                    h.update(view[pos - base:n])
+            pos = base + n
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    _hash_range(h, path, 0, os.path.getsize(path))
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def sibling_model(model_path: Path, proto: onnx.ModelProto) -> Iterator[Path]:
+    """A weightless variant of a model as a hidden temporary .onnx beside it, so that its
+    relative external-data locations still resolve to the model's own data file. Removed on exit:
+    use it only to hand a path to a tool that loads the model at once (onnxruntime, onnxsim)."""
+    model_path = Path(model_path)
+    tmp = model_path.with_name(f".{model_path.stem}.qvl-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")
+    try:
+        onnx.save(proto, str(tmp))
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)

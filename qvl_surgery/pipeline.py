@@ -41,6 +41,10 @@ class PassSpec:
     name: str
     options: dict = field(default_factory=dict)
 
+    def kwargs(self) -> dict:
+        """The options as the pass function's keyword arguments."""
+        return {PASS_OPTIONS[self.name][k][1]: v for k, v in self.options.items()}
+
     def text(self) -> str:
         if not self.options:
             return self.name
@@ -182,7 +186,7 @@ def gen_script(source: dict, image_size: str, specs: list[PassSpec], out_dir: Pa
         lines.append(f"model = build_encoder(weights.cfg, weights, parse_image_size({image_size!r}))")
         lines.append(f"save_model(model, {str(out_dir / 'model.fp32.onnx')!r})   # the reference")
     for s in specs:
-        kw = {PASS_OPTIONS[s.name][k][1]: v for k, v in s.options.items()}
+        kw = s.kwargs()
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
         if s.name == "attention":
             lines += ["from passes.attention import rewrite_attention",
@@ -239,7 +243,7 @@ def run_pipeline(*, out_dir: str | Path, specs: list[PassSpec], checkpoint: str 
         reports.append(("export", [f"exported {reference} ({weights.description})"]))
         current = load_model(reference)
     for spec in specs:
-        kw = {PASS_OPTIONS[spec.name][k][1]: v for k, v in spec.options.items()}
+        kw = spec.kwargs()
         if spec.name == "attention":
             current, rep = rewrite_attention(current, **kw)
             reports.append((spec.text(), rep.lines()))
@@ -254,7 +258,7 @@ def run_pipeline(*, out_dir: str | Path, specs: list[PassSpec], checkpoint: str 
             reports.append((spec.text(), rep.lines()))
     last = specs[-1]
     if last.name == "split":
-        kw = {PASS_OPTIONS["split"][k][1]: v for k, v in last.options.items()}
+        kw = last.kwargs()
         result = out_dir / "parts"
         rep = split(current, result, force=force, progress=progress, **kw)
         reports.append((last.text(), rep.lines()))

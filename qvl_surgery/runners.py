@@ -9,7 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import BadInput
-from .manifest import is_manifest_path, read_manifest
+from .manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,3 @@ def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_
     result.update({n: values[n] for n in last})
     return result
 
-
-def run_any(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A model file or a split (folder or manifest.json)."""
-    return run_chain(path, feeds) if is_manifest_path(path) else run_model(path, feeds)
