@@ -477,8 +477,12 @@ def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bo
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(e.inits)
+    # types do not change here: keep the value_info of tensors that still exist (the export's hidden
+    # states, which split reads), drop the rest
+    produced = {o for n in g.node for o in n.output}
+    kept_vi = [v for v in g.value_info if v.name in produced]
     del g.value_info[:]
-    # value_info of the hidden states is kept for split (names and shapes do not change)
+    g.value_info.extend(kept_vi)
     if mode != "windowed":
         _cancel_transposes(g)
     if mode == "mha" and not any(o.domain == "com.microsoft" for o in model.proto.opset_import):

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
+from qvl_surgery.graphinfo import infer_graph
 from qvl_surgery.inspect import consumers, sigmoid_mul_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
 
@@ -144,30 +145,17 @@ def _check_keep_ops(ops: Iterable[str]) -> None:
 # ----------------------------------------------------------------------------- conversion
 
 def _float_types(model: Model) -> dict[str, int]:
-    """Element type of every tensor (weightless shape inference). Outputs of ops that onnx's
-    inference does not know (com.microsoft.MultiHeadAttention, ...) take the type of the node's first
-    input, and inference is run again from there."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    for _ in range(8):
-        g = onnx.shape_inference.infer_shapes(proto).graph
-        types = {t.name: t.data_type for t in g.initializer}
-        for v in list(g.input) + list(g.output) + list(g.value_info):
-            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                types[v.name] = v.type.tensor_type.elem_type
-        missing = [(n, o) for n in g.node for o in n.output if o and o not in types]
-        if not missing:
-            return types
-        added = False
-        for n, o in missing:
-            first = n.input[0] if n.input else ""
-            if n.domain not in ("", "ai.onnx") and first in types:
-                proto.graph.value_info.append(helper.make_tensor_value_info(o, types[first], None))
-                added = True
-        if not added:
-            break
-    raise BadInput(f"fp16: cannot tell the type of tensor {missing[0][1]!r} (shape inference found none); "
-                   "the model needs value_info for it")
+    """Element type of every tensor (graphinfo.infer_graph: weightless shape inference)."""
+    g = infer_graph(model)
+    types = {t.name: t.data_type for t in g.initializer}
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    missing = [o for n in g.node for o in n.output if o and o not in types]
+    if missing:
+        raise BadInput(f"fp16: cannot tell the type of tensor {missing[0]!r} (shape inference found none); "
+                       "the model needs value_info for it")
+    return types
 
 
 def _to_fp16(arr: np.ndarray, name: str, report: Fp16Report) -> np.ndarray:
@@ -255,13 +243,12 @@ def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = 
 
     def weight_version(name: str, dt: int) -> str:
         t = inits[name]
-        fp16_used = dt == F16
-        key = name if (dt == F16 or not any_f16_use.get(name)) else name + "__fp32"
+        key = name if (dt == F16 or name not in f16_readers) else name + "__fp32"
         if key in new_inits:
             return key
         nt = TensorProto()
         nt.CopyFrom(t)
-        if fp16_used:
+        if dt == F16:
             nt.data_type = F16
             nt.ClearField("raw_data")
             nt.ClearField("float_data")
@@ -284,11 +271,7 @@ def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = 
 
     # which float initializers have fp16 readers
     prec = lambda n: F32 if n.output[0] in kept else F16  # noqa: E731
-    any_f16_use: dict[str, bool] = {}
-    for n in g.node:
-        for i in n.input:
-            if i in floats and prec(n) == F16:
-                any_f16_use[i] = True
+    f16_readers = {i for n in g.node if prec(n) == F16 for i in n.input if i in floats}
 
     def get(name: str, dt: int) -> str:
         if name in floats:

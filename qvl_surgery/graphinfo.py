@@ -122,14 +122,40 @@ def block_outputs(model: Model) -> list[str]:
     return json.loads(raw) if raw else []
 
 
+def infer_graph(model: Model) -> onnx.GraphProto:
+    """Shape inference on the weightless proto (small). Outputs of ops that onnx cannot infer
+    (com.microsoft.MultiHeadAttention, ...) take the element type of the node's first input, and
+    inference runs again from there, so tensors after them get types too."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    for _ in range(8):
+        g = onnx.shape_inference.infer_shapes(proto).graph
+        known = {t.name for t in g.initializer} | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)
+                                                    if v.type.tensor_type.elem_type}
+        types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info)}
+        types.update({t.name: t.data_type for t in g.initializer})
+        added = False
+        for n in g.node:
+            first = n.input[0] if n.input else ""
+            if n.domain in ("", "ai.onnx") or first not in types:
+                continue
+            for o in n.output:
+                if o and o not in known:
+                    proto.graph.value_info.append(helper.make_tensor_value_info(o, types[first], None))
+                    added = True
+        if not added:
+            return g
+    return g
+
+
 def value_types(model: Model, names: set[str]) -> dict[str, onnx.ValueInfoProto]:
-    """Type and shape of the named tensors: from the graph, else from shape inference on the weightless proto."""
+    """Type and shape of the named tensors: from the graph, else from :func:`infer_graph`."""
     g = model.graph
     found = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info) if v.name in names}
     missing = names - set(found)
     if missing:
-        inferred = onnx.shape_inference.infer_shapes(model.proto)  # weightless proto: small
-        for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+        inferred = infer_graph(model)
+        for v in list(inferred.value_info) + list(inferred.output):
             if v.name in missing:
                 found[v.name] = v
     still = names - set(found)
