@@ -115,6 +115,61 @@ def _gemm(g: GraphBuilder, x: str, w: str, b: str | None, name: str, output: str
     return g.op("Gemm", ins, name, transB=1, **({"outputs": [output]} if output else {}))
 
 
+def weight_getter(g: GraphBuilder, weights: WeightSource):
+    """``w(name[, shape])``: an external fp32 initializer whose bytes come from ``weights`` on save."""
+    def w(name: str, shape: tuple[int, ...] | None = None) -> str:
+        shape = shape or weights.shapes[name]
+        return g.weight(name, shape, lambda n=name, s=shape: weights.array(n).reshape(s))
+    return w
+
+
+def rotary(g: GraphBuilder, t: str, cos: str, sin: str, half: str, p: str) -> str:
+    """Rotate-half rotary embedding: t * cos + rotate_half(t) * sin (last axis = head_dim)."""
+    x1, x2 = g.op("Split", [t, half], f"{p}/Split", outputs=2, axis=-1)
+    rot = g.op("Concat", [g.op("Neg", [x2], f"{p}/Neg"), x1], f"{p}/Concat", axis=-1)
+    return g.op("Add", [g.op("Mul", [t, cos], f"{p}/Mul_cos"), g.op("Mul", [rot, sin], f"{p}/Mul_sin")], f"{p}/Add")
+
+
+def encoder_block(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, b: int, attend) -> str:
+    """One vision block on the hidden state ``h`` ``[S, C]``; returns ``blocks.{b}.output``.
+
+    ``attend(qkv, prefix, b)`` maps the qkv projection ``[S, 3C]`` to the attention output
+    ``[S, C]`` before ``attn.proj``: the only part that differs between the static and the
+    dynamic exports. Node names are ``/blocks.{b}/...``.
+    """
+    p = f"/blocks.{b}"
+    wp = f"blocks.{b}."
+    n1 = _rms_norm(g, h, w(wp + "norm1.weight"), f"{p}/norm1", eps)
+    qkv = _gemm(g, n1, w(wp + "attn.qkv.weight"), w(wp + "attn.qkv.bias"), f"{p}/attn/qkv/Gemm")
+    o = attend(qkv, p, b)
+    a = _gemm(g, o, w(wp + "attn.proj.weight"), w(wp + "attn.proj.bias"), f"{p}/attn/proj/Gemm")
+    h = g.op("Add", [h, a], f"{p}/Add_attn")
+    n2 = _rms_norm(g, h, w(wp + "norm2.weight"), f"{p}/norm2", eps)
+    gate = _gemm(g, n2, w(wp + "mlp.gate_proj.weight"), w(wp + "mlp.gate_proj.bias"), f"{p}/mlp/gate_proj/Gemm")
+    up = _gemm(g, n2, w(wp + "mlp.up_proj.weight"), w(wp + "mlp.up_proj.bias"), f"{p}/mlp/up_proj/Gemm")
+    sig = g.op("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
+    act = g.op("Mul", [gate, sig], f"{p}/mlp/act/Mul")
+    m = g.op("Mul", [act, up], f"{p}/mlp/Mul")
+    d = _gemm(g, m, w(wp + "mlp.down_proj.weight"), w(wp + "mlp.down_proj.bias"), f"{p}/mlp/down_proj/Gemm")
+    return g.op("Add", [h, d], f"{p}/Add_mlp", outputs=[f"blocks.{b}.output"])
+
+
+def merger(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, merged_shape: np.ndarray,
+           reverse_index: str, output: str) -> str:
+    """ln_q -> 2x2 merge (Reshape to ``merged_shape``) -> MLP with exact GELU -> back to input order."""
+    n = _rms_norm(g, h, w("merger.ln_q.weight"), "/merger/ln_q", eps)
+    n = g.op("Reshape", [n, g.const("merger_shape", np.asarray(merged_shape, np.int64))], "/merger/Reshape")
+    y = _gemm(g, n, w("merger.mlp.0.weight"), w("merger.mlp.0.bias"), "/merger/mlp.0/Gemm")
+    # Exact GELU (nn.GELU()): 0.5 * x * (1 + erf(x / sqrt(2))); opset 17 has no Gelu op.
+    e = g.op("Erf", [g.op("Div", [y, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))], "/merger/gelu/Div")],
+             "/merger/gelu/Erf")
+    e = g.op("Add", [e, g.const("one", np.array(1.0, np.float32))], "/merger/gelu/Add")
+    y = g.op("Mul", [g.op("Mul", [y, e], "/merger/gelu/Mul"), g.const("half", np.array(0.5, np.float32))],
+             "/merger/gelu/Mul_half")
+    y = _gemm(g, y, w("merger.mlp.2.weight"), w("merger.mlp.2.bias"), "/merger/mlp.2/Gemm", output="merger.output")
+    return g.op("Gather", [y, reverse_index], "/merger/Gather_reverse", axis=0, outputs=[output])
+
+
 def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[int, int]) -> Model:
     """The patched encoder for one image of ``image_size`` as a weightless Model (weights computed on save)."""
     image_size = check_image_size(cfg, image_size)
@@ -122,10 +177,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
     S, C, H, D = lay.seq_len, cfg.hidden_size, cfg.num_heads, cfg.head_dim
     mu = cfg.merge_unit
     g = GraphBuilder()
-
-    def w(name: str, shape: tuple[int, ...] | None = None) -> str:
-        shape = shape or weights.shapes[name]
-        return g.weight(name, shape, lambda n=name, s=shape: weights.array(n).reshape(s))
+    w = weight_getter(g, weights)
 
     eps = g.const("rms_eps", np.array(1e-6, np.float32))
     # Shared per-image constants, computed in numpy (layout.py).
@@ -155,21 +207,12 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
     half = g.const("split_half", np.array([D // 2, D // 2], np.int64))
     scale = g.const("attn_scale", np.array(math.sqrt(D), np.float32))
 
-    def rotary(t: str, p: str) -> str:
-        x1, x2 = g.op("Split", [t, half], f"{p}/Split", outputs=2, axis=-1)
-        rot = g.op("Concat", [g.op("Neg", [x2], f"{p}/Neg"), x1], f"{p}/Concat", axis=-1)
-        return g.op("Add", [g.op("Mul", [t, cos], f"{p}/Mul_cos"), g.op("Mul", [rot, sin], f"{p}/Mul_sin")], f"{p}/Add")
-
-    for b in range(cfg.depth):
-        p = f"/blocks.{b}"
-        wp = f"blocks.{b}."
-        n1 = _rms_norm(g, h, w(wp + "norm1.weight"), f"{p}/norm1", eps)
-        qkv = _gemm(g, n1, w(wp + "attn.qkv.weight"), w(wp + "attn.qkv.bias"), f"{p}/attn/qkv/Gemm")
+    def attend(qkv: str, p: str, b: int) -> str:
         qkv = g.op("Reshape", [qkv, qkv_shape], f"{p}/attn/Reshape")
         qkv = g.op("Transpose", [qkv], f"{p}/attn/Transpose", perm=[1, 2, 0, 3])      # [3, H, S, D]
         q, k, v = g.op("Split", [qkv, split3], f"{p}/attn/Split", outputs=3, axis=0)  # [1, H, S, D] each
-        q = rotary(q, f"{p}/attn/rotary_q")
-        k = rotary(k, f"{p}/attn/rotary_k")
+        q = rotary(g, q, cos, sin, half, f"{p}/attn/rotary_q")
+        k = rotary(g, k, cos, sin, half, f"{p}/attn/rotary_k")
         kt = g.op("Transpose", [k], f"{p}/attn/Transpose_k", perm=[0, 1, 3, 2])
         s = g.op("MatMul", [q, kt], f"{p}/attn/MatMul_qk")
         s = g.op("Div", [s, scale], f"{p}/attn/Div_scale")
@@ -178,30 +221,13 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
         pr = g.op("Softmax", [s], f"{p}/attn/Softmax", axis=-1)
         o = g.op("MatMul", [pr, v], f"{p}/attn/MatMul_v")
         o = g.op("Transpose", [o], f"{p}/attn/Transpose_out", perm=[0, 2, 1, 3])
-        o = g.op("Reshape", [o, out_shape], f"{p}/attn/Reshape_out")
-        a = _gemm(g, o, w(wp + "attn.proj.weight"), w(wp + "attn.proj.bias"), f"{p}/attn/proj/Gemm")
-        h = g.op("Add", [h, a], f"{p}/Add_attn")
-        n2 = _rms_norm(g, h, w(wp + "norm2.weight"), f"{p}/norm2", eps)
-        gate = _gemm(g, n2, w(wp + "mlp.gate_proj.weight"), w(wp + "mlp.gate_proj.bias"), f"{p}/mlp/gate_proj/Gemm")
-        up = _gemm(g, n2, w(wp + "mlp.up_proj.weight"), w(wp + "mlp.up_proj.bias"), f"{p}/mlp/up_proj/Gemm")
-        sig = g.op("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
-        act = g.op("Mul", [gate, sig], f"{p}/mlp/act/Mul")
-        m = g.op("Mul", [act, up], f"{p}/mlp/Mul")
-        d = _gemm(g, m, w(wp + "mlp.down_proj.weight"), w(wp + "mlp.down_proj.bias"), f"{p}/mlp/down_proj/Gemm")
-        h = g.op("Add", [h, d], f"{p}/Add_mlp", outputs=[f"blocks.{b}.output"])
+        return g.op("Reshape", [o, out_shape], f"{p}/attn/Reshape_out")
+
+    for b in range(cfg.depth):
+        h = encoder_block(g, cfg, w, eps, h, b, attend)
         block_outputs.append(h)
 
-    n = _rms_norm(g, h, w("merger.ln_q.weight"), "/merger/ln_q", eps)
-    n = g.op("Reshape", [n, g.const("merger_shape", np.array([S // mu, C * mu], np.int64))], "/merger/Reshape")
-    y = _gemm(g, n, w("merger.mlp.0.weight"), w("merger.mlp.0.bias"), "/merger/mlp.0/Gemm")
-    # Exact GELU (nn.GELU()): 0.5 * x * (1 + erf(x / sqrt(2))); opset 17 has no Gelu op.
-    e = g.op("Erf", [g.op("Div", [y, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))], "/merger/gelu/Div")],
-             "/merger/gelu/Erf")
-    e = g.op("Add", [e, g.const("one", np.array(1.0, np.float32))], "/merger/gelu/Add")
-    y = g.op("Mul", [g.op("Mul", [y, e], "/merger/gelu/Mul"), g.const("half", np.array(0.5, np.float32))],
-             "/merger/gelu/Mul_half")
-    y = _gemm(g, y, w("merger.mlp.2.weight"), w("merger.mlp.2.bias"), "/merger/mlp.2/Gemm", output="merger.output")
-    g.op("Gather", [y, reverse_index], "/merger/Gather_reverse", axis=0, outputs=[OUTPUT_NAME])
+    merger(g, cfg, w, eps, h, np.array([S // mu, C * mu], np.int64), reverse_index, OUTPUT_NAME)
 
     graph = helper.make_graph(
         g.nodes, "qwen2_5_vl_vision_encoder",
