@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qvl_surgery.errors import BadInput
 from qvl_surgery.inspect import consumers, producers
 from qvl_surgery.modelfile import Model, read_initializer
+from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,13 @@ class AttentionMatch:
 
 
 @dataclass
-class AttentionReport:
+class AttentionReport(PassReport):
     mode: str
     rewritten: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
-    misses: list[str] = field(default_factory=list)
     removed_nodes: int = 0
 
-    def lines(self) -> list[str]:
+    def summary(self) -> list[str]:
         out = [f"attention ({self.mode}): {len(self.rewritten)} rewritten, {len(self.unchanged)} unchanged"]
         out += [f"  {r}" for r in self.rewritten[:4]] + ([f"  ... {len(self.rewritten) - 4} more"]
                                                        if len(self.rewritten) > 4 else [])
@@ -189,9 +189,71 @@ def find_attention(model: Model, report: AttentionReport | None = None) -> list[
     return found
 
 
-# ----------------------------------------------------------------------------- rewriting
+# ----------------------------------------------------------------------------- plan
+
+@dataclass
+class AttentionPlan:
+    """What to do with one matched attention: ``action`` is ``windows`` (per-window attention in
+    the mode's layout), ``chunk`` (full attention, queries in chunks of ``rows``), ``drop_mask``
+    (one window covering everything), or ``keep``."""
+
+    match: AttentionMatch
+    heads: int
+    seq: int
+    head_dim: int
+    action: str
+    scale_value: float = 1.0
+    rows: int = 0
+
+    @property
+    def windows(self) -> list[int]:
+        return self.match.windows or [self.seq]
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.windows)) == 1
+
+
+def _shapes(model: Model) -> dict[str, onnx.TypeProto.Tensor]:
+    inferred = onnx.shape_inference.infer_shapes(model.proto).graph
+    return {v.name: v.type.tensor_type for v in list(inferred.value_info) + list(inferred.input)}
+
+
+def plan_attention(model: Model, matches: list[AttentionMatch], mode: str, full_chunk_mb: float,
+                   itemsize: int, shapes: dict) -> list[AttentionPlan]:
+    layout = json.loads(model.metadata().get("qvl_surgery.window_layout", "null") or "null")
+    plans = []
+    for m in matches:
+        t = shapes.get(m.q)
+        dims = [d.dim_value for d in t.shape.dim] if t is not None else []
+        if len(dims) != 4 or dims[0] != 1 or not all(dims):
+            raise BadInput(f"{m.name}: q must have a static shape [1, heads, seq, head_dim]; found {dims or 'unknown'}")
+        _, H, S, D = dims
+        if m.mask is not None:
+            m.windows = _windows_of_mask(model, m.mask, S)
+            if sum(m.windows) != S:
+                raise BadInput(f"{m.name}: the mask's windows cover {sum(m.windows)} positions, q has {S}")
+            if layout and layout.get("window_sizes") and layout["window_sizes"] != m.windows:
+                raise BadInput(f"{m.name}: the mask's windows disagree with the export's window_layout metadata")
+        sc = float(_const(model, m.scale.input[1]).reshape(-1)[0])
+        plan = AttentionPlan(m, H, S, D, "windows", 1.0 / sc if m.scale.op_type == "Div" else sc)
+        if mode == "windowed" and m.windows is None:
+            score_mb = H * S * S * itemsize / 1e6
+            if full_chunk_mb and score_mb > full_chunk_mb:
+                plan.action, plan.rows = "chunk", max(1, int(full_chunk_mb * 1e6 // (H * S * itemsize)))
+            else:
+                plan.action = "keep"
+        elif mode == "windowed" and len(m.windows) == 1:
+            plan.action = "drop_mask"
+        plans.append(plan)
+    return plans
+
+
+# ----------------------------------------------------------------------------- emit
 
 class _Edit:
+    """New nodes (inserted before the node they replace), nodes to drop, and new constants."""
+
     def __init__(self, model: Model, dtype: int):
         self.model = model
         self.dtype = dtype
@@ -215,90 +277,201 @@ class _Edit:
         self._consts[key] = name
         return name
 
+    def replace(self, m: AttentionMatch, nodes: list[onnx.NodeProto], *, keep_k_transpose: bool = False) -> None:
+        self.new_nodes[m.pv.output[0]] = nodes
+        for n in (m.qk, None if keep_k_transpose else m.k_transpose, m.scale, m.mask_add, m.softmax, m.pv):
+            if n is not None:
+                self.drop.add(n.output[0])
+
 
 def _neg_big(np_dtype) -> float:
     return float(np.finfo(np_dtype).min)
 
 
-def _rewrite_one(e: _Edit, m: AttentionMatch, mode: str, H: int, S: int, D: int, scale_value: float) -> str:
-    p = m.name + "/" + mode
-    nodes: list[onnx.NodeProto] = []
+@dataclass
+class WindowPadding:
+    """Uneven windows padded to the largest: ``pad`` gathers [windows * wmax] positions (padding
+    repeats a real position: masked as a key, dropped as a query), ``unpad`` gathers them back,
+    ``valid`` marks the real keys."""
 
-    def op(t, ins, name, outs=None, **kw):
-        outs = outs or [f"{p}/{name}_output_0"]
-        nodes.append(helper.make_node(t, ins, outs, name=f"{p}/{name}", **kw))
-        return outs[0]
+    pad: np.ndarray
+    unpad: np.ndarray
+    valid: np.ndarray
 
-    out = m.pv.output[0]
-    windows = m.windows or [S]
-    wmax, nW = max(windows), len(windows)
-    uniform = len(set(windows)) == 1
-    pad_idx = unpad_idx = key_mask = None
-    if not uniform:
+    @classmethod
+    def of(cls, windows: list[int]) -> "WindowPadding":
+        wmax, nW, S = max(windows), len(windows), sum(windows)
         pad = np.zeros((nW, wmax), np.int64)
         valid = np.zeros((nW, wmax), bool)
         unpad = np.zeros(S, np.int64)
         start = 0
         for w_i, n in enumerate(windows):
             pad[w_i, :n] = np.arange(start, start + n)
-            pad[w_i, n:] = start  # padding rows repeat a real position; masked as keys, dropped as queries
+            pad[w_i, n:] = start
             valid[w_i, :n] = True
             unpad[start:start + n] = w_i * wmax + np.arange(n)
             start += n
-        pad_idx = e.const("attn_window_pad_index", pad.reshape(-1))
-        unpad_idx = e.const("attn_window_unpad_index", unpad)
-        key_mask = np.where(valid, 0.0, _neg_big(e.np_dtype)).astype(e.np_dtype)
+        return cls(pad.reshape(-1), unpad, valid)
 
-    def windows_of(t: str, tag: str) -> str:
-        """[1, H, S, D] -> [H, nW, wmax, D]"""
-        if not uniform:
-            t = op("Gather", [t, pad_idx], f"Gather_pad_{tag}", axis=2)
-        return op("Reshape", [t, e.const("attn_shape_hwld", np.array([H, nW, wmax, D], np.int64))], f"Reshape_{tag}")
 
-    if mode == "windowed":
-        q4, k4, v4 = windows_of(m.q, "q"), windows_of(m.k, "k"), windows_of(m.v, "v")
-        kt = op("Transpose", [k4], "Transpose_k", perm=[0, 1, 3, 2])
-        s = op("MatMul", [q4, kt], "MatMul_qk")
-        s = op(m.scale.op_type, [s, m.scale.input[1]], "Scale")
-        if not uniform:
-            s = op("Add", [s, e.const("attn_window_key_mask", key_mask.reshape(nW, 1, wmax))], "Add_key_mask")
-        pr = op("Softmax", [s], "Softmax", axis=-1)
-        o = op("MatMul", [pr, v4], "MatMul_v")
-        if uniform:
-            op("Reshape", [o, e.const("attn_shape_1hsd", np.array([1, H, S, D], np.int64))], "Reshape_out", outs=[out])
-        else:
-            o = op("Reshape", [o, e.const("attn_shape_1hpd", np.array([1, H, nW * wmax, D], np.int64))], "Reshape_out")
-            op("Gather", [o, unpad_idx], "Gather_unpad", outs=[out], axis=2)
-    else:
-        # fused ops take [batch, L, H*D]: windows are the batch
-        def seq3(t: str, tag: str) -> str:
-            t = op("Transpose", [t], f"Transpose_{tag}", perm=[0, 2, 1, 3])  # [1, S, H, D]
-            if not uniform:
-                t = op("Gather", [t, pad_idx], f"Gather_pad_{tag}", axis=1)
-            return op("Reshape", [t, e.const("attn_shape_blc", np.array([nW, wmax, H * D], np.int64))], f"Reshape_{tag}")
+class _Emitter:
+    """One attention's replacement nodes, named under ``{attention}/{mode}``."""
 
-        q3, k3, v3 = seq3(m.q, "q"), seq3(m.k, "k"), seq3(m.v, "v")
-        bias = []
-        if not uniform:
-            full = np.broadcast_to(key_mask.reshape(nW, 1, 1, wmax), (nW, 1, wmax, wmax)).copy()
-            bias = [e.const("attn_window_bias", full)]
-        if mode == "mha":
-            o = op("MultiHeadAttention", [q3, k3, v3] + (["", ""] + bias if bias else []), "MultiHeadAttention",
-                   domain="com.microsoft", num_heads=H, scale=scale_value)
+    tag = ""
+
+    def __init__(self, e: _Edit, plan: AttentionPlan):
+        self.e, self.plan, self.m = e, plan, plan.match
+        self.prefix = f"{self.m.name}/{self.tag}"
+        self.nodes: list[onnx.NodeProto] = []
+        windows = plan.windows
+        self.nW, self.wmax = len(windows), max(windows)
+        self.padding = None if plan.uniform else WindowPadding.of(windows)
+
+    def op(self, op_type: str, inputs: list[str], name: str, outs: list[str] | None = None, **attrs) -> str:
+        outs = outs or [f"{self.prefix}/{name}_output_0"]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{self.prefix}/{name}", **attrs))
+        return outs[0]
+
+    def key_mask(self) -> np.ndarray:
+        return np.where(self.padding.valid, 0.0, _neg_big(self.e.np_dtype)).astype(self.e.np_dtype)
+
+    def emit(self) -> None:
+        self.build()
+        self.e.replace(self.m, self.nodes)
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+
+class WindowedEmitter(_Emitter):
+    """Windows first, as every converter we target runs it correctly (OpenVINO's offline route
+    folds other reshaped layouts into one unmasked attention): q, k, v become
+    ``[windows, heads, w, head_dim]``; uneven windows get a key mask ``[windows, 1, 1, w]``."""
+
+    tag = "windowed"
+
+    def windows_of(self, t: str, tag: str) -> str:
+        """[1, H, S, D] -> [nW, H, wmax, D]"""
+        H, D = self.plan.heads, self.plan.head_dim
+        if self.padding is not None:
+            t = self.op("Gather", [t, self.e.const("attn_window_pad_index", self.padding.pad)], f"Gather_pad_{tag}",
+                        axis=2)
+        t = self.op("Reshape", [t, self.e.const("attn_shape_hwld", np.array([H, self.nW, self.wmax, D], np.int64))],
+                    f"Reshape_{tag}")
+        return self.op("Transpose", [t], f"Transpose_{tag}", perm=[1, 0, 2, 3])
+
+    def build(self) -> None:
+        m, H, S, D = self.m, self.plan.heads, self.plan.seq, self.plan.head_dim
+        q4, k4, v4 = self.windows_of(m.q, "q"), self.windows_of(m.k, "k"), self.windows_of(m.v, "v")
+        kt = self.op("Transpose", [k4], "Transpose_kt", perm=[0, 1, 3, 2])
+        s = self.op("MatMul", [q4, kt], "MatMul_qk")
+        s = self.op(m.scale.op_type, [s, m.scale.input[1]], "Scale")
+        if self.padding is not None:
+            mask = self.e.const("attn_window_key_mask", self.key_mask().reshape(self.nW, 1, 1, self.wmax))
+            s = self.op("Add", [s, mask], "Add_key_mask")
+        pr = self.op("Softmax", [s], "Softmax", axis=-1)
+        o = self.op("MatMul", [pr, v4], "MatMul_v")                       # [nW, H, wmax, D]
+        o = self.op("Transpose", [o], "Transpose_out", perm=[1, 0, 2, 3])  # [H, nW, wmax, D]
+        out = m.pv.output[0]
+        if self.padding is None:
+            self.op("Reshape", [o, self.e.const("attn_shape_1hsd", np.array([1, H, S, D], np.int64))], "Reshape_out",
+                    outs=[out])
         else:
-            o = op("Attention", [q3, k3, v3] + bias, "Attention", q_num_heads=H, kv_num_heads=H, scale=scale_value)
-        if uniform:
-            o = op("Reshape", [o, e.const("attn_shape_1shd", np.array([1, S, H, D], np.int64))], "Reshape_out")
+            o = self.op("Reshape", [o, self.e.const("attn_shape_1hpd", np.array([1, H, self.nW * self.wmax, D],
+                                                                                np.int64))], "Reshape_out")
+            self.op("Gather", [o, self.e.const("attn_window_unpad_index", self.padding.unpad)], "Gather_unpad",
+                    outs=[out], axis=2)
+
+
+class _FusedEmitter(_Emitter):
+    """Fused attention ops take ``[batch, L, H*D]``: windows are the batch."""
+
+    def seq3(self, t: str, tag: str) -> str:
+        H, D = self.plan.heads, self.plan.head_dim
+        t = self.op("Transpose", [t], f"Transpose_{tag}", perm=[0, 2, 1, 3])  # [1, S, H, D]
+        if self.padding is not None:
+            t = self.op("Gather", [t, self.e.const("attn_window_pad_index", self.padding.pad)], f"Gather_pad_{tag}",
+                        axis=1)
+        return self.op("Reshape", [t, self.e.const("attn_shape_blc", np.array([self.nW, self.wmax, H * D], np.int64))],
+                       f"Reshape_{tag}")
+
+    def bias(self) -> list[str]:
+        if self.padding is None:
+            return []
+        full = np.broadcast_to(self.key_mask().reshape(self.nW, 1, 1, self.wmax),
+                               (self.nW, 1, self.wmax, self.wmax)).copy()
+        return [self.e.const("attn_window_bias", full)]
+
+    def fused(self, q3: str, k3: str, v3: str) -> str:
+        raise NotImplementedError
+
+    def build(self) -> None:
+        m, H, S, D = self.m, self.plan.heads, self.plan.seq, self.plan.head_dim
+        o = self.fused(self.seq3(m.q, "q"), self.seq3(m.k, "k"), self.seq3(m.v, "v"))
+        if self.padding is None:
+            o = self.op("Reshape", [o, self.e.const("attn_shape_1shd", np.array([1, S, H, D], np.int64))], "Reshape_out")
         else:
-            o = op("Reshape", [o, e.const("attn_shape_1pc", np.array([1, nW * wmax, H * D], np.int64))], "Reshape_pad")
-            o = op("Gather", [o, unpad_idx], "Gather_unpad", axis=1)
-            o = op("Reshape", [o, e.const("attn_shape_1shd", np.array([1, S, H, D], np.int64))], "Reshape_out")
-        op("Transpose", [o], "Transpose_out", outs=[out], perm=[0, 2, 1, 3])
-    e.new_nodes[m.pv.output[0]] = nodes
-    for n in (m.qk, m.k_transpose, m.scale, m.mask_add, m.softmax, m.pv):
-        if n is not None:
-            e.drop.add(n.output[0])
-    return p
+            o = self.op("Reshape", [o, self.e.const("attn_shape_1pc", np.array([1, self.nW * self.wmax, H * D],
+                                                                               np.int64))], "Reshape_pad")
+            o = self.op("Gather", [o, self.e.const("attn_window_unpad_index", self.padding.unpad)], "Gather_unpad",
+                        axis=1)
+            o = self.op("Reshape", [o, self.e.const("attn_shape_1shd", np.array([1, S, H, D], np.int64))], "Reshape_out")
+        self.op("Transpose", [o], "Transpose_out", outs=[m.pv.output[0]], perm=[0, 2, 1, 3])
+
+
+class MhaEmitter(_FusedEmitter):
+    """onnxruntime's ``com.microsoft.MultiHeadAttention``."""
+
+    tag = "mha"
+
+    def fused(self, q3: str, k3: str, v3: str) -> str:
+        bias = self.bias()
+        return self.op("MultiHeadAttention", [q3, k3, v3] + (["", ""] + bias if bias else []), "MultiHeadAttention",
+                       domain="com.microsoft", num_heads=self.plan.heads, scale=self.plan.scale_value)
+
+
+class OnnxAttentionEmitter(_FusedEmitter):
+    """The ONNX ``Attention`` op (opset 23)."""
+
+    tag = "onnx-attention"
+
+    def fused(self, q3: str, k3: str, v3: str) -> str:
+        H = self.plan.heads
+        return self.op("Attention", [q3, k3, v3] + self.bias(), "Attention", q_num_heads=H, kv_num_heads=H,
+                       scale=self.plan.scale_value)
+
+
+class ChunkedFullEmitter(_Emitter):
+    """Full attention with the queries in chunks of ``rows``: the same FLOPs, but the live score
+    tensor is [1, H, rows, S] instead of [1, H, S, S] (5.4 GB per layer at 1344x1344 in fp32)."""
+
+    tag = "chunked"
+
+    def build(self) -> None:
+        m, S, rows = self.m, self.plan.seq, self.plan.rows
+        sizes = [rows] * (S // rows) + ([S % rows] if S % rows else [])
+        split = self.e.const("attn_full_chunks_" + "_".join(map(str, sorted(set(sizes)))) + f"_{len(sizes)}",
+                             np.array(sizes, np.int64))
+        qs = [f"{self.prefix}/Split_q_output_{k}" for k in range(len(sizes))]
+        self.nodes.append(helper.make_node("Split", [m.q, split], qs, name=f"{self.prefix}/Split_q", axis=2))
+        kt = m.k_transpose.output[0]
+        outs = []
+        for k, q in enumerate(qs):
+            c = f"chunk{k}"
+            s = self.op("MatMul", [q, kt], f"{c}/MatMul_qk")
+            s = self.op(m.scale.op_type, [s, m.scale.input[1]], f"{c}/Scale")
+            p = self.op("Softmax", [s], f"{c}/Softmax", axis=-1)
+            outs.append(self.op("MatMul", [p, m.v], f"{c}/MatMul_v"))
+        self.op("Concat", outs, "Concat", outs=[m.pv.output[0]], axis=2)
+        self.chunks = len(sizes)
+
+    def emit(self) -> None:
+        self.build()
+        self.e.replace(self.m, self.nodes, keep_k_transpose=True)
+
+
+EMITTERS: dict[str, type[_Emitter]] = {"windowed": WindowedEmitter, "mha": MhaEmitter,
+                                       "onnx-attention": OnnxAttentionEmitter}
 
 
 def _cancel_transposes(graph: onnx.GraphProto) -> int:
@@ -378,95 +551,71 @@ def _upgrade_to_23(model: Model) -> None:
     model.proto.ir_version = max(model.proto.ir_version, 10)
 
 
-def _chunk_full(e: _Edit, m: AttentionMatch, H: int, S: int, D: int, rows: int) -> int:
-    """Full attention with the queries in chunks of ``rows``: the same FLOPs, but the live score
-    tensor is [1, H, rows, S] instead of [1, H, S, S] (5.4 GB per layer at 1344x1344 in fp32)."""
-    p = m.name + "/chunked"
-    sizes = [rows] * (S // rows) + ([S % rows] if S % rows else [])
-    nodes: list[onnx.NodeProto] = []
-    split = e.const("attn_full_chunks_" + "_".join(map(str, sorted(set(sizes)))) + f"_{len(sizes)}",
-                    np.array(sizes, np.int64))
-    qs = [f"{p}/Split_q_output_{k}" for k in range(len(sizes))]
-    nodes.append(helper.make_node("Split", [m.q, split], qs, name=f"{p}/Split_q", axis=2))
-    kt = m.k_transpose.output[0]
-    outs = []
-    for k, q in enumerate(qs):
-        c = f"{p}/chunk{k}"
-        nodes += [helper.make_node("MatMul", [q, kt], [c + "/s"], name=c + "/MatMul_qk"),
-                  helper.make_node(m.scale.op_type, [c + "/s", m.scale.input[1]], [c + "/scaled"], name=c + "/Scale"),
-                  helper.make_node("Softmax", [c + "/scaled"], [c + "/p"], name=c + "/Softmax", axis=-1),
-                  helper.make_node("MatMul", [c + "/p", m.v], [c + "/o"], name=c + "/MatMul_v")]
-        outs.append(c + "/o")
-    nodes.append(helper.make_node("Concat", outs, [m.pv.output[0]], name=f"{p}/Concat", axis=2))
-    e.new_nodes[m.pv.output[0]] = nodes
-    for n in (m.qk, m.scale, m.mask_add, m.softmax, m.pv):
-        if n is not None:
-            e.drop.add(n.output[0])
-    return len(sizes)
-
-
 def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bool = False,
                       full_chunk_mb: float = 256) -> tuple[Model, AttentionReport]:
-    """``full_chunk_mb``: in windowed mode, full-attention layers whose [H, S, S] score tensor would
-    exceed this many MB compute their queries in chunks that stay under it (0: never)."""
+    """The :class:`AttentionPass`: ``mode`` windowed, mha or onnx-attention. ``full_chunk_mb``: in
+    windowed mode, full-attention layers whose [H, S, S] score tensor would exceed this many MB
+    compute their queries in chunks that stay under it (0: never)."""
+    return run_pass(AttentionPass, model, mode=mode, upgrade_opset=upgrade_opset, full_chunk_mb=full_chunk_mb)
+
+
+def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chunk_mb: float
+                       ) -> tuple[Model, AttentionReport]:
+    """match (find_attention) -> plan (plan_attention) -> emit (one emitter per mode). ``full_chunk_mb``: in windowed mode, full-attention layers whose
+    [H, S, S] score tensor would exceed this many MB compute their queries in chunks that stay
+    under it (0: never)."""
     if mode not in MODES:
-        raise BadInput(f"--mode {mode}: choose one of {', '.join(MODES)}")
+        raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
     model = model.copy()
     g = model.graph
     report = AttentionReport(mode)
     opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if mode == "onnx-attention" and opset < 23:
-        if not upgrade_opset:
-            raise BadInput(f"--mode onnx-attention needs opset 23 (the ONNX Attention op); this model is opset "
-                           f"{opset}: add --upgrade-opset, or use --mode windowed or mha")
+    if mode == "onnx-attention" and opset < 23 and not upgrade_opset:
+        raise BadInput("{mode} needs opset 23 (the ONNX Attention op); this model is opset "
+                       f"{opset}: add {{upgrade_opset}}, or use mode windowed or mha", mode=mode, upgrade_opset=True)
     matches = find_attention(model, report)
     if not matches:
         hint = f" ({report.misses[0]})" if report.misses else ""
         raise BadInput(f"no attention pattern (MatMul(q, k^T) -> scale -> [mask] -> Softmax -> MatMul(v)) in this "
                        f"model{hint}")
-    inferred = onnx.shape_inference.infer_shapes(model.proto).graph
-    shapes = {v.name: v.type.tensor_type for v in list(inferred.value_info) + list(inferred.input)}
-    layout = json.loads(model.metadata().get("qvl_surgery.window_layout", "null") or "null")
-    for m in matches:
-        t = shapes.get(m.q)
-        dims = [d.dim_value for d in t.shape.dim] if t is not None else []
-        if len(dims) != 4 or dims[0] != 1 or not all(dims):
-            raise BadInput(f"{m.name}: q must have a static shape [1, heads, seq, head_dim]; found {dims or 'unknown'}")
-        if m.mask is not None:
-            m.windows = _windows_of_mask(model, m.mask, dims[2])
-            if sum(m.windows) != dims[2]:
-                raise BadInput(f"{m.name}: the mask's windows cover {sum(m.windows)} positions, q has {dims[2]}")
-            if layout and layout.get("window_sizes") and layout["window_sizes"] != m.windows:
-                raise BadInput(f"{m.name}: the mask's windows disagree with the export's window_layout metadata")
-    dtype = shapes[matches[0].q].elem_type
-    e = _Edit(model, dtype)
-    for m in matches:
-        H, S, D = [d.dim_value for d in shapes[m.q].shape.dim][1:]
-        if mode == "windowed" and m.windows is None:
-            itemsize = np.dtype(e.np_dtype).itemsize
-            score_mb = H * S * S * itemsize / 1e6
-            if full_chunk_mb and score_mb > full_chunk_mb:
-                rows = max(1, int(full_chunk_mb * 1e6 // (H * S * itemsize)))
-                n = _chunk_full(e, m, H, S, D, rows)
-                report.rewritten.append(f"{m.name}: full attention, queries in {n} chunks of {rows} rows "
-                                        f"(scores {H * rows * S * itemsize / 1e6:.0f} MB instead of {score_mb:.0f} MB)")
-            else:
-                report.unchanged.append(f"{m.name}: full attention, no mask (nothing to drop)")
-            continue
-        if mode == "windowed" and len(m.windows) == 1:
-            # one window covering everything: an all-true mask; drop it
+    shapes = _shapes(model)
+    e = _Edit(model, shapes[matches[0].q].elem_type)
+    itemsize = np.dtype(e.np_dtype).itemsize
+    for plan in plan_attention(model, matches, mode, full_chunk_mb, itemsize, shapes):
+        m, H, S = plan.match, plan.heads, plan.seq
+        if plan.action == "keep":
+            report.unchanged.append(f"{m.name}: full attention, no mask (nothing to drop)")
+        elif plan.action == "chunk":
+            em = ChunkedFullEmitter(e, plan)
+            em.emit()
+            report.rewritten.append(f"{m.name}: full attention, queries in {em.chunks} chunks of {plan.rows} rows "
+                                    f"(scores {H * plan.rows * S * itemsize / 1e6:.0f} MB instead of "
+                                    f"{H * S * S * itemsize / 1e6:.0f} MB)")
+        elif plan.action == "drop_mask":
             e.new_nodes[m.softmax.output[0]] = [helper.make_node("Softmax", [m.scale.output[0]], [m.softmax.output[0]],
                                                                  name=m.softmax.name, axis=-1)]
             e.drop |= {m.mask_add.output[0], m.softmax.output[0]}
             report.rewritten.append(f"{m.name}: dropped an all-true mask")
-            continue
-        sc = float(_const(model, m.scale.input[1]).reshape(-1)[0])
-        scale_value = 1.0 / sc if m.scale.op_type == "Div" else sc
-        _rewrite_one(e, m, mode, H, S, D, scale_value)
-        w = m.windows or [S]
-        kind = "full" if m.windows is None else (f"{len(w)} windows of {w[0]}" if len(set(w)) == 1
-                                                  else f"{len(w)} windows of {min(w)}..{max(w)}, padded to {max(w)}")
-        report.rewritten.append(f"{m.name}: {kind}")
+        else:
+            EMITTERS[mode](e, plan).emit()
+            w = plan.windows
+            kind = "full" if m.windows is None else (f"{len(w)} windows of {w[0]}" if plan.uniform
+                                                      else f"{len(w)} windows of {min(w)}..{max(w)}, padded to {max(w)}")
+            report.rewritten.append(f"{m.name}: {kind}")
+    _apply_edit(model, e)
+    if mode != "windowed":
+        _cancel_transposes(g)
+    if mode == "mha" and not any(o.domain == "com.microsoft" for o in model.proto.opset_import):
+        model.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if mode == "onnx-attention" and opset < 23:
+        _upgrade_to_23(model)
+    report.removed_nodes = _remove_dead(model)
+    model.set_metadata("qvl_surgery.attention", mode)
+    return model, report
+
+
+def _apply_edit(model: Model, e: _Edit) -> None:
+    g = model.graph
     nodes = []
     for n in g.node:
         key = n.output[0]
@@ -483,14 +632,21 @@ def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bo
     kept_vi = [v for v in g.value_info if v.name in produced]
     del g.value_info[:]
     g.value_info.extend(kept_vi)
-    if mode != "windowed":
-        _cancel_transposes(g)
-    if mode == "mha" and not any(o.domain == "com.microsoft" for o in model.proto.opset_import):
-        model.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    if mode == "onnx-attention" and opset < 23:
-        _upgrade_to_23(model)
-    report.removed_nodes = _remove_dead(model)
-    passes = json.loads(model.metadata().get("qvl_surgery.passes", "[]"))
-    model.set_metadata("qvl_surgery.passes", json.dumps(passes + [f"attention:{mode}"]))
-    model.set_metadata("qvl_surgery.attention", mode)
-    return model, report
+
+
+class AttentionPass(Pass):
+    name = "attention"
+    help = "rewrite attention: windowed blocks without dense masks, or fused ops"
+    function = ("passes.attention", "rewrite_attention")
+    options = (
+        Option("mode", str, "windowed", "windowed: batched per-window attention; mha: "
+               "com.microsoft.MultiHeadAttention for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)",
+               choices=MODES),
+        Option("upgrade_opset", bool, False, "with mode onnx-attention: raise the model to opset 23"),
+        Option("full_chunk_mb", float, 256.0, "windowed mode: full-attention layers whose S x S scores exceed this "
+               "many MB compute their queries in chunks under it (0: never)", metavar="MB"),
+    )
+
+    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+        out, report = _rewrite_attention(model, **kw)
+        return PassResult(out, report)

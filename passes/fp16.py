@@ -23,6 +23,7 @@ import fnmatch
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -30,9 +31,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import infer_graph
+from qvl_surgery.graphinfo import infer_graph, with_graph
 from qvl_surgery.inspect import consumers, sigmoid_mul_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
+from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,22 @@ FP16_MAX = 65504.0
 
 
 @dataclass
-class Fp16Report:
+class Fp16Report(PassReport):
     kept: dict[str, list[str]] = field(default_factory=dict)   # reason -> node names
     casts: int = 0
     converted_weights: int = 0
     duplicated_weights: list[str] = field(default_factory=list)
     clamped: dict[str, int] = field(default_factory=dict)       # tensor -> values clamped (filled while saving)
     underflow: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
+    calibration: list[str] = field(default_factory=list)
 
     @property
     def kept_nodes(self) -> set[str]:
         return {n for names in self.kept.values() for n in names}
 
-    def lines(self) -> list[str]:
-        out = [f"fp16: {self.converted_weights} weights converted, {len(self.kept_nodes)} nodes kept in fp32, "
+    def summary(self) -> list[str]:
+        out = list(self.calibration)
+        out += [f"fp16: {self.converted_weights} weights converted, {len(self.kept_nodes)} nodes kept in fp32, "
                f"{self.casts} Casts inserted"]
         for reason, names in self.kept.items():
             out.append(f"  kept ({reason}): {len(names)} nodes" + (f", e.g. {names[0]}" if names else ""))
@@ -139,7 +142,7 @@ def rmsnorm_patterns(model: Model, explain: list[str] | None = None) -> list[lis
 def _check_keep_ops(ops: Iterable[str]) -> None:
     for op in ops:
         if not onnx.defs.has(op):
-            raise BadInput(f"--keep-op {op}: not an ONNX op type (e.g. Sigmoid, Softmax, ReduceMean, Pow)")
+            raise BadInput("{keep_op}: not an ONNX op type (e.g. Sigmoid, Softmax, ReduceMean, Pow)", keep_op=op)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -182,23 +185,13 @@ def _fp16_source(t: TensorProto, src, report: Fp16Report) -> Computed:
     return Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 2)
 
 
-def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = False,
-                 keep_ops: Iterable[str] = (), keep_nodes: Iterable[str] = (),
-                 keep_calibrated: dict[str, str] | None = None, keep_io_types: bool = False,
-                 explain: bool = False) -> tuple[Model, Fp16Report]:
-    keep_ops, keep_nodes = list(keep_ops), list(keep_nodes)
-    _check_keep_ops(keep_ops)
-    g = model.graph
-    report = Fp16Report()
-    floats = {t.name for t in g.initializer if t.data_type == F32}
-    if not floats and not any(i.type.tensor_type.elem_type == F32 for i in g.input):
-        raise BadInput("fp16: the model has no float32 tensors; is it already fp16?")
-    types = _float_types(model)
-    is_float = lambda name: types.get(name) == F32  # noqa: E731
+# ----------------------------------------------------------------------------- match: which nodes stay fp32
 
-    # 1. which nodes stay fp32, and why
-    # Nodes are identified by their first output (unique in SSA form): protobuf wrapper
-    # objects are not stable, so id() cannot be used.
+def select_kept(model: Model, report: Fp16Report, *, keep_silu: bool, keep_rmsnorm: bool, keep_ops: list[str],
+                keep_nodes: list[str], keep_calibrated: dict[str, str] | None, explain: bool) -> dict[str, str]:
+    """Nodes kept in fp32, by first output (unique in SSA form; protobuf wrappers have no stable
+    id()), with the reason; the report lists them by name."""
+    g = model.graph
     kept: dict[str, str] = {}
 
     def keep(nodes: Iterable[onnx.NodeProto], reason: str) -> None:
@@ -210,16 +203,18 @@ def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = 
     if keep_silu:
         pats = sigmoid_mul_patterns(g)
         if not pats:
-            report.skipped.append("--keep-silu-fp32: no x*sigmoid(x) pattern in this model")
+            report.skipped.append("keep_silu_fp32: no x*sigmoid(x) pattern in this model")
         for sig, mul in pats:
             keep([sig, mul], "silu")
     if keep_rmsnorm:
         why: list[str] = []
-        pats = rmsnorm_patterns(model, why if explain else None)
-        for line in why:
-            log.debug("rmsnorm: no match at %s", line)
+        pats = rmsnorm_patterns(model, why)
+        report.misses += why
+        if explain:
+            for line in why:
+                log.debug("rmsnorm: no match at %s", line)
         if not pats:
-            report.skipped.append("--keep-rmsnorm-fp32: no RMSNorm pattern (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div)")
+            report.skipped.append("keep_rmsnorm_fp32: no RMSNorm pattern (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div)")
         for nodes in pats:
             keep(nodes, "rmsnorm")
     for op in keep_ops:
@@ -227,24 +222,61 @@ def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = 
     for pat in keep_nodes:
         hits = [n for n in g.node if fnmatch.fnmatchcase(n.name, pat)]
         if not hits:
-            raise BadInput(f"--keep-node {pat!r}: matches no node name (names look like {g.node[len(g.node) // 2].name!r})")
+            raise BadInput("{keep_node}: matches no node name (names look like "
+                           + repr(g.node[len(g.node) // 2].name) + ")", keep_node=pat)
         keep(hits, f"node {pat}")
     if keep_calibrated:
         by_name = {n.name: n for n in g.node}
         keep([by_name[k] for k in keep_calibrated if k in by_name], "calibration")
+    return kept
 
-    # 2. rebuild the graph with Casts at precision boundaries
-    inits = {t.name: t for t in g.initializer}
-    new_inits: dict[str, TensorProto] = {}
-    sources: dict[str, object] = {}
-    versions: dict[str, dict[int, str]] = {}
-    nodes: list[onnx.NodeProto] = []
-    want_io = F32 if keep_io_types else F16
 
-    def weight_version(name: str, dt: int) -> str:
-        t = inits[name]
-        key = name if (dt == F16 or name not in f16_readers) else name + "__fp32"
-        if key in new_inits:
+# ----------------------------------------------------------------------------- plan: precisions
+
+@dataclass
+class Fp16Plan:
+    kept: dict[str, str]          # first output -> reason
+    types: dict[str, int]         # element type of every tensor
+    floats: set[str]              # float32 initializers
+    f16_readers: set[str]         # float32 initializers read by an fp16 node
+    want_io: int                  # element type of float graph inputs and outputs
+
+    def precision(self, node: onnx.NodeProto) -> int:
+        return F32 if node.output[0] in self.kept else F16
+
+    def is_float(self, name: str) -> bool:
+        return self.types.get(name) == F32
+
+
+def plan_fp16(model: Model, kept: dict[str, str], *, keep_io_types: bool) -> Fp16Plan:
+    g = model.graph
+    floats = {t.name for t in g.initializer if t.data_type == F32}
+    if not floats and not any(i.type.tensor_type.elem_type == F32 for i in g.input):
+        raise BadInput("fp16: the model has no float32 tensors; is it already fp16?")
+    plan = Fp16Plan(kept, _float_types(model), floats, set(), F32 if keep_io_types else F16)
+    plan.f16_readers = {i for n in g.node if plan.precision(n) == F16 for i in n.input if i in floats}
+    return plan
+
+
+# ----------------------------------------------------------------------------- emit: the new graph
+
+class _Fp16Emitter:
+    """Rebuilds the graph under a plan: Casts only where precision changes, once per tensor and
+    direction; weights converted lazily (Computed sources) and stored twice only when read in both."""
+
+    def __init__(self, model: Model, plan: Fp16Plan, report: Fp16Report):
+        self.model, self.plan, self.report = model, plan, report
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.new_inits: dict[str, TensorProto] = {}
+        self.sources: dict[str, object] = {}
+        self.versions: dict[str, dict[int, str]] = {}   # tensor -> {dtype: name carrying it}
+        self.nodes: list[onnx.NodeProto] = []
+        self.renamed: dict[str, str] = {}
+
+    def weight(self, name: str, dt: int) -> str:
+        t = self.inits[name]
+        key = name if (dt == F16 or name not in self.plan.f16_readers) else name + "__fp32"
+        if key in self.new_inits:
             return key
         nt = TensorProto()
         nt.CopyFrom(t)
@@ -252,103 +284,165 @@ def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = 
             nt.data_type = F16
             nt.ClearField("raw_data")
             nt.ClearField("float_data")
-            src = model.sources.get(name)
+            src = self.model.sources.get(name)
             if src is None and int(np.prod(t.dims, dtype=np.int64)) < 4096:
-                arr = _to_fp16(numpy_helper.to_array(t), name, report)
-                nt.CopyFrom(numpy_helper.from_array(arr, name))
+                nt.CopyFrom(numpy_helper.from_array(_to_fp16(numpy_helper.to_array(t), name, self.report), name))
             else:
                 nt.data_location = TensorProto.EXTERNAL
-                sources[name] = _fp16_source(t, src, report)
-            report.converted_weights += 1
+                self.sources[name] = _fp16_source(t, src, self.report)
+            self.report.converted_weights += 1
         else:
             nt.name = key
-            if name in model.sources:
-                sources[key] = model.sources[name]
+            if name in self.model.sources:
+                self.sources[key] = self.model.sources[name]
             if key != name:
-                report.duplicated_weights.append(name)
-        new_inits[key] = nt
+                self.report.duplicated_weights.append(name)
+        self.new_inits[key] = nt
         return key
 
-    # which float initializers have fp16 readers
-    prec = lambda n: F32 if n.output[0] in kept else F16  # noqa: E731
-    f16_readers = {i for n in g.node if prec(n) == F16 for i in n.input if i in floats}
-
-    def get(name: str, dt: int) -> str:
-        if name in floats:
-            return weight_version(name, dt)
-        have = versions[name]
+    def tensor(self, name: str, dt: int) -> str:
+        """``name`` in precision ``dt``: the weight's version, or a Cast made once."""
+        if name in self.plan.floats:
+            return self.weight(name, dt)
+        have = self.versions[name]
         if dt in have:
             return have[dt]
-        src_dt, src_name = next(iter(have.items()))
-        out = f"{name}__{'fp16' if dt == F16 else 'fp32'}"
-        nodes.append(helper.make_node("Cast", [src_name], [out], name=f"{name}/Cast_to_{'fp16' if dt == F16 else 'fp32'}",
-                                      to=dt))
-        report.casts += 1
+        src_name = next(iter(have.values()))
+        tag = "fp16" if dt == F16 else "fp32"
+        out = f"{name}__{tag}"
+        self.nodes.append(helper.make_node("Cast", [src_name], [out], name=f"{name}/Cast_to_{tag}", to=dt))
+        self.report.casts += 1
         have[dt] = out
         return out
 
-    new_inputs = []
-    for i in g.input:
-        if i.name in inits:
-            continue
-        v = onnx.ValueInfoProto()
-        v.CopyFrom(i)
-        if is_float(i.name):
-            v.type.tensor_type.elem_type = want_io
-            versions[i.name] = {want_io: i.name}
-        new_inputs.append(v)
+    def io_value(self, v: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+        nv = onnx.ValueInfoProto()
+        nv.CopyFrom(v)
+        if self.plan.is_float(v.name):
+            nv.type.tensor_type.elem_type = self.plan.want_io
+        return nv
 
-    out_names = {o.name for o in g.output}
-    renamed: dict[str, str] = {}
-    for n in g.node:
-        p = prec(n)
+    def node(self, n: onnx.NodeProto, out_names: set[str]) -> None:
+        p = self.plan.precision(n)
         nn = onnx.NodeProto()
         nn.CopyFrom(n)
         for k, i in enumerate(n.input):
-            if i and (is_float(i) or i in floats):
-                nn.input[k] = get(i, p)
+            if i and (self.plan.is_float(i) or i in self.plan.floats):
+                nn.input[k] = self.tensor(i, p)
         if n.op_type == "Cast":
             for a in nn.attribute:
                 if a.name == "to" and a.i in (F32, F16):
                     a.i = p
         for a in nn.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32 and p == F16:
-                a.t.CopyFrom(numpy_helper.from_array(_to_fp16(numpy_helper.to_array(a.t), n.name, report), a.t.name))
+                a.t.CopyFrom(numpy_helper.from_array(_to_fp16(numpy_helper.to_array(a.t), n.name, self.report),
+                                                     a.t.name))
         for k, o in enumerate(n.output):
-            if o and is_float(o):
-                if o in out_names and p != want_io:
-                    nn.output[k] = renamed[o] = f"{o}__{'fp16' if p == F16 else 'fp32'}"
-                versions[o] = {p: nn.output[k]}
-        nodes.append(nn)
-    for o in g.output:
-        if o.name in renamed:
-            src = renamed[o.name]
-            nodes.append(helper.make_node("Cast", [src], [o.name], name=f"{o.name}/Cast_output", to=want_io))
-            report.casts += 1
+            if o and self.plan.is_float(o):
+                if o in out_names and p != self.plan.want_io:
+                    nn.output[k] = self.renamed[o] = f"{o}__{'fp16' if p == F16 else 'fp32'}"
+                self.versions[o] = {p: nn.output[k]}
+        self.nodes.append(nn)
 
-    new_outputs = []
-    for o in g.output:
-        v = onnx.ValueInfoProto()
-        v.CopyFrom(o)
-        if is_float(o.name):
-            v.type.tensor_type.elem_type = want_io
-        new_outputs.append(v)
-    # value_info: drop (types changed); passes that need it re-infer
-    ordered_inits = [new_inits[k] for k in new_inits]
-    for t in g.initializer:  # non-float initializers unchanged
-        if t.name not in floats:
-            ordered_inits.append(t)
-            if t.name in model.sources:
-                sources[t.name] = model.sources[t.name]
-    ng = helper.make_graph(nodes, g.name, new_inputs, new_outputs, initializer=ordered_inits)
-    proto = helper.make_model(ng, opset_imports=list(model.proto.opset_import), producer_name=model.proto.producer_name,
-                              producer_version=model.proto.producer_version)
-    proto.ir_version = model.proto.ir_version
-    for prop in model.proto.metadata_props:
-        proto.metadata_props.add(key=prop.key, value=prop.value)
-    out = Model(proto, sources)
+    def emit(self) -> Model:
+        g = self.model.graph
+        inputs = []
+        for i in g.input:
+            if i.name in self.inits:
+                continue
+            if self.plan.is_float(i.name):
+                self.versions[i.name] = {self.plan.want_io: i.name}
+            inputs.append(self.io_value(i))
+        out_names = {o.name for o in g.output}
+        for n in g.node:
+            self.node(n, out_names)
+        for o in g.output:
+            if o.name in self.renamed:
+                self.nodes.append(helper.make_node("Cast", [self.renamed[o.name]], [o.name],
+                                                   name=f"{o.name}/Cast_output", to=self.plan.want_io))
+                self.report.casts += 1
+        inits = list(self.new_inits.values())
+        for t in g.initializer:  # non-float initializers unchanged
+            if t.name not in self.plan.floats:
+                inits.append(t)
+                if t.name in self.model.sources:
+                    self.sources[t.name] = self.model.sources[t.name]
+        # value_info is dropped (types changed); passes that need it re-infer
+        ng = helper.make_graph(self.nodes, g.name, inputs, [self.io_value(o) for o in g.output], initializer=inits)
+        return with_graph(self.model, ng, self.sources)
+
+
+def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = False,
+                 keep_ops: Iterable[str] = (), keep_nodes: Iterable[str] = (), keep_io_types: bool = False,
+                 calibrate: str | None = None, calibrate_margin: float = 0.5,
+                 reference: str | Path | None = None, explain: bool = False) -> tuple[Model, Fp16Report]:
+    """The fp16 model and its report (the :class:`Fp16Pass`). ``calibrate``: an .npz or image file(s)
+    run through the fp32 ``reference`` file (default: the file ``model`` was loaded from); nodes whose
+    values come within ``calibrate_margin`` of fp16's range stay fp32."""
+    return run_pass(Fp16Pass, model, Context(reference=Path(reference) if reference else None, explain=explain),
+                    keep_silu=keep_silu, keep_rmsnorm=keep_rmsnorm, keep_ops=list(keep_ops),
+                    keep_nodes=list(keep_nodes), keep_io_types=keep_io_types, calibrate=calibrate,
+                    calibrate_margin=calibrate_margin)
+
+
+def _convert_fp16(model: Model, *, keep_silu: bool, keep_rmsnorm: bool, keep_ops: list[str], keep_nodes: list[str],
+                  keep_io_types: bool, calibrate: str | None, calibrate_margin: float, reference: Path | None,
+                  explain: bool, keep_calibrated: dict[str, str] | None = None) -> tuple[Model, Fp16Report]:
+    """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
+    keep_ops, keep_nodes = list(keep_ops), list(keep_nodes)
+    _check_keep_ops(keep_ops)
+    report = Fp16Report()
+    if calibrate:
+        keep_calibrated = dict(keep_calibrated or {})
+        keep_calibrated.update(_calibrate(model, calibrate, calibrate_margin, reference, report))
+    kept = select_kept(model, report, keep_silu=keep_silu, keep_rmsnorm=keep_rmsnorm, keep_ops=keep_ops,
+                       keep_nodes=keep_nodes, keep_calibrated=keep_calibrated, explain=explain)
+    plan = plan_fp16(model, kept, keep_io_types=keep_io_types)
+    out = _Fp16Emitter(model, plan, report).emit()
     out.set_metadata("qvl_surgery.dtype", "float16")
     out.set_metadata("qvl_surgery.fp16_kept", json.dumps({r: len(v) for r, v in report.kept.items()}))
-    passes = json.loads(out.metadata().get("qvl_surgery.passes", "[]"))
-    out.set_metadata("qvl_surgery.passes", json.dumps(passes + ["fp16"]))
     return out, report
+
+
+def _calibrate(model: Model, source: str, margin: float, reference: str | Path | None,
+               report: Fp16Report) -> dict[str, str]:
+    from qvl_surgery.calibrate import calibrate, calibration_inputs
+    ref = Path(reference) if reference is not None else model.path
+    if ref is None:
+        raise BadInput("{calibrate} needs the fp32 model as a file: give reference= (the fp32 export) or load "
+                       "the model from its file", calibrate=source)
+    cal = calibrate(ref, calibration_inputs(ref, source), margin=margin)
+    report.calibration = cal.lines()
+    return cal.keep
+
+
+class Fp16Pass(Pass):
+    name = "fp16"
+    help = "convert to fp16 with whole-pattern fp32 islands"
+    function = ("passes.fp16", "convert_fp16")
+    options = (
+        Option("keep_silu_fp32", bool, False, "keep each x*sigmoid(x) (Sigmoid + Mul) in fp32", keyword="keep_silu"),
+        Option("keep_rmsnorm_fp32", bool, False, "keep each RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div, scale) "
+               "in fp32", keyword="keep_rmsnorm"),
+        Option("keep_op", list, None, "keep every node of this op type (repeatable)", keyword="keep_ops",
+               metavar="TYPE"),
+        Option("keep_node", list, None, "keep nodes whose name matches, e.g. '/blocks.31/mlp/down_proj/*' "
+               "(repeatable)", keyword="keep_nodes", metavar="GLOB"),
+        Option("keep_io_types", bool, False, "keep float32 graph inputs and outputs"),
+        Option("calibrate", str, None, "an .npz of inputs or image file(s), comma separated: keep in fp32 every "
+               "node whose values come within calibrate_margin of fp16's range on the fp32 model",
+               metavar="INPUTS"),
+        Option("calibrate_margin", float, 0.5, "fraction of 65504"),
+    )
+
+    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+        kw["keep_ops"] = kw["keep_ops"] or []
+        kw["keep_nodes"] = kw["keep_nodes"] or []
+        out, report = _convert_fp16(model, reference=context.reference, explain=context.explain, **kw)
+        return PassResult(out, report)
+
+    def call_source(self, value_name: str = "model") -> list[str]:
+        lines = super().call_source(value_name)
+        if "calibrate" in self.values:  # calibration runs the fp32 reference file
+            lines[1] = lines[1][:-1] + ", reference=REFERENCE)"
+        return lines

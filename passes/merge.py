@@ -15,20 +15,24 @@ from pathlib import Path
 from onnx import helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.manifest import Manifest, read_manifest
+from qvl_surgery.manifest import read_manifest
+from qvl_surgery.graphinfo import with_graph
 from qvl_surgery.modelfile import Model, load_model
+from qvl_surgery.passbase import Context, Pass, PassReport, PassResult, run_pass
+
+from .split import Part, Split
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class MergeReport:
+class MergeReport(PassReport):
     parts: int
     nodes: int
     dropped_nodes: int
     shared_initializers: int
 
-    def lines(self) -> list[str]:
+    def summary(self) -> list[str]:
         return [f"merged {self.parts} parts: {self.nodes} nodes ({self.dropped_nodes} repeated constant nodes "
                 f"kept once), {self.shared_initializers} repeated initializers stored once"]
 
@@ -64,40 +68,70 @@ def merge_models(parts: list[Model]) -> tuple[Model, MergeReport]:
                           [i for i in first.graph.input if i.name not in init_names], list(last.graph.output),
                           initializer=[t for _, t in inits.values()],
                           value_info=[v for name, v in vinfo.items() if name in produced])
-    proto = helper.make_model(g, opset_imports=list(first.proto.opset_import), producer_name=first.proto.producer_name,
-                              producer_version=first.proto.producer_version)
-    proto.ir_version = first.proto.ir_version
-    for p in first.proto.metadata_props:
-        if p.key != "qvl_surgery.part":
-            proto.metadata_props.add(key=p.key, value=p.value)
-    return Model(proto, sources), MergeReport(len(parts), len(nodes), dropped, shared)
+    merged = with_graph(first, g, sources, drop_metadata=("qvl_surgery.part",))
+    return merged, MergeReport(len(parts), len(nodes), dropped, shared)
 
 
-def load_parts(manifest: Manifest) -> list[Model]:
-    return [load_model(p) for p in manifest.part_paths()]
+def load_split(split_dir: str | Path, *, verify_hashes: bool = True) -> Split:
+    """A split written by :func:`passes.split.save_split`, read back as a value (sizes, chain and,
+    with ``verify_hashes``, the hashes checked); the parts' weights stay on disk."""
+    m = read_manifest(split_dir, verify_hashes=verify_hashes)
+    parts = [Part(load_model(path), [i["name"] for i in p["inputs"]], [o["name"] for o in p["outputs"]])
+             for p, path in zip(m.parts, m.part_paths())]
+    return Split(parts, list(m.doc.get("cuts", [])), m.doc.get("source"), manifest=m)
+
+
+def merge_split(value: Split) -> tuple[Model, MergeReport]:
+    """The :class:`MergePass` on a split value."""
+    return run_pass(MergePass, value)
 
 
 def merge(split_dir: str | Path) -> tuple[Model, MergeReport]:
-    """Read and verify a split (sizes and sha256), and join it into one weightless Model."""
-    m = read_manifest(split_dir)
-    return merge_models(load_parts(m))
+    """Read and verify a split (sizes and hashes), and join it into one weightless Model (the :class:`MergePass`)."""
+    return run_pass(MergePass, load_split(split_dir))
+
+
+def background_verify(value: Split):
+    """Start checking the hashes of a split read with ``verify_hashes=False``; the returned
+    callable waits for the check and raises if a file does not match (merge runs it before
+    publishing, so the check overlaps the copy)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from qvl_surgery.manifest import hash_checks, verify_files
+    if value.manifest is None:
+        return lambda: None
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(verify_files, hash_checks(value.manifest))
+    pool.shutdown(wait=False)
+
+    def wait() -> None:
+        future.result()
+    wait.cancel = future.cancel
+    return wait
 
 
 def merge_to_file(split_dir: str | Path, out: str | Path, *, overwrite: bool = False,
                   progress: bool = False) -> MergeReport:
-    """merge + save. The sha256 check of the parts runs in the background while the bytes are
+    """merge + save. The hash check of the parts runs in the background while the bytes are
     copied; a mismatch stops the publish, so nothing is left behind."""
-    from concurrent.futures import ThreadPoolExecutor
-    from qvl_surgery.manifest import hash_checks, verify_files
     from qvl_surgery.modelfile import save_model
-    m = read_manifest(split_dir, verify_hashes=False)  # sizes, paths and chain checked here
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        verified = pool.submit(verify_files, hash_checks(m))
-        try:
-            model, report = merge_models(load_parts(m))
-            save_model(model, out, progress="merge" if progress else None, overwrite=overwrite,
-                       inputs=m.part_paths(), before_publish=verified.result)
-        except BaseException:
-            verified.cancel()
-            raise
-    return report
+    value = load_split(split_dir, verify_hashes=False)  # sizes, paths and chain checked here
+    verified = background_verify(value)
+    try:
+        result = MergePass()(value)
+        save_model(result.value, out, progress="merge" if progress else None, overwrite=overwrite,
+                   inputs=value.manifest.part_paths(), before_publish=verified)
+    except BaseException:
+        verified.cancel()
+        raise
+    return result.report
+
+
+class MergePass(Pass):
+    name = "merge"
+    help = "join a split back into one model with external data"
+    takes = "split"
+    function = ("passes.merge", "merge_split")
+
+    def apply(self, value: Split, context: Context, **kw) -> PassResult:
+        model, report = merge_models([p.model for p in value.parts])
+        return PassResult(model, report)

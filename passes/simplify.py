@@ -18,8 +18,6 @@ Rules and limits:
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +26,12 @@ import onnx
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import static_tensors
-from qvl_surgery.modelfile import Model, check_output_path, load_model, save_model, sibling_model
+from qvl_surgery.modelfile import Model, load_model, save_model, sibling_model
+from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.publish import check_new_output, staging
 
 from .merge import merge_models
-from .split import split
+from .split import split_model
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,21 @@ LIFT_MIN_ELEMENTS = 64
 
 
 @dataclass
-class SimplifyReport:
-    output: Path
+class SimplifyReport(PassReport):
+    output: Path | None
     parts: int
     nodes_before: int
     nodes_after: int
     protected: list[str]
     how: str = ""
 
-    def lines(self) -> list[str]:
-        return [f"simplified in {self.parts} part(s) with onnxsim ({self.how}): {self.nodes_before} -> "
+    def summary(self) -> list[str]:
+        out = [f"simplified in {self.parts} part(s) with onnxsim ({self.how}): {self.nodes_before} -> "
                 f"{self.nodes_after} nodes",
-                f"  kept from constant folding (would make large constants): {', '.join(self.protected) or 'none'}",
-                f"wrote {self.output} ({self.output.name}.data beside it)"]
+               f"  kept from constant folding (would make large constants): {', '.join(self.protected) or 'none'}"]
+        if self.output:
+            out.append(f"wrote {self.output} ({self.output.name}.data beside it)")
+        return out
 
 
 def _large_static_roots(model: Model) -> list[str]:
@@ -174,14 +176,12 @@ def _simplify_whole(model: Model, model_path: Path, work: Path) -> tuple[Model, 
 
 
 def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Model, list[str], int]:
-    from qvl_surgery.manifest import read_manifest
     from qvl_surgery.modelfile import write_model_files
     original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    split(model, work / "parts", max_part_bytes=max_part_bytes)
-    manifest = read_manifest(work / "parts", verify_hashes=False)
+    value, _ = split_model(model, max_part_bytes=max_part_bytes)
     simplified, protected = [], []
-    for k, path in enumerate(manifest.part_paths()):
-        part = load_model(path)
+    for k, p in enumerate(value.parts):
+        part = p.model
         roots = _large_static_roots(part)
         protected += [r for r in roots if r not in protected]
         lifted = _lift(part, roots)
@@ -197,36 +197,91 @@ def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Mode
     return merged, protected, len(simplified)
 
 
-def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: int = int(1.5e9), method: str = "auto",
-             overwrite: bool = False) -> SimplifyReport:
-    """``method``: ``whole`` (onnxsim's path API on the whole model), ``parts`` (part by part under
-    ``max_part_bytes``), or ``auto`` (whole, and parts if onnxsim fails on the whole)."""
+def _on_disk(model: Model, work: Path, progress: bool) -> Path:
+    """A path onnxsim can read for ``model``: its own file when the graph is the file's, else the
+    model written into the work folder (onnxsim needs a file; this copies the weights once)."""
+    if model.path is not None:
+        try:
+            same = load_model(model.path).proto.SerializeToString() == model.proto.SerializeToString()
+        except BadInput:
+            same = False
+        if same:
+            return Path(model.path)
+    d = work / "input"
+    d.mkdir()
+    return write_model_files(model, d, "model.onnx", progress="simplify-input" if progress else None)
+
+
+def simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float = 1.5e9, method: str = "auto",
+                   progress: bool = False) -> tuple[Model, SimplifyReport]:
+    """The :class:`SimplifyPass`: onnxsim on ``model``; its result's weights live in ``workdir``
+    (keep it until the result is saved)."""
+    return run_pass(SimplifyPass, model, Context(workdir=Path(workdir), progress=progress),
+                    max_part_bytes=max_part_bytes, method=method)
+
+
+def _simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float, method: str,
+                    progress: bool) -> tuple[Model, SimplifyReport]:
+    """onnxsim on ``model``. ``method``: ``whole`` (onnxsim's path API on the whole model), ``parts``
+    (part by part under ``max_part_bytes``), or ``auto`` (whole, and parts if onnxsim fails on the
+    whole). The result's weights live in ``workdir``, which the caller keeps until the result is
+    saved and removes afterwards."""
     import onnxsim
-    if method not in ("auto", "whole", "parts"):
-        raise BadInput(f"--method {method}: choose auto, whole or parts")
+    if method not in METHODS:
+        raise BadInput("{method}: choose auto, whole or parts", method=method)
+    work = Path(workdir)
+    max_part_bytes = int(max_part_bytes)
+    result, parts, note = None, 1, ""
+    if method in ("auto", "whole"):
+        try:
+            result, protected = _simplify_whole(model, _on_disk(model, work, progress), work)
+            note = "whole model, onnxsim path API"
+        except _OnnxsimFailed as e:
+            if method == "whole":
+                raise
+            log.info("%s; falling back to part by part", e)
+            note = f"whole model failed ({e}); "
+    if result is None:
+        result, protected, parts = _simplify_parts(model, work, max_part_bytes)
+        note += f"{parts} parts under {max_part_bytes / 1e9:.2f} GB"
+    result.set_metadata("qvl_surgery.simplified", "onnxsim " + getattr(onnxsim, "__version__", ""))
+    return result, SimplifyReport(None, parts, len(model.graph.node), len(result.graph.node), protected, note)
+
+
+def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: float = 1.5e9, method: str = "auto",
+             overwrite: bool = False) -> SimplifyReport:
+    """Load, simplify, save (recorded in ``qvl_surgery.passes`` like every pass)."""
     model_path, out = Path(model_path), Path(out)
     model = load_model(model_path)
-    check_output_path(out, [model_path] + sorted(model.data_files()))
-    if out.exists() and not overwrite:
-        raise BadInput(f"{out}: already exists; pass --force to replace it or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.simplify-", dir=out.parent))
-    try:
-        result, parts, note = None, 1, ""
-        if method in ("auto", "whole"):
-            try:
-                result, protected = _simplify_whole(model, model_path, work)
-                note = "whole model, onnxsim path API"
-            except _OnnxsimFailed as e:
-                if method == "whole":
-                    raise
-                log.info("%s; falling back to part by part", e)
-                note = f"whole model failed ({e}); "
-        if result is None:
-            result, protected, parts = _simplify_parts(model, work, max_part_bytes)
-            note += f"{parts} parts under {max_part_bytes / 1e9:.2f} GB"
-        result.set_metadata("qvl_surgery.simplified", "onnxsim " + getattr(onnxsim, "__version__", ""))
-        save_model(result, out, overwrite=overwrite, inputs=[model_path])
-        return SimplifyReport(out, parts, len(model.graph.node), len(result.graph.node), protected, note)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    check_new_output(out, inputs=[model_path] + sorted(model.data_files()), overwrite=overwrite)
+    with staging(out) as work:
+        result = SimplifyPass(max_part_bytes=max_part_bytes, method=method)(model, Context(workdir=work))
+        save_model(result.value, out, overwrite=overwrite, inputs=[model_path])
+    result.report.output = out
+    return result.report
+
+
+METHODS = ("auto", "whole", "parts")
+
+
+class SimplifyPass(Pass):
+    name = "simplify"
+    help = "onnxsim on a model of any size, part by part"
+    function = ("passes.simplify", "simplify_model")
+    options = (
+        Option("method", str, "auto", "whole: onnxsim's path API on the whole model; parts: part by part; auto: "
+               "whole, then parts if onnxsim fails", choices=METHODS),
+        Option("max_part_bytes", float, 1.5e9, "largest part handed to onnxsim", metavar="BYTES"),
+    )
+
+    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+        if context.workdir is None:
+            raise BadInput("simplify needs a work folder that outlives the pass (Context(workdir=...)): its result's "
+                           "weights are written there")
+        out, report = _simplify_model(model, workdir=context.workdir, progress=context.progress, **kw)
+        return PassResult(out, report)
+
+    def call_source(self, value_name: str = "model") -> list[str]:
+        lines = super().call_source(value_name)
+        return [lines[0], "import tempfile; workdir = tempfile.mkdtemp(dir='.')  # keep it until the result is saved",
+                lines[1].replace(f"({value_name}", f"({value_name}, workdir=workdir")]

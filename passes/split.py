@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnx import helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import CutPoint, Plan, analyse, block_outputs, describe_value, value_types
-from qvl_surgery.manifest import MANIFEST, write_manifest
+from qvl_surgery.graphinfo import CutPoint, Plan, analyse, block_outputs, describe_value, value_types, with_graph
+from qvl_surgery.manifest import MANIFEST, Manifest, write_manifest
+from qvl_surgery.publish import publish_dir, staging
+from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
 from qvl_surgery.modelfile import (PROTOBUF_LIMIT, Model, StreamDigest, check_model_path, sha256_file,
                                    write_model_files)
 
@@ -38,15 +37,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SplitReport:
-    out_dir: Path
+class SplitReport(PassReport):
+    out_dir: Path | None
     cuts: list[str]
     parts: list[dict] = field(default_factory=list)
     candidates: int = 0
 
-    def lines(self) -> list[str]:
+    def summary(self) -> list[str]:
         out = [f"split into {len(self.parts)} parts at {', '.join(self.cuts) or '(no cut)'} "
-               f"({self.candidates} candidate cut points) -> {self.out_dir}/{MANIFEST}"]
+               f"({self.candidates} candidate cut points)" + (f" -> {self.out_dir}/{MANIFEST}" if self.out_dir else "")]
         for p in self.parts:
             out.append(f"  {p['path']:<12} {p['nodes']:5d} nodes  {p['data_bytes'] / 1e9:7.3f} GB  "
                        f"{', '.join(i['name'] for i in p['inputs'])} -> {', '.join(o['name'] for o in p['outputs'])}")
@@ -73,14 +72,14 @@ def _resolve_at(model: Model, cands: list[CutPoint], plan: Plan, at: list[str]) 
         elif item.lstrip("-").isdigit() and names:
             k = int(item)
             if not 0 <= k < len(names):
-                raise BadInput(f"--at {item}: block index out of range (0..{len(names) - 1}, or 'merger')")
+                raise BadInput("{at}: block index out of range " + f"(0..{len(names) - 1}, or 'merger')", at=item)
             tensor = names[k]
         else:
             tensor = item
         if tensor not in by_tensor:
             hint = ", ".join(c.tensor for c in cands[:4])
-            raise BadInput(f"--at {item}: {tensor!r} is not a clean cut point (more than one activation crosses "
-                           f"there, or no such tensor); clean ones include {hint}")
+            raise BadInput("{at}: " + f"{tensor!r} is not a clean cut point (more than one activation crosses "
+                           f"there, or no such tensor); clean ones include {hint}", at=item)
         chosen.append(by_tensor[tensor])
     chosen = sorted(set(chosen), key=lambda c: c.position)
     return chosen
@@ -89,8 +88,9 @@ def _resolve_at(model: Model, cands: list[CutPoint], plan: Plan, at: list[str]) 
 def _balanced(cands: list[CutPoint], plan: Plan, parts: int) -> list[CutPoint]:
     """Cut points that minimise the largest part's weight bytes (DP over candidates)."""
     if parts - 1 > len(cands):
-        raise BadInput(f"--parts {parts}: this model has only {len(cands)} clean cut points, so at most "
-                       f"{len(cands) + 1} parts; use fewer parts or choose cuts with --at")
+        raise BadInput("{parts}: " + f"this model has only {len(cands)} clean cut points, so at most "
+                       f"{len(cands) + 1} parts; use fewer parts or choose the cuts with " + "{at}", parts=parts,
+                       at="K,...")
     pos = [0] + [c.bytes_before for c in cands] + [plan.total_bytes]
     n = len(pos)
     INF = float("inf")
@@ -125,23 +125,23 @@ def plan_cuts(model: Model, *, parts: int | None = None, at: list[str] | None = 
         return plan, _resolve_at(model, cands, plan, at), len(cands)
     if max_part_bytes is not None:
         if max_part_bytes <= 0:
-            raise BadInput(f"--max-part-bytes {max_part_bytes}: must be positive")
+            raise BadInput("{max_part_bytes}: must be positive", max_part_bytes=max_part_bytes)
         for n in range(1, len(cands) + 2):
             cuts = _balanced(cands, plan, n) if n > 1 else []
             edges = [0] + [c.bytes_before for c in cuts] + [plan.total_bytes]
             if max(b - a for a, b in zip(edges, edges[1:])) <= max_part_bytes:
                 return plan, cuts, len(cands)
-        raise BadInput(f"--max-part-bytes {max_part_bytes}: even one part per cut point is larger; "
-                       "the largest block does not fit")
+        raise BadInput("{max_part_bytes}: even one part per cut point is larger; the largest block does not fit",
+                       max_part_bytes=max_part_bytes)
     if parts is None or parts < 1:
-        raise BadInput(f"--parts {parts}: need at least 1 part")
+        raise BadInput("{parts}: need at least 1 part", parts=parts)
     if parts > 1 and not cands:
         raise BadInput("this model has no clean cut point (no place where a single activation crosses); "
-                       "name a tensor with --at if you know one")
+                       "name a tensor with {at} if you know one", at="TENSOR")
     return plan, (_balanced(cands, plan, parts) if parts > 1 else []), len(cands)
 
 
-def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list[tuple[Model, list[str], list[str]]]:
+def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list["Part"]:
     g = model.graph
     bounds = [0] + [c.position for c in cuts] + [len(plan.dynamic)]
     # nodes are identified by their first output (protobuf wrappers have no stable id())
@@ -172,14 +172,9 @@ def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list[tuple[M
         produced = {o for n in nodes for o in n.output}
         vi = [v for v in g.value_info if v.name in produced and v.name not in {o.name for o in outs}]
         pg = helper.make_graph(nodes, f"{g.name}_part{k}", ins, outs, initializer=part_inits, value_info=vi)
-        proto = helper.make_model(pg, opset_imports=list(model.proto.opset_import),
-                                  producer_name=model.proto.producer_name, producer_version=model.proto.producer_version)
-        proto.ir_version = model.proto.ir_version
-        for p in model.proto.metadata_props:
-            proto.metadata_props.add(key=p.key, value=p.value)
-        part = Model(proto, {t.name: model.sources[t.name] for t in part_inits if t.name in model.sources})
+        part = with_graph(model, pg, {t.name: model.sources[t.name] for t in part_inits if t.name in model.sources})
         part.set_metadata("qvl_surgery.part", json.dumps({"index": k, "of": len(bounds) - 1}))
-        result.append((part, [i.name for i in ins], [o.name for o in outs]))
+        result.append(Part(part, [i.name for i in ins], [o.name for o in outs]))
     return result
 
 
@@ -190,61 +185,113 @@ def prepare_output_dir(out_dir: Path, force: bool) -> None:
         entries = list(out_dir.iterdir())
         if (out_dir / MANIFEST).exists():
             if not force:
-                raise BadInput(f"{out_dir}: already holds a split ({MANIFEST}); pass --force to replace it")
+                raise BadInput(f"{out_dir}: already holds a split ({MANIFEST}); pass " + "{overwrite} to replace it",
+                               overwrite=True)
         elif entries:
             raise BadInput(f"{out_dir}: exists and holds other files; choose a new or empty folder")
 
 
-def publish_dir(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames only; an old split is removed after the new one is in place."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@dataclass
+class Part:
+    model: Model
+    inputs: list[str]
+    outputs: list[str]
 
 
-def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: list[str] | None = None,
-          max_part_bytes: int | None = None, force: bool = False, progress: bool = False) -> SplitReport:
-    out_dir = Path(out_dir)
-    if parts is not None and parts < 1:
-        raise BadInput(f"--parts {parts}: need at least 1 part")
-    prepare_output_dir(out_dir, force)
+@dataclass
+class Split:
+    """A split as a value: the parts in chain order (weightless Models whose weights are still
+    references) and the cuts. :func:`save_split` writes it (parts + manifest.json); merge takes it."""
+
+    parts: list[Part]
+    cuts: list[str]
+    source: str | None = None
+    candidates: int = 0
+    manifest: Manifest | None = None    # where it was read from, when it was
+
+
+def split_model(model: Model, *, parts: int | None = None, at: list[str] | None = None,
+                max_part_bytes: float | None = None) -> tuple[Split, SplitReport]:
+    """Cut ``model`` (exactly one of ``parts``, ``at``, ``max_part_bytes``) into a :class:`Split`
+    value; nothing is written (:func:`save_split` does). The :class:`SplitPass`."""
+    return run_pass(SplitPass, model, parts=parts, at=at, max_part_bytes=max_part_bytes)
+
+
+def _split_model(model: Model, *, parts: int | None, at: list[str] | None,
+                 max_part_bytes: float | None) -> tuple[Split, SplitReport]:
+    given = sum(x is not None and x != [] for x in (parts, at, max_part_bytes))
+    if given != 1:
+        raise BadInput("split: give exactly one of {parts}, {at}, {max_part_bytes}", parts="N", at="CUT[,CUT...]",
+                       max_part_bytes="BYTES")
+    if max_part_bytes is not None:
+        max_part_bytes = int(max_part_bytes)
     plan, cuts, ncand = plan_cuts(model, parts=parts, at=at, max_part_bytes=max_part_bytes)
     built = _part_models(model, plan, cuts)
-    for k, (part, _, _) in enumerate(built):
-        size = part.weight_bytes() + part.proto.ByteSize()
+    for k, part in enumerate(built):
+        size = part.model.weight_bytes() + part.model.proto.ByteSize()
         if size > PROTOBUF_LIMIT:
-            raise BadInput(f"part {k} would be {size / 1e9:.2f} GB, above protobuf's 2 GB limit; "
-                           "use more parts or --max-part-bytes 1.5e9")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    report = SplitReport(out_dir, [c.tensor for c in cuts], candidates=ncand)
-    try:
+            raise BadInput(f"part {k} would be {size / 1e9:.2f} GB, above protobuf's 2 GB limit; use more parts or "
+                           "{max_part_bytes}", max_part_bytes="1.5e9")
+    value = Split(built, [c.tensor for c in cuts], str(model.path) if model.path else None, ncand)
+    return value, SplitReport(None, value.cuts, candidates=ncand)
+
+
+def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, progress: bool = False) -> list[dict]:
+    """Write ``partK.onnx`` + ``partK.onnx.data`` and ``manifest.json`` into ``out_dir`` atomically
+    (a temporary sibling folder renamed at the end); returns the manifest's part entries."""
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, overwrite)
+    with staging(out_dir) as tmp:
         entries, digests = [], []
-        for k, (part, ins, outs) in enumerate(built):
+        for k, part in enumerate(value.parts):
             name = f"part{k}.onnx"
             # each part's sha256 is computed by its own thread while its bytes are copied
             digest = StreamDigest()
             digests.append(digest)
-            path = write_model_files(part, tmp, name, progress=f"part{k}" if progress else None, digest=digest)
+            path = write_model_files(part.model, tmp, name, progress=f"part{k}" if progress else None, digest=digest)
             check_model_path(path)
-            types = value_types(part, set(ins) | set(outs))
+            types = value_types(part.model, set(part.inputs) | set(part.outputs))
             entries.append({"path": name, "data": name + ".data",
-                            "inputs": [describe_value(types[i]) for i in ins],
-                            "outputs": [describe_value(types[o]) for o in outs],
-                            "nodes": len(part.graph.node),
+                            "inputs": [describe_value(types[i]) for i in part.inputs],
+                            "outputs": [describe_value(types[o]) for o in part.outputs],
+                            "nodes": len(part.model.graph.node),
                             "data_bytes": (tmp / (name + ".data")).stat().st_size})
         for e, d in zip(entries, digests):
             e["data_sha256"] = d.hexdigest()
         for e in entries:
             e["onnx_sha256"] = sha256_file(tmp / e["path"])
-        write_manifest(tmp, entries, source=str(model.path) if model.path else None, cuts=report.cuts)
+        write_manifest(tmp, entries, source=value.source, cuts=value.cuts)
         publish_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    report.parts = entries
+    return entries
+
+
+def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: list[str] | None = None,
+          max_part_bytes: float | None = None, force: bool = False, progress: bool = False) -> SplitReport:
+    """:func:`split_model` + :func:`save_split`, recorded in each part's ``qvl_surgery.passes``."""
+    pass_ = SplitPass(**{k: v for k, v in (("parts", parts), ("at", at), ("max_part_bytes", max_part_bytes))
+                         if v is not None})
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, force)
+    result = pass_(model)
+    report = result.report
+    report.out_dir = out_dir
+    report.parts = save_split(result.value, out_dir, overwrite=force, progress=progress)
     return report
+
+
+class SplitPass(Pass):
+    name = "split"
+    help = "cut a model into N self-contained parts (< 2 GB each) + manifest.json"
+    gives = "split"
+    function = ("passes.split", "split_model")
+    options = (
+        Option("parts", int, None, "number of parts, balanced by weight bytes", metavar="N"),
+        Option("at", list, None, "explicit cut points: block index K (the hidden state entering block K), "
+               "'merger', or a tensor name; comma separated or repeated", metavar="CUT"),
+        Option("max_part_bytes", float, None, "let the tool choose the fewest parts whose weights stay under this",
+               metavar="BYTES"),
+    )
+
+    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+        value, report = _split_model(model, **kw)
+        return PassResult(value, report)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import QvlError
+from .errors import BadInput, QvlError
 
 log = logging.getLogger("qvl_surgery")
 
@@ -18,12 +18,15 @@ EXAMPLES = {
     "export": "qvl-surgery export ~/Qwen2.5-VL-3B-Instruct -o out/model.onnx --image-size 448x448\n"
               "  qvl-surgery export --random-init 3b --seed 0 -o out/model.onnx",
     "inspect": "qvl-surgery inspect out/model.onnx",
-    "split": "qvl-surgery split out/model.onnx --parts 3 -o out/parts",
+    "split": "qvl-surgery split out/model.onnx --parts 3 -o out/parts\n"
+             "  qvl-surgery split out/model.onnx --at 16,merger -o out/parts\n"
+             "  qvl-surgery split out/model.onnx --max-part-bytes 1e9 -o out/parts",
     "merge": "qvl-surgery merge out/parts -o out/merged.onnx",
     "simplify": "qvl-surgery simplify out/model.onnx -o out/model.sim.onnx",
     "fp16": "qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
             "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node '/blocks.31/mlp/down_proj/*'\n"
-            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz",
+            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz\n"
+            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32 --gen-script   # print the Python",
     "run": "qvl-surgery run --random-init 3b -o out/run --passes attention,fp16:keep_silu_fp32,split:parts=3\n"
            "  qvl-surgery run ~/Qwen2.5-VL-3B-Instruct -o out/run --recipe recipe.json",
     "attention": "qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
@@ -56,15 +59,64 @@ def add_source_options(p: argparse.ArgumentParser, *, source_help: str) -> None:
     p.add_argument("--image-size", default="448x448", help="HEIGHTxWIDTH in pixels, multiples of 28 (default 448x448)")
 
 
-def _write_pass(a: argparse.Namespace, apply) -> int:
-    """Load a.model, apply the pass (model -> (model, report)), save to a.output, print the report."""
-    from .modelfile import check_output_path, load_model, save_model
-    model = load_model(a.model)
-    check_output_path(a.output, [a.model] + sorted(model.data_files()))
-    out, report = apply(model)
-    save_model(out, a.output, progress=None if a.quiet else a.command, overwrite=a.force)
-    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
+def run_pass_command(a: argparse.Namespace) -> int:
+    """Every pass subcommand: read the input (a model, or a split), run the pass with the options
+    its spec declares, write the output (a model, or a split), print the report."""
+    from passes.merge import background_verify, load_split
+    from passes.split import prepare_output_dir, save_split
+    from .modelfile import load_model, save_model
+    from .passbase import Context
+    from .publish import check_new_output, staging
+    cls = a.pass_cls
+    p = cls(**{o.name: o.from_namespace(a) for o in cls.options})
+    source = a.model if cls.takes == "model" else a.split_dir
+    if a.gen_script:
+        print(pass_script(p, source, a.output))
+        return 0
+    verify = None
+    if cls.takes == "model":
+        value = load_model(source)
+        inputs = [source] + sorted(value.data_files())
+    else:
+        value = load_split(source, verify_hashes=False)   # sizes and chain now; hashes while copying
+        verify = background_verify(value)
+        inputs = value.manifest.part_paths()
+    if cls.gives == "model":
+        check_new_output(a.output, inputs=inputs, overwrite=a.force)
+    else:
+        prepare_output_dir(a.output, a.force)
+    with staging(a.output) as work:
+        context = Context(reference=source if cls.takes == "model" else None, progress=not a.quiet,
+                          explain=a.verbose, workdir=work)
+        result = p(value, context)
+        report = result.report
+        if cls.gives == "model":
+            save_model(result.value, a.output, progress=None if a.quiet else cls.name, overwrite=a.force,
+                       inputs=inputs, before_publish=verify)
+            wrote = [f"wrote {a.output} ({a.output.name}.data beside it)"]
+        else:
+            report.out_dir = a.output
+            report.parts = save_split(result.value, a.output, overwrite=a.force, progress=not a.quiet)
+            wrote = []
+    print("\n".join(report.lines() + wrote))
     return 0
+
+
+def pass_script(p, source: Path, output: Path) -> str:
+    """``--gen-script`` of a pass subcommand: the same in Python API calls."""
+    lines = ["from qvl_surgery.modelfile import load_model, save_model"]
+    if p.takes == "model":
+        lines.append(f"model = load_model({str(source)!r})")
+    else:
+        lines += ["from passes.merge import load_split", f"parts = load_split({str(source)!r})"]
+    if p.gives == "split":
+        args = "".join(f", {p.option(n).param}={v!r}" for n, v in p.values.items())
+        lines += ["from passes.split import split", f"report = split(model, {str(output)!r}{args})"]
+    else:
+        lines += p.call_source("model" if p.takes == "model" else "parts")
+        lines.append(f"save_model(model, {str(output)!r})")
+    lines.append("print('\\n'.join(report.lines()))")
+    return "\n".join(line.replace("REFERENCE", repr(str(source))) for line in lines)
 
 
 # Subcommands -----------------------------------------------------------------------------------
@@ -94,52 +146,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_split(a: argparse.Namespace) -> int:
-    from passes.split import split
-    from .modelfile import load_model
-    from .errors import BadInput
-    given = sum(x is not None for x in (a.parts, a.at, a.max_part_bytes))
-    if given != 1:
-        raise BadInput("split: give exactly one of --parts N, --at CUT[,CUT...], --max-part-bytes BYTES")
-    at = [c for item in a.at for c in item.split(",") if c] if a.at else None
-    report = split(load_model(a.model), a.output, parts=a.parts, at=at,
-                   max_part_bytes=int(float(a.max_part_bytes)) if a.max_part_bytes else None,
-                   force=a.force, progress=not a.quiet)
-    print("\n".join(report.lines()))
-    return 0
-
-
-def cmd_merge(a: argparse.Namespace) -> int:
-    from passes.merge import merge_to_file
-    report = merge_to_file(a.split_dir, a.output, overwrite=a.force, progress=not a.quiet)
-    print("\n".join(report.lines() + [f"wrote {a.output} ({a.output.name}.data beside it)"]))
-    return 0
-
-
-def cmd_simplify(a: argparse.Namespace) -> int:
-    from passes.simplify import simplify
-    report = simplify(a.model, a.output, max_part_bytes=int(float(a.max_part_bytes)), method=a.method,
-                      overwrite=a.force)
-    print("\n".join(report.lines()))
-    return 0
-
-
-def cmd_fp16(a: argparse.Namespace) -> int:
-    from passes.fp16 import convert_fp16
-
-    def apply(model):
-        keep_cal = None
-        if a.calibrate:
-            from .calibrate import calibrate, calibration_inputs
-            cal = calibrate(a.model, calibration_inputs(a.model, a.calibrate), margin=a.calibrate_margin)
-            print("\n".join(cal.lines()))
-            keep_cal = cal.keep
-        return convert_fp16(model, keep_silu=a.keep_silu_fp32, keep_rmsnorm=a.keep_rmsnorm_fp32,
-                            keep_ops=a.keep_op or [], keep_nodes=a.keep_node or [], keep_calibrated=keep_cal,
-                            keep_io_types=a.keep_io_types, explain=a.verbose)
-    return _write_pass(a, apply)
-
-
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare, load_inputs
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, seed=a.seed)
@@ -150,12 +156,6 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(report.to_dict(), indent=1))
     return 0 if report.passed else 1
-
-
-def cmd_attention(a: argparse.Namespace) -> int:
-    from passes.attention import rewrite_attention
-    return _write_pass(a, lambda model: rewrite_attention(model, mode=a.mode, upgrade_opset=a.upgrade_opset,
-                                                          full_chunk_mb=a.full_chunk_mb))
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -188,6 +188,35 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0 if result.compare.get("passed") else 1
 
 
+def add_pass_command(sub, cls) -> None:
+    """A pass's subcommand, from its spec: input, the pass's options, output options, --gen-script."""
+    p = sub.add_parser(cls.name, help=cls.help, epilog=_epilog(cls.name), formatter_class=argparse.RawDescriptionHelpFormatter)
+    if cls.takes == "model":
+        p.add_argument("model", type=Path)
+    else:
+        p.add_argument("split_dir", type=Path, help="folder written by split (or its manifest.json)")
+    g = p.add_argument_group(f"{cls.name} options")
+    for o in cls.options:
+        o.add_to_parser(g)
+    add_write_options(p, what="output folder for partK.onnx(.data) and manifest.json" if cls.gives == "split"
+                      else "output model (.onnx; its .onnx.data goes beside it)")
+    p.add_argument("--gen-script", action="store_true", help="print the equivalent Python API calls and exit")
+    p.set_defaults(func=run_pass_command, pass_cls=cls)
+
+
+# CLI-level parameters that are not pass options; pass options come from their specs
+CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--random-init", "image_size": "--image-size",
+             "inputs": "--inputs", "image": "--image", "per_block": "--per-block"}
+
+
+def flag_of(name: str) -> str | None:
+    """The CLI flag of a library parameter (errors name parameters; the CLI shows its flags)."""
+    if name in CLI_FLAGS:
+        return CLI_FLAGS[name]
+    from .passbase import flag_of as pass_flag
+    return pass_flag(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
                                 "and run graph passes on that file.")
@@ -208,50 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("split", help="cut a model into N self-contained parts (< 2 GB each) + manifest.json",
-                       epilog=_epilog("split") + "\n  qvl-surgery split out/model.onnx --at 16,merger -o out/parts"
-                       "\n  qvl-surgery split out/model.onnx --max-part-bytes 1e9 -o out/parts",
-                       formatter_class=fmt)
-    s.add_argument("model", type=Path)
-    s.add_argument("--parts", type=int, help="number of parts, balanced by weight bytes")
-    s.add_argument("--at", action="append", help="explicit cut points: block index K (the hidden state entering "
-                   "block K), 'merger', or a tensor name; comma separated or repeated")
-    s.add_argument("--max-part-bytes", help="let the tool choose the fewest parts whose weights stay under this")
-    add_write_options(s, what="output folder for partK.onnx(.data) and manifest.json")
-    s.set_defaults(func=cmd_split)
-
-    m = sub.add_parser("merge", help="join a split back into one model with external data", epilog=_epilog("merge"),
-                       formatter_class=fmt)
-    m.add_argument("split_dir", type=Path, help="folder written by split (or its manifest.json)")
-    add_write_options(m)
-    m.set_defaults(func=cmd_merge)
-
-    si = sub.add_parser("simplify", help="onnxsim on a model of any size, part by part", epilog=_epilog("simplify"),
-                        formatter_class=fmt)
-    si.add_argument("model", type=Path)
-    si.add_argument("--method", default="auto", choices=["auto", "whole", "parts"],
-                    help="whole: onnxsim's path API on the whole model; parts: part by part; auto: whole, then parts "
-                         "if onnxsim fails (default)")
-    si.add_argument("--max-part-bytes", default="1.5e9", help="largest part handed to onnxsim (default 1.5e9)")
-    add_write_options(si)
-    si.set_defaults(func=cmd_simplify)
-
-    f = sub.add_parser("fp16", help="convert to fp16 with whole-pattern fp32 islands", formatter_class=fmt,
-                       epilog=_epilog("fp16"))
-    f.add_argument("model", type=Path)
-    f.add_argument("--keep-silu-fp32", action="store_true", help="keep each x*sigmoid(x) (Sigmoid + Mul) in fp32")
-    f.add_argument("--keep-rmsnorm-fp32", action="store_true",
-                   help="keep each RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div, scale) in fp32")
-    f.add_argument("--keep-op", action="append", metavar="TYPE", help="keep every node of this op type (repeatable)")
-    f.add_argument("--keep-node", action="append", metavar="GLOB",
-                   help="keep nodes whose name matches, e.g. '/blocks.31/mlp/down_proj/*' (repeatable)")
-    f.add_argument("--keep-io-types", action="store_true", help="keep float32 graph inputs and outputs")
-    f.add_argument("--calibrate", metavar="INPUTS",
-                   help="an .npz of inputs or image file(s), comma separated: keep in fp32 every node whose values "
-                        "come within --calibrate-margin of fp16's range on the fp32 model")
-    f.add_argument("--calibrate-margin", type=float, default=0.5, help="fraction of 65504 (default 0.5)")
-    add_write_options(f)
-    f.set_defaults(func=cmd_fp16)
+    from passes import PASSES
+    for cls in PASSES.values():
+        add_pass_command(sub, cls)
 
     c = sub.add_parser("compare", help="compare two models or splits on the same inputs (polygraphy)",
                        formatter_class=fmt, epilog=_epilog("compare"))
@@ -274,19 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="FILE", help="write the report as JSON")
     c.set_defaults(func=cmd_compare)
 
-    at = sub.add_parser("attention", help="rewrite attention: windowed blocks without dense masks, or fused ops",
-                        formatter_class=fmt, epilog=_epilog("attention"))
-    at.add_argument("model", type=Path)
-    at.add_argument("--mode", default="windowed", choices=["windowed", "mha", "onnx-attention"],
-                    help="windowed: batched per-window attention (default); mha: com.microsoft.MultiHeadAttention "
-                         "for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)")
-    at.add_argument("--upgrade-opset", action="store_true", help="with onnx-attention: raise the model to opset 23")
-    at.add_argument("--full-chunk-mb", type=float, default=256,
-                    help="windowed mode: full-attention layers whose S x S scores exceed this many MB compute their "
-                         "queries in chunks under it (default 256; 0: never)")
-    add_write_options(at)
-    at.set_defaults(func=cmd_attention)
-
     r = sub.add_parser("run", help="one pipeline: export -> passes -> deployable files, compared to the fp32 export",
                        formatter_class=fmt, epilog=_epilog("run"))
     add_source_options(r, source_help="checkpoint directory or an existing fp32 .onnx export")
@@ -304,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return a.func(a)
+    except BadInput as e:
+        print(f"qvl-surgery {a.command}: error: {e.render(flag_of)}", file=sys.stderr)
+        return e.exit_code
     except QvlError as e:
         print(f"qvl-surgery {a.command}: error: {e}", file=sys.stderr)
         return e.exit_code

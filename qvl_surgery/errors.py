@@ -1,4 +1,13 @@
-"""One small exception hierarchy. The CLI maps BadInput -> exit 2, ToleranceFailed -> exit 1."""
+"""One small exception hierarchy. The CLI maps BadInput -> exit 2, ToleranceFailed -> exit 1.
+
+Library errors speak of the library's parameters: a message names an option as ``{parts}``
+in its template and the option's value goes beside it, so ``str(error)`` reads
+``parts=0: need at least 1 part`` for a Python caller, while the CLI renders the same error
+with its own flag (``--parts 0: need at least 1 part``), from the pass's option specs.
+"""
+from __future__ import annotations
+
+from typing import Callable
 
 
 class QvlError(Exception):
@@ -8,9 +17,35 @@ class QvlError(Exception):
 
 
 class BadInput(QvlError):
-    """The input (file, directory, option) cannot be used; the message says what to do."""
+    """The input (file, directory, option) cannot be used; the message says what to do.
+
+    ``BadInput("{parts}: need at least 1 part", parts=0)``: each ``{name}`` is a library parameter,
+    rendered ``name=value`` here and ``--flag value`` by the CLI (:meth:`render`).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, **params: object):
+        self.template = message
+        self.params = params
+        super().__init__(self.render(None))
+
+    def render(self, flag_of: Callable[[str], str | None] | None) -> str:
+        """The message with each parameter written as a CLI flag (``flag_of(name)``), or as
+        ``name=value`` where ``flag_of`` is None or knows no flag for it."""
+        words = {}
+        for name, value in self.params.items():
+            flag = flag_of(name) if flag_of else None
+            if flag is None:
+                words[name] = f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+            elif value is True:
+                words[name] = flag
+            else:
+                words[name] = f"{flag} {value}"
+        text = self.template
+        for name, word in words.items():  # only the named parameters: other braces stay as they are
+            text = text.replace("{" + name + "}", word)
+        return text
 
 
 class ToleranceFailed(QvlError):

@@ -169,3 +169,17 @@ def describe_value(v: onnx.ValueInfoProto) -> dict:
     t = v.type.tensor_type
     return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name,
             "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]}
+
+
+def with_graph(source: Model, graph: onnx.GraphProto, sources: dict, *,
+               drop_metadata: tuple[str, ...] = ()) -> Model:
+    """A new Model around ``graph`` that keeps the source's opset imports, IR version, producer and
+    metadata (less the ``drop_metadata`` keys): split, merge and fp16 all rebuild models this way."""
+    proto = helper.make_model(graph, opset_imports=list(source.proto.opset_import),
+                              producer_name=source.proto.producer_name,
+                              producer_version=source.proto.producer_version)
+    proto.ir_version = source.proto.ir_version
+    for p in source.proto.metadata_props:
+        if p.key not in drop_metadata:
+            proto.metadata_props.add(key=p.key, value=p.value)
+    return Model(proto, dict(sources))

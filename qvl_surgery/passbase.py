@@ -1,0 +1,355 @@
+"""The pass protocol: one shape for every graph pass, and one declarative option spec per pass.
+
+A pass is a class in ``passes/`` with
+
+- ``name`` and ``help`` (one line),
+- ``takes`` / ``gives``: ``"model"`` (a weightless :class:`~qvl_surgery.modelfile.Model`) or
+  ``"split"`` (a :class:`~passes.split.Split`: parts plus what the manifest records),
+- ``options``: a tuple of :class:`Option` (name, type, default, choices, help),
+- ``apply(value, **options) -> PassResult`` (the value and a :class:`PassReport`).
+
+Calling a pass instance (``Fp16(keep_silu_fp32=True)(model)``) checks and coerces the options,
+runs ``apply``, and records the pass in the result's ``qvl_surgery.passes`` metadata, so every
+output tells how it was made. :class:`Sequential` runs several; a failure names the passes that ran
+before it (as onnx-ir's passes do).
+
+Everything else is derived from the option specs: the subcommand's CLI flags
+(:meth:`Option.add_to_parser`), ``--passes``/recipe parsing (:func:`parse_spec`,
+:func:`spec_from_dict`) and ``--gen-script`` (:meth:`Pass.call_source`). Adding a pass or an
+option touches one place: the pass's class.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import BadInput, QvlError
+
+log = logging.getLogger(__name__)
+
+PASSES_KEY = "qvl_surgery.passes"
+
+_TRUE = ("1", "true", "yes", "on", "")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a pass. ``name`` is the recipe / ``--passes`` key and gives the CLI flag
+    (``keep_silu_fp32`` -> ``--keep-silu-fp32``); ``keyword`` is the library function's parameter
+    when it differs. ``type`` is bool, int, float, str or list (of str; ``|`` separates items in
+    ``--passes``, commas or repetition on the command line)."""
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple = ()
+    keyword: str | None = None
+    metavar: str | None = None
+    flag: str | None = None
+
+    @property
+    def param(self) -> str:
+        return self.keyword or self.name
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """``value`` (from a recipe, ``--passes`` text or a Python call) as this option's type."""
+        typ = self.type
+        try:
+            if value is None:
+                v = None
+            elif typ is bool:
+                if isinstance(value, bool):
+                    v = value
+                elif str(value).lower() in _TRUE:
+                    v = True
+                elif str(value).lower() in _FALSE:
+                    v = False
+                else:
+                    raise ValueError
+            elif typ is list:
+                if isinstance(value, (list, tuple)):
+                    v = [str(x) for x in value]
+                else:
+                    v = [x for x in str(value).replace(",", "|").split("|") if x]
+            elif typ is int:
+                if isinstance(value, bool):
+                    raise ValueError
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                v = int(f)
+            elif typ is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                v = float(value)
+            else:
+                v = typ(value)
+        except (TypeError, ValueError):
+            raise BadInput(f"{where}: option {self.name}={value!r} is not a {typ.__name__}") from None
+        if self.choices and v is not None and v not in self.choices:
+            raise BadInput(f"{where}: option {self.name}={v!r}: choose one of {', '.join(map(str, self.choices))}")
+        return v
+
+    def add_to_parser(self, parser: argparse._ActionsContainer) -> None:
+        """This option as a flag of the pass's own subcommand."""
+        kw: dict[str, Any] = {"dest": self.name}
+        help_text = self.help
+        if self.type is bool:
+            kw["action"] = "store_true"
+        elif self.type is list:
+            kw.update(action="append", metavar=self.metavar or self.name.upper())
+        else:
+            kw.update(default=None, metavar=self.metavar or (None if self.choices else self.name.upper()))
+            if self.choices:
+                kw["choices"] = list(self.choices)
+            if self.default is not None:
+                help_text += f" (default {self.default})"
+        parser.add_argument(self.cli_flag, help=help_text, **kw)
+
+    def from_namespace(self, a: argparse.Namespace) -> Any:
+        v = getattr(a, self.name, None)
+        if self.type is list and v:
+            v = [x for item in v for x in str(item).split(",") if x]
+        return v
+
+
+@dataclass(kw_only=True)
+class PassReport:
+    """What a pass did. Every pass's report is one of these (its own subclass adds the fields it
+    needs); ``misses`` (patterns tried that did not match, and why) and ``skipped`` (options that
+    found nothing to act on) are shared, and :meth:`lines` / :meth:`to_dict` print and save it."""
+
+    pass_name: str = ""
+    misses: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        return [f"{self.pass_name}: done"]
+
+    def lines(self) -> list[str]:
+        return self.summary()
+
+    def to_dict(self) -> dict:
+        def plain(v):
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, dict):
+                return {str(k): plain(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            return v
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass
+class PassResult:
+    value: Any            # a Model, or a Split
+    report: PassReport
+
+
+@dataclass
+class Context:
+    """What a pass may need beyond its value and options: where the fp32 reference lives (fp16
+    calibration runs it), whether to show progress, whether to explain misses."""
+
+    reference: Path | None = None
+    progress: bool = False
+    explain: bool = False
+    workdir: Path | None = None   # scratch space that outlives the pass (simplify writes its result there)
+
+
+class Pass:
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    takes: ClassVar[str] = "model"
+    gives: ClassVar[str] = "model"
+    options: ClassVar[tuple[Option, ...]] = ()
+    # the library function gen-script prints: (module, function, positional value name, returns report too)
+    function: ClassVar[tuple[str, str]] = ("", "")
+
+    def __init__(self, **options: Any):
+        self.values = self.check_options(options, where=f"pass {self.name}")
+
+    # options ---------------------------------------------------------------------------------
+    @classmethod
+    def option(cls, name: str) -> Option:
+        for o in cls.options:
+            if o.name == name or o.keyword == name:
+                return o
+        raise KeyError(name)
+
+    @classmethod
+    def check_options(cls, given: dict[str, Any], *, where: str) -> dict[str, Any]:
+        """Options by name (or library keyword), coerced; the ones not given are left out."""
+        out: dict[str, Any] = {}
+        for key, value in given.items():
+            try:
+                opt = cls.option(key)
+            except KeyError:
+                known = ", ".join(o.name for o in cls.options) or "none"
+                raise BadInput(f"{where}: unknown option {key!r} (known: {known})") from None
+            v = opt.coerce(value, where)
+            if v is not None and v != [] and v is not False and v != opt.default:
+                out[opt.name] = v
+        return out
+
+    def kwargs(self) -> dict[str, Any]:
+        """Every option as the library function's keyword, defaults filled in."""
+        kw = {o.param: o.default for o in self.options}
+        kw.update({self.option(k).param: v for k, v in self.values.items()})
+        return kw
+
+    def text(self) -> str:
+        """This pass as ``--passes`` text: ``fp16:keep_silu_fp32+keep_op=Softmax|Pow``."""
+        if not self.values:
+            return self.name
+        items = []
+        for k, v in self.values.items():
+            items.append(k if v is True else f"{k}={'|'.join(v) if isinstance(v, list) else v}")
+        return self.name + ":" + "+".join(items)
+
+    # running ---------------------------------------------------------------------------------
+    def apply(self, value: Any, context: Context, **kw: Any) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, value: Any, context: Context | None = None) -> PassResult:
+        result = self.apply(value, context or Context(), **self.kwargs())
+        result.report.pass_name = self.name
+        record_pass(result.value, self.text())
+        return result
+
+    def call_source(self, value_name: str = "model") -> list[str]:
+        """Python lines equivalent to running this pass (``--gen-script``)."""
+        module, func = self.function
+        kw = {self.option(k).param: v for k, v in self.values.items()}
+        args = "".join(f", {k}={v!r}" for k, v in kw.items())
+        return [f"from {module} import {func}", f"{self.gives_name()}, report = {func}({value_name}{args})"]
+
+    def gives_name(self) -> str:
+        return "model" if self.gives == "model" else "parts"
+
+
+def run_pass(cls: type[Pass], value: Any, context: Context | None = None, **keywords: Any) -> tuple[Any, PassReport]:
+    """The library functions (``convert_fp16``, ``rewrite_attention``, ...) are this: the pass with
+    these options (by name or library keyword), so they check options and record themselves alike."""
+    r = cls(**keywords)(value, context)
+    return r.value, r.report
+
+
+def record_pass(value: Any, text: str) -> None:
+    """Append ``text`` to ``qvl_surgery.passes`` of a Model, or of every part of a Split."""
+    models = [value] if hasattr(value, "set_metadata") else [p.model for p in getattr(value, "parts", [])]
+    for m in models:
+        done = json.loads(m.metadata().get(PASSES_KEY, "[]") or "[]")
+        m.set_metadata(PASSES_KEY, json.dumps(done + [text]))
+
+
+class Sequential:
+    """Run passes in order, each on the value the one before gave. A pass whose input kind does not
+    match (a model pass after split) is refused before anything runs; a failure names the passes
+    that ran before it."""
+
+    def __init__(self, passes: list[Pass], *, first: str = "model"):
+        self.passes = list(passes)
+        check_chain(self.passes, first=first)
+
+    def __call__(self, value: Any, context: Context | None = None,
+                 on_report=None) -> tuple[Any, list[PassReport]]:
+        reports = []
+        done: list[str] = []
+        for p in self.passes:
+            try:
+                r = p(value, context)
+            except QvlError:
+                raise
+            except Exception as e:  # a bug: say where it happened
+                raise RuntimeError(f"pass {p.text()} failed after [{', '.join(done)}]: {e}") from e
+            value = r.value
+            reports.append(r.report)
+            if on_report:
+                on_report(p, r.report)
+            done.append(p.text())
+        return value, reports
+
+
+def check_chain(passes: list[Pass], *, first: str = "model") -> None:
+    if not passes:
+        raise BadInput("no pass given (e.g. attention,fp16:keep_silu_fp32,split:parts=3)")
+    kind = first
+    prev = None
+    for p in passes:
+        if p.takes != kind:
+            if kind == "split":
+                raise BadInput(f"pass {p.name} takes a model but {prev.name} gives a split: split must be the "
+                               "last pass (it writes the parts), or be followed by merge")
+            raise BadInput(f"pass {p.name} takes a split; put split (or nothing) before it")
+        kind, prev = p.gives, p
+
+
+# ----------------------------------------------------------------------------- registry and specs
+
+def registry() -> dict[str, type[Pass]]:
+    """Every pass, by name (import here: passes/ imports this module)."""
+    from passes import PASSES
+    return PASSES
+
+
+def get_pass(name: str, where: str = "passes") -> type[Pass]:
+    reg = registry()
+    if name not in reg:
+        raise BadInput(f"{where}: unknown pass {name!r} (known: {', '.join(reg)})")
+    return reg[name]
+
+
+def parse_spec(text: str) -> list[Pass]:
+    """``attention,fp16:keep_silu_fp32+keep_op=Softmax|Pow,split:parts=3`` -> pass instances."""
+    out = []
+    for item in [p.strip() for p in text.split(",") if p.strip()]:
+        name, _, rest = item.partition(":")
+        cls = get_pass(name, "--passes")
+        opts: dict[str, Any] = {}
+        for o in [o for o in rest.replace(":", "+").split("+") if o]:
+            k, eq, v = o.partition("=")
+            opts[k] = v if eq else True
+        out.append(cls(**cls.check_options(opts, where=f"pass {name}")))
+    check_chain(out)
+    return out
+
+
+def spec_from_dict(items: list[dict], where: str) -> list[Pass]:
+    """A recipe's ``passes`` list: ``[{"pass": "fp16", "keep_silu_fp32": true}, ...]``."""
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadInput(f"{where}: each pass must be an object like {{\"pass\": \"fp16\"}}")
+        item = dict(item)
+        name = item.pop("pass", None)
+        cls = get_pass(name, where)
+        out.append(cls(**cls.check_options(item, where=f"{where}: pass {name}")))
+    check_chain(out)
+    return out
+
+
+def flag_of(name: str) -> str | None:
+    """The CLI flag of a library parameter, for rendering errors (BadInput.render)."""
+    if name in ("overwrite", "force"):
+        return "--force"
+    for cls in registry().values():
+        for o in cls.options:
+            if name in (o.name, o.keyword):
+                return o.cli_flag
+    return None
+
+
+def report_dict(report: PassReport) -> dict:
+    return asdict(report) if not hasattr(report, "to_dict") else report.to_dict()
