@@ -2,7 +2,11 @@
 ``polygraphy run`` beside ``--onnxrt``.
 
     polygraphy run out/fp16.onnx --onnxrt --qvl-emulate-fp16        # fp16 rounding emulated
-    polygraphy run out/parts/manifest.json --qvl-chain --model-type onnx
+    polygraphy run out/parts/manifest.json --qvl-chain           # the parts of a split, chained
+
+polygraphy guesses a model's type from its file extension and knows no ``.json``: the plugin tells
+it that a qvl-surgery split (``manifest.json``, or the folder holding it) is a chain of ONNX
+parts, so no ``--model-type`` flag is needed.
 """
 from __future__ import annotations
 
@@ -10,11 +14,33 @@ from polygraphy.tools.args import ModelArgs
 from polygraphy.tools.args.base import BaseRunnerArgs
 from polygraphy.tools.script import make_invocable
 
+from .manifest import is_manifest_path
+
 
 class _QvlRunnerArgs(BaseRunnerArgs):
     mode = "onnxrt"
     title = ""
     option = ""
+
+    def register(self, groups):
+        super().register(groups)
+        try:
+            model_args = groups[ModelArgs]
+        except (KeyError, TypeError):
+            return
+        if getattr(model_args, "_qvl_manifest_aware", False):
+            return
+        parse = model_args.parse_impl
+
+        def parse_impl(args):
+            # runs before polygraphy guesses the type from the extension (it would stop at ".json")
+            path = getattr(args, "model_file", None)
+            if path and getattr(args, "model_type", None) is None and is_manifest_path(path):
+                args.model_type = "onnx"
+            return parse(args)
+
+        model_args.parse_impl = parse_impl
+        model_args._qvl_manifest_aware = True
 
     def get_name_opt_impl(self):
         return self.title, self.option
