@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
+from qvl_surgery.graphinfo import cleanup
 from qvl_surgery.inspect import consumers, producers
 from qvl_surgery.modelfile import Model, read_initializer
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
@@ -504,28 +505,6 @@ def _cancel_transposes(graph: onnx.GraphProto) -> int:
     return len(drop)
 
 
-def _remove_dead(model: Model) -> int:
-    g = model.graph
-    needed = {o.name for o in g.output}
-    alive = []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            alive.append(n)
-            needed.update(n.input)
-    removed = len(g.node) - len(alive)
-    alive.reverse()
-    del g.node[:]
-    g.node.extend(alive)
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    for t in g.initializer:
-        if t.name not in used:
-            model.sources.pop(t.name, None)
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return removed
-
-
 def _upgrade_to_23(model: Model) -> None:
     """Opset 17 -> 23 for the ops this toolkit writes (ReduceMean's axes becomes an input in 18)."""
     g = model.graph
@@ -609,7 +588,7 @@ def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chu
         model.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if mode == "onnx-attention" and opset < 23:
         _upgrade_to_23(model)
-    report.removed_nodes = _remove_dead(model)
+    model, report.removed_nodes = cleanup(model)
     model.set_metadata("qvl_surgery.attention", mode)
     return model, report
 

@@ -20,7 +20,7 @@ import onnx
 
 from .errors import BadInput
 from .modelfile import load_model, sibling_model
-from .runners import ort_session
+from .runners import load_npz, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,5 @@ def calibration_inputs(model_path: Path, source: str) -> list[dict[str, np.ndarr
     """An .npz (one set of arrays, or arrays with a leading batch of sets) or image files (comma separated)."""
     from .compare import pixel_values_from_image
     if source.endswith(".npz"):
-        try:
-            data = np.load(source)
-        except Exception as e:
-            raise BadInput(f"{source}: not a readable .npz ({type(e).__name__})") from None
-        return [{k: data[k] for k in data.files}]
+        return [load_npz(source)]
     return [{"pixel_values": pixel_values_from_image(model_path, s)} for s in source.split(",")]

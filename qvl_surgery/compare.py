@@ -23,6 +23,7 @@ from polygraphy.datatype import DataType
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
 from .modelfile import load_model, sibling_model
+from .runners import load_npz
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,7 @@ def load_inputs(ref_path: Path, *, inputs: str | None = None, image: str | None 
     """Feeds from an .npz, an image (through transformers' processor at the export size), or random."""
     ins, _ = _io_of(ref_path)
     if inputs:
-        try:
-            data = np.load(inputs)
-        except Exception as e:
-            raise BadInput(f"{inputs}: not a readable .npz ({type(e).__name__})") from None
-        feeds = {k: data[k] for k in data.files}
+        feeds = load_npz(inputs)
     elif image:
         feeds = {"pixel_values": pixel_values_from_image(ref_path, image)}
     else:

@@ -9,7 +9,6 @@ fp32 and round the result to fp16, as GPU tensor cores do; that also makes them 
 """
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -20,7 +19,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from .errors import BadInput
-from .manifest import is_manifest_path, read_manifest
+from .manifest import is_manifest_path
+from .runners import chain
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,4 @@ def emulate(path: str | Path, feeds: Mapping[str, np.ndarray], *, keep_intermedi
     """A model file or a split (parts run in order, one loaded at a time)."""
     if not is_manifest_path(path):
         return Fp16Emulator(path).run(feeds)
-    m = read_manifest(path, verify_hashes=False)
-    values = dict(feeds)
-    result = {}
-    for p in m.part_paths():
-        em = Fp16Emulator(p)
-        out = em.run(values)
-        del em
-        gc.collect()
-        values.update(out)
-        if keep_intermediate:
-            result.update(out)
-    result.update({o["name"]: values[o["name"]] for o in m.parts[-1]["outputs"]})
-    return result
+    return chain(path, feeds, lambda p, values: Fp16Emulator(p).run(values), keep_intermediate=keep_intermediate)

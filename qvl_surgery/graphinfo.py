@@ -183,3 +183,18 @@ def with_graph(source: Model, graph: onnx.GraphProto, sources: dict, *,
         if p.key not in drop_metadata:
             proto.metadata_props.add(key=p.key, value=p.value)
     return Model(proto, dict(sources))
+
+
+def cleanup(model: Model) -> tuple[Model, int]:
+    """Dead nodes and unused initializers removed, nodes in topological order: onnx-graphsurgeon's
+    ``cleanup().toposort()`` on the weightless graph (its Constants keep the tensor protos as
+    ``LazyValues``, so no weight byte is read). Returns the new Model and how many nodes went."""
+    import onnx_graphsurgeon as gs
+    before = len(model.graph.node)
+    g = gs.import_onnx(model.proto)
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph = gs.export_onnx(g, do_type_check=False).graph
+    alive = {t.name for t in graph.initializer}
+    out = with_graph(model, graph, {k: v for k, v in model.sources.items() if k in alive})
+    out.path = model.path
+    return out, before - len(graph.node)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -44,29 +44,47 @@ def run_model(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     return dict(zip(names, s.run(names, cast_feeds(s, feeds))))
 
 
-def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_hashes: bool = False,
-              keep_intermediate: bool = False) -> dict[str, np.ndarray]:
-    """Run the parts of a split in order, each fed by the one before; one session alive at a time.
+def chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], run_part: Callable[[Path, dict], dict], *,
+          verify_hashes: bool = False, keep_intermediate: bool = False) -> dict[str, np.ndarray]:
+    """The parts of a split in order, each fed by the ones before: ``run_part(path, values)`` runs
+    one part (onnxruntime, fp16 emulation, ...) and returns its outputs; one part alive at a time.
 
-    Returns the last part's outputs (plus every cut tensor with ``keep_intermediate``).
+    Returns the last part's outputs (plus every part's outputs with ``keep_intermediate``).
     """
     m = read_manifest(split_dir, verify_hashes=verify_hashes)
     values = dict(feeds)
     result: dict[str, np.ndarray] = {}
-    for part, path in zip(m.parts, m.part_paths()):
-        s = ort_session(path)
-        needed = [i.name for i in s.get_inputs()]
-        missing = [n for n in needed if n not in values]
-        if missing:
-            raise BadInput(f"{path}: needs input {missing[0]!r}, which nothing before it provides")
-        names = [o.name for o in s.get_outputs()]
-        outs = s.run(names, cast_feeds(s, {n: values[n] for n in needed}))
-        del s
+    for path in m.part_paths():
+        outs = run_part(path, values)
         gc.collect()
-        values.update(zip(names, outs))
+        values.update(outs)
         if keep_intermediate:
-            result.update(zip(names, outs))
+            result.update(outs)
     last = [o["name"] for o in m.parts[-1]["outputs"]]
     result.update({n: values[n] for n in last})
     return result
 
+
+def _run_part(path: Path, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    s = ort_session(path)
+    needed = [i.name for i in s.get_inputs()]
+    missing = [n for n in needed if n not in values]
+    if missing:
+        raise BadInput(f"{path}: needs input {missing[0]!r}, which nothing before it provides")
+    names = [o.name for o in s.get_outputs()]
+    return dict(zip(names, s.run(names, cast_feeds(s, {n: values[n] for n in needed}))))
+
+
+def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_hashes: bool = False,
+              keep_intermediate: bool = False) -> dict[str, np.ndarray]:
+    """Run the parts of a split in onnxruntime, in order (:func:`chain`)."""
+    return chain(split_dir, feeds, _run_part, verify_hashes=verify_hashes, keep_intermediate=keep_intermediate)
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Arrays of an .npz by name (compare's --inputs, calibration sets)."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:
+        raise BadInput(f"{path}: not a readable .npz ({type(e).__name__})") from None
