@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import infer_graph, with_graph
+from qvl_surgery.graphinfo import infer_graph, side_inputs, static_tensors, with_graph
 from qvl_surgery.inspect import consumers, sigmoid_mul_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
@@ -228,6 +228,15 @@ def select_kept(model: Model, report: Fp16Report, *, keep_silu: bool, keep_rmsno
     if keep_calibrated:
         by_name = {n.name: n for n in g.node}
         keep([by_name[k] for k in keep_calibrated if k in by_name], "calibration")
+    # The dynamic export computes its tables (rotary cos/sin from positions up to the grid side,
+    # masks) from image_grid_thw: in fp16, position * frequency near 100 would be off by up to
+    # 0.03 before the cos. They stay fp32, as the static export's precomputed constants are made
+    # in fp32; their readers get them through one Cast.
+    side = side_inputs(model)
+    if side:
+        tables = static_tensors(g, side) - static_tensors(g)
+        floats = {name for name, t in _float_types(model).items() if t == F32}
+        keep([n for n in g.node if n.output[0] in tables and any(o in floats for o in n.output)], "grid tables")
     return kept
 
 

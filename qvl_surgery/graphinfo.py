@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import Iterable
 
 import onnx
 from onnx import helper
@@ -15,9 +16,24 @@ from .modelfile import Model
 log = logging.getLogger(__name__)
 
 
-def static_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Initializers and every tensor computed from initializers only (e.g. the window mask)."""
-    known = {t.name for t in graph.initializer} | {""}
+def side_inputs(model: Model) -> list[str]:
+    """Graph inputs that every part of a split takes beside the activation: for the dynamic export,
+    everything but ``pixel_values`` (``image_grid_thw``, or the host-computed grid tensors); for
+    any model, its non-float inputs. What they compute (window order, rotary tables, masks) is
+    treated like constants: each part that needs it recomputes it from them."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    ins = [i for i in g.input if i.name not in inits]
+    if model.metadata().get("qvl_surgery.dynamic"):
+        return [i.name for i in ins if i.name != "pixel_values"]
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    return [i.name for i in ins if i.type.tensor_type.elem_type not in floats]
+
+
+def static_tensors(graph: onnx.GraphProto, side: Iterable[str] = ()) -> set[str]:
+    """Initializers, the ``side`` inputs, and every tensor computed from those only (e.g. the
+    window mask; in the dynamic export, everything derived from image_grid_thw)."""
+    known = {t.name for t in graph.initializer} | {""} | set(side)
     for n in graph.node:
         if all(i in known for i in n.input):
             known.update(n.output)
@@ -58,10 +74,11 @@ def analyse(model: Model) -> Plan:
     """Every place where exactly one non-constant tensor crosses from earlier to later nodes."""
     g = model.graph
     check_topological(g)
-    static = static_tensors(g)
+    side = side_inputs(model)
+    static = static_tensors(g, side)
     dynamic = [n for n in g.node if not is_static(n, static)]
     init_bytes = {t.name: model.tensor_nbytes(t) for t in g.initializer}
-    produced_at: dict[str, int] = {i.name: -1 for i in g.input if i.name not in init_bytes}
+    produced_at: dict[str, int] = {i.name: -1 for i in g.input if i.name not in init_bytes and i.name not in side}
     last_use: dict[str, int] = {}
     node_bytes = []
     counted: set[str] = set()
