@@ -11,7 +11,7 @@ Rules:
   entering block K (``merger`` cuts before the merger), or a tensor name.
 - Each part is ``partK.onnx`` + ``partK.onnx.data`` with only its own weights, < 2 GB, checked
   with ``onnx.checker`` by path. ``manifest.json`` lists the parts in chain order with their
-  inputs, outputs (names, dtypes, shapes) and data-file sizes and sha256.
+  inputs, outputs (names, dtypes, shapes) and data-file sizes and hashes (xxh3_128).
 - Everything is written into a temporary sibling folder and renamed at the end. An output
   folder that already holds a split is replaced only with ``force``; a folder holding anything
   else is never touched.
@@ -26,12 +26,12 @@ from pathlib import Path
 from onnx import helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import CutPoint, Plan, analyse, block_outputs, describe_value, value_types, with_graph
-from qvl_surgery.manifest import MANIFEST, Manifest, write_manifest
+from qvl_surgery.graphinfo import (CutPoint, Plan, analyse, block_outputs, describe_value, side_inputs, value_types,
+                                   with_graph)
+from qvl_surgery.manifest import MANIFEST, Manifest, file_hash_record, write_manifest
 from qvl_surgery.publish import publish_dir, staging
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.modelfile import (PROTOBUF_LIMIT, Model, StreamDigest, check_model_path, sha256_file,
-                                   write_model_files)
+from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model, StreamDigest, check_model_path, write_model_files
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list["Part"]
     static_producer = {o: n for n in g.node if n.output[0] not in dyn_keys for o in n.output}
     inits = {t.name: t for t in g.initializer}
     graph_inputs = [i for i in g.input if i.name not in inits]
+    side = [i for i in graph_inputs if i.name in set(side_inputs(model))]
     cut_tensors = [c.tensor for c in cuts]
     types = value_types(model, set(cut_tensors))
     result = []
@@ -166,7 +167,7 @@ def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list["Part"]
         nodes = [n for n in g.node if n.output[0] in chosen]
         used = {i for n in nodes for i in n.input}
         part_inits = [t for t in g.initializer if t.name in used]
-        ins = graph_inputs if k == 0 else [types[cut_tensors[k - 1]]]
+        ins = graph_inputs if k == 0 else [types[cut_tensors[k - 1]]] + side
         ins = [i for i in ins if i.name in used]
         outs = list(g.output) if k == len(bounds) - 2 else [types[cut_tensors[k]]]
         produced = {o for n in nodes for o in n.output}
@@ -245,7 +246,7 @@ def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, pr
         entries, digests = [], []
         for k, part in enumerate(value.parts):
             name = f"part{k}.onnx"
-            # each part's sha256 is computed by its own thread while its bytes are copied
+            # each part's hash (xxh3_128) is computed by its own thread while its bytes are copied
             digest = StreamDigest()
             digests.append(digest)
             path = write_model_files(part.model, tmp, name, progress=f"part{k}" if progress else None, digest=digest)
@@ -257,9 +258,9 @@ def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, pr
                             "nodes": len(part.model.graph.node),
                             "data_bytes": (tmp / (name + ".data")).stat().st_size})
         for e, d in zip(entries, digests):
-            e["data_sha256"] = d.hexdigest()
+            e["data_hash"] = d.record()
         for e in entries:
-            e["onnx_sha256"] = sha256_file(tmp / e["path"])
+            e["onnx_hash"] = file_hash_record(tmp / e["path"])
         write_manifest(tmp, entries, source=value.source, cuts=value.cuts)
         publish_dir(tmp, out_dir)
     return entries

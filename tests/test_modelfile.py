@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import check_written, ort_run, tiny_pixels
 from qvl_surgery.errors import BadInput
-from qvl_surgery.modelfile import FileRange, load_model, save_model
+from qvl_surgery.modelfile import Computed, FileRange, Model, load_model, save_model, single_file_size
 
 
 def _small_external_model(d, n=3, size=4096):
@@ -122,3 +122,193 @@ def test_copy_falls_back_to_chunks_where_the_kernel_cannot(tiny_448, tmp_path, m
     a, b = load_model(tiny_448), load_model(out)
     for name in a.sources:
         assert a.read_array(name).tobytes() == b.read_array(name).tobytes()
+
+
+# ----------------------------------------------------------------------------- one self-contained file
+
+def _save_both(model, d):
+    ext = save_model(model, d / "ext.onnx")
+    single = save_model(model, d / "single.onnx", single_file=True)
+    return ext, single
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_single_file_runs_like_external_data(tiny_448, tmp_path, dtype):
+    from passes.fp16 import convert_fp16
+    model = load_model(tiny_448)
+    if dtype == "fp16":
+        model = convert_fp16(model)[0]   # Computed sources: converted while written
+    ext, single = _save_both(model, tmp_path)
+    assert not single.with_name("single.onnx.data").exists()
+    assert single.stat().st_size == single_file_size(model)
+    check_written(single)
+    loaded = onnx.load(str(single))  # plain onnx.load: every weight inline
+    assert all(t.data_location != TensorProto.EXTERNAL and not t.external_data for t in loaded.graph.initializer)
+    assert {t.data_type for t in loaded.graph.initializer} >= ({TensorProto.FLOAT16} if dtype == "fp16" else {1})
+    px = tiny_pixels((448, 448), seed=3).astype(np.float16 if dtype == "fp16" else np.float32)
+    a, = ort_run(ext, {"pixel_values": px})
+    b, = ort_run(single, {"pixel_values": px})
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "single.onnx"]
+
+
+def test_single_file_is_what_onnx_save_writes(tiny_448, tmp_path):
+    """The hand-written wire format is byte for byte protobuf's serialization of the same model."""
+    single = save_model(load_model(tiny_448), tmp_path / "single.onnx", single_file=True)
+    whole = onnx.load(str(tiny_448))  # weights read into raw_data
+    for t in whole.graph.initializer:
+        t.ClearField("data_location")  # onnx.load sets it to DEFAULT explicitly
+    assert single.read_bytes() == whole.SerializeToString()
+
+
+def _fake_big_model(nbytes_each, count):
+    """A Model whose Computed weights declare their sizes and must never be made."""
+    def never():
+        raise AssertionError("a refused write must not compute weights")
+    ws, nodes, cur = [], [], "x"
+    n = nbytes_each // 4
+    for k in range(count):
+        t = TensorProto(name=f"w{k}", data_type=TensorProto.FLOAT, dims=[n])
+        t.data_location = TensorProto.EXTERNAL
+        ws.append(t)
+        nodes.append(helper.make_node("Add", [cur, f"w{k}"], [f"h{k}"], name=f"add{k}"))
+        cur = f"h{k}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                          [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [n])], initializer=ws)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return Model(proto, {f"w{k}": Computed(never, n * 4) for k in range(count)})
+
+
+def test_single_file_over_2gb_is_refused_before_anything_is_written(tmp_path):
+    model = _fake_big_model(700 << 20, 3)   # 2.2 GB declared, nothing made
+    assert single_file_size(model) > 2**31
+    with pytest.raises(BadInput) as e:
+        save_model(model, tmp_path / "big.onnx", single_file=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "2 GB" in msg and "drop single_file=True" in msg
+    assert e.value.render(lambda name: "--single-file" if name == "single_file" else None).endswith(
+        "drop --single-file to write the weights to big.onnx.data")
+    assert list(tmp_path.iterdir()) == []
+    # just under the limit the same model shape is accepted by the size check
+    assert single_file_size(_fake_big_model(600 << 20, 3)) < 2**31
+
+
+def test_single_file_replaces_an_external_data_output(tiny_448, tmp_path):
+    m = load_model(tiny_448)
+    save_model(m, tmp_path / "o.onnx")
+    with pytest.raises(BadInput, match="already exists"):
+        save_model(m, tmp_path / "o.onnx", single_file=True)
+    save_model(m, tmp_path / "o.onnx", single_file=True, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]  # the old weights went with the old model
+    check_written(tmp_path / "o.onnx")
+
+
+def test_failed_single_file_save_leaves_nothing(tmp_path, tiny_448):
+    m = load_model(tiny_448)
+    m.graph.node[0].op_type = "NoSuchOp"  # the checker rejects it before anything is published
+    with pytest.raises(Exception, match="NoSuchOp"):
+        save_model(m, tmp_path / "bad.onnx", single_file=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_single_file_write_streams(tmp_path):
+    """A 320 MB model (64 weights of 5 MB) written as one file, from computed weights and from
+    file ranges: the child's peak RSS stays far below the model (about 50 MB of imports plus a
+    few tensors in flight; 90-115 MB measured)."""
+    import textwrap
+    from conftest import peak_rss_mb_of
+    code = textwrap.dedent(f"""
+        import numpy as np, os
+        from onnx import TensorProto, helper
+        from qvl_surgery.modelfile import Computed, Model, load_model, save_model
+        N, K = 5 << 18, 64      # floats per weight (5 MB), weights
+        ws, nodes, cur = [], [], "x"
+        for k in range(K):
+            t = TensorProto(name=f"w{{k}}", data_type=TensorProto.FLOAT, dims=[N])
+            t.data_location = TensorProto.EXTERNAL
+            ws.append(t)
+            nodes.append(helper.make_node("Add", [cur, f"w{{k}}"], [f"h{{k}}"], name=f"add{{k}}"))
+            cur = f"h{{k}}"
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N])],
+                              [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [N])], initializer=ws)
+        m = Model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                  {{f"w{{k}}": Computed(lambda k=k: np.full(N, k, np.float32), N * 4) for k in range(K)}})
+        d = {str(tmp_path)!r}
+        save_model(m, d + "/computed.onnx", single_file=True)
+        save_model(m, d + "/ext.onnx")
+        save_model(load_model(d + "/ext.onnx"), d + "/ranges.onnx", single_file=True)
+        print(os.path.getsize(d + "/computed.onnx"))
+    """)
+    peak, out = peak_rss_mb_of(code)
+    size_mb = int(out.split()[-1]) / 2**20
+    print(f"single-file write of a {size_mb:.0f} MB model: peak RSS {peak:.0f} MB")
+    assert size_mb > 300
+    assert peak < 0.4 * size_mb, peak
+    a, b = (tmp_path / "computed.onnx").read_bytes(), (tmp_path / "ranges.onnx").read_bytes()
+    assert a == b
+    t = onnx.load(str(tmp_path / "ranges.onnx")).graph.initializer[63]
+    assert numpy_helper.to_array(t)[[0, -1]].tolist() == [63.0, 63.0]
+
+
+# ----------------------------------------------------------------------------- integrity hashes
+
+def test_streamed_digest_equals_file_hash_for_each_algorithm(tiny_448, tmp_path):
+    from qvl_surgery.modelfile import HASH_ALGORITHMS, StreamDigest, hash_file, sha256_file, write_model_files
+    import hashlib
+    for algo in HASH_ALGORITHMS:
+        d = StreamDigest(algo)
+        (tmp_path / algo).mkdir()
+        write_model_files(load_model(tiny_448), tmp_path / algo, "m.onnx", digest=d)
+        data = tmp_path / algo / "m.onnx.data"
+        assert d.record() == {algo: hash_file(data, algo)}
+    assert sha256_file(data) == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def _old_style(manifest):
+    """Rewrite a manifest as splits written before the hash change were: sha256 fields."""
+    import json
+    from qvl_surgery.modelfile import sha256_file
+    doc = json.loads(manifest.read_text())
+    for p in doc["parts"]:
+        del p["data_hash"], p["onnx_hash"]
+        p["data_sha256"] = sha256_file(manifest.parent / p["data"])
+        p["onnx_sha256"] = sha256_file(manifest.parent / p["path"])
+    manifest.write_text(json.dumps(doc))
+    return doc
+
+
+def test_manifests_with_sha256_are_still_verified(tiny_448, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+    from passes.split import split
+    from qvl_surgery.manifest import hash_checks, read_manifest
+    split(load_model(tiny_448), tmp_path / "p", parts=2)
+    man = tmp_path / "p" / "manifest.json"
+    assert {algo for _, algo, _ in hash_checks(read_manifest(man))} == {"xxh3_128"}
+    _old_style(man)
+    assert {algo for _, algo, _ in hash_checks(read_manifest(man))} == {"sha256"}
+    r = run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "-q")
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "p" / "part0.onnx.data"
+    b = bytearray(data.read_bytes())
+    b[-1] ^= 0xFF
+    data.write_bytes(bytes(b))
+    with pytest.raises(BadInput, match="sha256 does not match"):
+        read_manifest(man)
+    err = assert_one_line_error(run_cli("merge", tmp_path / "p", "-o", tmp_path / "m2.onnx"))
+    assert "part0.onnx.data" in err
+    assert not (tmp_path / "m2.onnx").exists()
+
+
+def test_manifest_with_only_unknown_hashes_is_refused(tiny_448, tmp_path):
+    import json
+    from passes.split import split
+    from qvl_surgery.manifest import read_manifest
+    split(load_model(tiny_448), tmp_path / "p", parts=2)
+    man = tmp_path / "p" / "manifest.json"
+    doc = json.loads(man.read_text())
+    doc["parts"][1]["data_hash"] = {"blake9": "00"}
+    doc["parts"][0]["data_hash"]["blake9"] = "00"   # beside a known one: ignored
+    man.write_text(json.dumps(doc))
+    with pytest.raises(BadInput, match="part1.onnx records only 'blake9'") as e:
+        read_manifest(man)
+    assert "\n" not in str(e.value)

@@ -38,7 +38,8 @@ def test_split_chain_merge_round_trip(request, tmp_path, fixture, size, parts):
         check_written(path)
         assert onnx.load(str(path)).graph.node  # plain onnx.load, external data included
         assert p["data_bytes"] == (tmp_path / "parts" / p["data"]).stat().st_size
-        assert len(p["data_sha256"]) == 64 and p["inputs"] and p["outputs"]
+        assert len(p["data_hash"]["xxh3_128"]) == 32 and len(p["onnx_hash"]["xxh3_128"]) == 32
+        assert p["inputs"] and p["outputs"]
         # chain order: each part's inputs are the previous part's outputs
         if k:
             assert p["inputs"] == man["parts"][k - 1]["outputs"]
@@ -190,11 +191,11 @@ def test_each_part_runs_under_polygraphy(tiny_448, tmp_path):
         assert "PASSED" in r.stdout + r.stderr
 
 
-def test_streamed_sha256_matches_the_written_files(tiny_448, tmp_path):
+def test_streamed_hash_matches_the_written_files(tiny_448, tmp_path):
     from passes.fp16 import convert_fp16
-    from qvl_surgery.modelfile import sha256_file
+    from qvl_surgery.modelfile import hash_file
     # computed sources (fp16 conversion while writing), file ranges and alignment gaps all hashed in stream
     for name, model in (("fp32", load_model(tiny_448)), ("fp16", convert_fp16(load_model(tiny_448))[0])):
         r = split(model, tmp_path / name, parts=3)
         for p in r.parts:
-            assert p["data_sha256"] == sha256_file(tmp_path / name / p["data"])
+            assert p["data_hash"] == {"xxh3_128": hash_file(tmp_path / name / p["data"], "xxh3_128")}
