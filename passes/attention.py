@@ -545,6 +545,10 @@ def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chu
     under it (0: never)."""
     if mode not in MODES:
         raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
+    if model.metadata().get("qvl_surgery.dynamic"):
+        raise BadInput("this is a dynamic export: its attention is already per window (padded windows "
+                       "[windows, heads, 64, head_dim] with a key mask, full attention per frame) and has no S x S "
+                       "mask to drop; the attention pass rewrites static exports (fused modes included)")
     model = model.copy()
     g = model.graph
     report = AttentionReport(mode)

@@ -129,8 +129,12 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
 
 
 def calibration_inputs(model_path: Path, source: str) -> list[dict[str, np.ndarray]]:
-    """An .npz (one set of arrays, or arrays with a leading batch of sets) or image files (comma separated)."""
-    from .compare import pixel_values_from_image
+    """An .npz (one set of the model's inputs) or image files (comma separated): one input set per
+    image, each at the export size (static) or its own size (dynamic)."""
+    from .inputs import ModelKind, check_feeds, image_feeds
     if source.endswith(".npz"):
-        return [load_npz(source)]
-    return [{"pixel_values": pixel_values_from_image(model_path, s)} for s in source.split(",")]
+        feeds = load_npz(source)
+        check_feeds(ModelKind.of(model_path), feeds)
+        return [feeds]
+    kind = ModelKind.of(model_path)
+    return [image_feeds(kind, [s]) for s in source.split(",") if s]

@@ -40,6 +40,9 @@ def _epilog(cmd: str) -> str:
     return "example:\n  " + EXAMPLES[cmd]
 
 
+DEFAULT_IMAGE_SIZE = "448x448"
+
+
 # Shared option groups --------------------------------------------------------------------------
 
 def add_write_options(p: argparse.ArgumentParser, *,
@@ -56,7 +59,11 @@ def add_source_options(p: argparse.ArgumentParser, *, source_help: str) -> None:
     p.add_argument("source", nargs="?", type=Path, help=source_help)
     p.add_argument("--random-init", metavar="{tiny,3b,7b}", help="build from a published config with random weights")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
-    p.add_argument("--image-size", default="448x448", help="HEIGHTxWIDTH in pixels, multiples of 28 (default 448x448)")
+    p.add_argument("--image-size", help="HEIGHTxWIDTH in pixels, multiples of 28 (default 448x448); static exports")
+    p.add_argument("--dynamic", nargs="?", const="self", choices=["self", "host"],
+                   help="one file for any image size, several images and video: inputs pixel_values + "
+                        "image_grid_thw (self, the default), or pixel_values + grid tensors computed on the host "
+                        "(host: qvl_surgery.hostinputs.host_inputs)")
 
 
 def run_pass_command(a: argparse.Namespace) -> int:
@@ -128,11 +135,19 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .errors import BadInput
     if (a.source is None) == (a.random_init is None):
         raise BadInput("export: give a CHECKPOINT_DIR or --random-init {tiny,3b,7b}, not both or neither")
-    size = parse_image_size(a.image_size)
+    if a.dynamic and a.image_size is not None:
+        raise BadInput("export: --image-size fixes one size; a --dynamic export takes any size (drop one of them)")
+    size = parse_image_size(a.image_size or DEFAULT_IMAGE_SIZE)
     if a.random_init is not None:
         weights = RandomWeights(preset(a.random_init), seed=a.seed)
     else:
         weights = CheckpointWeights(a.source)
+    if a.dynamic:
+        from .dynamic import export_dynamic
+        report = export_dynamic(weights, a.output, host_inputs=a.dynamic == "host", progress=not a.quiet,
+                                overwrite=a.force)
+        print("\n".join(report.lines()))
+        return 0
     check_image_size(weights.cfg, size)
     report = export(weights, a.output, size, progress=not a.quiet, overwrite=a.force)
     print("\n".join(report.lines()))
@@ -148,7 +163,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare, load_inputs
-    feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, seed=a.seed)
+    feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, video=a.video, image_size=a.image_size, seed=a.seed)
     report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, atol=a.atol, rtol=a.rtol,
                      min_cosine=a.min_cosine, per_block=a.per_block, save_outputs=a.save_outputs,
                      save_inputs=a.save_inputs, verbose=a.verbose)
@@ -176,6 +191,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         source = {"random_init": a.random_init, "seed": a.seed}
     elif a.source is not None:
         source = {"model": a.source} if a.source.suffix == ".onnx" else {"checkpoint": a.source}
+    if a.dynamic:
+        source["dynamic"] = a.dynamic
     if not source:
         raise BadInput("run: give a SOURCE (checkpoint directory or .onnx export) or --random-init PRESET")
     if a.gen_script:
@@ -183,7 +200,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 0
     result = run_pipeline(out_dir=a.output, specs=specs, checkpoint=source.get("checkpoint"),
                           random_init=source.get("random_init"), seed=int(source.get("seed", 0)),
-                          model=source.get("model"), image_size=image_size, force=a.force, progress=not a.quiet)
+                          model=source.get("model"), image_size=image_size, dynamic=source.get("dynamic"),
+                          force=a.force, progress=not a.quiet)
     print("\n".join(result.lines()))
     return 0 if result.compare.get("passed") else 1
 
@@ -246,9 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ref", type=Path, help="reference model, or split folder / manifest.json")
     c.add_argument("cand", type=Path, help="candidate model, or split folder / manifest.json")
     src = c.add_mutually_exclusive_group()
-    src.add_argument("--inputs", help=".npz with one array per model input")
-    src.add_argument("--image", help="an image, resized to the export size and run through transformers' processor")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random input when neither is given")
+    src.add_argument("--inputs", help=".npz with one array per model input (a dynamic model: pixel_values and "
+                     "image_grid_thw)")
+    src.add_argument("--image", help="image file(s), comma separated, through transformers' processor: resized to "
+                     "the export size (static), or each at its own size in one call (dynamic)")
+    c.add_argument("--video", help="dynamic models: video frames (image files, comma separated; two per temporal "
+                   "patch), after the --image images in the same call")
+    c.add_argument("--image-size", help="dynamic models: random images of these sizes in one call, HxW[,HxW...] "
+                   "(default 448x448)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random input when no file is given")
     c.add_argument("--emulate-fp16", action="store_true",
                    help="run CAND with fp16 rounding emulated (onnxruntime's CPU provider hides fp16 error)")
     c.add_argument("--atol", type=float, default=1e-3)

@@ -23,7 +23,6 @@ from polygraphy.datatype import DataType
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
 from .modelfile import load_model, sibling_model
-from .runners import load_npz
 
 log = logging.getLogger(__name__)
 
@@ -168,44 +167,18 @@ class CompareReport:
                 "outputs": [s.__dict__ for s in self.outputs], "per_block": [s.__dict__ for s in self.per_block]}
 
 
-def load_inputs(ref_path: Path, *, inputs: str | None = None, image: str | None = None,
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds from an .npz, an image (through transformers' processor at the export size), or random."""
-    ins, _ = _io_of(ref_path)
-    if inputs:
-        feeds = load_npz(inputs)
-    elif image:
-        feeds = {"pixel_values": pixel_values_from_image(ref_path, image)}
-    else:
-        rng = np.random.default_rng(seed)
-        feeds = {n: rng.standard_normal([d or 1 for d in shape]).astype(np.float32) for n, _, shape in ins}
-    for n, dt, shape in ins:
-        if n not in feeds:
-            raise BadInput(f"inputs: no array named {n!r} (the model takes {[i[0] for i in ins]})")
-        got = list(feeds[n].shape)
-        if [d for d in shape] != got and all(d is not None for d in shape):
-            raise BadInput(f"inputs: {n!r} has shape {got}, the model takes {shape}")
-    return feeds
+def load_inputs(ref_path: Path, *, inputs: str | None = None, image: str | None = None, video: str | None = None,
+                image_size: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds from an .npz, images / video frames (through transformers' processor), or random
+    (see :mod:`qvl_surgery.inputs`)."""
+    from .inputs import load_inputs as _load
+    return _load(ref_path, inputs=inputs, image=image, video=video, image_size=image_size, seed=seed)
 
 
 def pixel_values_from_image(model_path: Path, image: str) -> np.ndarray:
-    """An image file resized to the export size and run through transformers' Qwen2VLImageProcessor."""
-    from PIL import Image
-    from transformers import Qwen2VLImageProcessor
-    p = model_path
-    if is_manifest_path(p):
-        m = read_manifest(p, verify_hashes=False)
-        p = m.part_paths()[0]
-    meta = load_model(p).metadata()
-    if "qvl_surgery.image_size" not in meta:
-        raise BadInput(f"{model_path}: no qvl_surgery.image_size metadata; pass --inputs FILE.npz instead of --image")
-    h, w = (int(x) for x in meta["qvl_surgery.image_size"].split("x"))
-    try:
-        img = Image.open(image).convert("RGB").resize((w, h), Image.BICUBIC)
-    except Exception as e:
-        raise BadInput(f"{image}: not a readable image ({type(e).__name__})") from None
-    proc = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w)
-    return proc(images=[img], return_tensors="np")["pixel_values"].astype(np.float32)
+    """One image through transformers' processor, at a static export's size."""
+    from .inputs import ModelKind, image_feeds
+    return image_feeds(ModelKind.of(model_path), [image])["pixel_values"]
 
 
 def block_output_names(path: Path) -> list[str]:
@@ -228,6 +201,8 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
     # polygraphy's own log is long (histograms per tensor); this command prints a summary instead.
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL
     ref, cand = Path(ref), Path(cand)
+    from .inputs import ModelKind, check_feeds
+    check_feeds(ModelKind.of(ref), feeds)
     extra = block_output_names(ref) if per_block else []
     if per_block and is_manifest_path(ref):
         raise BadInput("--per-block needs REF to be a single model, not a split")

@@ -84,18 +84,17 @@ def _files(path: Path) -> tuple[int, int]:
 
 def _latency(path: Path, feeds: dict) -> float:
     from .manifest import is_manifest_path
-    from .runners import run_chain, ort_session
+    from .runners import cast_feeds, run_chain, ort_session
     if is_manifest_path(path):
         run_chain(path, feeds)
         t = time.perf_counter()
         run_chain(path, feeds)
         return time.perf_counter() - t
     sess = ort_session(path)
-    inp = sess.get_inputs()[0]
-    x = feeds[inp.name].astype(np.float16 if "float16" in inp.type else np.float32)
-    sess.run(None, {inp.name: x})
+    x = cast_feeds(sess, feeds)
+    sess.run(None, x)
     t = time.perf_counter()
-    sess.run(None, {inp.name: x})
+    sess.run(None, x)
     return time.perf_counter() - t
 
 
@@ -114,7 +113,11 @@ def gen_script(source: dict, image_size: str, specs: list[Pass], out_dir: Path) 
             lines.append(f"weights = CheckpointWeights({str(source['checkpoint'])!r})")
         else:
             lines.append(f"weights = RandomWeights(PRESETS[{source['random_init']!r}], seed={source.get('seed', 0)})")
-        lines.append(f"model = build_encoder(weights.cfg, weights, parse_image_size({image_size!r}))")
+        if source.get("dynamic"):
+            lines += ["from qvl_surgery.dynamic import build_dynamic_encoder",
+                      f"model = build_dynamic_encoder(weights.cfg, weights, host_inputs={source['dynamic'] == 'host'})"]
+        else:
+            lines.append(f"model = build_encoder(weights.cfg, weights, parse_image_size({image_size or '448x448'!r}))")
         lines.append(f"save_model(model, {str(reference)!r}, overwrite=True)   # the reference")
     for k, p in enumerate(specs):
         if p.gives == "split" and k == len(specs) - 1:  # split ends the run: it writes the parts
@@ -128,10 +131,16 @@ def gen_script(source: dict, image_size: str, specs: list[Pass], out_dir: Path) 
     return "\n".join(line.replace("REFERENCE", repr(str(reference))) for line in lines)
 
 
+DYNAMIC_COMPARE_SIZES = "448x448,252x364"
+
+
 def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Path | None = None,
                  random_init: str | None = None, seed: int = 0, model: str | Path | None = None,
-                 image_size: str = "448x448", force: bool = False, progress: bool = True,
-                 latency: bool = True) -> RunResult:
+                 image_size: str | None = None, dynamic: str | None = None, force: bool = False,
+                 progress: bool = True, latency: bool = True) -> RunResult:
+    """Export (static at ``image_size``, or ``dynamic`` "self"/"host") or take an fp32 export, run
+    the passes, write the result, compare it with the export. For a dynamic model ``image_size``
+    lists the sizes of the comparison's images (one call, default 448x448,252x364)."""
     from passes.split import save_split
     from .compare import compare, load_inputs
     from .config import check_image_size, parse_image_size, preset
@@ -159,10 +168,14 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
             raise BadInput(f"{reference}: run needs the fp32 export as its source (it is the reference of the comparison)")
     else:
         weights = CheckpointWeights(checkpoint) if checkpoint is not None else RandomWeights(preset(random_init), seed)
-        size = check_image_size(weights.cfg, parse_image_size(image_size))
         reference = out_dir / "model.fp32.onnx"
-        save_model(build_encoder(weights.cfg, weights, size), reference, progress="export" if progress else None,
-                   overwrite=force)
+        if dynamic:
+            from .dynamic import build_dynamic_encoder
+            exported = build_dynamic_encoder(weights.cfg, weights, host_inputs=dynamic == "host")
+        else:
+            size = check_image_size(weights.cfg, parse_image_size(image_size or "448x448"))
+            exported = build_encoder(weights.cfg, weights, size)
+        save_model(exported, reference, progress="export" if progress else None, overwrite=force)
         reports.append(("export", [f"exported {reference} ({weights.description})"]))
         current = load_model(reference)
     with staging(out_dir / "work") as work:
@@ -179,7 +192,8 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
             # the fp16 report's clamp counts are filled while writing, so they print after
             reports.append(("write", [f"wrote {result}"]))
     fp16 = current.metadata().get("qvl_surgery.dtype") == "float16"
-    feeds = load_inputs(reference, seed=0)
+    is_dynamic = bool(current.metadata().get("qvl_surgery.dynamic"))
+    feeds = load_inputs(reference, seed=0, image_size=(image_size or DYNAMIC_COMPARE_SIZES) if is_dynamic else None)
     cmp = compare(reference, result, feeds=feeds, emulate_fp16=fp16, atol=5e-2 if fp16 else 1e-4,
                   rtol=5e-2 if fp16 else 1e-4, min_cosine=0.999 if fp16 else 0.99999)
     (out_dir / "compare.json").write_text(json.dumps(cmp.to_dict(), indent=1))

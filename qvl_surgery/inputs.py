@@ -1,0 +1,162 @@
+"""What to feed a model: the inputs of a static export (one image of the export size), of a
+dynamic export (``pixel_values`` + ``image_grid_thw``: several images of any size, video frames),
+or of its host-inputs kind (``pixel_values`` + the grid tensors computed on the host).
+
+Sources, for any kind: an ``.npz`` holding the model's inputs by name (a dynamic one: at least
+``pixel_values`` and ``image_grid_thw``), image files run through transformers'
+``Qwen2VLImageProcessor``, video frames (a dynamic model only), or random pixels with a fixed
+seed (``image_sizes`` for a dynamic model, one image per size). Feeds for a dynamic model are
+checked (:func:`check_feeds`): a grid that does not match the pixel rows, odd sides, zero or
+negative entries are refused in one line, before onnxruntime sees them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import VisionConfig, check_image_size, parse_image_size
+from .errors import BadInput
+from .manifest import is_manifest_path, read_manifest
+from .modelfile import load_model
+
+GRID = "image_grid_thw"
+PIXELS = "pixel_values"
+
+
+@dataclass
+class ModelKind:
+    """What a model (or a split's first part) takes, from its metadata."""
+
+    dynamic: str | None            # None (static), "self" or "host"
+    cfg: VisionConfig | None
+    image_size: tuple[int, int] | None
+    inputs: list[tuple[str, np.dtype, list]]
+
+    @classmethod
+    def of(cls, path: str | Path) -> "ModelKind":
+        from .compare import _io_of
+        p = Path(path)
+        if is_manifest_path(p):
+            p = read_manifest(p, verify_hashes=False).part_paths()[0]
+        meta = load_model(p).metadata()
+        cfg = None
+        if "qvl_surgery.vision_config" in meta:
+            cfg = VisionConfig.from_dict(json.loads(meta["qvl_surgery.vision_config"]))
+        size = meta.get("qvl_surgery.image_size")
+        return cls(meta.get("qvl_surgery.dynamic"), cfg,
+                   tuple(int(x) for x in size.split("x")) if size else None, _io_of(Path(path))[0])
+
+
+def _processor(kind: ModelKind, fixed: tuple[int, int] | None):
+    from transformers import Qwen2VLImageProcessor
+    cfg = kind.cfg
+    kw = {} if cfg is None else {"patch_size": cfg.patch_size, "temporal_patch_size": cfg.temporal_patch_size,
+                                 "merge_size": cfg.spatial_merge_size}
+    if fixed is not None:
+        kw.update(min_pixels=fixed[0] * fixed[1], max_pixels=fixed[0] * fixed[1])
+    return Qwen2VLImageProcessor(**kw)
+
+
+def _open_image(path: str, size: tuple[int, int] | None = None):
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise BadInput(f"{path}: not a readable image ({type(e).__name__})") from None
+    return img.resize((size[1], size[0]), Image.BICUBIC) if size else img
+
+
+def image_feeds(kind: ModelKind, images: list[str], video: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Images (and video frames) through transformers' processor. A static model: one image,
+    resized to the export size. A dynamic model: each image at its own size (the processor's
+    smart_resize), then the video's frames (two per temporal patch), in one call."""
+    if kind.dynamic is None:
+        if video:
+            raise BadInput("{video}: a static export takes one image; export with --dynamic for video",
+                           video=",".join(video))
+        if kind.image_size is None:
+            raise BadInput(f"{images[0]}: the model has no qvl_surgery.image_size metadata; pass an .npz with "
+                           "{inputs} instead of {image}", inputs="FILE.npz", image=images[0])
+        if len(images) != 1:
+            raise BadInput("{image}: a static export takes one image; export with --dynamic for several",
+                           image=",".join(images))
+        proc = _processor(kind, kind.image_size)
+        px = proc(images=[_open_image(images[0], kind.image_size)], return_tensors="np")["pixel_values"]
+        return {PIXELS: px.astype(np.float32)}
+    proc = _processor(kind, None)
+    pixels, grids = [], []
+    if images:
+        out = proc(images=[_open_image(p) for p in images], return_tensors="np")
+        pixels.append(out["pixel_values"])
+        grids.append(out["image_grid_thw"])
+    if video:
+        out = proc(images=None, videos=[[_open_image(p) for p in video]], return_tensors="np")
+        pixels.append(out["pixel_values_videos"])
+        grids.append(out["video_grid_thw"])
+    return dynamic_feeds(kind, np.concatenate(pixels).astype(np.float32), np.concatenate(grids).astype(np.int64))
+
+
+def random_feeds(kind: ModelKind, *, seed: int = 0, image_sizes: list[tuple[int, int]] | None = None
+                 ) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if kind.dynamic is None:
+        return {n: rng.standard_normal([d or 1 for d in shape]).astype(np.float32) for n, _, shape in kind.inputs}
+    cfg = kind.cfg
+    sizes = image_sizes or [(448, 448)]
+    grid = np.array([[1, h // cfg.patch_size, w // cfg.patch_size]
+                     for h, w in (check_image_size(cfg, s) for s in sizes)], np.int64)
+    px = rng.standard_normal((int(np.prod(grid, axis=1).sum()), cfg.patch_dim)).astype(np.float32)
+    return dynamic_feeds(kind, px, grid)
+
+
+def dynamic_feeds(kind: ModelKind, pixel_values: np.ndarray, grid_thw: np.ndarray) -> dict[str, np.ndarray]:
+    """``pixel_values`` + ``image_grid_thw`` checked; for the host kind, the grid tensors instead of the grid."""
+    from .dynamic import check_grid
+    grid = check_grid(kind.cfg, len(pixel_values), grid_thw)
+    if kind.dynamic == "host":
+        from .hostinputs import host_inputs
+        return {PIXELS: pixel_values, **host_inputs(kind.cfg, grid, len(pixel_values))}
+    return {PIXELS: pixel_values, GRID: grid}
+
+
+def check_feeds(kind: ModelKind, feeds: dict[str, np.ndarray]) -> None:
+    """Refuse, in one line, feeds a dynamic model would misread (onnxruntime would fail with a long
+    shape error, or return wrong numbers without one)."""
+    if kind.dynamic == "self" and PIXELS in feeds and GRID in feeds:
+        from .dynamic import check_grid
+        check_grid(kind.cfg, len(feeds[PIXELS]), feeds[GRID])
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [parse_image_size(s) for s in text.split(",") if s.strip()]
+
+
+def load_inputs(ref_path: str | Path, *, inputs: str | None = None, image: str | None = None,
+                video: str | None = None, image_size: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for ``ref_path`` (a model or a split): an .npz, images (comma separated) and/or video
+    frames (comma separated), random pixels at ``image_size`` ("HxW[,HxW...]", dynamic models), or
+    random pixels of the static export's size."""
+    from .runners import load_npz
+    kind = ModelKind.of(ref_path)
+    if inputs:
+        feeds = load_npz(inputs)
+        if kind.dynamic == "host" and GRID in feeds and PIXELS in feeds:
+            feeds = dynamic_feeds(kind, feeds[PIXELS], feeds[GRID])
+    elif image or video:
+        feeds = image_feeds(kind, [s for s in (image or "").split(",") if s], [s for s in (video or "").split(",") if s])
+    else:
+        if image_size and kind.dynamic is None:
+            raise BadInput("{image_size}: a static export has one size; it applies to dynamic exports",
+                           image_size=image_size)
+        feeds = random_feeds(kind, seed=seed, image_sizes=parse_sizes(image_size) if image_size else None)
+    check_feeds(kind, feeds)
+    for n, dt, shape in kind.inputs:
+        if n not in feeds:
+            raise BadInput(f"inputs: no array named {n!r} (the model takes {[i[0] for i in kind.inputs]})")
+        got = list(np.shape(feeds[n]))
+        if len(got) != len(shape) or any(d is not None and d != g for d, g in zip(shape, got)):
+            raise BadInput(f"inputs: {n!r} has shape {got}, the model takes {shape}")
+    return feeds
