@@ -468,7 +468,7 @@ def _vision_passes(passes) -> list:
         return []
     specs = parse_spec(passes) if isinstance(passes, str) else list(passes)
     if not all(isinstance(p, Pass) for p in specs):
-        raise BadInput("{passes}: give pass specs as text (e.g. 'attention') or Pass instances", passes=str(passes))
+        raise BadInput("{passes}: give pass specs as text (e.g. 'simplify') or Pass instances", passes=str(passes))
     Sequential(specs)  # checks the chain
     if specs[-1].gives != "model":
         raise BadInput("{passes}: the package holds one vision model; split cannot be the last pass",
@@ -481,13 +481,11 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
             builder_python: str | Path | None = None) -> PackageReport:
     """Write a folder that ``runtime`` loads as it is (see the module docstring for its files).
 
-    ``passes``: graph passes for the vision model (``--passes`` text such as ``attention`` or Pass
+    ``passes``: graph passes for the vision model (``--passes`` text such as ``simplify`` or Pass
     instances), applied to the dynamic export before it is written. ``fp16``: refused for
     onnxruntime-genai, whose CPU provider runs fp32 models. ``overwrite``: replace an existing
     ``out_dir``. ``builder_python``: a Python that can import onnxruntime-genai's builder
     (default: :func:`builder_env`, created on first use)."""
-    from .dynamic import INPUT_NAME, GRID_NAME, OUTPUT_NAME, build_dynamic_encoder
-    from .passbase import Context, Sequential
     from .weights import CheckpointWeights
 
     t0 = time.monotonic()
@@ -524,17 +522,7 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
         builder_cfg = json.loads((tmp / "genai_config.json").read_text())
 
         # 2. the vision model: the dynamic export, then the passes
-        vision = build_dynamic_encoder(weights.cfg, weights)
-        applied: list[str] = []
-        if specs:
-            with staging(tmp / "work") as work:
-                context = Context(progress=progress, workdir=work)
-                vision, reports = Sequential(specs)(vision, context)
-                applied = [p.text() for p in specs]
-                _check_vision_io(vision, INPUT_NAME, GRID_NAME, OUTPUT_NAME)
-                save_model(vision, tmp / "vision.onnx", progress="vision" if progress else None)
-        else:
-            save_model(vision, tmp / "vision.onnx", progress="vision" if progress else None)
+        applied, vision_nodes = write_vision_model(weights, tmp / "vision.onnx", specs, progress=progress)
 
         # 3. the embedding model
         save_model(build_embedding_model(ckpt), tmp / "embedding.onnx", progress="embedding" if progress else None)
@@ -555,11 +543,31 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the package is an ordinary folder
         publish_dir(tmp, out)
     return PackageReport(out_dir=out, runtime=runtime, files=files, vision_passes=applied,
-                         vision_nodes=len(vision.graph.node),
+                         vision_nodes=vision_nodes,
                          token_ids={"image": ckpt.image_token_id, "video": ckpt.video_token_id,
                                     "vision_start": ckpt.vision_start_token_id},
                          builder_python=python, builder_seconds=builder_s, seconds=time.monotonic() - t0,
                          notes=notes)
+
+
+def write_vision_model(weights, out: Path, passes=None, *, progress: bool = False) -> tuple[list[str], int]:
+    """The toolkit's dynamic export (self-contained: ``pixel_values`` + ``image_grid_thw`` ->
+    ``image_features``) of ``weights``, with ``passes`` applied, written to ``out``; returns the
+    passes applied (as text) and the node count. The passes must keep the runtime's inputs,
+    outputs and fp32 features."""
+    from .dynamic import GRID_NAME, INPUT_NAME, OUTPUT_NAME, build_dynamic_encoder
+    from .passbase import Context, Sequential
+    specs = _vision_passes(passes)
+    vision = build_dynamic_encoder(weights.cfg, weights)
+    bar = "vision" if progress else None
+    if not specs:
+        save_model(vision, out, progress=bar)
+        return [], len(vision.graph.node)
+    with staging(out.with_name(out.name + ".work")) as work:  # simplify writes its result there
+        vision, _ = Sequential(specs)(vision, Context(progress=progress, workdir=work))
+        _check_vision_io(vision, INPUT_NAME, GRID_NAME, OUTPUT_NAME)
+        save_model(vision, out, progress=bar)
+    return [p.text() for p in specs], len(vision.graph.node)
 
 
 def _check_vision_io(model: Model, pixels: str, grid: str, features: str) -> None:

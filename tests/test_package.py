@@ -4,7 +4,6 @@ transformers' generate, token for token."""
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,8 @@ import pytest
 import torch
 
 from qvl_surgery.errors import BadInput, QvlError
-from qvl_surgery.package import build_embedding_model, builder_env, Checkpoint, package
+from qvl_surgery.package import build_embedding_model, builder_env, Checkpoint, package, write_vision_model
+from qvl_surgery.weights import CheckpointWeights
 from qvl_surgery.testing import make_tiny_checkpoint
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -190,3 +190,13 @@ def test_failed_builder_leaves_nothing(packaged, tmp_path):
         package(src, tmp_path / "out", builder_python=fake)
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == ["fake-python"]
+
+
+def test_vision_passes_must_keep_the_runtime_contract(packaged, tmp_path):
+    """The runtime feeds fp32 features to an fp32 decoder and needs one vision file."""
+    weights = CheckpointWeights(packaged[0])
+    with pytest.raises(BadInput, match="fp32 image features"):
+        write_vision_model(weights, tmp_path / "v.onnx", "fp16")
+    with pytest.raises(BadInput, match="split cannot be the last pass"):
+        write_vision_model(weights, tmp_path / "v.onnx", "split:parts=2")
+    assert os.listdir(tmp_path) == []
