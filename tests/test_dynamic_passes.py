@@ -1,0 +1,139 @@
+"""Every pass on the dynamic export, against transformers' visual forward: fp16 (emulated), split
+(chain), merge, simplify, the CLI's inputs for dynamic models, and one-line refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, assert_one_line_error, check_written, hf_vision_model, run_cli
+from passes.fp16 import convert_fp16
+from passes.merge import merge_to_file
+from passes.split import split
+from qvl_surgery.dynamic import export_dynamic
+from qvl_surgery.emulate import emulate
+from qvl_surgery.modelfile import load_model, save_model
+from qvl_surgery.runners import run_chain, run_model
+from qvl_surgery.weights import RandomWeights
+
+SEED = 4
+# one call each: a single uneven image, two sizes, image + video
+CASES = {"252x364": [[1, 18, 26]], "2 sizes": [[1, 32, 32], [1, 18, 26]], "image + video": [[1, 18, 26], [2, 16, 20]]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dynpasses")
+    weights = RandomWeights(TINY, seed=SEED)
+    export_dynamic(weights, d / "m.onnx", progress=False)
+    hf = hf_vision_model(TINY, weights.state_dict())
+    refs = {}
+    for name, grid in CASES.items():
+        grid = np.array(grid, np.int64)
+        px = np.random.default_rng(1).standard_normal((int(np.prod(grid, 1).sum()), TINY.patch_dim)).astype(np.float32)
+        with torch.no_grad():
+            refs[name] = (px, grid, hf(torch.from_numpy(px), torch.from_numpy(grid)).numpy())
+    return d, refs
+
+
+def _rel(out, ref):
+    assert out.shape == ref.shape and np.abs(ref).max() > 0.05
+    return float(np.abs(out.astype(np.float32) - ref).max() / np.abs(ref).max())
+
+
+def _cos(a, b):
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_split_chain_and_merge_equal_transformers(setup):
+    d, refs = setup
+    r = split(load_model(d / "m.onnx"), d / "parts", parts=3)
+    assert len(r.parts) == 3
+    man = json.loads((d / "parts" / "manifest.json").read_text())
+    for p in man["parts"][1:]:  # each later part takes the activation and the grid, with symbolic dims
+        assert [i["name"] for i in p["inputs"]][1:] == ["image_grid_thw"]
+        assert p["inputs"][0]["shape"][0] == "num_patches"
+    merge_to_file(d / "parts", d / "merged.onnx")
+    check_written(d / "merged.onnx")
+    for px, grid, ref in refs.values():
+        feeds = {"pixel_values": px, "image_grid_thw": grid}
+        assert _rel(run_chain(d / "parts", feeds)["image_features"], ref) <= 1e-4
+        assert _rel(run_model(d / "merged.onnx", feeds)["image_features"], ref) <= 1e-4
+
+
+def test_fp16_emulated_and_its_split_track_transformers(setup):
+    d, refs = setup
+    model, report = convert_fp16(load_model(d / "m.onnx"), keep_silu=True)
+    # the grid tables (rotary cos/sin computed from positions, masks) stay fp32, like the static
+    # export's precomputed constants
+    assert report.kept["grid tables"] and any("Cos" in n for n in report.kept["grid tables"])
+    save_model(model, d / "h.onnx")
+    split(load_model(d / "h.onnx"), d / "hparts", parts=2)
+    for px, grid, ref in refs.values():
+        feeds = {"pixel_values": px, "image_grid_thw": grid}
+        whole = emulate(d / "h.onnx", feeds)["image_features"]
+        chain = emulate(d / "hparts", feeds)["image_features"]
+        assert _cos(whole, ref) > 0.9999 and _rel(whole, ref) < 2e-2
+        assert np.array_equal(whole, chain)
+
+
+def test_simplify_keeps_the_dynamic_model_exact(setup, tmp_path):
+    d, refs = setup
+    r = run_cli("simplify", d / "m.onnx", "-o", tmp_path / "s.onnx", "-q")
+    assert r.returncode == 0, r.stderr
+    check_written(tmp_path / "s.onnx")
+    for px, grid, ref in refs.values():
+        out = run_model(tmp_path / "s.onnx", {"pixel_values": px, "image_grid_thw": grid})["image_features"]
+        assert _rel(out, ref) <= 1e-4
+
+
+def test_cli_compare_inputs_for_dynamic_models(setup, tmp_path):
+    from PIL import Image
+    d, _ = setup
+    rng = np.random.default_rng(0)
+    files = []
+    for k, (h, w) in enumerate([(300, 500), (200, 160), (56, 84), (56, 84)]):
+        files.append(tmp_path / f"i{k}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    split(load_model(d / "m.onnx"), tmp_path / "p", parts=2)
+    for args in (["--image", f"{files[0]},{files[1]}"], ["--image", str(files[0]), "--video", f"{files[2]},{files[3]}"],
+                 ["--image-size", "448x448,252x364,56x84"]):
+        r = run_cli("compare", d / "m.onnx", tmp_path / "p", *args, "--atol", "1e-5", "--rtol", "1e-5")
+        assert r.returncode == 0 and "PASSED" in r.stdout, args + [r.stdout, r.stderr]
+    grid = np.array([[1, 18, 26]], np.int64)
+    np.savez(tmp_path / "ok.npz", pixel_values=np.zeros((468, TINY.patch_dim), np.float32), image_grid_thw=grid)
+    r = run_cli("compare", d / "m.onnx", tmp_path / "p", "--inputs", tmp_path / "ok.npz")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("grid,needle", [
+    ([[1, 18, 26], [1, 2, 2]], "covers 472 patches"),
+    ([[1, 17, 26]], "multiples of spatial_merge_size"),
+    ([[0, 18, 26]], "must all be positive"),
+])
+def test_bad_grids_are_refused_in_one_line(setup, tmp_path, grid, needle):
+    d, _ = setup
+    np.savez(tmp_path / "bad.npz", pixel_values=np.zeros((468, TINY.patch_dim), np.float32),
+             image_grid_thw=np.array(grid, np.int64))
+    assert_one_line_error(run_cli("compare", d / "m.onnx", d / "m.onnx", "--inputs", tmp_path / "bad.npz"), needle)
+
+
+def test_what_does_not_apply_is_refused_in_one_line(setup, tmp_path):
+    d, _ = setup
+    assert_one_line_error(run_cli("attention", d / "m.onnx", "-o", tmp_path / "w.onnx"), "dynamic export")
+    assert_one_line_error(run_cli("export", "--random-init", "tiny", "--dynamic", "--image-size", "448x448",
+                                  "-o", tmp_path / "x.onnx"), "--image-size")
+    assert not (tmp_path / "w.onnx").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_run_dynamic_pipeline(tmp_path):
+    r = run_cli("run", "--random-init", "tiny", "--dynamic", "-o", tmp_path / "run", "--passes",
+                "fp16:keep_silu_fp32,split:parts=2", "-q")
+    assert r.returncode == 0 and "comparison against the fp32 export: PASSED" in r.stdout, r.stdout + r.stderr
+    meta = load_model(tmp_path / "run" / "parts" / "part0.onnx").metadata()
+    assert meta["qvl_surgery.dynamic"] == "self"
+    r = run_cli("run", "--random-init", "tiny", "--dynamic", "-o", tmp_path / "g", "--passes", "fp16", "--gen-script")
+    assert "build_dynamic_encoder" in r.stdout
+    exec(compile(r.stdout, "gen_script", "exec"), {})
+    check_written(tmp_path / "g" / "model.onnx")
