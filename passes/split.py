@@ -44,7 +44,7 @@ class SplitReport(PassReport):
     candidates: int = 0
 
     def summary(self) -> list[str]:
-        out = [f"split into {len(self.parts)} parts at {', '.join(self.cuts) or '(no cut)'} "
+        out = [f"split into {len(self.parts) or len(self.cuts) + 1} parts at {', '.join(self.cuts) or '(no cut)'} "
                f"({self.candidates} candidate cut points)" + (f" -> {self.out_dir}/{MANIFEST}" if self.out_dir else "")]
         for p in self.parts:
             out.append(f"  {p['path']:<12} {p['nodes']:5d} nodes  {p['data_bytes'] / 1e9:7.3f} GB  "
