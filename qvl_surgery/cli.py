@@ -46,12 +46,17 @@ DEFAULT_IMAGE_SIZE = "448x448"
 # Shared option groups --------------------------------------------------------------------------
 
 def add_write_options(p: argparse.ArgumentParser, *,
-                      what: str = "output model (.onnx; its .onnx.data goes beside it)") -> None:
-    """-o/--output, --force and -q/--quiet: shared by every subcommand that writes."""
+                      what: str = "output model (.onnx; its .onnx.data goes beside it)", model: bool = True) -> None:
+    """-o/--output, --force, -q/--quiet (and --single-file where a model is written): shared by every
+    subcommand that writes."""
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", required=True, type=Path, help=what)
     g.add_argument("--force", action="store_true", help="replace an existing output")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    if model:
+        g.add_argument("--single-file", action="store_true",
+                       help="one self-contained .onnx with every weight inline (models under 2 GB, e.g. the fp16 "
+                            "encoder; MNN misreads fp16 external data), still written by streaming")
 
 
 def add_source_options(p: argparse.ArgumentParser, *, source_help: str) -> None:
@@ -99,8 +104,8 @@ def run_pass_command(a: argparse.Namespace) -> int:
         report = result.report
         if cls.gives == "model":
             save_model(result.value, a.output, progress=None if a.quiet else cls.name, overwrite=a.force,
-                       inputs=inputs, before_publish=verify)
-            wrote = [f"wrote {a.output} ({a.output.name}.data beside it)"]
+                       inputs=inputs, before_publish=verify, single_file=a.single_file)
+            wrote = [f"wrote {a.output}" + ("" if a.single_file else f" ({a.output.name}.data beside it)")]
         else:
             report.out_dir = a.output
             report.parts = save_split(result.value, a.output, overwrite=a.force, progress=not a.quiet)
@@ -145,11 +150,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.dynamic:
         from .dynamic import export_dynamic
         report = export_dynamic(weights, a.output, host_inputs=a.dynamic == "host", progress=not a.quiet,
-                                overwrite=a.force)
+                                overwrite=a.force, single_file=a.single_file)
         print("\n".join(report.lines()))
         return 0
     check_image_size(weights.cfg, size)
-    report = export(weights, a.output, size, progress=not a.quiet, overwrite=a.force)
+    report = export(weights, a.output, size, progress=not a.quiet, overwrite=a.force, single_file=a.single_file)
     print("\n".join(report.lines()))
     return 0
 
@@ -201,7 +206,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     result = run_pipeline(out_dir=a.output, specs=specs, checkpoint=source.get("checkpoint"),
                           random_init=source.get("random_init"), seed=int(source.get("seed", 0)),
                           model=source.get("model"), image_size=image_size, dynamic=source.get("dynamic"),
-                          force=a.force, progress=not a.quiet)
+                          force=a.force, progress=not a.quiet, single_file=a.single_file)
     print("\n".join(result.lines()))
     return 0 if result.compare.get("passed") else 1
 
@@ -216,8 +221,10 @@ def add_pass_command(sub, cls) -> None:
     g = p.add_argument_group(f"{cls.name} options")
     for o in cls.options:
         o.add_to_parser(g)
-    add_write_options(p, what="output folder for partK.onnx(.data) and manifest.json" if cls.gives == "split"
-                      else "output model (.onnx; its .onnx.data goes beside it)")
+    if cls.gives == "split":
+        add_write_options(p, what="output folder for partK.onnx(.data) and manifest.json", model=False)
+    else:
+        add_write_options(p)
     p.add_argument("--gen-script", action="store_true", help="print the equivalent Python API calls and exit")
     p.set_defaults(func=run_pass_command, pass_cls=cls)
 

@@ -94,7 +94,8 @@ class ExportReport:
     weight_bytes: int
 
     def lines(self) -> list[str]:
-        return [f"exported {self.output} ({self.output.name}.data beside it)",
+        beside = self.output.with_name(self.output.name + ".data").exists()
+        return [f"exported {self.output}" + (f" ({self.output.name}.data beside it)" if beside else " (one file)"),
                 f"  image {self.image_size[0]}x{self.image_size[1]}: grid {list(self.grid)}, "
                 f"{self.seq_len} patches -> {self.tokens} tokens",
                 f"  {self.parameters:,} parameters, {self.weight_bytes / 1e9:.2f} GB fp32, {self.nodes} nodes"]
@@ -258,11 +259,13 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
 
 
 def export(weights: WeightSource, out: str | Path, image_size: tuple[int, int], *, progress: bool = True,
-           check: bool = True, overwrite: bool = False) -> ExportReport:
-    """Build the graph and stream every weight into ``out.data``; returns what was written."""
+           check: bool = True, overwrite: bool = False, single_file: bool = False) -> ExportReport:
+    """Build the graph and stream every weight into ``out.data`` (or into ``out`` itself with
+    ``single_file``, for models under 2 GB); returns what was written."""
     out = Path(out)
     model = build_encoder(weights.cfg, weights, image_size)
-    save_model(model, out, check=check, progress="export" if progress else None, overwrite=overwrite)
+    save_model(model, out, check=check, progress="export" if progress else None, overwrite=overwrite,
+               single_file=single_file)
     lay_grid = json.loads(model.metadata()[META + "grid"])
     S = int(np.prod(lay_grid))
     return ExportReport(output=out, image_size=tuple(image_size), grid=tuple(lay_grid), seq_len=S,

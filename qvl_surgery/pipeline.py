@@ -137,10 +137,11 @@ DYNAMIC_COMPARE_SIZES = "448x448,252x364"
 def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Path | None = None,
                  random_init: str | None = None, seed: int = 0, model: str | Path | None = None,
                  image_size: str | None = None, dynamic: str | None = None, force: bool = False,
-                 progress: bool = True, latency: bool = True) -> RunResult:
+                 progress: bool = True, latency: bool = True, single_file: bool = False) -> RunResult:
     """Export (static at ``image_size``, or ``dynamic`` "self"/"host") or take an fp32 export, run
     the passes, write the result, compare it with the export. For a dynamic model ``image_size``
-    lists the sizes of the comparison's images (one call, default 448x448,252x364)."""
+    lists the sizes of the comparison's images (one call, default 448x448,252x364). ``single_file``:
+    the result (unless a split) as one self-contained .onnx."""
     from passes.split import save_split
     from .compare import compare, load_inputs
     from .config import check_image_size, parse_image_size, preset
@@ -188,7 +189,8 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
             current = current.parts[-1].model
         else:
             result = out_dir / "model.onnx"
-            save_model(current, result, progress="write" if progress else None, overwrite=force)
+            save_model(current, result, progress="write" if progress else None, overwrite=force,
+                       single_file=single_file)
             # the fp16 report's clamp counts are filled while writing, so they print after
             reports.append(("write", [f"wrote {result}"]))
     fp16 = current.metadata().get("qvl_surgery.dtype") == "float16"

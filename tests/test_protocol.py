@@ -114,3 +114,28 @@ def test_polygraphy_runs_a_manifest_without_model_type(tiny_448, tmp_path):
     for target in (tmp_path / "p" / "manifest.json", tmp_path / "p"):
         r = subprocess.run([poly, "run", str(target), "--qvl-chain"], capture_output=True, text=True)
         assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_single_file_on_every_command_that_writes_a_model(tiny_448, tmp_path):
+    """--single-file: one self-contained .onnx (plain onnx.load with no data file beside it)."""
+    import onnx
+    outs = {"export": ["export", "--random-init", "tiny", "-o", tmp_path / "e.onnx"],
+            "export --dynamic": ["export", "--random-init", "tiny", "--dynamic", "-o", tmp_path / "d.onnx"],
+            "fp16": ["fp16", tiny_448, "-o", tmp_path / "h.onnx"],
+            "attention": ["attention", tiny_448, "-o", tmp_path / "w.onnx"]}
+    for name, args in outs.items():
+        r = run_cli(*args, "--single-file", "-q")
+        assert r.returncode == 0, (name, r.stderr)
+        out = args[args.index("-o") + 1]
+        assert not out.with_name(out.name + ".data").exists(), name
+        check_written(out)
+        assert len(onnx.load(str(out)).graph.initializer) > 0
+    px = tiny_pixels((448, 448))
+    a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
+    b = run_model(tmp_path / "w.onnx", {"pixel_values": px})["image_embeds"]
+    assert np.abs(a - b).max() < 1e-5
+    assert run_cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
+    r = run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "--single-file", "-q")
+    assert r.returncode == 0 and not (tmp_path / "m.onnx.data").exists(), r.stderr
+    r = run_cli("run", "--random-init", "tiny", "-o", tmp_path / "run", "--passes", "fp16", "--single-file", "-q")
+    assert r.returncode == 0 and not (tmp_path / "run" / "model.onnx.data").exists(), r.stdout + r.stderr
