@@ -325,6 +325,54 @@ def section_attention(work: Path) -> list[str]:
             f"![latency and peak RSS against image size]({png})" if png else "", ""]
 
 
+def section_dynamic(work: Path) -> list[str]:
+    """The dynamic export against the static windowed export of each size: export cost, then
+    onnxruntime CPU latency and peak RSS at 448 / 896 / 1344 (one random image)."""
+    static, dyn = work / "static.onnx", work / "dynamic.onnx"
+    exports = []
+    for k in range(2):  # interleaved, twice each
+        for label, path, extra in (("export static 448x448", static, []), ("export --dynamic", dyn, ["--dynamic"])):
+            clear(path, Path(str(path) + ".data"))
+            exports.append(measure(f"qvl-surgery {label} (run {k + 1})", [QVL, "export", "--random-init", "3b", "-o",
+                                                                        str(path), "-q", *extra]))
+    best = {lab: min((r for r in exports if r.label.startswith(f"qvl-surgery {lab}")), key=lambda r: r.wall_s)
+            for lab in ("export static 448x448", "export --dynamic")}
+    s_run, d_run = best["export static 448x448"], best["export --dynamic"]
+    rows = ["| image | model | latency s (median) | x static windowed | peak RSS MB | x static windowed |",
+            "|---|---|---:|---:|---:|---:|"]
+    goals = []
+    for px, runs in ((448, 3), (896, 2), (1344, 2)):
+        model, windowed = work / f"dyn_static{px}.onnx", work / f"dyn_static{px}_w.onnx"
+        clear(model, Path(str(model) + ".data"), windowed, Path(str(windowed) + ".data"))
+        measure(f"(setup) export 3b {px}x{px}", [QVL, "export", "--random-init", "3b", "--image-size", f"{px}x{px}",
+                                                 "-o", str(model), "-q"])
+        measure(f"(setup) attention windowed {px}", [QVL, "attention", str(model), "-o", str(windowed), "-q"])
+        clear(model, Path(str(model) + ".data"))
+        res = {}
+        for label, target in (("static windowed", windowed), ("dynamic", dyn)):
+            cap: list = []
+            r = measure(f"onnxruntime {label} {px}x{px}", [PY, str(ROOT / "scripts" / "ort_latency.py"), str(target),
+                                                           str(runs), f"{px}x{px}"], capture=cap,
+                        show=f"python scripts/ort_latency.py {target.name} {runs} {px}x{px}")
+            res[label] = (float(cap[0].split()[1]), r.peak_mb)
+        clear(windowed, Path(str(windowed) + ".data"))
+        base = res["static windowed"]
+        for label, (lat, peak) in res.items():
+            rows.append(f"| {px}x{px} | {label} | {lat:.2f} | {lat / base[0]:.2f} | {peak:.0f} | {peak / base[1]:.2f} |")
+        lat_x, rss_x = res["dynamic"][0] / base[0], res["dynamic"][1] / base[1]
+        goals.append(f"- {px}x{px}: dynamic latency {lat_x:.2f}x (goal <= 1.05), peak RSS {rss_x:.2f}x (goal <= 1.1)")
+    clear(static, Path(str(static) + ".data"), dyn, Path(str(dyn) + ".data"))
+    return ["## dynamic export (3b fp32, random weights; onnxruntime CPU)", "",
+            "One `export --dynamic` file (inputs pixel_values + image_grid_thw, every grid-derived tensor computed "
+            "in the graph) against the static export of each size after `attention` (windowed), each run by "
+            "`scripts/ort_latency.py` in its own process on one random image of that size. Export: two "
+            "interleaved runs each, fastest shown.", "",
+            *table([s_run, d_run], s_run), "",
+            f"- export: dynamic {d_run.wall_s / s_run.wall_s:.2f}x the static export's time, "
+            f"{d_run.peak_mb / s_run.peak_mb:.2f}x its peak RSS (goal <= 1.2 each)", "",
+            *rows, "", *goals, ""]
+
+
 def _plot_attention(plot) -> str | None:
     try:
         import matplotlib
@@ -379,7 +427,7 @@ def section_simplify(work: Path) -> list[str]:
 SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
             "overflow": section_overflow,
             "simplify": section_simplify,
-            "attention": section_attention}
+            "attention": section_attention, "dynamic": section_dynamic}
 
 
 MARK = "<!-- bench section: {} -->"
