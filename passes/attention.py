@@ -11,10 +11,13 @@ the pass refuses. Without a mask the layer is full attention of a single image. 
 ``qvl_surgery.window_layout`` metadata, when present, must agree.
 
 Modes:
-- ``windowed`` (default): window layers become batched attention over ``[H, windows, w, D]``.
-  Uniform windows need only Reshapes and no mask; uneven ones (edge windows of e.g. 252x364)
-  are padded to the largest window with a Gather, get a small per-window key mask
-  ``[windows, 1, w]``, and are gathered back. Full-attention layers are left as they are.
+- ``windowed`` (default): window layers become batched attention over ``[windows, H, w, D]``,
+  windows first and a Transpose right before each MatMul: the layout OpenVINO's offline route
+  (``convert_model``/``ovc``, whose SDPAReshapeFusion folds a Reshape-fed per-window attention
+  into one unmasked full attention), rknn-toolkit2, MNN, onnx2tf and onnxruntime all run
+  correctly. Uniform windows need no mask; uneven ones (edge windows of e.g. 252x364) are padded
+  to the largest window with a Gather, get a small per-window key mask ``[windows, 1, 1, w]``,
+  and are gathered back. Full-attention layers are left as they are or chunked by queries.
 - ``mha``: every attention becomes onnxruntime's ``com.microsoft.MultiHeadAttention`` (windows
   as the batch), for onnxruntime.
 - ``onnx-attention``: the ONNX ``Attention`` op (opset 23); a model below opset 23 is refused
@@ -351,20 +354,22 @@ class WindowedEmitter(_Emitter):
 
     tag = "windowed"
 
-    def windows_of(self, t: str, tag: str) -> str:
-        """[1, H, S, D] -> [nW, H, wmax, D]"""
+    def windows_of(self, t: str, tag: str, perm: list[int]) -> str:
+        """[1, H, S, D] -> [nW, H, wmax, D] (k: [nW, H, D, wmax]); a Transpose is the last op before
+        the MatMul, which keeps OpenVINO's SDPAReshapeFusion from folding the windows away."""
         H, D = self.plan.heads, self.plan.head_dim
         if self.padding is not None:
             t = self.op("Gather", [t, self.e.const("attn_window_pad_index", self.padding.pad)], f"Gather_pad_{tag}",
                         axis=2)
         t = self.op("Reshape", [t, self.e.const("attn_shape_hwld", np.array([H, self.nW, self.wmax, D], np.int64))],
                     f"Reshape_{tag}")
-        return self.op("Transpose", [t], f"Transpose_{tag}", perm=[1, 0, 2, 3])
+        return self.op("Transpose", [t], f"Transpose_{tag}", perm=perm)
 
     def build(self) -> None:
         m, H, S, D = self.m, self.plan.heads, self.plan.seq, self.plan.head_dim
-        q4, k4, v4 = self.windows_of(m.q, "q"), self.windows_of(m.k, "k"), self.windows_of(m.v, "v")
-        kt = self.op("Transpose", [k4], "Transpose_kt", perm=[0, 1, 3, 2])
+        q4 = self.windows_of(m.q, "q", [1, 0, 2, 3])
+        kt = self.windows_of(m.k, "k", [1, 0, 3, 2])
+        v4 = self.windows_of(m.v, "v", [1, 0, 2, 3])
         s = self.op("MatMul", [q4, kt], "MatMul_qk")
         s = self.op(m.scale.op_type, [s, m.scale.input[1]], "Scale")
         if self.padding is not None:
