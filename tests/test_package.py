@@ -54,9 +54,9 @@ def hf(packaged):
     return AutoProcessor.from_pretrained(src), Qwen2_5_VLForConditionalGeneration.from_pretrained(src).eval()
 
 
-def _og_generate(pkg: Path, image: Path, new_tokens: int):
+def _og_generate(pkg: Path, images: list[Path], new_tokens: int, prompt: str = PROMPT):
     model = og.Model(str(pkg))
-    inputs = model.create_multimodal_processor()(PROMPT, images=og.Images.open(str(image)))
+    inputs = model.create_multimodal_processor()(prompt, images=og.Images.open(*map(str, images)))
     prompt_len = inputs["input_ids"].as_numpy().shape[-1]
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt_len + new_tokens, do_sample=False)
@@ -68,10 +68,10 @@ def _og_generate(pkg: Path, image: Path, new_tokens: int):
     return seq, {k: inputs[k].as_numpy() for k in ("input_ids", "pixel_values", "image_grid_thw")}
 
 
-def _hf_generate(hf, image: Path, new_tokens: int):
+def _hf_generate(hf, images: list[Path], new_tokens: int, prompt: str = PROMPT):
     from PIL import Image
     processor, model = hf
-    enc = processor(text=[PROMPT], images=[Image.open(image)], return_tensors="pt")
+    enc = processor(text=[prompt], images=[Image.open(i) for i in images], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out[0].numpy(), enc
@@ -80,8 +80,8 @@ def _hf_generate(hf, image: Path, new_tokens: int):
 def test_generation_equals_transformers(packaged, hf, tmp_path):
     _, pkg, _ = packaged
     image = _noise_image(tmp_path / "a.png", 112, 84, seed=0)
-    og_seq, og_in = _og_generate(pkg, image, NEW_TOKENS)
-    hf_seq, enc = _hf_generate(hf, image, NEW_TOKENS)
+    og_seq, og_in = _og_generate(pkg, [image], NEW_TOKENS)
+    hf_seq, enc = _hf_generate(hf, [image], NEW_TOKENS)
     prompt_len = enc["input_ids"].shape[1]
     # same prompt tokens (12 image pads for a 112x84 image) and the same pixels
     assert np.array_equal(og_in["input_ids"].reshape(-1), enc["input_ids"].numpy().reshape(-1))
@@ -100,10 +100,21 @@ def test_generation_equals_transformers(packaged, hf, tmp_path):
     assert np.abs(feats - ref).max() <= 1e-4 * np.abs(ref).max()
     # the image reaches the answer: another image of another size gives another answer, still equal
     image_b = _noise_image(tmp_path / "b.png", 56, 140, seed=1)
-    og_b, _ = _og_generate(pkg, image_b, NEW_TOKENS)
-    hf_b, enc_b = _hf_generate(hf, image_b, NEW_TOKENS)
+    og_b, _ = _og_generate(pkg, [image_b], NEW_TOKENS)
+    hf_b, enc_b = _hf_generate(hf, [image_b], NEW_TOKENS)
     assert og_b.tolist() == hf_b.tolist()
     assert og_b[enc_b["input_ids"].shape[1]:].tolist() != og_seq[prompt_len:].tolist()
+
+
+def test_two_images_in_one_prompt(packaged, hf, tmp_path):
+    """Two images of one size: the runtime runs the vision model once with image_grid_thw [2, 3]."""
+    two = PROMPT.replace("<|vision_end|>", "<|vision_end|>and <|vision_start|><|image_pad|><|vision_end|>", 1)
+    images = [_noise_image(tmp_path / f"{k}.png", 84, 112, seed=10 + k) for k in range(2)]
+    og_seq, og_in = _og_generate(packaged[1], images, NEW_TOKENS, two)
+    hf_seq, enc = _hf_generate(hf, images, NEW_TOKENS, two)
+    assert enc["image_grid_thw"].tolist() == [[1, 6, 8], [1, 6, 8]]
+    assert og_seq.tolist() == hf_seq.tolist()
+    assert len(og_seq) - enc["input_ids"].shape[1] >= 20
 
 
 def test_package_files(packaged):
