@@ -26,7 +26,7 @@ import onnx
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import static_tensors
-from qvl_surgery.modelfile import Model, load_model, save_model, sibling_model
+from qvl_surgery.modelfile import Model, load_model, save_model, sibling_model, write_model_files
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
 from qvl_surgery.publish import check_new_output, staging
 
@@ -176,7 +176,6 @@ def _simplify_whole(model: Model, model_path: Path, work: Path) -> tuple[Model, 
 
 
 def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Model, list[str], int]:
-    from qvl_surgery.modelfile import write_model_files
     original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     value, _ = split_model(model, max_part_bytes=max_part_bytes)
     simplified, protected = [], []

@@ -29,6 +29,7 @@ EXAMPLES = {
             "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32 --gen-script   # print the Python",
     "run": "qvl-surgery run --random-init 3b -o out/run --passes attention,fp16:keep_silu_fp32,split:parts=3\n"
            "  qvl-surgery run ~/Qwen2.5-VL-3B-Instruct -o out/run --recipe recipe.json",
+    "package": "qvl-surgery package ~/Qwen2.5-VL-3B-Instruct --runtime onnxruntime-genai -o out/genai",
     "attention": "qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
                  "  qvl-surgery attention out/model.onnx -o out/mha.onnx --mode mha",
     "compare": "qvl-surgery compare out/model.onnx out/fp16.onnx --emulate-fp16 --per-block\n"
@@ -178,6 +179,14 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_package(a: argparse.Namespace) -> int:
+    from .package import package
+    report = package(a.checkpoint, a.output, runtime=a.runtime, fp16=a.fp16, passes=a.passes, overwrite=a.force,
+                     progress=not a.quiet, builder_python=a.builder_python)
+    print("\n".join(report.lines()))
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .pipeline import gen_script, parse_passes, read_recipe, run_pipeline
     from .errors import BadInput
@@ -231,7 +240,8 @@ def add_pass_command(sub, cls) -> None:
 
 # CLI-level parameters that are not pass options; pass options come from their specs
 CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--random-init", "image_size": "--image-size",
-             "inputs": "--inputs", "image": "--image", "per_block": "--per-block"}
+             "inputs": "--inputs", "image": "--image", "video": "--video", "per_block": "--per-block",
+             "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes"}
 
 
 def flag_of(name: str) -> str | None:
@@ -292,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the inputs used (use with polygraphy run --load-inputs FILE)")
     c.add_argument("--json", metavar="FILE", help="write the report as JSON")
     c.set_defaults(func=cmd_compare)
+
+    pk = sub.add_parser("package", help="a folder a runtime loads as it is (onnxruntime-genai: vision, embedding "
+                        "and text models, configs, tokenizer)", formatter_class=fmt, epilog=_epilog("package"))
+    pk.add_argument("checkpoint", type=Path, help="local Qwen2.5-VL checkpoint directory (only read)")
+    pk.add_argument("--runtime", default="onnxruntime-genai", choices=["onnxruntime-genai"],
+                    help="the runtime to package for (default onnxruntime-genai)")
+    pk.add_argument("--passes", help="passes for the vision model (the dynamic export), e.g. simplify")
+    pk.add_argument("--fp16", action="store_true", help="fp16 models (refused for onnxruntime-genai's CPU build)")
+    pk.add_argument("--builder-python", type=Path, help="a Python that imports onnxruntime-genai's model builder "
+                    "(default: its own virtualenv, .compat/genai-builder, made on first use)")
+    add_write_options(pk, what="output folder", model=False)
+    pk.set_defaults(func=cmd_package)
 
     r = sub.add_parser("run", help="one pipeline: export -> passes -> deployable files, compared to the fp32 export",
                        formatter_class=fmt, epilog=_epilog("run"))
