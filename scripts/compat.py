@@ -1,0 +1,642 @@
+"""Compatibility matrix: every kind of file this toolkit writes, through every client people feed it to.
+
+    scripts/compat                          # tiny preset, 448x448 and 308x196, every client -> COMPAT.md
+    scripts/compat --preset 3b --sizes 448x448 --clients openvino,mnn --kinds fp32,windowed
+    scripts/compat --setup-only             # only build the client virtualenvs under .compat/
+
+Each client lives in its own virtualenv under ``.compat/<client>/`` (their pins clash: rknn-toolkit2
+wants numpy<=1.26.4 and onnx<=1.18, onnx2tf pins tensorflow 2.19) and runs this same file as a
+worker (``--worker JOB.json``): so nothing above the worker section may import more than the
+standard library and numpy. For each (file kind, client route) the parent:
+
+1. copies the file (or the split folder) into the job folder: no client may modify an input, and the
+   original's sha256 and mtime are checked after the run (a client that writes into its copy is noted);
+2. runs the worker in the client's venv with a timeout, one at a time (the machine has 2 cores);
+3. compares the client's output with onnxruntime on the fp32 export (same input): max abs, cosine.
+
+A cell is a figure, or the client's own error text with its version. A figure is marked WRONG when
+the error exceeds 10x what onnxruntime gives on the same file (at least the route's precision floor):
+that is a client silently computing something else.
+
+File kinds are data (``KINDS``): a kind names the toolkit commands that make it from other kinds and
+the CLI options it needs; a kind whose option the CLI does not have yet is listed as "not yet
+written by the toolkit", and appears once the option lands.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT = ROOT / ".compat"
+
+
+# ============================================================================ clients (data)
+
+@dataclass(frozen=True)
+class Client:
+    name: str
+    pip: tuple[tuple[str, ...], ...]     # pip install argument lists, run in order in the client's venv
+    routes: tuple[str, ...]              # matrix columns, "client:route"
+    precision: str = "fp32"              # what the route computes in: sets the WRONG threshold
+    python: str = "3.11"                 # interpreter version of its venv
+    note: str = ""
+
+
+CLIENTS: dict[str, Client] = {c.name: c for c in (
+    Client("openvino", (("openvino==2026.4.1", "openvino-telemetry==2025.2.0", "numpy==2.4.6"),),
+           ("onnx", "ir"),
+           note="`onnx`: Core.compile_model on the .onnx; `ir`: ov.convert_model -> ov.save_model(compress_to_fp16="
+                "False) -> Core.compile_model on the IR (the ovc route). CPU, INFERENCE_PRECISION_HINT f32. "
+                "openvino_telemetry is kept out of the process (convert_model sends usage data otherwise)."),
+    Client("rknn", (("--no-deps", "rknn-toolkit2==2.5.0"),
+                    # its own pins, less torch<=2.4 (a CUDA build of GBs on PyPI): the CPU torch the
+                    # main venv uses imports fine for ONNX conversion
+                    ("torch==2.13.0", "numpy==1.26.4", "onnx==1.18.0", "onnxruntime==1.22.1", "protobuf==4.25.4",
+                     "psutil==7.2.2", "ruamel.yaml==0.19.1", "scipy==1.17.1", "tqdm==4.70.1",
+                     "opencv-python-headless==4.11.0.86", "fast-histogram==0.14", "setuptools<81")),
+           ("rk3588",), precision="fp16",
+           note="rknn-toolkit2: config(target_platform='rk3588'), load_onnx, build(do_quantization=False) (an fp16 "
+                "model), init_runtime() with no target = the simulator, inference."),
+    Client("mnn", (("MNN==3.6.1", "numpy==2.4.6"),), ("cpu",),
+           note="MNN's converter library (`_tools.mnnconvert`, what the `mnnconvert` CLI wraps; the CLI itself "
+                "pip-installs a logger and sends usage logs), then MNN.nn.load_module_from_file on CPU."),
+    # onnx2tf 2.x needs Python >= 3.12; the newest for 3.11 (1.29.24) turns our 4-D attention Transposes
+    # into NHWC ones and stops at the first MatMul_qk ("Dimensions must be equal, but are 16 and 1024")
+    Client("onnx2tf", (("onnx2tf[tensorflow]==2.6.9",),), ("litert",), python="3.12",
+           note="onnx2tf 2.6.9 (Python 3.12: onnx2tf 2.x needs >= 3.12) with replace_to_pseudo_operators=['Erf'] "
+                "(`-rtpo Erf`: the merger's exact GELU needs TF's Flex delegate otherwise), then the float32 "
+                ".tflite in ai_edge_litert's Interpreter."),
+)}
+
+ROUTE_LABELS = {"onnxruntime:cpu": "onnxruntime (the file itself)", "openvino:onnx": "OpenVINO compile_model(onnx)",
+                "openvino:ir": "OpenVINO convert_model -> IR", "rknn:rk3588": "rknn-toolkit2 rk3588 (simulator)",
+                "mnn:cpu": "MNN", "onnx2tf:litert": "onnx2tf -> LiteRT"}
+FLOOR = {"fp32": 1e-4, "fp16": 2e-3}
+
+
+# ============================================================================ file kinds (data)
+
+@dataclass(frozen=True)
+class Kind:
+    id: str
+    label: str
+    steps: tuple[tuple[str, ...], ...] = ()   # qvl-surgery argument lists; {kind-id} = that kind's path, {out}
+    needs: tuple[tuple[str, str], ...] = ()   # (command, option) that must appear in `qvl-surgery CMD --help`
+    split: bool = False                        # output is a split folder (manifest.json), run as a chain
+    presets: tuple[str, ...] = ("tiny", "3b")
+
+
+KINDS: list[Kind] = [
+    Kind("fp32", "fp32 export"),
+    Kind("windowed", "windowed attention", (("attention", "{fp32}", "-o", "{out}"),)),
+    Kind("mha", "mha (com.microsoft.MultiHeadAttention)", (("attention", "{fp32}", "-o", "{out}", "--mode", "mha"),)),
+    Kind("onnx-attention", "ONNX Attention (opset 23)",
+         (("attention", "{fp32}", "-o", "{out}", "--mode", "onnx-attention", "--upgrade-opset"),)),
+    Kind("fp16", "fp16", (("fp16", "{fp32}", "-o", "{out}"),)),
+    Kind("windowed-fp16", "windowed + fp16", (("fp16", "{windowed}", "-o", "{out}"),)),
+    Kind("split-fp32", "fp32, split in 2 parts chained", (("split", "{fp32}", "--parts", "2", "-o", "{out}"),),
+         split=True),
+    Kind("split-windowed-fp16", "windowed + fp16, split in 2 parts chained",
+         (("split", "{windowed-fp16}", "--parts", "2", "-o", "{out}"),), split=True),
+    Kind("windowed-fp16-single", "windowed + fp16, --single-file",
+         (("fp16", "{windowed}", "-o", "{out}", "--single-file"),), needs=(("fp16", "--single-file"),)),
+    Kind("dynamic", "dynamic export", (("export", "--random-init", "{preset}", "--dynamic", "-o", "{out}"),),
+         needs=(("export", "--dynamic"),)),
+    Kind("dynamic-fp16", "dynamic export + fp16", (("fp16", "{dynamic}", "-o", "{out}"),),
+         needs=(("export", "--dynamic"),)),
+]
+
+
+# ============================================================================ worker (client venv)
+
+def _np_load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def _run_openvino(route: str, part: dict, feeds: dict, work: Path) -> dict:
+    sys.modules.setdefault("openvino_telemetry", None)   # convert_model falls back to its no-op stub
+    import openvino as ov
+    core = ov.Core()
+    src = part["path"]
+    if route == "ir":
+        src = str(work / "model.xml")
+        ov.save_model(ov.convert_model(part["path"]), src, compress_to_fp16=False)
+    compiled = core.compile_model(src, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    res = compiled(feeds)
+    out = {}
+    for name in part["outputs"]:
+        port = next(o for o in compiled.outputs if name in o.get_names())
+        out[name] = np.asarray(res[port])
+    return out
+
+
+def _run_rknn(route: str, part: dict, feeds: dict, work: Path) -> dict:
+    from rknn.api import RKNN
+    r = RKNN(verbose=False)
+    try:
+        r.config(target_platform=route)
+        # rknn needs fixed shapes: a dynamic input gets the shape of the array we feed it
+        sizes = ({"inputs": [i["name"] for i in part["inputs"]],
+                  "input_size_list": [list(feeds[i["name"]].shape) for i in part["inputs"]]}
+                 if any(-1 in i["shape"] for i in part["inputs"]) else {})
+        for step, call in (("load_onnx", lambda: r.load_onnx(model=part["path"], **sizes)),
+                           ("build", lambda: r.build(do_quantization=False)),
+                           ("init_runtime", lambda: r.init_runtime())):
+            if call() != 0:
+                raise RuntimeError(f"rknn {step} returned an error")
+        outs = r.inference(inputs=[feeds[i["name"]] for i in part["inputs"]])
+        if outs is None:
+            raise RuntimeError("rknn inference returned None")
+        return {n: np.asarray(o).reshape(s) for n, o, s in zip(part["outputs"], outs, part["output_shapes"])}
+    finally:
+        r.release()
+
+
+def _run_mnn(route: str, part: dict, feeds: dict, work: Path) -> dict:
+    import _tools
+    import MNN
+    import MNN.expr as F
+    mnn = str(work / "model.mnn")
+    ok = _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", part["path"], "--MNNModel", mnn,
+                            "--bizCode", "qvl-surgery"])
+    if not ok or not Path(mnn).exists():
+        raise RuntimeError("MNN converter failed")
+    names = [i["name"] for i in part["inputs"]]
+    net = MNN.nn.load_module_from_file(mnn, names, part["outputs"])
+    def const(a: np.ndarray):
+        if np.issubdtype(a.dtype, np.integer):   # MNN's integers are int32
+            return F.const(np.ascontiguousarray(a, np.int32), list(a.shape), F.NCHW, F.int)
+        return F.const(np.ascontiguousarray(a, np.float32), list(a.shape), F.NCHW)
+    ys = net.forward([const(feeds[n]) for n in names])
+    ys = ys if isinstance(ys, (list, tuple)) else [ys]
+    return {n: np.array(y.read(), np.float32) for n, y in zip(part["outputs"], ys)}
+
+
+def _run_onnx2tf(route: str, part: dict, feeds: dict, work: Path) -> dict:
+    import onnx2tf
+    from ai_edge_litert.interpreter import Interpreter
+    tf_dir = work / "tf"
+    onnx2tf.convert(input_onnx_file_path=part["path"], output_folder_path=str(tf_dir),
+                    replace_to_pseudo_operators=["Erf"], non_verbose=True, output_signaturedefs=True)
+    stem = Path(part["path"]).stem
+    it = Interpreter(model_path=str(tf_dir / f"{stem}_float32.tflite"))
+    runner = it.get_signature_runner()
+    sig = it.get_signature_list()["serving_default"]
+    args = {}
+    for i, spec in enumerate(part["inputs"]):
+        key = next((k for k in sig["inputs"] if k in (spec["name"], _safe(spec["name"]))), sig["inputs"][i])
+        args[key] = np.ascontiguousarray(feeds[spec["name"]], np.float32)
+    res = runner(**args)
+    out = {}
+    for i, name in enumerate(part["outputs"]):
+        key = next((k for k in res if k in (name, _safe(name))), None)
+        if key is None and len(res) == len(part["outputs"]):
+            key = sorted(res)[i]
+        out[name] = np.asarray(res[key])
+    return out
+
+
+RUNNERS = {"openvino": _run_openvino, "rknn": _run_rknn, "mnn": _run_mnn, "onnx2tf": _run_onnx2tf}
+
+
+def _client_versions(client: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    pkgs = {"openvino": ["openvino"], "rknn": ["rknn-toolkit2"], "mnn": ["MNN"],
+            "onnx2tf": ["onnx2tf", "tensorflow", "ai-edge-litert"]}[client]
+    out = {}
+    for p in pkgs:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "?"
+    return out
+
+
+def worker(job_path: Path) -> int:
+    job = json.loads(job_path.read_text())
+    work = Path(job["work"])
+    result = {"ok": False, "versions": _client_versions(job["client"])}
+    t0 = time.time()
+    try:
+        values = _np_load(Path(job["feeds"]))
+        for k, part in enumerate(job["parts"]):
+            d = work / f"part{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            feeds = {i["name"]: np.ascontiguousarray(values[i["name"]].astype(i["dtype"])) for i in part["inputs"]}
+            values.update(RUNNERS[job["client"]](job["route"], part, feeds, d))
+        np.savez(job["out"], **{n: values[n] for n in job["parts"][-1]["outputs"]})
+        result["ok"] = True
+    except BaseException as e:   # noqa: BLE001 - the client's own error is the result
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["seconds"] = round(time.time() - t0, 1)
+    Path(job["result"]).write_text(json.dumps(result))
+    return 0
+
+
+# ============================================================================ parent (main venv)
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def venv_python(client: Client) -> Path:
+    return COMPAT / client.name / "bin" / "python"
+
+
+def find_python(version: str) -> str:
+    """An interpreter of this version: on PATH, or one pyenv installed but does not expose."""
+    import glob
+    for cand in [shutil.which(f"python{version}")] + sorted(glob.glob(
+            os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/python{version}")), reverse=True):
+        if cand and subprocess.run([cand, "-c", ""], capture_output=True).returncode == 0:
+            return cand
+    raise SystemExit(f"no Python {version} here (needed by a client's virtualenv); install it or drop that client "
+                     "with --clients")
+
+
+def setup_client(client: Client) -> None:
+    """Create or update .compat/<client>; a stamp of the pip arguments skips pip when nothing changed."""
+    d = COMPAT / client.name
+    stamp = d / ".qvl-compat-stamp"
+    want = hashlib.sha256(json.dumps([client.python, client.pip]).encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    log(f"setup {client.name}: {d} (Python {client.python})")
+    py = venv_python(client)
+    if py.exists():
+        have = subprocess.run([str(py), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True).stdout.strip()
+        if have != client.python:
+            shutil.rmtree(d)
+    if not py.exists():
+        subprocess.run([find_python(client.python), "-m", "venv", str(d)], check=True)
+    for args in client.pip:
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", *args], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"setup {client.name}: pip install {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    stamp.write_text(want)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("qvl-surgery")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True)
+
+
+_HELP: dict[str, str] = {}
+
+
+def has_option(command: str, option: str) -> bool:
+    if command not in _HELP:
+        _HELP[command] = cli(command, "--help").stdout
+    return re.search(rf"(^|\s){re.escape(option)}\b", _HELP[command]) is not None
+
+
+def model_path(d: Path, kind: Kind) -> Path:
+    return d / kind.id if kind.split else d / kind.id / "model.onnx"
+
+
+def make_files(preset: str, size: str, kinds: list[Kind], reuse: bool) -> tuple[dict[str, Path], dict[str, str]]:
+    """Write every kind for one preset and size with the toolkit's CLI (``reuse``: keep files already
+    written by an earlier run, e.g. a 3b export)."""
+    d = COMPAT / "files" / f"{preset}-{size}"
+    if not reuse and d.exists():
+        shutil.rmtree(d)
+    paths, skipped = {}, {}
+    for kind in kinds:
+        missing = [f"{c} {o}" for c, o in kind.needs if not has_option(c, o)]
+        if missing:
+            skipped[kind.id] = f"not yet written by the toolkit (`qvl-surgery {missing[0]}` does not exist yet)"
+            continue
+        out = model_path(d, kind)
+        if out.exists():
+            paths[kind.id] = out
+            continue
+        (d if kind.split else d / kind.id).mkdir(parents=True, exist_ok=True)
+        if kind.id == "fp32":
+            r = cli("export", "--random-init", preset, "--image-size", size, "-o", str(out), "-q")
+        else:
+            refs = {m for step in kind.steps for a in step for m in re.findall(r"\{([\w-]+)\}", a)}
+            absent = sorted(refs - set(paths) - {"out", "preset"})
+            if absent:
+                skipped[kind.id] = f"made from {absent[0]}, which was not written"
+                continue
+            for step in kind.steps:
+                args = [a.replace("{out}", str(out)).replace("{preset}", preset) for a in step]
+                for k, v in paths.items():
+                    args = [a.replace("{" + k + "}", str(v)) for a in args]
+                r = cli(*args, "-q")
+                if r.returncode:
+                    break
+        if r.returncode:
+            shutil.rmtree(d / kind.id, ignore_errors=True)
+            skipped[kind.id] = f"the toolkit failed to write it: {(r.stderr or r.stdout).strip().splitlines()[-1]}"
+            continue
+        log(f"wrote {out.relative_to(ROOT)}")
+        paths[kind.id] = out
+    return paths, skipped
+
+
+def parts_of(path: Path) -> list[dict]:
+    """Parts in chain order with their inputs (name, dtype), outputs and output shapes."""
+    import onnx
+    from onnx import helper
+
+    def io(p: Path) -> dict:
+        g = onnx.load(str(p), load_external_data=False).graph
+        def dims(v):
+            return [d.dim_value if d.dim_value else -1 for d in v.type.tensor_type.shape.dim]
+        return {"file": p.name,
+                "inputs": [{"name": i.name, "shape": dims(i), "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(
+                    i.type.tensor_type.elem_type)).name} for i in g.input],
+                "outputs": [o.name for o in g.output], "output_shapes": [dims(o) for o in g.output]}
+    if path.is_dir():
+        manifest = json.loads((path / "manifest.json").read_text())
+        return [io(path / p["path"]) for p in manifest["parts"]]
+    return [io(path)]
+
+
+def snapshot(path: Path) -> dict[str, tuple[str, int]]:
+    files = sorted(path.rglob("*")) if path.is_dir() else sorted(path.parent.glob(path.name + "*"))
+    return {str(p.relative_to(path if path.is_dir() else path.parent)): (
+        hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files if p.is_file()}
+
+
+def copy_input(path: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    if path.is_dir():
+        shutil.copytree(path, dst)
+        return dst
+    dst.mkdir(parents=True)
+    for p in path.parent.glob(path.name + "*"):
+        shutil.copy2(p, dst / p.name)
+    return dst / path.name
+
+
+def feeds_for(path: Path, size: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of the first part: pixel_values from a fixed seed; image_grid_thw from the size."""
+    h, w = (int(v) for v in size.split("x"))
+    gh, gw = h // 14, w // 14
+    rng = np.random.default_rng(seed)
+    feeds = {"pixel_values": rng.standard_normal((gh * gw, 1176)).astype(np.float32)}
+    names = [i["name"] for i in parts_of(path)[0]["inputs"]]
+    if "image_grid_thw" in names:
+        feeds["image_grid_thw"] = np.array([[1, gh, gw]], np.int64)
+    return {n: feeds[n] for n in names}
+
+
+def run_onnxruntime(path: Path, feeds: dict) -> dict[str, np.ndarray]:
+    from qvl_surgery.runners import run_chain, run_model
+    return run_chain(path, feeds) if path.is_dir() else run_model(path, feeds)
+
+
+def metrics(got: np.ndarray, ref: np.ndarray) -> dict:
+    got, ref = np.asarray(got, np.float64).reshape(-1), np.asarray(ref, np.float64).reshape(-1)
+    cos = float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-300))
+    return {"max_abs": float(np.abs(got - ref).max()), "cosine": cos, "finite": bool(np.isfinite(got).all())}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+ERROR_LINES = {"rknn": r"^E\s", "mnn": r"Not Support|[Ee]rror|Failed", "openvino": r"$^",
+               "onnx2tf": r"ERROR|Error:"}
+
+
+def error_text(result: dict | None, log_path: Path, client: str) -> str:
+    """The client's own words: its error lines from the log (rknn logs 'E ...', MNN prints its reasons),
+    then the exception the worker caught."""
+    text = _ANSI.sub("", log_path.read_text(errors="replace")) if log_path.exists() else ""
+    # MNN prefixes its lines with a clock and a source line number: "[23:48:57] :220: "
+    lines = [re.sub(r"^\[\d\d:\d\d:\d\d\] :\d+: ", "", l.strip()) for l in re.split(r"[\r\n]+", text) if l.strip()]
+    picked = [l.replace("Traceback (most recent call last):", "").strip() for l in lines
+              if re.search(ERROR_LINES.get(client, r"$^"), l) and "rknn-toolkit2 version" not in l]
+    exc_lines = [l.strip() for l in (result or {}).get("error", "").splitlines() if l.strip()]
+    # a traceback inside the message (rknn re-raises with one): its last line says what went wrong
+    exc = " ".join(exc_lines)
+    if exc_lines and re.match(r"^\w+(Error|Exception)\b", exc_lines[-1]) and len(exc_lines) > 1:
+        frames = re.findall(r"line \d+, in (\S+)", exc)
+        exc = exc_lines[-1] + (f" (in {frames[-1]})" if frames else "")
+    picked = [l for l in picked if not re.fullmatch(r"E \w+:", l)]
+    if client == "rknn" and picked:   # its E lines say it; the exception repeats them with a traceback
+        exc = ""
+    parts = list(dict.fromkeys(picked[-3:] + ([exc] if exc else [])))
+    return (" | ".join(parts) or " | ".join(lines[-3:]) or "no output")[:700]
+
+
+def run_cell(client: Client, route: str, path: Path, feeds: dict, job_dir: Path, timeout: int) -> dict:
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+    job_dir.mkdir(parents=True)
+    before = snapshot(path)
+    copy = copy_input(path, job_dir / "input")
+    copy_before = snapshot(copy)
+    parts = parts_of(path)
+    for p in parts:
+        p["path"] = str((copy if copy.is_dir() else copy.parent) / p["file"])
+    np.savez(job_dir / "feeds.npz", **feeds)
+    job = {"client": client.name, "route": route, "parts": parts, "feeds": str(job_dir / "feeds.npz"),
+           "out": str(job_dir / "out.npz"), "result": str(job_dir / "result.json"), "work": str(job_dir / "work")}
+    (job_dir / "job.json").write_text(json.dumps(job, indent=1))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="2")
+    t0 = time.time()
+    with open(job_dir / "log.txt", "w") as logf:
+        try:
+            r = subprocess.run([str(venv_python(client)), str(Path(__file__).resolve()), "--worker",
+                                str(job_dir / "job.json")], stdout=logf, stderr=subprocess.STDOUT, env=env,
+                               timeout=timeout, cwd=job_dir)
+            rc = r.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    cell: dict = {"seconds": round(time.time() - t0, 1)}
+    result = json.loads((job_dir / "result.json").read_text()) if (job_dir / "result.json").exists() else None
+    cell["versions"] = (result or {}).get("versions") or {}
+    if snapshot(path) != before:
+        cell["input_modified"] = True
+    if snapshot(copy) != copy_before:
+        cell["wrote_into_its_input"] = True
+    if rc is None:
+        cell["error"] = f"timeout after {timeout} s"
+    elif result is None or not result.get("ok"):
+        cell["error"] = error_text(result, job_dir / "log.txt", client.name)
+        if rc and result is None:
+            cell["error"] = f"worker exited {rc}: " + cell["error"]
+    else:
+        cell["outputs"] = _np_load(job_dir / "out.npz")
+    return cell
+
+
+def fmt_cell(cell: dict, floor: float, ort_err: float | None, scale: float) -> str:
+    if "skipped" in cell:
+        return cell["skipped"]
+    if "error" in cell:
+        err = re.sub(r"\[\d\d:\d\d:\d\d\] :\d+: ", "", cell["error"])
+        err = err.replace("|", "\\|").replace("\n", " ")
+        return f"**fails**: `{err}`"
+    m = cell["metrics"]
+    tol = max(10 * (ort_err or 0.0), floor) * max(1.0, scale)
+    text = f"{m['max_abs']:.1e} / {m['cosine']:.6f}"
+    if not m["finite"] or m["max_abs"] > tol:
+        text = f"**WRONG** {text}"
+    notes = []
+    if cell.get("wrote_into_its_input"):
+        notes.append("rewrote its input file")
+    if cell.get("input_modified"):
+        notes.append("**modified the original**")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def run_matrix(preset: str, sizes: list[str], kinds: list[Kind], clients: list[Client], timeout: int,
+               reuse_files: bool = False) -> dict:
+    results_path = COMPAT / f"results-{preset}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for size in sizes:
+        paths, skipped = make_files(preset, size, kinds, reuse_files)
+        ref_feeds = feeds_for(paths["fp32"], size)
+        ref = run_onnxruntime(paths["fp32"], ref_feeds)
+        ref_out = next(iter(ref.values()))
+        block = results.setdefault(size, {})
+        block["_scale"] = float(np.abs(ref_out).max())
+        for kind in kinds:
+            row = block.setdefault(kind.id, {})
+            row["_label"] = kind.label
+            if kind.id in skipped:
+                row["_skipped"] = skipped[kind.id]
+                continue
+            row.pop("_skipped", None)
+            path = paths[kind.id]
+            feeds = feeds_for(path, size)
+            t0 = time.time()
+            got = run_onnxruntime(path, feeds)
+            row["onnxruntime:cpu"] = {"metrics": metrics(next(iter(got.values())), ref_out),
+                                      "seconds": round(time.time() - t0, 1)}
+            for client in clients:
+                for route in client.routes:
+                    key = f"{client.name}:{route}"
+                    log(f"{preset} {size} {kind.id} {key} ...")
+                    cell = run_cell(client, route, path, feeds,
+                                    COMPAT / "jobs" / f"{preset}-{size}" / kind.id / key.replace(":", "-"), timeout)
+                    if "outputs" in cell:
+                        out = next(iter(cell.pop("outputs").values()))
+                        cell["metrics"] = metrics(out, ref_out) if out.size == ref_out.size else {
+                            "max_abs": float("inf"), "cosine": 0.0, "finite": False}
+                        if out.size != ref_out.size:
+                            cell["error"] = f"output has shape {list(out.shape)}, expected {list(ref_out.shape)}"
+                    row[key] = cell
+                    log(f"    {fmt_cell(cell, FLOOR[client.precision], row['onnxruntime:cpu']['metrics']['max_abs'], block['_scale'])}"
+                        f"  ({cell['seconds']} s)")
+                    results_path.write_text(json.dumps(results, indent=1))
+    results_path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def write_markdown(out: Path) -> None:
+    routes = ["onnxruntime:cpu"] + [f"{c.name}:{r}" for c in CLIENTS.values() for r in c.routes]
+    versions: dict[str, dict] = {}
+    failures: list[str] = []
+    lines = ["# Compatibility matrix", "",
+             "Written by `scripts/compat` (do not edit by hand). Every kind of file the toolkit writes, through each "
+             "client in its own virtualenv (`.compat/<client>/`), each given a copy of the file. Each cell: max abs / "
+             "cosine against onnxruntime on the fp32 export, same input (random pixel_values, seed 0); or the "
+             "client's own error. **WRONG** marks a result more than 10x off what onnxruntime gives on the same "
+             "file (at least 1e-4, 2e-3 for fp16 compute, times the output's max abs when above 1): a client "
+             "silently computing something else.", ""]
+    for preset_file in sorted(COMPAT.glob("results-*.json")):
+        preset = preset_file.stem.split("-", 1)[1]
+        results = json.loads(preset_file.read_text())
+        for size, block in results.items():
+            scale = block.get("_scale", 1.0)
+            lines += [f"## {preset}, {size}", "",
+                      "| file | " + " | ".join(ROUTE_LABELS.get(r, r) for r in routes) + " |",
+                      "| --- |" + " --- |" * len(routes)]
+            for kid, row in block.items():
+                if kid.startswith("_"):
+                    continue
+                if "_skipped" in row:
+                    lines.append(f"| {row['_label']} | " + " | ".join(["—"] * len(routes)) + " |")
+                    failures.append(f"- {preset} {size}, {row['_label']}: {row['_skipped']}")
+                    continue
+                ort_err = row.get("onnxruntime:cpu", {}).get("metrics", {}).get("max_abs")
+                cells = []
+                for r in routes:
+                    cell = row.get(r)
+                    if cell is None:
+                        cells.append("not run")
+                        continue
+                    client = r.split(":")[0]
+                    floor = FLOOR[CLIENTS[client].precision] if client in CLIENTS else FLOOR["fp32"]
+                    cells.append(fmt_cell(cell, floor, ort_err, scale))
+                    if cell.get("versions"):
+                        versions.setdefault(client, cell["versions"])
+                lines.append(f"| {row['_label']} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Clients", ""]
+    for c in CLIENTS.values():
+        v = ", ".join(f"{k} {val}" for k, val in versions.get(c.name, {}).items())
+        lines.append(f"- **{c.name}** ({v or 'not run'}): {c.note}")
+    if failures:
+        lines += ["", "## Not in the matrix yet", ""] + failures
+    lines += ["", "Rerun: `scripts/compat` (tiny, 448x448 and 308x196); `scripts/compat --preset 3b --sizes 448x448 "
+              "--clients openvino,mnn` for the 3b. Job folders with each client's full log: `.compat/jobs/`.", ""]
+    out.write_text("\n".join(lines))
+    log(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "3b", "7b"])
+    ap.add_argument("--sizes", default="448x448,308x196")
+    ap.add_argument("--clients", default=",".join(CLIENTS), help="comma separated: " + ", ".join(CLIENTS))
+    ap.add_argument("--kinds", default=None, help="comma separated kind ids: " + ", ".join(k.id for k in KINDS))
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per client run (default 900)")
+    ap.add_argument("--reuse-files", action="store_true", help="keep the files an earlier run wrote under .compat/files")
+    ap.add_argument("--setup-only", action="store_true", help="only create the client virtualenvs")
+    ap.add_argument("--markdown-only", action="store_true", help="only rewrite COMPAT.md from .compat/results-*.json")
+    ap.add_argument("-o", "--output", type=Path, default=ROOT / "COMPAT.md")
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a.worker)
+    if a.markdown_only:
+        write_markdown(a.output)
+        return 0
+    clients = [CLIENTS[c] for c in a.clients.split(",") if c]
+    for c in clients:
+        setup_client(c)
+    if a.setup_only:
+        return 0
+    wanted = set(a.kinds.split(",")) if a.kinds else None
+    kinds = [k for k in KINDS if a.preset in k.presets and (wanted is None or k.id in wanted or k.id == "fp32")]
+    # kinds a wanted kind is made from
+    if wanted is not None:
+        need = {k.id for k in kinds}
+        for k in list(kinds):
+            for s in k.steps:
+                for other in KINDS:
+                    if "{" + other.id + "}" in " ".join(s) and other.id not in need:
+                        need.add(other.id)
+        kinds = [k for k in KINDS if k.id in need]
+    run_matrix(a.preset, a.sizes.split(","), kinds, clients, a.timeout, a.reuse_files)
+    write_markdown(a.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
