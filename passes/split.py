@@ -31,7 +31,7 @@ from qvl_surgery.graphinfo import (CutPoint, Plan, analyse, block_outputs, descr
 from qvl_surgery.manifest import MANIFEST, Manifest, file_hash_record, write_manifest
 from qvl_surgery.publish import publish_dir, staging
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model, StreamDigest, check_model_path, write_model_files
+from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model, check_model_path, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -243,24 +243,20 @@ def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, pr
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, overwrite)
     with staging(out_dir) as tmp:
-        entries, digests = [], []
-        for k, part in enumerate(value.parts):
-            name = f"part{k}.onnx"
-            # each part's hash (xxh3_128) is computed by its own thread while its bytes are copied
-            digest = StreamDigest()
-            digests.append(digest)
-            path = write_model_files(part.model, tmp, name, progress=f"part{k}" if progress else None, digest=digest)
-            check_model_path(path)
+        names = [f"part{k}.onnx" for k in range(len(value.parts))]
+        # the parts are copied all at once, each hashed (xxh3_128) by its own thread while copied
+        records = write_parts([part.model for part in value.parts], tmp, names, progress=progress)
+        entries = []
+        for name, part, record in zip(names, value.parts, records):
+            check_model_path(tmp / name)
             types = value_types(part.model, set(part.inputs) | set(part.outputs))
             entries.append({"path": name, "data": name + ".data",
                             "inputs": [describe_value(types[i]) for i in part.inputs],
                             "outputs": [describe_value(types[o]) for o in part.outputs],
                             "nodes": len(part.model.graph.node),
-                            "data_bytes": (tmp / (name + ".data")).stat().st_size})
-        for e, d in zip(entries, digests):
-            e["data_hash"] = d.record()
-        for e in entries:
-            e["onnx_hash"] = file_hash_record(tmp / e["path"])
+                            "data_bytes": (tmp / (name + ".data")).stat().st_size,
+                            "data_hash": record,
+                            "onnx_hash": file_hash_record(tmp / name)})
         write_manifest(tmp, entries, source=value.source, cuts=value.cuts)
         publish_dir(tmp, out_dir)
     return entries

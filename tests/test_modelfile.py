@@ -312,3 +312,58 @@ def test_manifest_with_only_unknown_hashes_is_refused(tiny_448, tmp_path):
     with pytest.raises(BadInput, match="part1.onnx records only 'blake9'") as e:
         read_manifest(man)
     assert "\n" not in str(e.value)
+
+
+def _hand_laid_model(d, layout):
+    """A model whose weights sit in one data file at the given (offset, nbytes) places, the bytes
+    between them 0xAB (not zeros), referenced with onnx's external-data fields."""
+    size = max(o + n for o, n in layout) + 100
+    blob = bytearray(b"\xab" * size)
+    ws, nodes, cur = [], [], "x"
+    rng = np.random.default_rng(5)
+    for k, (off, n) in enumerate(layout):
+        arr = rng.standard_normal(n // 4).astype(np.float32)
+        blob[off:off + n] = arr.tobytes()
+        t = TensorProto(name=f"w{k}", data_type=TensorProto.FLOAT, dims=[n // 4])
+        t.data_location = TensorProto.EXTERNAL
+        for key, v in (("location", "src.data"), ("offset", str(off)), ("length", str(n))):
+            t.external_data.add(key=key, value=v)
+        ws.append(t)
+        nodes.append(helper.make_node("ReduceSum", [f"w{k}"], [f"s{k}"], keepdims=0, name=f"sum{k}"))
+    g = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(f"s{k}", TensorProto.FLOAT, [])
+                                           for k in range(len(layout))], initializer=ws)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "src.data").write_bytes(bytes(blob))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(d / "src.onnx"))
+    return d / "src.onnx"
+
+
+def test_data_layout_gathers_copies_page_congruent(tmp_path):
+    """Consecutive ranges apart by alignment padding become one copy (padding copied along, so the
+    streamed hash must hash the source's padding, here 0xAB); a copy of >= 1 MB starts at its
+    source's offset within the page; every weight stays 64-byte aligned and byte-identical."""
+    from qvl_surgery.modelfile import StreamDigest, _DataLayout, hash_file, write_model_files
+    mb = 1 << 20
+    layout = [(64 * 7, mb - 40), (64 * 7 + mb, 3000 * 4),         # one run (40 bytes of padding), 1 MB+
+              (3 * mb + 128, 256),                                # a hole: a new, short run
+              (4 * mb + 4032, 2 * mb - 20), (6 * mb + 4032, 512 * 4)]  # a run starting 4032 into a page
+    src = load_model(_hand_laid_model(tmp_path / "s", layout))
+    tensors = list(src.proto.graph.initializer)
+    plan = _DataLayout.plan(src, tensors)
+    assert len(plan.copies) == 3
+    for name in ("w0", "w3"):
+        assert plan.offsets[name] % 4096 == src.sources[name].offset % 4096
+    assert all(o % 64 == 0 for o in plan.offsets.values())
+    (tmp_path / "o").mkdir()
+    digest = StreamDigest()
+    out = write_model_files(src, tmp_path / "o", "m.onnx", digest=digest)
+    data = tmp_path / "o" / "m.onnx.data"
+    assert data.stat().st_size == plan.size < 7 * mb + 4096 * 3
+    assert digest.record() == {"xxh3_128": hash_file(data)}
+    copy = load_model(out)
+    for t in tensors:
+        assert copy.sources[t.name].offset == plan.offsets[t.name]
+        assert copy.read_array(t.name).tobytes() == src.read_array(t.name).tobytes()
+    a = ort_run(src.path, {})
+    b = ort_run(out, {})
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
