@@ -96,14 +96,16 @@ def read_manifest(path: str | Path, *, verify_hashes: bool = True) -> Manifest:
         path = path / MANIFEST
     if not path.is_file():
         raise BadInput(f"{path}: no such manifest; pass the folder written by 'qvl-surgery split'")
+    not_manifest = BadInput(f"{path}: not a qvl-surgery split manifest (needs a non-empty 'parts' list)")
     try:
         doc = json.loads(path.read_text())
         parts = doc["parts"]
-        assert isinstance(parts, list) and parts
+        if not isinstance(parts, list) or not parts:
+            raise not_manifest
         for p in parts:
             p["path"], p["data"], p["inputs"], p["outputs"]
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise BadInput(f"{path}: not a qvl-surgery split manifest (needs a non-empty 'parts' list)") from None
+    except (ValueError, KeyError, TypeError):
+        raise not_manifest from None
     m = Manifest(path, doc)
     for p in parts:
         for key in ("path", "data"):

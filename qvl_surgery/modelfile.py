@@ -21,9 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadInput
+from .publish import check_new_output, check_output_path, staging  # noqa: F401 (check_output_path re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -223,25 +222,8 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 # ----------------------------------------------------------------------------- writing
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an output that would overwrite one of the inputs (model or data file)."""
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise BadInput(f"{out}: output must end in .onnx (its weights go to {out.name}.data beside it)")
-    data = out.with_name(out.name + ".data")
-    for p in inputs:
-        p = Path(p)
-        if out.resolve() == p.resolve() or _same_file(out, p) or data.resolve() == p.resolve() or _same_file(data, p):
-            raise BadInput(f"{out}: output would overwrite the input {p}; choose another output path")
-    if out.is_dir():
-        raise BadInput(f"{out}: is a directory; pass a file name ending in .onnx")
+# check_output_path, the exists check and the staging folder live in publish.py (shared with split
+# and simplify); check_output_path is re-exported here for callers that import it from this module.
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
@@ -836,19 +818,14 @@ def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, prog
     """
     out = Path(out)
     guard = list(inputs) + ([model.path] if model.path else []) + sorted(model.data_files())
-    check_output_path(out, guard)
+    check_new_output(out, inputs=guard, overwrite=overwrite)
     data = out.with_name(out.name + ".data")
-    if not overwrite and (out.exists() or data.exists()):
-        raise BadInput(f"{out}: already exists; pass " + "{overwrite} to replace it or choose another path",
-                       overwrite=True)
     if single_file:
         size = single_file_size(model)
         if size > PROTOBUF_LIMIT:
             raise BadInput(f"{out}: {size / 1e9:.2f} GB as one file, above protobuf's 2 GB limit; drop "
                            "{single_file} to write the weights to " + f"{data.name}", single_file=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         if single_file:
             written = write_single_file(model, tmp, out.name, progress=progress)
             if check:
@@ -868,8 +845,6 @@ def save_model(model: Model, out: str | os.PathLike, *, check: bool = True, prog
         else:
             os.replace(tmp / (out.name + ".data"), data)
             os.replace(written, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
