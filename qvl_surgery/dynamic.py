@@ -319,8 +319,7 @@ def encoder_body(g: GraphBuilder, cfg: VisionConfig, weights: WeightSource, gt: 
         by_budget = o("Div", I(int(full_chunk_mb * 1e6)), o("Max", denom, I(1)))
         chunk_rows = o("Max", o("Max", by_count, by_budget), I(1), tag="full_chunk_rows")
 
-    def attention(q: str, k: str, v: str, mask: str, p: str) -> str:
-        kt = g.op("Transpose", [k], f"{p}/Transpose_k", perm=[0, 1, 3, 2])
+    def attention(q: str, kt: str, v: str, mask: str, p: str) -> str:
         s = g.op("MatMul", [q, kt], f"{p}/MatMul_qk")
         s = g.op("Div", [s, scale], f"{p}/Div_scale")
         s = g.op("Add", [s, mask], f"{p}/Add_mask")
@@ -338,6 +337,7 @@ def encoder_body(g: GraphBuilder, cfg: VisionConfig, weights: WeightSource, gt: 
         q, k, v = g.op("Split", [x, split3], f"{p}/attn/Split", outputs=3, axis=1)         # [G, H, L, D]
         q = rotary(g, q, cos, sin, half, f"{p}/attn/rotary_q")
         k = rotary(g, k, cos, sin, half, f"{p}/attn/rotary_k")
+        kt = g.op("Transpose", [k], f"{p}/attn/Transpose_k", perm=[0, 1, 3, 2])           # shared by the chunks
         if full and chunk_rows is not None:
             outs = []
             for j in range(full_chunks):
@@ -346,10 +346,10 @@ def encoder_body(g: GraphBuilder, cfg: VisionConfig, weights: WeightSource, gt: 
                 hi = g.op("Mul", [chunk_rows, I(j + 1)], f"{cp}/Mul_end")
                 qc = g.op("Slice", [q, g.op("Unsqueeze", [lo, I([0])], f"{cp}/Unsqueeze_start"),
                                     g.op("Unsqueeze", [hi, I([0])], f"{cp}/Unsqueeze_end"), I([2])], f"{cp}/Slice_q")
-                outs.append(attention(qc, k, v, mask, cp))
+                outs.append(attention(qc, kt, v, mask, cp))
             o_ = g.op("Concat", outs, f"{p}/attn/Concat_chunks", axis=2)
         else:
-            o_ = attention(q, k, v, mask, f"{p}/attn")
+            o_ = attention(q, kt, v, mask, f"{p}/attn")
         o_ = g.op("Transpose", [o_], f"{p}/attn/Transpose_out", perm=[0, 2, 1, 3])         # [G, L, H, D]
         o_ = g.op("Reshape", [o_, out_shape], f"{p}/attn/Reshape_out")                     # [G*L, C]
         return g.op("Gather", [o_, unpad], f"{p}/attn/Gather_unpad", axis=0)                # [S, C]
@@ -416,17 +416,26 @@ class DynamicExportReport:
     def lines(self) -> list[str]:
         what = ("pixel_values + image_grid_thw" if self.kind == "self"
                 else f"pixel_values + {len(self.inputs) - 1} host-computed grid tensors")
-        return [f"exported {self.output} ({self.output.name}.data beside it)",
+        beside = self.output.with_name(self.output.name + ".data").exists()
+        return [f"exported {self.output}" + (f" ({self.output.name}.data beside it)" if beside else " (one file)"),
                 f"  dynamic ({self.kind}): any grid, several images and video; inputs {what} -> {OUTPUT_NAME}",
                 f"  {self.parameters:,} parameters, {self.weight_bytes / 1e9:.2f} GB fp32, {self.nodes} nodes"]
 
 
 def export_dynamic(weights: WeightSource, out: str | Path, *, host_inputs: bool = False, progress: bool = True,
-                   check: bool = True, overwrite: bool = False) -> DynamicExportReport:
-    """Build the dynamic graph and stream every weight into ``out.data``; returns what was written."""
+                   check: bool = True, overwrite: bool = False, full_chunks: int = FULL_CHUNKS,
+                   full_chunk_mb: float = FULL_CHUNK_MB, single_file: bool = False) -> DynamicExportReport:
+    """Build the dynamic graph and stream every weight into ``out.data`` (into ``out`` itself with
+    ``single_file``, for models under 2 GB); returns what was written.
+
+    ``full_chunks=1`` computes full attention in one piece (no query Slices, no empty tensors,
+    for runtimes that reject zero-sized tensors; scores then grow as frames x heads x L^2).
+    """
     out = Path(out)
-    model = build_dynamic_encoder(weights.cfg, weights, host_inputs=host_inputs)
-    save_model(model, out, check=check, progress="export" if progress else None, overwrite=overwrite)
+    model = build_dynamic_encoder(weights.cfg, weights, host_inputs=host_inputs, full_chunks=full_chunks,
+                                  full_chunk_mb=full_chunk_mb)
+    save_model(model, out, check=check, progress="export" if progress else None, overwrite=overwrite,
+               single_file=single_file)
     return DynamicExportReport(output=out, kind="host" if host_inputs else "self",
                                inputs=[i.name for i in model.graph.input],
                                parameters=sum(int(np.prod(s)) for s in weights.shapes.values()),
