@@ -51,7 +51,8 @@ class Client:
     routes: tuple[str, ...]              # matrix columns, "client:route"
     precision: str = "fp32"              # what the route computes in: sets the WRONG threshold
     python: str = "3.11"                 # interpreter version of its venv
-    note: str = ""
+    note: str = ""                       # how the route is driven
+    limits: str = ""                     # what the matrix shows about this client, and the file to give it
 
 
 CLIENTS: dict[str, Client] = {c.name: c for c in (
@@ -59,7 +60,11 @@ CLIENTS: dict[str, Client] = {c.name: c for c in (
            ("onnx", "ir"),
            note="`onnx`: Core.compile_model on the .onnx; `ir`: ov.convert_model -> ov.save_model(compress_to_fp16="
                 "False) -> Core.compile_model on the IR (the ovc route). CPU, INFERENCE_PRECISION_HINT f32. "
-                "openvino_telemetry is kept out of the process (convert_model sends usage data otherwise)."),
+                "openvino_telemetry is kept out of the process (convert_model sends usage data otherwise).",
+           limits="Takes every kind, both routes. Its offline route's SDPAReshapeFusion rewrote the earlier heads-first "
+                  "windowed layout into one full attention (1.5e-3 wrong at 448x448, an exception at 308x196); the "
+                  "windows-first layout converts exactly. `ovc`/save_model default to fp16-compressed weights "
+                  "(1.0e-4 on the tiny windowed model): pass compress_to_fp16=False for fp32 weights."),
     Client("rknn", (("--no-deps", "rknn-toolkit2==2.5.0"),
                     # its own pins, less torch<=2.4 (a CUDA build of GBs on PyPI): the CPU torch the
                     # main venv uses imports fine for ONNX conversion
@@ -68,16 +73,27 @@ CLIENTS: dict[str, Client] = {c.name: c for c in (
                      "opencv-python-headless==4.11.0.86", "fast-histogram==0.14", "setuptools<81")),
            ("rk3588",), precision="fp16",
            note="rknn-toolkit2: config(target_platform='rk3588'), load_onnx, build(do_quantization=False) (an fp16 "
-                "model), init_runtime() with no target = the simulator, inference."),
+                "model), init_runtime() with no target = the simulator, inference.",
+           limits="Static files only: opset <= 19 (refuses the opset-23 Attention), no com.microsoft ops, no "
+                  "dynamic graph (the dynamic export's grid Range needs constants). Every static fp32/fp16 file and "
+                  "split chain runs within its fp16 build's error."),
     Client("mnn", (("MNN==3.6.1", "numpy==2.4.6"),), ("cpu",),
            note="MNN's converter library (`_tools.mnnconvert`, what the `mnnconvert` CLI wraps; the CLI itself "
-                "pip-installs a logger and sends usage logs), then MNN.nn.load_module_from_file on CPU."),
+                "pip-installs a logger and sends usage logs), then MNN.nn.load_module_from_file on CPU.",
+           limits="Misreads FLOAT16 initializers stored as external data: fp16 files with a .data file fail to load "
+                  "(`Alloc memory for const tensor error`) or run silently wrong; give it fp16 files written with "
+                  "--single-file (right). No MultiHeadAttention, no opset-23 Attention."),
     # onnx2tf 2.x needs Python >= 3.12; the newest for 3.11 (1.29.24) turns our 4-D attention Transposes
     # into NHWC ones and stops at the first MatMul_qk ("Dimensions must be equal, but are 16 and 1024")
     Client("onnx2tf", (("onnx2tf[tensorflow]==2.6.9",),), ("litert",), python="3.12",
            note="onnx2tf 2.6.9 (Python 3.12: onnx2tf 2.x needs >= 3.12) with replace_to_pseudo_operators=['Erf'] "
                 "(`-rtpo Erf`: the merger's exact GELU needs TF's Flex delegate otherwise), then the float32 "
-                ".tflite in ai_edge_litert's Interpreter."),
+                ".tflite in ai_edge_litert's Interpreter.",
+           limits="Reads external data wrongly (its builtin lowering sees a rank-1 input at the first MLP Gemm, "
+                  "falls back to CUSTOM ops LiteRT cannot run): give it --single-file files. Rewrites the .onnx it "
+                  "is given (runs its own renaming and simplification in place) and leaves temporary *.data "
+                  "files in the working directory: give it a copy. No com.microsoft ops, Attention only in its "
+                  "3-input form."),
 )}
 
 ROUTE_LABELS = {"onnxruntime:cpu": "onnxruntime (the file itself)", "openvino:onnx": "OpenVINO compile_model(onnx)",
@@ -100,22 +116,30 @@ class Kind:
 
 KINDS: list[Kind] = [
     Kind("fp32", "fp32 export"),
+    Kind("fp32-single", "fp32 export, --single-file",
+         (("export", "--random-init", "{preset}", "--image-size", "{size}", "--single-file", "-o", "{out}"),),
+         needs=(("export", "--single-file"),)),
     Kind("windowed", "windowed attention", (("attention", "{fp32}", "-o", "{out}"),)),
+    Kind("windowed-single", "windowed attention, --single-file",
+         (("attention", "{fp32}", "-o", "{out}", "--single-file"),), needs=(("attention", "--single-file"),)),
     Kind("mha", "mha (com.microsoft.MultiHeadAttention)", (("attention", "{fp32}", "-o", "{out}", "--mode", "mha"),)),
     Kind("onnx-attention", "ONNX Attention (opset 23)",
          (("attention", "{fp32}", "-o", "{out}", "--mode", "onnx-attention", "--upgrade-opset"),)),
     Kind("fp16", "fp16", (("fp16", "{fp32}", "-o", "{out}"),)),
     Kind("windowed-fp16", "windowed + fp16", (("fp16", "{windowed}", "-o", "{out}"),)),
+    Kind("windowed-fp16-single", "windowed + fp16, --single-file",
+         (("fp16", "{windowed}", "-o", "{out}", "--single-file"),), needs=(("fp16", "--single-file"),)),
     Kind("split-fp32", "fp32, split in 2 parts chained", (("split", "{fp32}", "--parts", "2", "-o", "{out}"),),
          split=True),
     Kind("split-windowed-fp16", "windowed + fp16, split in 2 parts chained",
          (("split", "{windowed-fp16}", "--parts", "2", "-o", "{out}"),), split=True),
-    Kind("windowed-fp16-single", "windowed + fp16, --single-file",
-         (("fp16", "{windowed}", "-o", "{out}", "--single-file"),), needs=(("fp16", "--single-file"),)),
     Kind("dynamic", "dynamic export", (("export", "--random-init", "{preset}", "--dynamic", "-o", "{out}"),),
          needs=(("export", "--dynamic"),)),
     Kind("dynamic-fp16", "dynamic export + fp16", (("fp16", "{dynamic}", "-o", "{out}"),),
          needs=(("export", "--dynamic"),)),
+    Kind("dynamic-fp16-single", "dynamic export + fp16, --single-file",
+         (("fp16", "{dynamic}", "-o", "{out}", "--single-file"),),
+         needs=(("export", "--dynamic"), ("fp16", "--single-file"))),
 ]
 
 
@@ -191,18 +215,41 @@ def _run_mnn(route: str, part: dict, feeds: dict, work: Path) -> dict:
 
 def _run_onnx2tf(route: str, part: dict, feeds: dict, work: Path) -> dict:
     import onnx2tf
+    import onnx2tf.tflite_builder as builder
     from ai_edge_litert.interpreter import Interpreter
+    # onnx2tf 2.x retries a failed builtin lowering silently with CUSTOM ops LiteRT cannot run: keep the
+    # first failure, it is the real reason
+    first_failure: list[str] = []
+    direct = builder.export_tflite_model_flatbuffer_direct
+
+    def recorded(*args, **kwargs):
+        try:
+            return direct(*args, **kwargs)
+        except Exception as e:
+            first_failure.append(str(e).splitlines()[0])
+            raise
+    builder.export_tflite_model_flatbuffer_direct = recorded
     tf_dir = work / "tf"
-    onnx2tf.convert(input_onnx_file_path=part["path"], output_folder_path=str(tf_dir),
-                    replace_to_pseudo_operators=["Erf"], non_verbose=True, output_signaturedefs=True)
+    try:
+        onnx2tf.convert(input_onnx_file_path=part["path"], output_folder_path=str(tf_dir),
+                        replace_to_pseudo_operators=["Erf"], non_verbose=True, output_signaturedefs=True)
+        return _run_tflite(Interpreter, tf_dir, part, feeds)
+    except Exception as e:
+        if first_failure:
+            raise RuntimeError(f"{e} -- onnx2tf's builtin lowering had failed first: {first_failure[0]}") from e
+        raise
+
+
+def _run_tflite(Interpreter, tf_dir: Path, part: dict, feeds: dict) -> dict:
     stem = Path(part["path"]).stem
     it = Interpreter(model_path=str(tf_dir / f"{stem}_float32.tflite"))
     runner = it.get_signature_runner()
     sig = it.get_signature_list()["serving_default"]
+    details = runner.get_input_details()
     args = {}
     for i, spec in enumerate(part["inputs"]):
         key = next((k for k in sig["inputs"] if k in (spec["name"], _safe(spec["name"]))), sig["inputs"][i])
-        args[key] = np.ascontiguousarray(feeds[spec["name"]], np.float32)
+        args[key] = np.ascontiguousarray(feeds[spec["name"]], details[key]["dtype"])
     res = runner(**args)
     out = {}
     for i, name in enumerate(part["outputs"]):
@@ -333,12 +380,12 @@ def make_files(preset: str, size: str, kinds: list[Kind], reuse: bool) -> tuple[
             r = cli("export", "--random-init", preset, "--image-size", size, "-o", str(out), "-q")
         else:
             refs = {m for step in kind.steps for a in step for m in re.findall(r"\{([\w-]+)\}", a)}
-            absent = sorted(refs - set(paths) - {"out", "preset"})
+            absent = sorted(refs - set(paths) - {"out", "preset", "size"})
             if absent:
                 skipped[kind.id] = f"made from {absent[0]}, which was not written"
                 continue
             for step in kind.steps:
-                args = [a.replace("{out}", str(out)).replace("{preset}", preset) for a in step]
+                args = [a.replace("{out}", str(out)).replace("{preset}", preset).replace("{size}", size) for a in step]
                 for k, v in paths.items():
                     args = [a.replace("{" + k + "}", str(v)) for a in args]
                 r = cli(*args, "-q")
@@ -480,6 +527,9 @@ def run_cell(client: Client, route: str, path: Path, feeds: dict, job_dir: Path,
             cell["error"] = f"worker exited {rc}: " + cell["error"]
     else:
         cell["outputs"] = _np_load(job_dir / "out.npz")
+    # keep job.json, log.txt and result.json; the copies and converted models can be GBs (3b)
+    for p in ("input", "work"):
+        shutil.rmtree(job_dir / p, ignore_errors=True)
     return cell
 
 
@@ -590,7 +640,7 @@ def write_markdown(out: Path) -> None:
     lines += ["## Clients", ""]
     for c in CLIENTS.values():
         v = ", ".join(f"{k} {val}" for k, val in versions.get(c.name, {}).items())
-        lines.append(f"- **{c.name}** ({v or 'not run'}): {c.note}")
+        lines.append(f"- **{c.name}** ({v or 'not run'}): {c.note}" + (f" **Limits:** {c.limits}" if c.limits else ""))
     if failures:
         lines += ["", "## Not in the matrix yet", ""] + failures
     lines += ["", "Rerun: `scripts/compat` (tiny, 448x448 and 308x196); `scripts/compat --preset 3b --sizes 448x448 "
