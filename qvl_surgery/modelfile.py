@@ -41,7 +41,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 INLINE_MAX_BYTES = 1024
 ALIGN = 64
 _PAGE = 4096
-_RUN_MAX = 256 << 20  # a gathered copy ends here, so the progress bar and the hash thread keep up
+_COPY_PIECE = 256 << 20  # a gathered copy runs in pieces this long: the progress bar and the hash keep up
 _CONGRUENT_MIN = 1 << 20  # gathered copies this long start where the kernel copies them fastest:
 _COPY_ALIGN = 64 << 10    # at their source's offset within a page, in the first page of a 64 KB block
 _COPY_CHUNK = 64 << 20
@@ -362,8 +362,7 @@ class _DataLayout:
                 continue
             run = items[-1] if items and isinstance(items[-1], _Copy) else None
             gap = src.offset - (run.src + run.length) if run is not None else -1
-            if (run is not None and run.path == src.path and 0 <= gap < ALIGN and src.offset % ALIGN == 0
-                    and run.length + gap + src.length <= _RUN_MAX):
+            if run is not None and run.path == src.path and 0 <= gap < ALIGN and src.offset % ALIGN == 0:
                 run.length += gap + src.length
                 run.last = t.name
             else:
@@ -393,7 +392,8 @@ class _DataWriter:
     """Writes a data file to its layout: each gathered copy when its last tensor comes, bytes
     from memory at their offsets; the digest sees the file's bytes in order (zeros for gaps)."""
 
-    def __init__(self, path: Path, layout: _DataLayout, digest: StreamDigest | None = None):
+    def __init__(self, path: Path, layout: _DataLayout, digest: StreamDigest | None = None, bar=None):
+        self.bar = bar   # progress in bytes of the data file
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         preallocate(self.fd, layout.size)
         self.layout = layout
@@ -404,6 +404,12 @@ class _DataWriter:
     def _pad_to(self, start: int) -> None:
         if self.digest is not None and start > self.end:
             self.digest.add("zeros", start - self.end)  # the gap reads back as zeros
+        self._advance(start)
+
+    def _advance(self, end: int) -> None:
+        if self.bar is not None and end > self.end:
+            self.bar.update(end - self.end)
+        self.end = end
 
     def range_done(self, name: str) -> None:
         """A file-range tensor is placed; if it ends a gathered copy, copy it now."""
@@ -411,13 +417,15 @@ class _DataWriter:
         if c is None:
             return
         self._pad_to(c.dst)
-        if self.digest is not None:
-            self.digest.add("range", FileRange(c.path, c.src, c.length))
         fd = self._src_fds.get(c.path)
         if fd is None:
             fd = self._src_fds[c.path] = os.open(c.path, os.O_RDONLY)
-        copy_range(fd, c.src, self.fd, c.dst, c.length)
-        self.end = c.dst + c.length
+        for done in range(0, c.length, _COPY_PIECE):
+            n = min(_COPY_PIECE, c.length - done)
+            if self.digest is not None:
+                self.digest.add("range", FileRange(c.path, c.src + done, n))
+            copy_range(fd, c.src + done, self.fd, c.dst + done, n)
+            self._advance(c.dst + done + n)
 
     def write_bytes(self, name: str, data: bytes | memoryview) -> None:
         start = self.layout.offsets[name]
@@ -428,7 +436,7 @@ class _DataWriter:
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], start + done)
-        self.end = start + len(view)
+        self._advance(start + len(view))
 
     def close(self) -> None:
         for fd in self._src_fds.values():
@@ -493,11 +501,10 @@ def _payloads(model: Model, tensors: list[TensorProto]) -> Iterator[tuple[Tensor
         pool.shutdown(wait=True)
 
 
-def _progress_bar(model: Model, tensors: list[TensorProto], progress: str | None):
+def _progress_bar(total: int, progress: str | None):
     if not progress:
         return None
     from tqdm import tqdm
-    total = sum(model.tensor_nbytes(t) for t in tensors)
     return tqdm(total=total, unit="B", unit_scale=True, desc=progress, leave=False, disable=None)  # off without a TTY
 
 
@@ -516,8 +523,8 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
     proto.CopyFrom(model.proto)
     tensors = list(proto.graph.initializer)
     layout = _DataLayout.plan(model, tensors)
-    writer = _DataWriter(out_dir / data_name, layout, digest)
-    bar = _progress_bar(model, tensors, progress)
+    bar = _progress_bar(layout.size, progress)
+    writer = _DataWriter(out_dir / data_name, layout, digest, bar)
     try:
         for t, src, data in _payloads(model, tensors):
             nbytes = model.tensor_nbytes(t)
@@ -533,8 +540,6 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
                 writer.write_bytes(t.name, data)
             del data
             _set_external(t, data_name, layout.offsets[t.name], nbytes)
-            if bar:
-                bar.update(nbytes)
     finally:
         writer.close()
         if bar:
@@ -742,7 +747,7 @@ def write_single_file(model: Model, out_dir: Path, name: str, *, progress: str |
     out = out_dir / name
     w = _FileWriter(out)
     preallocate(w.fd, size)
-    bar = _progress_bar(model, [t.tensor for t in layout.tensors], progress)
+    bar = _progress_bar(sum(t.nbytes for t in layout.tensors), progress)
     try:
         w.small(layout.model_head)
         w.small(_len_field(_MODEL_GRAPH, layout.graph_len()))
