@@ -59,7 +59,8 @@ def test_synthetic_over_2gb_round_trip_split_merge_and_the_reference_failure(big
     """))
     print(f"round trip of a {size / 1e9:.2f} GB model: peak RSS {peak:.0f} MB (build: {build_peak:.0f} MB)")
     assert peak < 400, peak  # the model is 2,280 MB; about 70 MB measured here
-    assert (big_dir / "copy.onnx.data").stat().st_size == size
+    # the same bytes, plus at most 64 KB of padding per gathered copy (copies start 64 KB-congruent: faster)
+    assert size <= (big_dir / "copy.onnx.data").stat().st_size <= size + 16 * (64 << 10)
     onnx.checker.check_model(str(big_dir / "copy.onnx"))
     (big_dir / "copy.onnx.data").unlink()
 
