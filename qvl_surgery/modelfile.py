@@ -4,10 +4,15 @@ A :class:`Model` is the graph proto (read with ``load_external_data=False``) plu
 initializer whose bytes are not inline, a *source*: a :class:`FileRange` (file, offset, length,
 checked against the file) or a :class:`Computed` tensor (a function run while writing, e.g. a
 dtype conversion or random init). Weight bytes are only touched by :func:`save_model`, which
-streams them tensor by tensor into ``name.onnx.data``; peak memory is about the largest tensor.
+streams them tensor by tensor into ``name.onnx.data`` (file ranges copied in the kernel, laid out
+by :class:`_DataLayout`), or with ``single_file=True`` into one self-contained ``name.onnx``
+(protobuf's wire format written field by field, :func:`write_single_file`); peak memory is about
+the largest tensor. Split's parts and their integrity hashes (xxh3_128, computed while copying)
+come from :func:`write_parts`.
 
 Rules (DESIGN.md, principles 1-4):
-- never serialize a > 2 GB proto: what is serialized here carries no external weight bytes;
+- never serialize a > 2 GB proto: what is serialized here carries no external weight bytes, and a
+  single file above protobuf's limit is refused before anything is written;
 - outputs are written into a temporary sibling folder, checked with ``onnx.checker`` by path,
   then renamed into place; an input file is never overwritten or appended to;
 - external-data locations are untrusted: absolute paths, ``..`` and symlinks that leave the
