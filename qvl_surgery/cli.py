@@ -241,7 +241,7 @@ def add_pass_command(sub, cls) -> None:
 # CLI-level parameters that are not pass options; pass options come from their specs
 CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--random-init", "image_size": "--image-size",
              "inputs": "--inputs", "image": "--image", "video": "--video", "per_block": "--per-block",
-             "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes"}
+             "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes", "single_file": "--single-file"}
 
 
 def flag_of(name: str) -> str | None:
