@@ -65,10 +65,9 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-from . import __version__
 from .config import VisionConfig
 from .errors import BadInput
-from .export import (META, OPSET, GraphBuilder, _gemm, encoder_block, merger, rotary, weight_getter)
+from .export import GraphBuilder, _gemm, encoder_block, encoder_model, merger, rotary, weight_getter
 from .modelfile import Model, save_model
 from .weights import WeightSource
 
@@ -384,24 +383,10 @@ def build_dynamic_encoder(cfg: VisionConfig, weights: WeightSource, *, host_inpu
         value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, ["num_patches", cfg.hidden_size])
                     for n in block_outputs],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="qvl-surgery", producer_version=__version__)
-    proto.ir_version = 8
-    model = Model(proto, dict(g.sources))
-    meta = {
-        "version": __version__,
-        "vision_config": json.dumps(cfg.to_dict()),
+    return encoder_model(graph, g, cfg, weights, block_outputs, {
         "dynamic": "host" if host_inputs else "self",
         "grid_tensors": json.dumps(list(GRID_TENSORS)),
-        "fullatt_blocks": json.dumps(list(cfg.fullatt_block_indexes)),
-        "block_outputs": json.dumps(block_outputs),
-        "weights": weights.description,
-        "dtype": "float32",
-        "passes": json.dumps(["export"]),
-    }
-    for k, v in meta.items():
-        model.set_metadata(META + k, v)
-    return model
+    })
 
 
 @dataclass

@@ -237,6 +237,17 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
         initializer=g.initializers,
         value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, [S, C]) for n in block_outputs],
     )
+    return encoder_model(graph, g, cfg, weights, block_outputs, {
+        "image_size": f"{image_size[0]}x{image_size[1]}",
+        "grid": json.dumps([lay.grid_t, lay.grid_h, lay.grid_w]),
+        "window_layout": json.dumps(lay.to_metadata()),
+    })
+
+
+def encoder_model(graph: onnx.GraphProto, g: GraphBuilder, cfg: VisionConfig, weights: WeightSource,
+                  block_outputs: list[str], kind_meta: dict[str, str]) -> Model:
+    """The Model of an export (static or dynamic): opset, IR version, producer, and the
+    ``qvl_surgery.*`` metadata every pass reads, with the kind's own keys after the config."""
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="qvl-surgery", producer_version=__version__)
     proto.ir_version = 8
@@ -244,9 +255,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
     meta = {
         "version": __version__,
         "vision_config": json.dumps(cfg.to_dict()),
-        "image_size": f"{image_size[0]}x{image_size[1]}",
-        "grid": json.dumps([lay.grid_t, lay.grid_h, lay.grid_w]),
-        "window_layout": json.dumps(lay.to_metadata()),
+        **kind_meta,
         "fullatt_blocks": json.dumps(list(cfg.fullatt_block_indexes)),
         "block_outputs": json.dumps(block_outputs),
         "weights": weights.description,
