@@ -513,10 +513,21 @@ def _progress_bar(total: int, progress: str | None):
     return tqdm(total=total, unit="B", unit_scale=True, desc=progress, leave=False, disable=None)  # off without a TTY
 
 
+_INDEX_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8,
+                TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+INLINE_INDEX_MAX_BYTES = 16 << 20
+
+
 def _goes_to_data_file(t: TensorProto, src: TensorSource | None, nbytes: int) -> bool:
     """Where write_model_files puts a tensor: file ranges and large tensors in the data file,
-    small computed or inline ones inline."""
-    return isinstance(src, FileRange) or nbytes >= INLINE_MAX_BYTES
+    small computed or inline ones inline. Integer tables made in the graph (shapes, Split sizes,
+    gather indices) stay inline up to 16 MB: they are graph structure, and onnxruntime refuses a
+    Split's sizes read from external data (171 query chunks: 1368 bytes)."""
+    if isinstance(src, FileRange):
+        return True
+    if t.data_type in _INDEX_TYPES and nbytes <= INLINE_INDEX_MAX_BYTES:
+        return False
+    return nbytes >= INLINE_MAX_BYTES
 
 
 def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str | None = None,

@@ -155,3 +155,16 @@ def test_mha_then_fp16_runs_in_onnxruntime_and_emulation_says_why_not(tiny_448, 
         assert r.returncode == 0, r.stderr
         r = run_cli("compare", tiny_448, tmp_path / f"parts_{name}", "--atol", "0.05", "--rtol", "0.05")
         assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+
+
+def test_many_full_attention_chunks_load_in_onnxruntime(tiny_448, tmp_path):
+    """171 query chunks make a Split-sizes table over 1 KB: it must stay inline (onnxruntime
+    refuses Split sizes read from external data)."""
+    out = tmp_path / "c.onnx"
+    r = run_cli("attention", tiny_448, "-o", out, "--full-chunk-mb", "0.1", "-q")
+    assert r.returncode == 0, r.stderr
+    check_written(out)
+    px = tiny_pixels((448, 448))
+    a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
+    b = run_model(out, {"pixel_values": px})["image_embeds"]
+    assert np.abs(a - b).max() < 1e-5
