@@ -27,14 +27,15 @@ from .modelfile import load_model, sibling_model
 log = logging.getLogger(__name__)
 
 
-def _io_of(path: Path) -> tuple[list[tuple[str, np.dtype, list]], list[str]]:
-    """(inputs with dtype and shape, output names) of a model or a split, from the graph only."""
+def _io_of(path: Path, model=None) -> tuple[list[tuple[str, np.dtype, list]], list[str]]:
+    """(inputs with dtype and shape, output names) of a model or a split, from the graph only
+    (``model``: the model at ``path`` when the caller has already loaded it)."""
     if is_manifest_path(path):
         m = read_manifest(path, verify_hashes=False)
         first, last = m.parts[0], m.parts[-1]
         ins = [(i["name"], np.dtype(i["dtype"]), i["shape"]) for i in first["inputs"]]
         return ins, [o["name"] for o in last["outputs"]]
-    model = load_model(path)
+    model = model if model is not None else load_model(path)
     inits = {t.name for t in model.graph.initializer}
     ins = []
     for i in model.graph.input:

@@ -39,15 +39,19 @@ class ModelKind:
     def of(cls, path: str | Path) -> "ModelKind":
         from .compare import _io_of
         p = Path(path)
-        if is_manifest_path(p):
+        # a split's inputs come from its manifest, its metadata from part 0; a model's both from its graph
+        inputs = _io_of(p)[0] if is_manifest_path(p) else None
+        if inputs is not None:
             p = read_manifest(p, verify_hashes=False).part_paths()[0]
-        meta = load_model(p).metadata()
+        model = load_model(p)
+        meta = model.metadata()
         cfg = None
         if "qvl_surgery.vision_config" in meta:
             cfg = VisionConfig.from_dict(json.loads(meta["qvl_surgery.vision_config"]))
         size = meta.get("qvl_surgery.image_size")
         return cls(meta.get("qvl_surgery.dynamic"), cfg,
-                   tuple(int(x) for x in size.split("x")) if size else None, _io_of(Path(path))[0])
+                   tuple(int(x) for x in size.split("x")) if size else None,
+                   inputs if inputs is not None else _io_of(p, model)[0])
 
 
 def _processor(kind: ModelKind, fixed: tuple[int, int] | None):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -174,7 +174,7 @@ class Pass:
     takes: ClassVar[str] = "model"
     gives: ClassVar[str] = "model"
     options: ClassVar[tuple[Option, ...]] = ()
-    # the library function gen-script prints: (module, function, positional value name, returns report too)
+    # the library function --gen-script prints for this pass: (module, function name)
     function: ClassVar[tuple[str, str]] = ("", "")
 
     def __init__(self, **options: Any):
@@ -350,6 +350,3 @@ def flag_of(name: str) -> str | None:
                 return o.cli_flag
     return None
 
-
-def report_dict(report: PassReport) -> dict:
-    return asdict(report) if not hasattr(report, "to_dict") else report.to_dict()

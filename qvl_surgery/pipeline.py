@@ -16,10 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from .errors import BadInput
 from .passbase import Context, Pass, Sequential, parse_spec, spec_from_dict
