@@ -513,19 +513,21 @@ def _progress_bar(total: int, progress: str | None):
     return tqdm(total=total, unit="B", unit_scale=True, desc=progress, leave=False, disable=None)  # off without a TTY
 
 
-_INDEX_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8,
-                TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+# Index tables (shapes, Split sizes, gather indices, window ids) are int64/int32/bool. int8/uint8,
+# int16/uint16 and int4 are what quantized weights are stored as: never tables.
+_INDEX_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL}
 INLINE_INDEX_MAX_BYTES = 16 << 20
 
 
 def _goes_to_data_file(t: TensorProto, src: TensorSource | None, nbytes: int) -> bool:
-    """Where write_model_files puts a tensor: file ranges and large tensors in the data file,
-    small computed or inline ones inline. Integer tables made in the graph (shapes, Split sizes,
-    gather indices) stay inline up to 16 MB: they are graph structure, and onnxruntime refuses a
-    Split's sizes read from external data (171 query chunks: 1368 bytes)."""
+    """Where write_model_files puts a tensor, by role: file ranges and computed tensors (weights:
+    converted, quantized, random) go to the data file from 1 KB on whatever their dtype; an inline
+    tensor does too, unless it is an index table the graph carries (int64/int32/bool): those stay
+    inline up to 16 MB, being graph structure (onnxruntime refuses a Split's sizes read from
+    external data; 171 query chunks: 1368 bytes)."""
     if isinstance(src, FileRange):
         return True
-    if t.data_type in _INDEX_TYPES and nbytes <= INLINE_INDEX_MAX_BYTES:
+    if src is None and t.data_type in _INDEX_TYPES and nbytes <= INLINE_INDEX_MAX_BYTES:
         return False
     return nbytes >= INLINE_MAX_BYTES
 

@@ -157,6 +157,30 @@ class PassResult:
     report: PassReport
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """How a pass's result is judged against its input (``run``'s comparison, tests): tolerances,
+    the cosine floor (plain and token-centered), and the emulation that shows the error where
+    onnxruntime's CPU provider would hide it (``"fp16"``). A chain is judged by its loosest pass."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    min_cosine: float = 0.99999
+    emulate: str | None = None
+    label: str = "fp32"
+
+    @staticmethod
+    def loosest(judgements: "list[Judgement]") -> "Judgement":
+        out = Judgement()
+        for j in judgements:
+            out = Judgement(max(out.atol, j.atol), max(out.rtol, j.rtol), min(out.min_cosine, j.min_cosine),
+                            out.emulate or j.emulate, j.label if j.label != "fp32" else out.label)
+        return out
+
+
+EXACT = Judgement()
+
+
 @dataclass
 class Context:
     """What a pass may need beyond its value and options: where the fp32 reference lives (fp16
@@ -174,6 +198,10 @@ class Pass:
     takes: ClassVar[str] = "model"
     gives: ClassVar[str] = "model"
     options: ClassVar[tuple[Option, ...]] = ()
+    # the subcommand's example command line(s) (help epilog, README)
+    example: ClassVar[str] = ""
+    # how the result is judged against the input (lossless passes: EXACT)
+    judgement: ClassVar[Judgement] = EXACT
     # the library function --gen-script prints for this pass: (module, function name)
     function: ClassVar[tuple[str, str]] = ("", "")
 
