@@ -6,9 +6,10 @@ and list it here; the CLI subcommand, ``--passes``/recipe parsing and ``--gen-sc
 from .attention import AttentionPass
 from .fp16 import Fp16Pass
 from .merge import MergePass
+from .quantize import QuantizePass
 from .simplify import SimplifyPass
 from .split import SplitPass
 
-PASSES = {p.name: p for p in (AttentionPass, Fp16Pass, SplitPass, MergePass, SimplifyPass)}
+PASSES = {p.name: p for p in (AttentionPass, Fp16Pass, SplitPass, MergePass, SimplifyPass, QuantizePass)}
 
 __all__ = ["PASSES", "AttentionPass", "Fp16Pass", "MergePass", "SimplifyPass", "SplitPass"]

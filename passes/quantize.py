@@ -1,0 +1,594 @@
+"""quantize: int8 / int4 weights (and int8 / int16 activations) for the weight-carrying linear layers.
+
+Rules and limits:
+- Only linears are quantized: ``Gemm`` whose B is an initializer (``transA=0``, ``alpha=beta=1``;
+  the export's ``[out, in]`` weights with ``transB=1``, or ``[in, out]``) and ``MatMul`` whose B is
+  a 2-D initializer. Patch embed and the merger's linears count. Attention's activation x
+  activation MatMuls, Softmax, RMSNorm and the residual Adds stay float. ``keep_node`` /
+  ``keep_block`` keep linears float; a linear that does not match says why (report ``misses``).
+- Weights: int8 symmetric per output channel (or per ``block_size`` input values), int4
+  symmetric in blocks of ``block_size`` (default 32) along the input dim, weight-only.
+- Activations (int8 / int16): symmetric per tensor, one Q/DQ per distinct input tensor (gate and
+  up share theirs), scale from streaming calibration (``calibrate``: an .npz, image files, or
+  ``random[:N]``), clip value by ``calibrate_method``.
+- ``format=qdq``: QuantizeLinear / DequantizeLinear around the unchanged Gemm/MatMul (int8 weight
+  initializer + per-axis DQ); opset raised to 21 where int16 or blocked DQ needs it.
+  ``format=onnxruntime``: what its CPU provider runs in integer arithmetic: ``MatMulNBits``
+  (weight-only, bits 8 or 4, accuracy_level 4 = int8 compute with per-block dynamic activation
+  scales), ``DynamicQuantizeMatMul`` (int8 activations, dynamic per tensor; weights stored uint8
+  with zero point 128: u8 x s8 saturates in 16 bits on AVX2 CPUs without VNNI, u8 x u8 does not),
+  ``QuantizeLinear`` + ``MatMulIntegerToFloat`` (int8 activations, calibrated static scale).
+- Weights are quantized tensor by tensor while the file is written (Computed sources); the codes
+  and scales of one weight come from one read of it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qvl_surgery.errors import BadInput
+from qvl_surgery.graphinfo import with_graph
+from qvl_surgery.modelfile import Model, read_initializer
+from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery import quant
+
+log = logging.getLogger(__name__)
+
+F32 = TensorProto.FLOAT
+MS = "com.microsoft"
+NBITS_BLOCKS = (16, 32, 64, 128, 256)
+DEFAULT_INT4_BLOCK = 32
+DEFAULT_NBITS_INT8_BLOCK = 128
+DEFAULT_METHOD = "percentile"
+DEFAULT_CALIB_COUNT = 8
+
+
+@dataclass(kw_only=True)
+class QuantizeReport(PassReport):
+    scheme: str = ""
+    format: str = ""
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, list[str]] = field(default_factory=dict)        # reason -> node names
+    ops: dict[str, int] = field(default_factory=dict)               # op types added
+    opset: int = 0
+    method: str = ""
+    calibration: list[str] = field(default_factory=list)
+    weight_bytes: list[int] = field(default_factory=list)           # [before, after]
+
+    def summary(self) -> list[str]:
+        kept = sum(len(v) for v in self.kept.values())
+        out = [f"quantize: {self.scheme} as {self.format} (opset {self.opset}): {len(self.quantized)} linears "
+               f"quantized, {kept} kept float"]
+        for why, names in self.kept.items():
+            out.append(f"  kept ({why}): {', '.join(names[:6])}" + (f" ... {len(names) - 6} more" if len(names) > 6 else ""))
+        if self.ops:
+            out.append("  ops: " + ", ".join(f"{k} x{v}" for k, v in self.ops.items()))
+        if len(self.weight_bytes) == 2:
+            b, a = self.weight_bytes
+            out.append(f"  weights {b / 1e6:.1f} MB -> {a / 1e6:.1f} MB ({a / max(b, 1):.3f}x)")
+        out += ["  " + line for line in self.calibration]
+        out += [f"  skipped: {s}" for s in self.skipped]
+        return out
+
+
+# ----------------------------------------------------------------------------- match: the linears
+
+@dataclass
+class Linear:
+    node: onnx.NodeProto
+    weight: str
+    bias: str          # "" when none
+    out_in: bool       # weight stored [N, K] (Gemm transB=1) rather than [K, N]
+    n: int
+    k: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.output[0]
+
+    @property
+    def x(self) -> str:
+        return self.node.input[0]
+
+
+def _attrs(n: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in n.attribute}
+
+
+def find_linears(model: Model, misses: list[str]) -> list[Linear]:
+    """Every Gemm / MatMul with an initializer weight that computes ``x @ W (+ b)``; the others that
+    read an initializer are named in ``misses`` with the failed condition."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    found = []
+    for n in g.node:
+        if n.op_type not in ("Gemm", "MatMul") or n.domain not in ("", "ai.onnx"):
+            continue
+        if len(n.input) < 2 or n.input[1] not in inits:
+            continue   # activation x activation (attention): not a linear
+        w = inits[n.input[1]]
+        where = f"{n.op_type} {n.name or n.output[0]}"
+        if w.data_type != F32:
+            misses.append(f"{where}: weight {w.name} is not float32")
+            continue
+        if len(w.dims) != 2:
+            misses.append(f"{where}: weight {w.name} has shape {list(w.dims)}, not 2-D")
+            continue
+        bias = ""
+        out_in = False
+        if n.op_type == "Gemm":
+            a = _attrs(n)
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                misses.append(f"{where}: transA/alpha/beta are not 0/1/1")
+                continue
+            out_in = bool(a.get("transB", 0))
+            if len(n.input) > 2 and n.input[2]:
+                b = inits.get(n.input[2])
+                n_out = w.dims[0] if out_in else w.dims[1]
+                if b is None or b.data_type != F32 or list(b.dims) not in ([n_out], [1, n_out]):
+                    misses.append(f"{where}: bias {n.input[2]} is not a float32 [{n_out}] initializer")
+                    continue
+                bias = n.input[2]
+        nn, kk = (w.dims[0], w.dims[1]) if out_in else (w.dims[1], w.dims[0])
+        found.append(Linear(n, w.name, bias, out_in, int(nn), int(kk)))
+    return found
+
+
+def select_kept(linears: list[Linear], *, keep_nodes: list[str], keep_blocks: list[int]) -> dict[str, str]:
+    """Linear name -> why it stays float."""
+    kept: dict[str, str] = {}
+    for pat in keep_nodes:
+        hits = [lin for lin in linears if fnmatch.fnmatchcase(lin.name, pat)]
+        if not hits:
+            example = linears[len(linears) // 2].name if linears else "none"
+            raise BadInput("{keep_node}: matches no linear layer (names look like " + repr(example) + ")",
+                           keep_node=pat)
+        for lin in hits:
+            kept.setdefault(lin.name, f"node {pat}")
+    for b in keep_blocks:
+        hits = [lin for lin in linears if re.match(rf"^/?blocks\.{b}/", lin.name)]
+        if not hits:
+            raise BadInput("{keep_block}: no linear layer in block " + str(b), keep_block=b)
+        for lin in hits:
+            kept.setdefault(lin.name, f"block {b}")
+    return kept
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass
+class QuantPlan:
+    weights: str                 # int8 | int4
+    activations: str             # int8 | int16 | none
+    format: str                  # qdq | onnxruntime
+    block: int | None            # None: per output channel
+    method: str
+    linears: list[Linear]        # to quantize
+    kept: dict[str, str]
+    ranges: dict[str, quant.ActivationRange]   # activation tensor -> range (static activations)
+    opset: int
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.weights == "int4" else 8
+
+    @property
+    def dynamic_activations(self) -> bool:
+        return self.format == "onnxruntime" and self.activations == "int8" and not self.ranges
+
+    @property
+    def scheme(self) -> str:
+        w = "w8" if self.weights == "int8" else "w4"
+        a = {"none": "", "int8": "a8", "int16": "a16"}[self.activations]
+        blk = f" block {self.block}" if self.block else " per channel"
+        dyn = " (dynamic)" if self.dynamic_activations else ""
+        return f"{w}{a}{dyn}{blk}"
+
+
+def check_scheme(*, weights: str, activations: str, format: str, block_size: int | None) -> int | None:
+    """The block size the scheme uses (None: per channel), or a one-line refusal."""
+    if weights == "int4" and activations != "none":
+        raise BadInput("quantize: int4 weights are weight-only; give --activations none (onnxruntime's MatMulNBits "
+                       "with accuracy_level 4 quantizes activations to int8 itself)")
+    if format == "onnxruntime" and activations == "int16":
+        raise BadInput("quantize: onnxruntime's CPU provider has no 16-bit integer matmul; use --format qdq for "
+                       "--activations int16")
+    block = block_size
+    if weights == "int4" and block is None:
+        block = DEFAULT_INT4_BLOCK
+    if format == "onnxruntime" and activations == "none" and block is None:
+        block = DEFAULT_NBITS_INT8_BLOCK   # MatMulNBits is blockwise only
+    if block is not None:
+        if format == "onnxruntime" and activations != "none":
+            raise BadInput("quantize: --block-size: DynamicQuantizeMatMul / MatMulIntegerToFloat take per-channel "
+                           "weight scales only; leave --block-size out, or use --activations none")
+        if format == "onnxruntime" and block not in NBITS_BLOCKS:
+            raise BadInput(f"quantize: --block-size {block}: MatMulNBits takes "
+                           f"{', '.join(map(str, NBITS_BLOCKS))}")
+        if block < 2 or block & (block - 1):
+            raise BadInput(f"quantize: --block-size {block} is not a power of two (32, 64, 128)")
+    return block
+
+
+def _opset(model: Model) -> int:
+    return next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def plan_quantize(model: Model, linears: list[Linear], kept: dict[str, str], *, weights: str, activations: str,
+                  format: str, block: int | None, method: str,
+                  ranges: dict[str, quant.ActivationRange]) -> QuantPlan:
+    todo = [lin for lin in linears if lin.name not in kept]
+    need = 13
+    if format == "qdq" and (activations == "int16" or block is not None):
+        need = 21   # int16 Q/DQ, blocked DQ, INT4
+    return QuantPlan(weights, activations, format, block, method, todo, kept, ranges, max(_opset(model), need))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibration_feeds(model: Model, source: str, reference: Path | None) -> tuple[list[dict], str]:
+    """Input sets for calibration and how they were made: ``random[:N]`` (N sets, default 8), or
+    comma-separated .npz files (one set each) and image files (one set each, at its own size on a
+    dynamic model)."""
+    path = model.path or reference
+    meta = model.metadata()
+    if source == "random" or source.startswith("random:"):
+        try:
+            count = int(source.split(":", 1)[1]) if ":" in source else DEFAULT_CALIB_COUNT
+        except ValueError:
+            raise BadInput(f"quantize: calibrate={source!r}: write random or random:N") from None
+        if meta.get("qvl_surgery.dynamic"):
+            if path is None:
+                raise BadInput("quantize: random calibration of a dynamic model needs the model's file")
+            from qvl_surgery.inputs import ModelKind, random_feeds
+            kind = ModelKind.of(path)
+            return [random_feeds(kind, seed=s) for s in range(count)], f"{count} random input sets (normal pixels)"
+        inits = {t.name for t in model.graph.initializer}
+        sets = []
+        for s in range(count):
+            rng = np.random.default_rng(s)
+            feeds = {}
+            for i in model.graph.input:
+                if i.name in inits:
+                    continue
+                t = i.type.tensor_type
+                shape = [d.dim_value or 1 for d in t.shape.dim]
+                feeds[i.name] = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+            sets.append(feeds)
+        return sets, f"{count} random input sets (normal pixels)"
+    if path is None:
+        raise BadInput("{calibrate}: calibrating on files needs the model's file (load the model from a file, or "
+                       "give reference=)", calibrate=source)
+    from qvl_surgery.calibrate import calibration_inputs
+    files = [s for s in source.split(",") if s]
+    return calibration_inputs(Path(path), source), f"{len(files)} file(s) ({source})"
+
+
+def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: str, dtype: str,
+                     reference: Path | None, progress: bool, report: QuantizeReport) -> dict[str, quant.ActivationRange]:
+    import time
+    t0 = time.perf_counter()
+    feeds, what = calibration_feeds(model, source, reference)
+    rec = quant.record_ranges(model, feeds, tensors, progress=progress)
+    ranges = {}
+    for t in tensors:
+        r = quant.activation_scale(rec.histograms[t], method, dtype)
+        r.tensor = t
+        ranges[t] = r
+    clipped = sorted(ranges.values(), key=lambda r: r.clip / max(r.amax, 1e-30))[:3]
+    report.calibration = [
+        f"calibration: {what}, {len(tensors)} activation tensors recorded (inputs of the quantized linears), "
+        f"{time.perf_counter() - t0:.1f} s; range method {method} on |x| (symmetric {dtype})",
+        "  most clipped: " + ", ".join(f"{r.tensor} {r.clip:.3g} of max {r.amax:.3g}" for r in clipped)]
+    return ranges
+
+
+# ----------------------------------------------------------------------------- emit
+
+class _QuantEmitter:
+    """Rebuilds the graph under a plan; every new weight tensor is a Computed source of one
+    :class:`~qvl_surgery.quant.LazyQuant` per linear."""
+
+    def __init__(self, model: Model, plan: QuantPlan, report: QuantizeReport):
+        self.model, self.plan, self.report = model, plan, report
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.by_output = {lin.node.output[0]: lin for lin in plan.linears}
+        self.new_inits: list[TensorProto] = []
+        self.sources: dict[str, object] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.act_q: dict[str, str] = {}     # activation tensor -> its quantized / fake-quantized name
+        self.used_weights: set[str] = set()
+
+    # helpers -----------------------------------------------------------------------------
+    def _count(self, op: str) -> None:
+        self.report.ops[op] = self.report.ops.get(op, 0) + 1
+
+    def _node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        self._count(op)
+
+    def _const(self, name: str, value: np.ndarray) -> str:
+        self.new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def _computed(self, name: str, dtype: int, dims: list[int], lazy: quant.LazyQuant, part: str,
+                  nbytes: int) -> str:
+        tp = TensorProto(name=name, data_type=dtype, dims=dims)
+        tp.data_location = TensorProto.EXTERNAL
+        self.new_inits.append(tp)
+        self.sources[name] = lazy.source(part, nbytes)
+        return name
+
+    def _read_nk(self, lin: Linear):
+        t, src = self.inits[lin.weight], self.model.sources.get(lin.weight)
+
+        def read() -> np.ndarray:
+            w = read_initializer(t, src)
+            return np.asarray(w, np.float32) if lin.out_in else np.ascontiguousarray(np.asarray(w, np.float32).T)
+        return read
+
+    # activations ---------------------------------------------------------------------------
+    def _fake_quant(self, x: str) -> str:
+        """qdq: one QuantizeLinear -> DequantizeLinear per activation tensor."""
+        if x in self.act_q:
+            return self.act_q[x]
+        r = self.plan.ranges[x]
+        dt = np.int16 if self.plan.activations == "int16" else np.int8
+        base = x.lstrip("/")
+        s = self._const(f"{base}/act_scale", np.array(r.scale, np.float32))
+        z = self._const(f"{base}/act_zero_point", np.array(0, dt))
+        self._node("QuantizeLinear", [x, s, z], [f"{x}/quantized"], f"{x}/QuantizeLinear")
+        self._node("DequantizeLinear", [f"{x}/quantized", s, z], [f"{x}/dequantized"], f"{x}/DequantizeLinear")
+        self.act_q[x] = f"{x}/dequantized"
+        return self.act_q[x]
+
+    def _static_int8(self, x: str) -> tuple[str, str, str]:
+        """onnxruntime static: one QuantizeLinear per activation tensor; (int8 x, scale, zero point)."""
+        base = x.lstrip("/")
+        s, z = f"{base}/act_scale", f"{base}/act_zero_point"
+        if x not in self.act_q:
+            self._const(s, np.array(self.plan.ranges[x].scale, np.float32))
+            self._const(z, np.array(0, np.int8))
+            self._node("QuantizeLinear", [x, s, z], [f"{x}/quantized"], f"{x}/QuantizeLinear")
+            self.act_q[x] = f"{x}/quantized"
+        return self.act_q[x], s, z
+
+    # one linear ------------------------------------------------------------------------------
+    def _qdq(self, lin: Linear) -> None:
+        p, n = self.plan, lin.node
+        read = self._read_nk(lin)
+        w = lin.weight
+        if p.block is None:
+            def quantize(a: np.ndarray) -> dict[str, np.ndarray]:
+                q, s = quant.quantize_per_channel(a)
+                return {"q": q if lin.out_in else np.ascontiguousarray(q.T), "s": s}
+            scale_dims = [lin.n]
+            attrs = {"axis": 0 if lin.out_in else 1}
+        else:
+            nb = quant.n_blocks(lin.k, p.block)
+
+            def quantize(a: np.ndarray) -> dict[str, np.ndarray]:
+                q, s = quant.quantize_blocked(a, p.bits, p.block)
+                if not lin.out_in:
+                    q, s = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
+                return {"q": q, "s": s}
+            scale_dims = [lin.n, nb] if lin.out_in else [nb, lin.n]
+            attrs = {"axis": 1 if lin.out_in else 0, "block_size": p.block}
+        lazy = quant.LazyQuant(read, quantize)
+        dims = [lin.n, lin.k] if lin.out_in else [lin.k, lin.n]
+        count = lin.n * lin.k
+        qtype = TensorProto.INT4 if p.bits == 4 else TensorProto.INT8
+        # INT4 is stored packed, two codes a byte (ONNX's layout): the source makes the codes, the
+        # writer packs them into (count + 1) // 2 bytes
+        qname = self._computed(f"{w}_quantized", qtype, dims, lazy, "q", count if p.bits == 8 else (count + 1) // 2)
+        sname = self._computed(f"{w}_scale", F32, scale_dims, lazy, "s", 4 * int(np.prod(scale_dims)))
+        wf = f"{w}_dequantized"
+        self._node("DequantizeLinear", [qname, sname], [wf], f"{lin.name}/DequantizeLinear_weight", **attrs)
+        nn = onnx.NodeProto()
+        nn.CopyFrom(n)
+        nn.input[1] = wf
+        if p.activations != "none":
+            nn.input[0] = self._fake_quant(lin.x)
+        self.nodes.append(nn)
+
+    def _nbits(self, lin: Linear) -> None:
+        p = self.plan
+        bits, block = p.bits, p.block
+        nb = quant.n_blocks(lin.k, block)
+        blob = block * bits // 8
+
+        def quantize(a: np.ndarray) -> dict[str, np.ndarray]:
+            q, s = quant.quantize_blocked(a, bits, block)
+            return {"q": quant.pack_nbits(q, bits, block), "s": s}
+        lazy = quant.LazyQuant(self._read_nk(lin), quantize)
+        w = lin.weight
+        qname = self._computed(f"{w}_q{bits}", TensorProto.UINT8, [lin.n, nb, blob], lazy, "q", lin.n * nb * blob)
+        sname = self._computed(f"{w}_scales", F32, [lin.n, nb], lazy, "s", 4 * lin.n * nb)
+        self._node("MatMulNBits", [lin.x, qname, sname, "", "", lin.bias], [lin.node.output[0]],
+                   f"{lin.name}_MatMulNBits", domain=MS, K=lin.k, N=lin.n, bits=bits, block_size=block,
+                   accuracy_level=4)
+
+    def _integer(self, lin: Linear) -> None:
+        """int8 weights [K, N] for DynamicQuantizeMatMul (uint8 + zero point 128) or
+        MatMulIntegerToFloat (int8)."""
+        dynamic = self.plan.dynamic_activations
+
+        def quantize(a: np.ndarray) -> dict[str, np.ndarray]:
+            q, s = quant.quantize_per_channel(a)
+            qt = np.ascontiguousarray(q.T)
+            if dynamic:
+                qt = (qt.astype(np.int16) + 128).astype(np.uint8)
+            return {"q": qt, "s": s}
+        lazy = quant.LazyQuant(self._read_nk(lin), quantize)
+        w = lin.weight
+        qname = self._computed(f"{w}_quantized_kn", TensorProto.UINT8 if dynamic else TensorProto.INT8,
+                               [lin.k, lin.n], lazy, "q", lin.k * lin.n)
+        sname = self._computed(f"{w}_scale", F32, [lin.n], lazy, "s", 4 * lin.n)
+        out = lin.node.output[0]
+        if dynamic:
+            zp = self._const(f"{w}_zero_point", np.full(lin.n, 128, np.uint8))
+            self._node("DynamicQuantizeMatMul", [lin.x, qname, sname, zp, lin.bias], [out],
+                       f"{lin.name}_DynamicQuantizeMatMul", domain=MS)
+        else:
+            xq, s, z = self._static_int8(lin.x)
+            self._node("MatMulIntegerToFloat", [xq, qname, s, sname, z, "", lin.bias], [out],
+                       f"{lin.name}_MatMulIntegerToFloat", domain=MS)
+
+    # the graph -------------------------------------------------------------------------------
+    def emit(self) -> Model:
+        g, p = self.model.graph, self.plan
+        for n in g.node:
+            lin = self.by_output.get(n.output[0]) if n.output else None
+            if lin is None:
+                self.nodes.append(n)
+            elif p.format == "qdq":
+                self._qdq(lin)
+            elif p.activations == "none":
+                self._nbits(lin)
+            else:
+                self._integer(lin)
+        read = {i for n in self.nodes for i in n.input}
+        gone = {lin.weight for lin in p.linears} - read   # float weights the quantized copies replace
+        for t in g.initializer:
+            if t.name in gone:
+                continue
+            self.new_inits.append(t)
+            if t.name in self.model.sources:
+                self.sources[t.name] = self.model.sources[t.name]
+        inputs = [i for i in g.input if i.name not in gone]
+        ng = helper.make_graph(self.nodes, g.name, inputs, list(g.output), initializer=self.new_inits)
+        out = with_graph(self.model, ng, self.sources)
+        _set_opsets(out, p)
+        return out
+
+
+def _set_opsets(model: Model, plan: QuantPlan) -> None:
+    proto = model.proto
+    if _opset(model) < plan.opset:
+        from onnx import version_converter
+        converted = version_converter.convert_version(proto, plan.opset)
+        del converted.graph.value_info[:]
+        for k, n in enumerate(converted.graph.node):
+            if not n.name:
+                n.name = f"/quantize/opset{plan.opset}/{n.op_type}_{k}"
+        proto.CopyFrom(converted)
+    if plan.opset >= 21 or plan.bits == 4:
+        proto.ir_version = max(proto.ir_version, 10)
+    if plan.format == "onnxruntime" and not any(o.domain == MS for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS, 1))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def quantize_model(model: Model, *, weights: str = "int8", activations: str = "none", format: str = "qdq",
+                   block_size: int | None = None, calibrate: str | None = None,
+                   calibrate_method: str = DEFAULT_METHOD, keep_node=(), keep_block=(),
+                   reference: str | Path | None = None, progress: bool = False,
+                   explain: bool = False) -> tuple[Model, QuantizeReport]:
+    """The quantized model and its report (the :class:`QuantizePass`). ``calibrate`` (an .npz, image
+    files, or ``random[:N]``) gives static activation scales; it is needed for ``activations`` int8 /
+    int16 in ``qdq`` format, and turns onnxruntime's dynamic int8 activations into static ones."""
+    return run_pass(QuantizePass, model, Context(reference=Path(reference) if reference else None,
+                                                 progress=progress, explain=explain),
+                    weights=weights, activations=activations, format=format, block_size=block_size,
+                    calibrate=calibrate, calibrate_method=calibrate_method, keep_node=list(keep_node),
+                    keep_block=[str(b) for b in keep_block])
+
+
+def _quantize(model: Model, context: Context, *, weights: str, activations: str, format: str,
+              block_size: int | None, calibrate: str | None, calibrate_method: str, keep_node: list[str],
+              keep_block: list[str]) -> tuple[Model, QuantizeReport]:
+    """match (find_linears, select_kept) -> calibrate -> plan (plan_quantize) -> emit (_QuantEmitter)."""
+    block = check_scheme(weights=weights, activations=activations, format=format, block_size=block_size)
+    blocks = []
+    for b in keep_block:
+        try:
+            blocks.append(int(b))
+        except ValueError:
+            raise BadInput("{keep_block}: not a block number", keep_block=b) from None
+    report = QuantizeReport(format=format, method=calibrate_method)
+    linears = find_linears(model, report.misses)
+    if context.explain:
+        for line in report.misses:
+            log.debug("quantize: no match at %s", line)
+    if not linears:
+        raise BadInput("quantize: the model has no linear layer (Gemm/MatMul with a float32 initializer weight); "
+                       "is it already quantized?")
+    kept = select_kept(linears, keep_nodes=keep_node, keep_blocks=blocks)
+    static = activations != "none" and (format == "qdq" or calibrate)
+    ranges: dict[str, quant.ActivationRange] = {}
+    todo = [lin for lin in linears if lin.name not in kept]
+    if static:
+        if not calibrate:
+            raise BadInput("quantize: --activations " + activations + " in qdq format needs --calibrate (an .npz, "
+                           "image files, or random:N for random inputs)")
+        tensors = list(dict.fromkeys(lin.x for lin in todo))
+        ranges = calibrate_ranges(model, tensors, source=calibrate, method=calibrate_method,
+                                  dtype=activations, reference=context.reference, progress=context.progress,
+                                  report=report)
+    elif calibrate:
+        report.skipped.append(f"calibrate={calibrate}: no static activations in this scheme")
+    plan = plan_quantize(model, linears, kept, weights=weights, activations=activations, format=format,
+                         block=block, method=calibrate_method, ranges=ranges)
+    report.scheme, report.opset = plan.scheme, plan.opset
+    report.quantized = [lin.name for lin in plan.linears]
+    for name, why in kept.items():
+        report.kept.setdefault(why, []).append(name)
+    out = _QuantEmitter(model, plan, report).emit()
+    report.weight_bytes = [model.weight_bytes(), out.weight_bytes()]
+    out.set_metadata("qvl_surgery.dtype", weights)
+    out.set_metadata("qvl_surgery.quantize", json.dumps({
+        "scheme": plan.scheme, "weights": weights, "activations": activations, "format": format,
+        "block_size": block, "calibrate": calibrate if static else None,
+        "calibrate_method": calibrate_method if static else None,
+        "quantized": report.quantized, "kept": kept, "ops": report.ops}))
+    return out, report
+
+
+class QuantizePass(Pass):
+    name = "quantize"
+    help = "int8 / int4 weights (int8 / int16 activations) for the linear layers, as QDQ or onnxruntime ops"
+    function = ("passes.quantize", "quantize_model")
+    example = ("qvl-surgery quantize model.onnx -o w8a8.onnx --weights int8 --activations int8 --format onnxruntime\n"
+               "qvl-surgery quantize model.onnx -o w4.onnx --weights int4 --block-size 32 --format qdq\n"
+               "qvl-surgery quantize model.onnx -o w8a16.onnx --activations int16 --calibrate a.jpg,b.jpg")
+    judgement = Judgement(atol=1.0, rtol=1.0, min_cosine=0.95, label="int8")
+    options = (
+        Option("weights", str, "int8", "weight precision", choices=("int8", "int4")),
+        Option("activations", str, "none", "activation precision (int8 in onnxruntime format without "
+               "--calibrate: dynamic per tensor)", choices=("int8", "int16", "none")),
+        Option("format", str, "qdq", "qdq: QuantizeLinear/DequantizeLinear (OpenVINO, TensorRT, NPUs); "
+               "onnxruntime: its integer contrib ops", choices=("qdq", "onnxruntime")),
+        Option("block_size", int, None, "weights in blocks of N input values (int4: default 32; "
+               "onnxruntime weight-only int8: default 128)", metavar="N"),
+        Option("calibrate", str, None, "activation ranges from an .npz, image file(s) (comma separated) or "
+               "random:N", metavar="SRC"),
+        Option("calibrate_method", str, DEFAULT_METHOD, "activation clip value from the |x| histogram",
+               choices=quant.METHODS),
+        Option("keep_node", list, None, "keep linears whose node name matches float, e.g. "
+               "'/blocks.0/mlp/down_proj/*' (repeatable)", metavar="GLOB"),
+        Option("keep_block", list, None, "keep every linear of block N float (repeatable)", metavar="N"),
+    )
+
+    def preflight(self, facts: dict) -> None:
+        v = {o.name: self.values.get(o.name, o.default) for o in self.options}
+        check_scheme(weights=v["weights"], activations=v["activations"], format=v["format"],
+                     block_size=v["block_size"])
+        src = v["calibrate"]
+        if src and not (src == "random" or src.startswith("random:")):
+            from qvl_surgery.calibrate import check_calibration_source
+            check_calibration_source(src)
+
+    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+        kw["keep_node"] = kw["keep_node"] or []
+        kw["keep_block"] = kw["keep_block"] or []
+        out, report = _quantize(model, context, **kw)
+        return PassResult(out, report)
