@@ -47,7 +47,10 @@ MS = "com.microsoft"
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
 DEFAULT_INT4_BLOCK = 32
 DEFAULT_NBITS_INT8_BLOCK = 128
-DEFAULT_METHOD = "percentile"
+# Measured on the tiny model (random weights, 8 random inputs, centered cosine of w8a8 / w8a16 qdq
+# against fp32): int8 percentile 0.999697, mse 0.999691, minmax 0.999525; int16 minmax 0.999913,
+# percentile 0.999880 (16 bits have room for the tail: clipping it only costs).
+DEFAULT_METHOD = {"int8": "percentile", "int16": "minmax"}
 DEFAULT_CALIB_COUNT = 8
 
 
@@ -490,7 +493,7 @@ def _set_opsets(model: Model, plan: QuantPlan) -> None:
 
 def quantize_model(model: Model, *, weights: str = "int8", activations: str = "none", format: str = "qdq",
                    block_size: int | None = None, calibrate: str | None = None,
-                   calibrate_method: str = DEFAULT_METHOD, keep_node=(), keep_block=(),
+                   calibrate_method: str | None = None, keep_node=(), keep_block=(),
                    reference: str | Path | None = None, progress: bool = False,
                    explain: bool = False) -> tuple[Model, QuantizeReport]:
     """The quantized model and its report (the :class:`QuantizePass`). ``calibrate`` (an .npz, image
@@ -504,7 +507,7 @@ def quantize_model(model: Model, *, weights: str = "int8", activations: str = "n
 
 
 def _quantize(model: Model, context: Context, *, weights: str, activations: str, format: str,
-              block_size: int | None, calibrate: str | None, calibrate_method: str, keep_node: list[str],
+              block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
               keep_block: list[str]) -> tuple[Model, QuantizeReport]:
     """match (find_linears, select_kept) -> calibrate -> plan (plan_quantize) -> emit (_QuantEmitter)."""
     block = check_scheme(weights=weights, activations=activations, format=format, block_size=block_size)
@@ -514,6 +517,7 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
             blocks.append(int(b))
         except ValueError:
             raise BadInput("{keep_block}: not a block number", keep_block=b) from None
+    calibrate_method = calibrate_method or DEFAULT_METHOD.get(activations, "percentile")
     report = QuantizeReport(format=format, method=calibrate_method)
     linears = find_linears(model, report.misses)
     if context.explain:
@@ -571,8 +575,8 @@ class QuantizePass(Pass):
                "onnxruntime weight-only int8: default 128)", metavar="N"),
         Option("calibrate", str, None, "activation ranges from an .npz, image file(s) (comma separated) or "
                "random:N", metavar="SRC"),
-        Option("calibrate_method", str, DEFAULT_METHOD, "activation clip value from the |x| histogram",
-               choices=quant.METHODS),
+        Option("calibrate_method", str, None, "activation clip value from the |x| histogram (default: "
+               "percentile 99.99 for int8, minmax for int16: measured best on the tiny model)", choices=quant.METHODS),
         Option("keep_node", list, None, "keep linears whose node name matches float, e.g. "
                "'/blocks.0/mlp/down_proj/*' (repeatable)", metavar="GLOB"),
         Option("keep_block", list, None, "keep every linear of block N float (repeatable)", metavar="N"),
