@@ -543,6 +543,11 @@ def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bo
     return run_pass(AttentionPass, model, mode=mode, upgrade_opset=upgrade_opset, full_chunk_mb=full_chunk_mb)
 
 
+DYNAMIC_REFUSAL = ("this is a dynamic export: its attention is already per window (padded windows [windows, heads, "
+                   "64, head_dim] with a key mask, full attention per frame) and has no S x S mask to drop; the "
+                   "attention pass rewrites static exports (fused modes included)")
+
+
 def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chunk_mb: float
                        ) -> tuple[Model, AttentionReport]:
     """match (find_attention) -> plan (plan_attention) -> emit (one emitter per mode). ``full_chunk_mb``: in windowed mode, full-attention layers whose
@@ -551,9 +556,7 @@ def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chu
     if mode not in MODES:
         raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
     if model.metadata().get("qvl_surgery.dynamic"):
-        raise BadInput("this is a dynamic export: its attention is already per window (padded windows "
-                       "[windows, heads, 64, head_dim] with a key mask, full attention per frame) and has no S x S "
-                       "mask to drop; the attention pass rewrites static exports (fused modes included)")
+        raise BadInput(DYNAMIC_REFUSAL)
     model = model.copy()
     g = model.graph
     report = AttentionReport(mode)
@@ -626,6 +629,8 @@ class AttentionPass(Pass):
     name = "attention"
     help = "rewrite attention: windowed blocks without dense masks, or fused ops"
     function = ("passes.attention", "rewrite_attention")
+    example = ("qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
+               "  qvl-surgery attention out/model.onnx -o out/mha.onnx --mode mha")
     options = (
         Option("mode", str, "windowed", "windowed: batched per-window attention; mha: "
                "com.microsoft.MultiHeadAttention for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)",
@@ -634,6 +639,10 @@ class AttentionPass(Pass):
         Option("full_chunk_mb", float, 256.0, "windowed mode: full-attention layers whose S x S scores exceed this "
                "many MB compute their queries in chunks under it (0: never)", metavar="MB"),
     )
+
+    def preflight(self, facts: dict) -> None:
+        if facts.get("dynamic"):
+            raise BadInput(DYNAMIC_REFUSAL)
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:
         out, report = _rewrite_attention(model, **kw)

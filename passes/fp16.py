@@ -1,10 +1,10 @@
 """fp16: convert a float32 model to float16, keeping whole patterns as float32 islands.
 
 Rules:
-- Every node runs in fp16 unless it is *kept*: by pattern (``keep_silu``: each x*sigmoid(x),
-  Sigmoid and Mul together; ``keep_rmsnorm``: Pow, ReduceMean, Add eps, Sqrt, Div (or
-  Reciprocal/Mul) and the scale Mul), by op type (``keep_ops``), by node-name glob
-  (``keep_nodes``), or by calibration (``keep_calibrated``: names of nodes whose values come
+- Every node runs in fp16 unless it is *kept*: by pattern (``keep_silu_fp32``: each x*sigmoid(x),
+  Sigmoid and Mul together; ``keep_rmsnorm_fp32``: Pow, ReduceMean, Add eps, Sqrt, Div (or
+  Reciprocal/Mul) and the scale Mul), by op type (``keep_op``), by node-name glob
+  (``keep_node``), or by calibration (``keep_calibrated``: names of nodes whose values come
   close to fp16's range, see :mod:`qvl_surgery.calibrate`).
 - Casts are inserted only where precision changes, once per tensor and direction, so an island
   reads each input through one Cast, has no Cast inside, and adjacent islands merge into one.
@@ -34,7 +34,7 @@ from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import infer_graph, side_inputs, static_tensors, with_graph
 from qvl_surgery.inspect import consumers, sigmoid_mul_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
-from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ def _fp16_source(t: TensorProto, src, report: Fp16Report) -> Computed:
 
 # ----------------------------------------------------------------------------- match: which nodes stay fp32
 
-def select_kept(model: Model, report: Fp16Report, *, keep_silu: bool, keep_rmsnorm: bool, keep_ops: list[str],
-                keep_nodes: list[str], keep_calibrated: dict[str, str] | None, explain: bool) -> dict[str, str]:
+def select_kept(model: Model, report: Fp16Report, *, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str],
+                keep_node: list[str], keep_calibrated: dict[str, str] | None, explain: bool) -> dict[str, str]:
     """Nodes kept in fp32, by first output (unique in SSA form; protobuf wrappers have no stable
     id()), with the reason; the report lists them by name."""
     g = model.graph
@@ -200,13 +200,13 @@ def select_kept(model: Model, report: Fp16Report, *, keep_silu: bool, keep_rmsno
                 kept[n.output[0]] = reason
                 report.kept.setdefault(reason, []).append(n.name)
 
-    if keep_silu:
+    if keep_silu_fp32:
         pats = sigmoid_mul_patterns(g)
         if not pats:
             report.skipped.append("keep_silu_fp32: no x*sigmoid(x) pattern in this model")
         for sig, mul in pats:
             keep([sig, mul], "silu")
-    if keep_rmsnorm:
+    if keep_rmsnorm_fp32:
         why: list[str] = []
         pats = rmsnorm_patterns(model, why)
         report.misses += why
@@ -217,9 +217,9 @@ def select_kept(model: Model, report: Fp16Report, *, keep_silu: bool, keep_rmsno
             report.skipped.append("keep_rmsnorm_fp32: no RMSNorm pattern (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div)")
         for nodes in pats:
             keep(nodes, "rmsnorm")
-    for op in keep_ops:
+    for op in keep_op:
         keep([n for n in g.node if n.op_type == op], f"op {op}")
-    for pat in keep_nodes:
+    for pat in keep_node:
         hits = [n for n in g.node if fnmatch.fnmatchcase(n.name, pat)]
         if not hits:
             raise BadInput("{keep_node}: matches no node name (names look like "
@@ -381,31 +381,28 @@ class _Fp16Emitter:
         return with_graph(self.model, ng, self.sources)
 
 
-def convert_fp16(model: Model, *, keep_silu: bool = False, keep_rmsnorm: bool = False,
-                 keep_ops: Iterable[str] = (), keep_nodes: Iterable[str] = (), keep_io_types: bool = False,
-                 calibrate: str | None = None, calibrate_margin: float = 0.5,
-                 reference: str | Path | None = None, explain: bool = False) -> tuple[Model, Fp16Report]:
-    """The fp16 model and its report (the :class:`Fp16Pass`). ``calibrate``: an .npz or image file(s)
-    run through the fp32 ``reference`` file (default: the file ``model`` was loaded from); nodes whose
-    values come within ``calibrate_margin`` of fp16's range stay fp32."""
+def convert_fp16(model: Model, *, reference: str | Path | None = None, explain: bool = False,
+                 **options) -> tuple[Model, Fp16Report]:
+    """The fp16 model and its report: the :class:`Fp16Pass` with ``options`` (its ``options``
+    specs: keep_silu_fp32, keep_rmsnorm_fp32, keep_op, keep_node, keep_io_types, calibrate,
+    calibrate_margin). ``calibrate`` runs an .npz or image file(s) through the fp32 ``reference``
+    file (default: the file ``model`` was loaded from)."""
     return run_pass(Fp16Pass, model, Context(reference=Path(reference) if reference else None, explain=explain),
-                    keep_silu=keep_silu, keep_rmsnorm=keep_rmsnorm, keep_ops=list(keep_ops),
-                    keep_nodes=list(keep_nodes), keep_io_types=keep_io_types, calibrate=calibrate,
-                    calibrate_margin=calibrate_margin)
+                    **options)
 
 
-def _convert_fp16(model: Model, *, keep_silu: bool, keep_rmsnorm: bool, keep_ops: list[str], keep_nodes: list[str],
+def _convert_fp16(model: Model, *, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str], keep_node: list[str],
                   keep_io_types: bool, calibrate: str | None, calibrate_margin: float, reference: Path | None,
                   explain: bool, keep_calibrated: dict[str, str] | None = None) -> tuple[Model, Fp16Report]:
     """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
-    keep_ops, keep_nodes = list(keep_ops), list(keep_nodes)
-    _check_keep_ops(keep_ops)
+    keep_op, keep_node = list(keep_op), list(keep_node)
+    _check_keep_ops(keep_op)
     report = Fp16Report()
     if calibrate:
         keep_calibrated = dict(keep_calibrated or {})
         keep_calibrated.update(_calibrate(model, calibrate, calibrate_margin, reference, report))
-    kept = select_kept(model, report, keep_silu=keep_silu, keep_rmsnorm=keep_rmsnorm, keep_ops=keep_ops,
-                       keep_nodes=keep_nodes, keep_calibrated=keep_calibrated, explain=explain)
+    kept = select_kept(model, report, keep_silu_fp32=keep_silu_fp32, keep_rmsnorm_fp32=keep_rmsnorm_fp32, keep_op=keep_op,
+                       keep_node=keep_node, keep_calibrated=keep_calibrated, explain=explain)
     plan = plan_fp16(model, kept, keep_io_types=keep_io_types)
     out = _Fp16Emitter(model, plan, report).emit()
     out.set_metadata("qvl_surgery.dtype", "float16")
@@ -429,14 +426,21 @@ class Fp16Pass(Pass):
     name = "fp16"
     help = "convert to fp16 with whole-pattern fp32 islands"
     function = ("passes.fp16", "convert_fp16")
+    example = ("qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
+               "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node "
+               "'/blocks.31/mlp/down_proj/*'\n"
+               "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz\n"
+               "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32 --gen-script   # print the Python")
+    # onnxruntime's CPU provider runs most fp16 ops in fp32: the error shows under emulation only
+    judgement = Judgement(atol=5e-2, rtol=5e-2, min_cosine=0.999, emulate="fp16", label="fp16")
     options = (
-        Option("keep_silu_fp32", bool, False, "keep each x*sigmoid(x) (Sigmoid + Mul) in fp32", keyword="keep_silu"),
+        Option("keep_silu_fp32", bool, False, "keep each x*sigmoid(x) (Sigmoid + Mul) in fp32"),
         Option("keep_rmsnorm_fp32", bool, False, "keep each RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div, scale) "
-               "in fp32", keyword="keep_rmsnorm"),
-        Option("keep_op", list, None, "keep every node of this op type (repeatable)", keyword="keep_ops",
+               "in fp32"),
+        Option("keep_op", list, None, "keep every node of this op type (repeatable)",
                metavar="TYPE"),
         Option("keep_node", list, None, "keep nodes whose name matches, e.g. '/blocks.31/mlp/down_proj/*' "
-               "(repeatable)", keyword="keep_nodes", metavar="GLOB"),
+               "(repeatable)", metavar="GLOB"),
         Option("keep_io_types", bool, False, "keep float32 graph inputs and outputs"),
         Option("calibrate", str, None, "an .npz of inputs or image file(s), comma separated: keep in fp32 every "
                "node whose values come within calibrate_margin of fp16's range on the fp32 model",
@@ -444,14 +448,13 @@ class Fp16Pass(Pass):
         Option("calibrate_margin", float, 0.5, "fraction of 65504"),
     )
 
+    def preflight(self, facts: dict) -> None:
+        if self.values.get("calibrate"):
+            from qvl_surgery.calibrate import check_calibration_source
+            check_calibration_source(self.values["calibrate"])
+
     def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        kw["keep_ops"] = kw["keep_ops"] or []
-        kw["keep_nodes"] = kw["keep_nodes"] or []
+        kw["keep_op"] = kw["keep_op"] or []
+        kw["keep_node"] = kw["keep_node"] or []
         out, report = _convert_fp16(model, reference=context.reference, explain=context.explain, **kw)
         return PassResult(out, report)
-
-    def call_source(self, value_name: str = "model") -> list[str]:
-        lines = super().call_source(value_name)
-        if "calibrate" in self.values:  # calibration runs the fp32 reference file
-            lines[1] = lines[1][:-1] + ", reference=REFERENCE)"
-        return lines

@@ -15,12 +15,10 @@ from pathlib import Path
 from onnx import helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.manifest import read_manifest
 from qvl_surgery.graphinfo import with_graph
-from qvl_surgery.modelfile import Model, load_model
+from qvl_surgery.modelfile import Model
 from qvl_surgery.passbase import Context, Pass, PassReport, PassResult, run_pass
-
-from .split import Part, Split
+from qvl_surgery.values import Split, load_split, read_value, write_value
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +70,6 @@ def merge_models(parts: list[Model]) -> tuple[Model, MergeReport]:
     return merged, MergeReport(len(parts), len(nodes), dropped, shared)
 
 
-def load_split(split_dir: str | Path, *, verify_hashes: bool = True) -> Split:
-    """A split written by :func:`passes.split.save_split`, read back as a value (sizes, chain and,
-    with ``verify_hashes``, the hashes checked); the parts' weights stay on disk."""
-    m = read_manifest(split_dir, verify_hashes=verify_hashes)
-    parts = [Part(load_model(path), [i["name"] for i in p["inputs"]], [o["name"] for o in p["outputs"]])
-             for p, path in zip(m.parts, m.part_paths())]
-    return Split(parts, list(m.doc.get("cuts", [])), m.doc.get("source"), manifest=m)
-
-
 def merge_split(value: Split) -> tuple[Model, MergeReport]:
     """The :class:`MergePass` on a split value."""
     return run_pass(MergePass, value)
@@ -91,37 +80,17 @@ def merge(split_dir: str | Path) -> tuple[Model, MergeReport]:
     return run_pass(MergePass, load_split(split_dir))
 
 
-def background_verify(value: Split):
-    """Start checking the hashes of a split read with ``verify_hashes=False``; the returned
-    callable waits for the check and raises if a file does not match (merge runs it before
-    publishing, so the check overlaps the copy)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from qvl_surgery.manifest import hash_checks, verify_files
-    if value.manifest is None:
-        return lambda: None
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(verify_files, hash_checks(value.manifest))
-    pool.shutdown(wait=False)
-
-    def wait() -> None:
-        future.result()
-    wait.cancel = future.cancel
-    return wait
-
-
 def merge_to_file(split_dir: str | Path, out: str | Path, *, overwrite: bool = False,
                   progress: bool = False) -> MergeReport:
-    """merge + save. The hash check of the parts runs in the background while the bytes are
-    copied; a mismatch stops the publish, so nothing is left behind."""
-    from qvl_surgery.modelfile import save_model
-    value = load_split(split_dir, verify_hashes=False)  # sizes, paths and chain checked here
-    verified = background_verify(value)
+    """merge + write. The parts' hashes are checked in the background while the bytes are copied;
+    a mismatch stops the publish, so nothing is left behind."""
+    src = read_value(split_dir, "split")
     try:
-        result = MergePass()(value)
-        save_model(result.value, out, progress="merge" if progress else None, overwrite=overwrite,
-                   inputs=value.manifest.part_paths(), before_publish=verified)
+        result = MergePass()(src.value)
+        write_value(result.value, out, overwrite=overwrite, progress=progress, inputs=src.files,
+                    before_publish=src.verify)
     except BaseException:
-        verified.cancel()
+        src.cancel()
         raise
     return result.report
 
@@ -131,6 +100,7 @@ class MergePass(Pass):
     help = "join a split back into one model with external data"
     takes = "split"
     function = ("passes.merge", "merge_split")
+    example = "qvl-surgery merge out/parts -o out/merged.onnx"
 
     def apply(self, value: Split, context: Context, **kw) -> PassResult:
         model, report = merge_models([p.model for p in value.parts])

@@ -18,7 +18,7 @@ Rules and limits:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,13 @@ import onnx
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import static_tensors
-from qvl_surgery.modelfile import Model, load_model, save_model, sibling_model, write_model_files
+from qvl_surgery.modelfile import Model, load_model, sibling_model, write_model_files
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.publish import check_new_output, staging
+from qvl_surgery.publish import staging
+from qvl_surgery.values import check_output, read_value, write_value
 
 from .merge import merge_models
-from .split import split_model
+from .split import _split_model
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,18 @@ LIFT_MIN_ELEMENTS = 64
 
 @dataclass
 class SimplifyReport(PassReport):
-    output: Path | None
     parts: int
     nodes_before: int
     nodes_after: int
     protected: list[str]
     how: str = ""
+    written: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
         out = [f"simplified in {self.parts} part(s) with onnxsim ({self.how}): {self.nodes_before} -> "
                 f"{self.nodes_after} nodes",
                f"  kept from constant folding (would make large constants): {', '.join(self.protected) or 'none'}"]
-        if self.output:
-            out.append(f"wrote {self.output} ({self.output.name}.data beside it)")
-        return out
+        return out + self.written
 
 
 def _large_static_roots(model: Model) -> list[str]:
@@ -177,7 +176,9 @@ def _simplify_whole(model: Model, model_path: Path, work: Path) -> tuple[Model, 
 
 def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Model, list[str], int]:
     original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    value, _ = split_model(model, max_part_bytes=max_part_bytes)
+    # split and merge here are steps of simplify, not passes of their own: the output records
+    # "simplify" alone in qvl_surgery.passes
+    value, _ = _split_model(model, parts=None, at=None, max_part_bytes=max_part_bytes)
     simplified, protected = [], []
     for k, p in enumerate(value.parts):
         part = p.model
@@ -244,19 +245,18 @@ def _simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float,
         result, protected, parts = _simplify_parts(model, work, max_part_bytes)
         note += f"{parts} parts under {max_part_bytes / 1e9:.2f} GB"
     result.set_metadata("qvl_surgery.simplified", "onnxsim " + getattr(onnxsim, "__version__", ""))
-    return result, SimplifyReport(None, parts, len(model.graph.node), len(result.graph.node), protected, note)
+    return result, SimplifyReport(parts=parts, nodes_before=len(model.graph.node), nodes_after=len(result.graph.node),
+                                 protected=protected, how=note)
 
 
 def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: float = 1.5e9, method: str = "auto",
              overwrite: bool = False) -> SimplifyReport:
-    """Load, simplify, save (recorded in ``qvl_surgery.passes`` like every pass)."""
-    model_path, out = Path(model_path), Path(out)
-    model = load_model(model_path)
-    check_new_output(out, inputs=[model_path] + sorted(model.data_files()), overwrite=overwrite)
-    with staging(out) as work:
-        result = SimplifyPass(max_part_bytes=max_part_bytes, method=method)(model, Context(workdir=work))
-        save_model(result.value, out, overwrite=overwrite, inputs=[model_path])
-    result.report.output = out
+    """Read, simplify, write (:func:`qvl_surgery.values.write_value`), recorded like every pass."""
+    src = read_value(model_path, "model")
+    check_output("model", out, overwrite=overwrite, inputs=src.files)
+    with staging(Path(out)) as work:
+        result = SimplifyPass(max_part_bytes=max_part_bytes, method=method)(src.value, Context(workdir=work))
+        result.report.written = write_value(result.value, out, overwrite=overwrite, inputs=src.files)
     return result.report
 
 
@@ -267,6 +267,7 @@ class SimplifyPass(Pass):
     name = "simplify"
     help = "onnxsim on a model of any size, part by part"
     function = ("passes.simplify", "simplify_model")
+    example = "qvl-surgery simplify out/model.onnx -o out/model.sim.onnx"
     options = (
         Option("method", str, "auto", "whole: onnxsim's path API on the whole model; parts: part by part; auto: "
                "whole, then parts if onnxsim fails", choices=METHODS),
@@ -279,8 +280,3 @@ class SimplifyPass(Pass):
                            "weights are written there")
         out, report = _simplify_model(model, workdir=context.workdir, progress=context.progress, **kw)
         return PassResult(out, report)
-
-    def call_source(self, value_name: str = "model") -> list[str]:
-        lines = super().call_source(value_name)
-        return [lines[0], "import tempfile; workdir = tempfile.mkdtemp(dir='.')  # keep it until the result is saved",
-                lines[1].replace(f"({value_name}", f"({value_name}, workdir=workdir")]

@@ -12,9 +12,9 @@ Rules:
 - Each part is ``partK.onnx`` + ``partK.onnx.data`` with only its own weights, < 2 GB, checked
   with ``onnx.checker`` by path. ``manifest.json`` lists the parts in chain order with their
   inputs, outputs (names, dtypes, shapes) and data-file sizes and hashes (xxh3_128).
-- Everything is written into a temporary sibling folder and renamed at the end. An output
-  folder that already holds a split is replaced only with ``force``; a folder holding anything
-  else is never touched.
+- The pass gives a :class:`~qvl_surgery.values.Split` value; :func:`qvl_surgery.values.write_value`
+  writes it into a temporary sibling folder renamed at the end. An output folder that already
+  holds a split is replaced only with ``force``; a folder holding anything else is never touched.
 """
 from __future__ import annotations
 
@@ -28,28 +28,27 @@ from onnx import helper
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import (CutPoint, Plan, analyse, block_outputs, describe_value, side_inputs, value_types,
                                    with_graph)
-from qvl_surgery.manifest import MANIFEST, Manifest, file_hash_record, write_manifest
-from qvl_surgery.publish import publish_dir, staging
+from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model, check_model_path, write_parts
+from qvl_surgery.values import Part, Split, check_output, write_value
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SplitReport(PassReport):
-    out_dir: Path | None
     cuts: list[str]
-    parts: list[dict] = field(default_factory=list)
     candidates: int = 0
+    parts: list[dict] = field(default_factory=list)   # per part: nodes, weight bytes, inputs, outputs
+    written: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
-        out = [f"split into {len(self.parts) or len(self.cuts) + 1} parts at {', '.join(self.cuts) or '(no cut)'} "
-               f"({self.candidates} candidate cut points)" + (f" -> {self.out_dir}/{MANIFEST}" if self.out_dir else "")]
-        for p in self.parts:
-            out.append(f"  {p['path']:<12} {p['nodes']:5d} nodes  {p['data_bytes'] / 1e9:7.3f} GB  "
-                       f"{', '.join(i['name'] for i in p['inputs'])} -> {', '.join(o['name'] for o in p['outputs'])}")
-        return out
+        out = [f"split into {len(self.cuts) + 1} parts at {', '.join(self.cuts) or '(no cut)'} "
+               f"({self.candidates} candidate cut points)"]
+        for k, p in enumerate(self.parts):
+            out.append(f"  part{k:<8} {p['nodes']:5d} nodes  {p['weight_bytes'] / 1e9:7.3f} GB  "
+                       f"{', '.join(p['inputs'])} -> {', '.join(p['outputs'])}")
+        return out + self.written
 
 
 def _candidates(model: Model, plan: Plan) -> list[CutPoint]:
@@ -179,38 +178,6 @@ def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list["Part"]
     return result
 
 
-def prepare_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise BadInput(f"{out_dir}: exists and is not a folder; choose a new folder for the parts")
-        entries = list(out_dir.iterdir())
-        if (out_dir / MANIFEST).exists():
-            if not force:
-                raise BadInput(f"{out_dir}: already holds a split ({MANIFEST}); pass " + "{overwrite} to replace it",
-                               overwrite=True)
-        elif entries:
-            raise BadInput(f"{out_dir}: exists and holds other files; choose a new or empty folder")
-
-
-@dataclass
-class Part:
-    model: Model
-    inputs: list[str]
-    outputs: list[str]
-
-
-@dataclass
-class Split:
-    """A split as a value: the parts in chain order (weightless Models whose weights are still
-    references) and the cuts. :func:`save_split` writes it (parts + manifest.json); merge takes it."""
-
-    parts: list[Part]
-    cuts: list[str]
-    source: str | None = None
-    candidates: int = 0
-    manifest: Manifest | None = None    # where it was read from, when it was
-
-
 def split_model(model: Model, *, parts: int | None = None, at: list[str] | None = None,
                 max_part_bytes: float | None = None) -> tuple[Split, SplitReport]:
     """Cut ``model`` (exactly one of ``parts``, ``at``, ``max_part_bytes``) into a :class:`Split`
@@ -233,46 +200,20 @@ def _split_model(model: Model, *, parts: int | None, at: list[str] | None,
         if size > PROTOBUF_LIMIT:
             raise BadInput(f"part {k} would be {size / 1e9:.2f} GB, above protobuf's 2 GB limit; use more parts or "
                            "{max_part_bytes}", max_part_bytes="1.5e9")
-    value = Split(built, [c.tensor for c in cuts], str(model.path) if model.path else None, ncand)
-    return value, SplitReport(None, value.cuts, candidates=ncand)
-
-
-def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, progress: bool = False) -> list[dict]:
-    """Write ``partK.onnx`` + ``partK.onnx.data`` and ``manifest.json`` into ``out_dir`` atomically
-    (a temporary sibling folder renamed at the end); returns the manifest's part entries."""
-    out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, overwrite)
-    with staging(out_dir) as tmp:
-        names = [f"part{k}.onnx" for k in range(len(value.parts))]
-        # the parts are copied all at once, each hashed (xxh3_128) by its own thread while copied
-        records = write_parts([part.model for part in value.parts], tmp, names, progress=progress)
-        entries = []
-        for name, part, record in zip(names, value.parts, records):
-            check_model_path(tmp / name)
-            types = value_types(part.model, set(part.inputs) | set(part.outputs))
-            entries.append({"path": name, "data": name + ".data",
-                            "inputs": [describe_value(types[i]) for i in part.inputs],
-                            "outputs": [describe_value(types[o]) for o in part.outputs],
-                            "nodes": len(part.model.graph.node),
-                            "data_bytes": (tmp / (name + ".data")).stat().st_size,
-                            "data_hash": record,
-                            "onnx_hash": file_hash_record(tmp / name)})
-        write_manifest(tmp, entries, source=value.source, cuts=value.cuts)
-        publish_dir(tmp, out_dir)
-    return entries
+    chain_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    value = Split(built, [c.tensor for c in cuts], str(model.path) if model.path else None, ncand,
+                  inputs=chain_inputs)
+    parts_info = [{"nodes": len(p.model.graph.node), "weight_bytes": p.model.weight_bytes(), "inputs": p.inputs,
+                   "outputs": p.outputs} for p in built]
+    return value, SplitReport(cuts=value.cuts, candidates=ncand, parts=parts_info)
 
 
 def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: list[str] | None = None,
           max_part_bytes: float | None = None, force: bool = False, progress: bool = False) -> SplitReport:
-    """:func:`split_model` + :func:`save_split`, recorded in each part's ``qvl_surgery.passes``."""
-    pass_ = SplitPass(**{k: v for k, v in (("parts", parts), ("at", at), ("max_part_bytes", max_part_bytes))
-                         if v is not None})
-    out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, force)
-    result = pass_(model)
-    report = result.report
-    report.out_dir = out_dir
-    report.parts = save_split(result.value, out_dir, overwrite=force, progress=progress)
+    """:func:`split_model`, then the parts written to ``out_dir`` (:func:`qvl_surgery.values.write_value`)."""
+    check_output("split", out_dir, overwrite=force)
+    value, report = split_model(model, parts=parts, at=at, max_part_bytes=max_part_bytes)
+    report.written = write_value(value, out_dir, overwrite=force, progress=progress)
     return report
 
 
@@ -281,6 +222,9 @@ class SplitPass(Pass):
     help = "cut a model into N self-contained parts (< 2 GB each) + manifest.json"
     gives = "split"
     function = ("passes.split", "split_model")
+    example = ("qvl-surgery split out/model.onnx --parts 3 -o out/parts\n"
+               "  qvl-surgery split out/model.onnx --at 16,merger -o out/parts\n"
+               "  qvl-surgery split out/model.onnx --max-part-bytes 1e9 -o out/parts")
     options = (
         Option("parts", int, None, "number of parts, balanced by weight bytes", metavar="N"),
         Option("at", list, None, "explicit cut points: block index K (the hidden state entering block K), "

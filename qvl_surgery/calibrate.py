@@ -21,6 +21,7 @@ import onnx
 from .errors import BadInput
 from .modelfile import load_model, sibling_model
 from .runners import load_npz, ort_session
+from .signature import model_signature
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,9 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
         raise BadInput(f"{model_path}: no float32 tensors to calibrate; calibrate on the fp32 model")
     inits = {t.name for t in g.initializer}
     names = [o for n in g.node for o in n.output if o in ftypes and o not in inits]
-    sess0 = ort_session(model_path)
-    expected = {i.name: i.shape for i in sess0.get_inputs()}
-    del sess0
+    sig = model_signature(model)   # from the graph: symbolic dims (a dynamic export's num_patches) take any size
     for feeds in feeds_list:
-        for k, shape in expected.items():
-            if k not in feeds:
-                raise BadInput(f"calibration inputs: no array named {k!r}")
-            if list(feeds[k].shape) != list(shape):
-                raise BadInput(f"calibration inputs: {k!r} has shape {list(feeds[k].shape)}, the model takes {shape}")
+        sig.check_feeds(feeds, "calibration inputs")
     tmax: dict[str, float] = {}
     for i in g.input:
         if i.name in ftypes and i.name not in inits:
@@ -112,7 +107,7 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
         # every activation of the 3b encoder alive (18.5 GB peak instead of 3.5 GB)
         sess = ort_session(tmp, execution_order="PRIORITY_BASED")
     for feeds in feeds_list:
-        vals = sess.run(outs, {k: np.asarray(v, np.float32) for k, v in feeds.items() if k in expected})
+        vals = sess.run(outs, sig.cast(feeds))
         for n, v in zip(names, vals):
             v = float(v)
             tmax[n] = max(tmax.get(n, 0.0), v if np.isfinite(v) else float("inf"))
@@ -128,13 +123,33 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
     return Calibration(tmax, keep, margin)
 
 
+def check_calibration_source(source: str) -> list[str]:
+    """The files of a calibration source (comma separated .npz and/or image files), each checked to
+    exist, before any work is done."""
+    files = [f for f in str(source).split(",") if f.strip()]
+    if not files:
+        raise BadInput("{calibrate}: give .npz or image file(s), comma separated", calibrate=source)
+    for f in files:
+        if not Path(f).is_file():
+            raise BadInput("{calibrate}: " + f"{f}: no such file (calibration takes .npz files of the model's "
+                           "inputs or image files)", calibrate=source)
+    return files
+
+
 def calibration_inputs(model_path: Path, source: str) -> list[dict[str, np.ndarray]]:
-    """An .npz (one set of the model's inputs) or image files (comma separated): one input set per
-    image, each at the export size (static) or its own size (dynamic)."""
-    from .inputs import ModelKind, check_feeds, image_feeds
-    if source.endswith(".npz"):
-        feeds = load_npz(source)
-        check_feeds(ModelKind.of(model_path), feeds)
-        return [feeds]
+    """Input sets from comma-separated files: each .npz is one set of the model's inputs (a dynamic
+    export's: ``pixel_values`` + ``image_grid_thw``, several images in one call), each image file
+    one set, at the export size (static) or its own size (dynamic)."""
+    from .inputs import ModelKind, check_feeds, dynamic_feeds, image_feeds, GRID, PIXELS
     kind = ModelKind.of(model_path)
-    return [image_feeds(kind, [s]) for s in source.split(",") if s]
+    sets = []
+    for f in check_calibration_source(source):
+        if f.endswith(".npz"):
+            feeds = load_npz(f)
+            if kind.dynamic == "host" and GRID in feeds and PIXELS in feeds:
+                feeds = dynamic_feeds(kind, feeds[PIXELS], feeds[GRID])
+            check_feeds(kind, feeds)
+            sets.append(feeds)
+        else:
+            sets.append(image_feeds(kind, [f]))
+    return sets

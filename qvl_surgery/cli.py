@@ -14,31 +14,21 @@ from .errors import BadInput, QvlError
 
 log = logging.getLogger("qvl_surgery")
 
+# Examples of the commands that are not passes; a pass carries its own (Pass.example).
 EXAMPLES = {
     "export": "qvl-surgery export ~/Qwen2.5-VL-3B-Instruct -o out/model.onnx --image-size 448x448\n"
               "  qvl-surgery export --random-init 3b --seed 0 -o out/model.onnx",
     "inspect": "qvl-surgery inspect out/model.onnx",
-    "split": "qvl-surgery split out/model.onnx --parts 3 -o out/parts\n"
-             "  qvl-surgery split out/model.onnx --at 16,merger -o out/parts\n"
-             "  qvl-surgery split out/model.onnx --max-part-bytes 1e9 -o out/parts",
-    "merge": "qvl-surgery merge out/parts -o out/merged.onnx",
-    "simplify": "qvl-surgery simplify out/model.onnx -o out/model.sim.onnx",
-    "fp16": "qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
-            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node '/blocks.31/mlp/down_proj/*'\n"
-            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz\n"
-            "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32 --gen-script   # print the Python",
     "run": "qvl-surgery run --random-init 3b -o out/run --passes attention,fp16:keep_silu_fp32,split:parts=3\n"
            "  qvl-surgery run ~/Qwen2.5-VL-3B-Instruct -o out/run --recipe recipe.json",
     "package": "qvl-surgery package ~/Qwen2.5-VL-3B-Instruct --runtime onnxruntime-genai -o out/genai",
-    "attention": "qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
-                 "  qvl-surgery attention out/model.onnx -o out/mha.onnx --mode mha",
     "compare": "qvl-surgery compare out/model.onnx out/fp16.onnx --emulate-fp16 --per-block\n"
                "  qvl-surgery compare out/model.onnx out/parts --image cat.jpg --save-outputs ref.json",
 }
 
 
-def _epilog(cmd: str) -> str:
-    return "example:\n  " + EXAMPLES[cmd]
+def _epilog(example: str) -> str:
+    return ("example:\n  " + example) if example else ""
 
 
 DEFAULT_IMAGE_SIZE = "448x448"
@@ -73,63 +63,41 @@ def add_source_options(p: argparse.ArgumentParser, *, source_help: str) -> None:
 
 
 def run_pass_command(a: argparse.Namespace) -> int:
-    """Every pass subcommand: read the input (a model, or a split), run the pass with the options
-    its spec declares, write the output (a model, or a split), print the report."""
-    from passes.merge import background_verify, load_split
-    from passes.split import prepare_output_dir, save_split
-    from .modelfile import load_model, save_model
+    """Every pass subcommand: read the input value (a model, or a split), run the pass with the
+    options its spec declares, write the output value, print the report."""
     from .passbase import Context
-    from .publish import check_new_output, staging
+    from .pipeline import gen_script
+    from .publish import staging
+    from .values import check_output, read_value, write_value
     cls = a.pass_cls
     p = cls(**{o.name: o.from_namespace(a) for o in cls.options})
     source = a.model if cls.takes == "model" else a.split_dir
     if a.gen_script:
-        print(pass_script(p, source, a.output))
+        print(gen_script(source={cls.takes: source}, specs=[p], output=a.output,
+                         single_file=getattr(a, "single_file", False),
+                         force=a.force), end="")
         return 0
-    verify = None
-    if cls.takes == "model":
-        value = load_model(source)
-        inputs = [source] + sorted(value.data_files())
-    else:
-        value = load_split(source, verify_hashes=False)   # sizes and chain now; hashes while copying
-        verify = background_verify(value)
-        inputs = value.manifest.part_paths()
-    if cls.gives == "model":
-        check_new_output(a.output, inputs=inputs, overwrite=a.force)
-    else:
-        prepare_output_dir(a.output, a.force)
-    with staging(a.output) as work:
-        context = Context(reference=source if cls.takes == "model" else None, progress=not a.quiet,
-                          explain=a.verbose, workdir=work)
-        result = p(value, context)
-        report = result.report
-        if cls.gives == "model":
-            save_model(result.value, a.output, progress=None if a.quiet else cls.name, overwrite=a.force,
-                       inputs=inputs, before_publish=verify, single_file=a.single_file)
-            wrote = [f"wrote {a.output}" + ("" if a.single_file else f" ({a.output.name}.data beside it)")]
-        else:
-            report.out_dir = a.output
-            report.parts = save_split(result.value, a.output, overwrite=a.force, progress=not a.quiet)
-            wrote = []
-    print("\n".join(report.lines() + wrote))
+    src = read_value(source, cls.takes)
+    try:
+        single_file = getattr(a, "single_file", False)
+        check_output(cls.gives, a.output, overwrite=a.force, inputs=src.files, single_file=single_file)
+        p.preflight({"dynamic": (src.value.metadata() if cls.takes == "model" else
+                                 src.value.parts[0].model.metadata()).get("qvl_surgery.dynamic")})
+        with staging(a.output) as work:   # scratch space a pass may need (simplify's result lives there)
+            context = Context(reference=source if cls.takes == "model" else None, progress=not a.quiet,
+                              explain=a.verbose, workdir=work)
+            try:
+                result = p(src.value, context)
+            except BadInput:
+                src.verify()  # a damaged input explains itself first (hash mismatch), then the pass's refusal
+                raise
+            wrote = write_value(result.value, a.output, overwrite=a.force, progress=not a.quiet,
+                                single_file=single_file, inputs=src.files, before_publish=src.verify)
+    except BaseException:
+        src.cancel()
+        raise
+    print("\n".join(result.report.lines() + wrote))
     return 0
-
-
-def pass_script(p, source: Path, output: Path) -> str:
-    """``--gen-script`` of a pass subcommand: the same in Python API calls."""
-    lines = ["from qvl_surgery.modelfile import load_model, save_model"]
-    if p.takes == "model":
-        lines.append(f"model = load_model({str(source)!r})")
-    else:
-        lines += ["from passes.merge import load_split", f"parts = load_split({str(source)!r})"]
-    if p.gives == "split":
-        args = "".join(f", {p.option(n).param}={v!r}" for n, v in p.values.items())
-        lines += ["from passes.split import split", f"report = split(model, {str(output)!r}{args})"]
-    else:
-        lines += p.call_source("model" if p.takes == "model" else "parts")
-        lines.append(f"save_model(model, {str(output)!r})")
-    lines.append("print('\\n'.join(report.lines()))")
-    return "\n".join(line.replace("REFERENCE", repr(str(source))) for line in lines)
 
 
 # Subcommands -----------------------------------------------------------------------------------
@@ -168,7 +136,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import compare, load_inputs
+    from .compare import compare
+    from .inputs import load_inputs
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, video=a.video, image_size=a.image_size, seed=a.seed)
     report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, atol=a.atol, rtol=a.rtol,
                      min_cosine=a.min_cosine, per_block=a.per_block, save_outputs=a.save_outputs,
@@ -189,18 +158,27 @@ def cmd_package(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .pipeline import gen_script, parse_passes, read_recipe, run_pipeline
-    from .errors import BadInput
     source: dict = {}
     image_size, specs = a.image_size, None
     if a.recipe:
         doc = read_recipe(a.recipe)
         source = dict(doc.get("source", {}))
+        if image_size is not None and "image_size" in doc:
+            raise BadInput("{image_size}: the recipe sets image_size too; give it once", image_size=image_size)
         image_size = doc.get("image_size", image_size)
         specs = doc["passes"]
     if a.passes:
+        if specs:
+            raise BadInput("{passes}: the recipe lists passes too; give them once", passes=a.passes)
         specs = parse_passes(a.passes)
-    if specs is None:
+    if not specs:
         raise BadInput("run: give --passes or --recipe")
+    given = [x for x in (a.random_init, a.source) if x is not None]
+    if given and source:
+        raise BadInput(f"run: the recipe names its source ({json.dumps(source)}) and the command line another; "
+                       "give the source once")
+    if len(given) > 1:
+        raise BadInput("run: give a SOURCE or {random_init}, not both", random_init="PRESET")
     if a.random_init:
         source = {"random_init": a.random_init, "seed": a.seed}
     elif a.source is not None:
@@ -210,7 +188,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not source:
         raise BadInput("run: give a SOURCE (checkpoint directory or .onnx export) or --random-init PRESET")
     if a.gen_script:
-        print(gen_script(source, image_size, specs, a.output))
+        print(gen_script(source=source, specs=specs, output=a.output, image_size=image_size,
+                         single_file=a.single_file, compare=True), end="")
         return 0
     result = run_pipeline(out_dir=a.output, specs=specs, checkpoint=source.get("checkpoint"),
                           random_init=source.get("random_init"), seed=int(source.get("seed", 0)),
@@ -222,7 +201,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def add_pass_command(sub, cls) -> None:
     """A pass's subcommand, from its spec: input, the pass's options, output options, --gen-script."""
-    p = sub.add_parser(cls.name, help=cls.help, epilog=_epilog(cls.name), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(cls.name, help=cls.help, epilog=_epilog(cls.example), formatter_class=argparse.RawDescriptionHelpFormatter)
     if cls.takes == "model":
         p.add_argument("model", type=Path)
     else:
@@ -241,15 +220,14 @@ def add_pass_command(sub, cls) -> None:
 # CLI-level parameters that are not pass options; pass options come from their specs
 CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--random-init", "image_size": "--image-size",
              "inputs": "--inputs", "image": "--image", "video": "--video", "per_block": "--per-block",
-             "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes", "single_file": "--single-file"}
+             "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes", "single_file": "--single-file",
+             "dynamic": "--dynamic"}
 
 
 def flag_of(name: str) -> str | None:
     """The CLI flag of a library parameter (errors name parameters; the CLI shows its flags)."""
-    if name in CLI_FLAGS:
-        return CLI_FLAGS[name]
-    from .passbase import flag_of as pass_flag
-    return pass_flag(name)
+    from passes import option_flag
+    return CLI_FLAGS.get(name) or option_flag(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    e = sub.add_parser("export", help="export the fp32 encoder (one .onnx + one .onnx.data)", epilog=_epilog("export"),
+    e = sub.add_parser("export", help="export the fp32 encoder (one .onnx + one .onnx.data)", epilog=_epilog(EXAMPLES["export"]),
                        formatter_class=fmt)
     add_source_options(e, source_help="local transformers Qwen2.5-VL checkpoint directory")
     add_write_options(e)
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="sizes, ops, metadata and patterns of a model (reads no weights)",
-                       epilog=_epilog("inspect"), formatter_class=fmt)
+                       epilog=_epilog(EXAMPLES["inspect"]), formatter_class=fmt)
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_inspect)
@@ -277,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_pass_command(sub, cls)
 
     c = sub.add_parser("compare", help="compare two models or splits on the same inputs (polygraphy)",
-                       formatter_class=fmt, epilog=_epilog("compare"))
+                       formatter_class=fmt, epilog=_epilog(EXAMPLES["compare"]))
     c.add_argument("ref", type=Path, help="reference model, or split folder / manifest.json")
     c.add_argument("cand", type=Path, help="candidate model, or split folder / manifest.json")
     src = c.add_mutually_exclusive_group()
@@ -304,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     pk = sub.add_parser("package", help="a folder a runtime loads as it is (onnxruntime-genai: vision, embedding "
-                        "and text models, configs, tokenizer)", formatter_class=fmt, epilog=_epilog("package"))
+                        "and text models, configs, tokenizer)", formatter_class=fmt, epilog=_epilog(EXAMPLES["package"]))
     pk.add_argument("checkpoint", type=Path, help="local Qwen2.5-VL checkpoint directory (only read)")
     pk.add_argument("--runtime", default="onnxruntime-genai", choices=["onnxruntime-genai"],
                     help="the runtime to package for (default onnxruntime-genai)")
@@ -316,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.set_defaults(func=cmd_package)
 
     r = sub.add_parser("run", help="one pipeline: export -> passes -> deployable files, compared to the fp32 export",
-                       formatter_class=fmt, epilog=_epilog("run"))
+                       formatter_class=fmt, epilog=_epilog(EXAMPLES["run"]))
     add_source_options(r, source_help="checkpoint directory or an existing fp32 .onnx export")
     r.add_argument("--passes", help="e.g. attention,fp16:keep_silu_fp32,split:parts=3")
     r.add_argument("--recipe", type=Path, help="a JSON recipe with source, image_size and passes")
@@ -327,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except Exception as e:  # a pass whose spec cannot become flags: name it, not a traceback per subcommand
+        print(f"qvl-surgery: error: cannot build the command line ({type(e).__name__}: {e}); a pass's spec is "
+              "broken", file=sys.stderr)
+        return 2
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -342,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"qvl-surgery {a.command}: error: {where}{e.strerror or e}; nothing was written", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # every output is staged in a hidden folder and published by rename at the end
         print(f"qvl-surgery {a.command}: interrupted; no output was left behind", file=sys.stderr)
         return 130
 

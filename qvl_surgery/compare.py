@@ -23,28 +23,9 @@ from polygraphy.datatype import DataType
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
 from .modelfile import load_model, sibling_model
+from .signature import signature
 
 log = logging.getLogger(__name__)
-
-
-def _io_of(path: Path, model=None) -> tuple[list[tuple[str, np.dtype, list]], list[str]]:
-    """(inputs with dtype and shape, output names) of a model or a split, from the graph only
-    (``model``: the model at ``path`` when the caller has already loaded it)."""
-    if is_manifest_path(path):
-        m = read_manifest(path, verify_hashes=False)
-        first, last = m.parts[0], m.parts[-1]
-        ins = [(i["name"], np.dtype(i["dtype"]), i["shape"]) for i in first["inputs"]]
-        return ins, [o["name"] for o in last["outputs"]]
-    model = model if model is not None else load_model(path)
-    inits = {t.name for t in model.graph.initializer}
-    ins = []
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        t = i.type.tensor_type
-        ins.append((i.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
-                    [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]))
-    return ins, [o.name for o in model.graph.output]
 
 
 @contextlib.contextmanager
@@ -75,15 +56,16 @@ class QvlRunner(BaseRunner):
         self.extra = list(extra_outputs or [])
         kind = "chain" if is_manifest_path(self.path) else "model"
         super().__init__(name=name, prefix=f"qvl-{mode}-{kind}")
-        self.inputs, self.outputs = _io_of(self.path)
+        self.signature = signature(self.path)
+        self.inputs, self.outputs = self.signature.inputs, self.signature.output_names
 
     def activate_impl(self):
         pass
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
-        for name, dt, shape in self.inputs:
-            meta.add(name, dtype=DataType.from_dtype(dt), shape=shape)
+        for t in self.inputs:
+            meta.add(t.name, dtype=DataType.from_dtype(t.dtype), shape=list(t.shape))
         return meta
 
     def _run(self, feeds: dict) -> dict:
@@ -104,8 +86,7 @@ class QvlRunner(BaseRunner):
         return dict(zip(names, sess.run(names, feeds)))
 
     def infer_impl(self, feed_dict):
-        types = {n: dt for n, dt, _ in self.inputs}
-        feeds = {k: np.asarray(v).astype(types[k], copy=False) for k, v in feed_dict.items() if k in types}
+        feeds = self.signature.cast(feed_dict)
         import time
         t0 = time.perf_counter()
         out = self._run(feeds)
@@ -113,7 +94,8 @@ class QvlRunner(BaseRunner):
         result = OrderedDict()
         for n in self.outputs + [e for e in self.extra if e in out]:
             v = np.asarray(out[n])
-            result[n] = v.astype(np.float32) if v.dtype == np.float16 else v
+            # fp16 and bf16 outputs compare as float32
+            result[n] = v.astype(np.float32) if v.dtype.kind == "f" and v.dtype != np.float32 or v.dtype.name == "bfloat16" else v
         return result
 
     def deactivate_impl(self):
@@ -195,20 +177,6 @@ class CompareReport:
                 "outputs": [s.__dict__ for s in self.outputs], "per_block": [s.__dict__ for s in self.per_block]}
 
 
-def load_inputs(ref_path: Path, *, inputs: str | None = None, image: str | None = None, video: str | None = None,
-                image_size: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds from an .npz, images / video frames (through transformers' processor), or random
-    (see :mod:`qvl_surgery.inputs`)."""
-    from .inputs import load_inputs as _load
-    return _load(ref_path, inputs=inputs, image=image, video=video, image_size=image_size, seed=seed)
-
-
-def pixel_values_from_image(model_path: Path, image: str) -> np.ndarray:
-    """One image through transformers' processor, at a static export's size."""
-    from .inputs import ModelKind, image_feeds
-    return image_feeds(ModelKind.of(model_path), [image])["pixel_values"]
-
-
 def block_output_names(path: Path) -> list[str]:
     p = path
     if is_manifest_path(p):
@@ -231,6 +199,10 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
     ref, cand = Path(ref), Path(cand)
     from .inputs import ModelKind, check_feeds
     check_feeds(ModelKind.of(ref), feeds)
+    for path, role in ((ref, "REF"), (cand, "CAND")):
+        signature(path).check_feeds(feeds, f"{role} {path}")   # one line, before polygraphy runs anything
+        if is_manifest_path(path):
+            read_manifest(path, verify_hashes=True)   # a damaged part is a hash mismatch, not a wrong number
     extra = block_output_names(ref) if per_block else []
     if per_block and is_manifest_path(ref):
         raise BadInput("--per-block needs REF to be a single model, not a split")

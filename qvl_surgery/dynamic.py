@@ -67,7 +67,7 @@ from onnx import TensorProto, helper
 
 from .config import VisionConfig
 from .errors import BadInput
-from .export import GraphBuilder, _gemm, encoder_block, encoder_model, merger, rotary, weight_getter
+from .export import GraphBuilder, linear, encoder_block, encoder_model, merger, rotary, weight_getter
 from .modelfile import Model, save_model
 from .weights import WeightSource
 
@@ -283,7 +283,7 @@ def encoder_body(g: GraphBuilder, cfg: VisionConfig, weights: WeightSource, gt: 
     eps = g.const("rms_eps", np.array(1e-6, np.float32))
 
     x = g.op("Gather", [INPUT_NAME, gt["patch_order"]], "/patch_embed/Gather", axis=0)
-    h = _gemm(g, x, w("patch_embed.proj.weight", (C, cfg.patch_dim)), None, "/patch_embed/proj/Gemm",
+    h = linear(g, x, w("patch_embed.proj.weight", (C, cfg.patch_dim)), None, "/patch_embed/proj/Gemm",
               output="patch_embed.output")
     block_outputs = [h]
 

@@ -20,7 +20,9 @@ from onnx.reference.op_run import OpRun
 
 from .errors import BadInput
 from .manifest import is_manifest_path
+from .modelfile import Model
 from .runners import chain
+from .signature import model_signature
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,8 @@ class Fp16Emulator:
             proto = onnx.load(str(path))
         except Exception as e:
             raise BadInput(f"{path}: cannot load for emulation ({type(e).__name__}: {str(e)[:120]})") from None
-        self.input_names = [i.name for i in proto.graph.input
-                            if i.name not in {t.name for t in proto.graph.initializer}]
-        self.input_types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-                            for i in proto.graph.input}
-        self.output_names = [o.name for o in proto.graph.output]
+        self.signature = model_signature(Model(proto))
+        self.input_names, self.output_names = self.signature.input_names, self.signature.output_names
         try:
             self.ref = ReferenceEvaluator(proto, new_ops=CUSTOM_OPS)
         except NotImplementedError as e:
@@ -92,8 +91,7 @@ class Fp16Emulator:
     def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the nodes in order, dropping each tensor after its last use (onnx.reference's own
         ``run`` keeps every intermediate: several GB on the full-size encoder)."""
-        feeds = {k: np.asarray(v).astype(self.input_types[k], copy=False) for k, v in feeds.items()
-                 if k in self.input_names}
+        feeds = self.signature.cast(feeds)
         names = list(outputs or self.output_names)
         nodes = self.ref.rt_nodes_
         if any(n.need_context() for n in nodes):

@@ -111,7 +111,7 @@ def _rms_norm(g: GraphBuilder, x: str, weight: str, prefix: str, eps: str) -> st
     return g.op("Mul", [weight, y], f"{prefix}/Mul")
 
 
-def _gemm(g: GraphBuilder, x: str, w: str, b: str | None, name: str, output: str | None = None) -> str:
+def linear(g: GraphBuilder, x: str, w: str, b: str | None, name: str, output: str | None = None) -> str:
     ins = [x, w] + ([b] if b else [])
     return g.op("Gemm", ins, name, transB=1, **({"outputs": [output]} if output else {}))
 
@@ -141,17 +141,17 @@ def encoder_block(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, b: in
     p = f"/blocks.{b}"
     wp = f"blocks.{b}."
     n1 = _rms_norm(g, h, w(wp + "norm1.weight"), f"{p}/norm1", eps)
-    qkv = _gemm(g, n1, w(wp + "attn.qkv.weight"), w(wp + "attn.qkv.bias"), f"{p}/attn/qkv/Gemm")
+    qkv = linear(g, n1, w(wp + "attn.qkv.weight"), w(wp + "attn.qkv.bias"), f"{p}/attn/qkv/Gemm")
     o = attend(qkv, p, b)
-    a = _gemm(g, o, w(wp + "attn.proj.weight"), w(wp + "attn.proj.bias"), f"{p}/attn/proj/Gemm")
+    a = linear(g, o, w(wp + "attn.proj.weight"), w(wp + "attn.proj.bias"), f"{p}/attn/proj/Gemm")
     h = g.op("Add", [h, a], f"{p}/Add_attn")
     n2 = _rms_norm(g, h, w(wp + "norm2.weight"), f"{p}/norm2", eps)
-    gate = _gemm(g, n2, w(wp + "mlp.gate_proj.weight"), w(wp + "mlp.gate_proj.bias"), f"{p}/mlp/gate_proj/Gemm")
-    up = _gemm(g, n2, w(wp + "mlp.up_proj.weight"), w(wp + "mlp.up_proj.bias"), f"{p}/mlp/up_proj/Gemm")
+    gate = linear(g, n2, w(wp + "mlp.gate_proj.weight"), w(wp + "mlp.gate_proj.bias"), f"{p}/mlp/gate_proj/Gemm")
+    up = linear(g, n2, w(wp + "mlp.up_proj.weight"), w(wp + "mlp.up_proj.bias"), f"{p}/mlp/up_proj/Gemm")
     sig = g.op("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")
     act = g.op("Mul", [gate, sig], f"{p}/mlp/act/Mul")
     m = g.op("Mul", [act, up], f"{p}/mlp/Mul")
-    d = _gemm(g, m, w(wp + "mlp.down_proj.weight"), w(wp + "mlp.down_proj.bias"), f"{p}/mlp/down_proj/Gemm")
+    d = linear(g, m, w(wp + "mlp.down_proj.weight"), w(wp + "mlp.down_proj.bias"), f"{p}/mlp/down_proj/Gemm")
     return g.op("Add", [h, d], f"{p}/Add_mlp", outputs=[f"blocks.{b}.output"])
 
 
@@ -160,14 +160,14 @@ def merger(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, merged_shape
     """ln_q -> 2x2 merge (Reshape to ``merged_shape``) -> MLP with exact GELU -> back to input order."""
     n = _rms_norm(g, h, w("merger.ln_q.weight"), "/merger/ln_q", eps)
     n = g.op("Reshape", [n, g.const("merger_shape", np.asarray(merged_shape, np.int64))], "/merger/Reshape")
-    y = _gemm(g, n, w("merger.mlp.0.weight"), w("merger.mlp.0.bias"), "/merger/mlp.0/Gemm")
+    y = linear(g, n, w("merger.mlp.0.weight"), w("merger.mlp.0.bias"), "/merger/mlp.0/Gemm")
     # Exact GELU (nn.GELU()): 0.5 * x * (1 + erf(x / sqrt(2))); opset 17 has no Gelu op.
     e = g.op("Erf", [g.op("Div", [y, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))], "/merger/gelu/Div")],
              "/merger/gelu/Erf")
     e = g.op("Add", [e, g.const("one", np.array(1.0, np.float32))], "/merger/gelu/Add")
     y = g.op("Mul", [g.op("Mul", [y, e], "/merger/gelu/Mul"), g.const("half", np.array(0.5, np.float32))],
              "/merger/gelu/Mul_half")
-    y = _gemm(g, y, w("merger.mlp.2.weight"), w("merger.mlp.2.bias"), "/merger/mlp.2/Gemm", output="merger.output")
+    y = linear(g, y, w("merger.mlp.2.weight"), w("merger.mlp.2.bias"), "/merger/mlp.2/Gemm", output="merger.output")
     return g.op("Gather", [y, reverse_index], "/merger/Gather_reverse", axis=0, outputs=[output])
 
 
@@ -198,7 +198,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
                     "/window_mask/Where", outputs=["window_attention_mask"])
 
     x = g.op("Gather", [INPUT_NAME, patch_order], "/patch_embed/Gather", axis=0)
-    h = _gemm(g, x, w("patch_embed.proj.weight", (C, cfg.patch_dim)), None, "/patch_embed/proj/Gemm",
+    h = linear(g, x, w("patch_embed.proj.weight", (C, cfg.patch_dim)), None, "/patch_embed/proj/Gemm",
               output="patch_embed.output")
     block_outputs = [h]
 

@@ -21,6 +21,7 @@ from .config import VisionConfig, check_image_size, parse_image_size
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
 from .modelfile import load_model
+from .signature import Signature, signature
 
 GRID = "image_grid_thw"
 PIXELS = "pixel_values"
@@ -33,25 +34,29 @@ class ModelKind:
     dynamic: str | None            # None (static), "self" or "host"
     cfg: VisionConfig | None
     image_size: tuple[int, int] | None
-    inputs: list[tuple[str, np.dtype, list]]
+    signature: Signature
+
+    @property
+    def inputs(self):
+        return self.signature.inputs
 
     @classmethod
     def of(cls, path: str | Path) -> "ModelKind":
-        from .compare import _io_of
         p = Path(path)
         # a split's inputs come from its manifest, its metadata from part 0; a model's both from its graph
-        inputs = _io_of(p)[0] if is_manifest_path(p) else None
-        if inputs is not None:
-            p = read_manifest(p, verify_hashes=False).part_paths()[0]
-        model = load_model(p)
+        if is_manifest_path(p):
+            sig = signature(p)
+            model = load_model(read_manifest(p, verify_hashes=False).part_paths()[0])
+        else:
+            model = load_model(p)
+            sig = signature(model)
         meta = model.metadata()
         cfg = None
         if "qvl_surgery.vision_config" in meta:
             cfg = VisionConfig.from_dict(json.loads(meta["qvl_surgery.vision_config"]))
         size = meta.get("qvl_surgery.image_size")
         return cls(meta.get("qvl_surgery.dynamic"), cfg,
-                   tuple(int(x) for x in size.split("x")) if size else None,
-                   inputs if inputs is not None else _io_of(p, model)[0])
+                   tuple(int(x) for x in size.split("x")) if size else None, sig)
 
 
 def _processor(kind: ModelKind, fixed: tuple[int, int] | None):
@@ -107,7 +112,8 @@ def random_feeds(kind: ModelKind, *, seed: int = 0, image_sizes: list[tuple[int,
                  ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     if kind.dynamic is None:
-        return {n: rng.standard_normal([d or 1 for d in shape]).astype(np.float32) for n, _, shape in kind.inputs}
+        return {t.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in t.shape]).astype(np.float32)
+                for t in kind.inputs}
     cfg = kind.cfg
     sizes = image_sizes or [(448, 448)]
     grid = np.array([[1, h // cfg.patch_size, w // cfg.patch_size]
@@ -157,10 +163,5 @@ def load_inputs(ref_path: str | Path, *, inputs: str | None = None, image: str |
                            image_size=image_size)
         feeds = random_feeds(kind, seed=seed, image_sizes=parse_sizes(image_size) if image_size else None)
     check_feeds(kind, feeds)
-    for n, dt, shape in kind.inputs:
-        if n not in feeds:
-            raise BadInput(f"inputs: no array named {n!r} (the model takes {[i[0] for i in kind.inputs]})")
-        got = list(np.shape(feeds[n]))
-        if len(got) != len(shape) or any(d is not None and d != g for d, g in zip(shape, got)):
-            raise BadInput(f"inputs: {n!r} has shape {got}, the model takes {shape}")
+    kind.signature.check_feeds(feeds)
     return feeds

@@ -17,8 +17,12 @@ from .modelfile import HASH, HASH_ALGORITHMS, hash_file
 MANIFEST = "manifest.json"
 
 
-def write_manifest(out_dir: Path, parts: list[dict], *, source: str | None, cuts: list[str]) -> Path:
-    doc = {"format": "qvl-surgery split", "version": __version__, "source": source, "cuts": cuts, "parts": parts}
+def write_manifest(out_dir: Path, parts: list[dict], *, source: str | None, cuts: list[str],
+                   inputs: list[str] | None = None) -> Path:
+    """``inputs``: the chain's inputs (the source model's), which a later part may take even where
+    part 0 does not (a host-inputs export's reverse_index is first read after the blocks)."""
+    doc = {"format": "qvl-surgery split", "version": __version__, "source": source, "cuts": cuts,
+           "inputs": inputs, "parts": parts}
     path = out_dir / MANIFEST
     path.write_text(json.dumps(doc, indent=1))
     return path
@@ -121,11 +125,15 @@ def read_manifest(path: str | Path, *, verify_hashes: bool = True) -> Manifest:
     if verify_hashes:
         verify_files(hash_checks(m))
     # each part takes what the part before gives, plus side inputs of the whole chain (the dynamic
-    # export's image_grid_thw) that part 0 takes too
-    first_inputs = {i["name"] for i in parts[0]["inputs"]}
+    # export's image_grid_thw, a host-inputs export's grid tensors): chain inputs that the part
+    # reads itself, recorded in the manifest (older manifests: anything no part produces)
+    chain_inputs = doc.get("inputs")
+    produced = {o["name"] for p in parts for o in p["outputs"]}
     for a, b in zip(parts, parts[1:]):
         outs = [o["name"] for o in a["outputs"]]
         takes = [i["name"] for i in b["inputs"]]
-        if takes[:len(outs)] != outs or not set(takes[len(outs):]) <= first_inputs:
+        side = takes[len(outs):]
+        bad = [t for t in side if (t not in chain_inputs if chain_inputs is not None else t in produced)]
+        if takes[:len(outs)] != outs or bad:
             raise BadInput(f"{path}: {a['path']} outputs {outs} but {b['path']} takes {takes}; the chain is broken")
     return m

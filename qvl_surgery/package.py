@@ -57,7 +57,8 @@ from onnx import TensorProto, helper
 
 from . import __version__
 from .errors import BadInput, QvlError
-from .modelfile import Computed, FileRange, Model, save_model
+from .modelfile import Computed, FileRange, Model
+from .values import write_value
 from .publish import publish_dir, staging
 
 log = logging.getLogger(__name__)
@@ -463,7 +464,8 @@ class PackageReport:
 
 
 def _vision_passes(passes) -> list:
-    from .passbase import Pass, Sequential, parse_spec
+    from passes import parse_spec
+    from .passbase import Pass, Sequential
     if passes is None or passes == "" or passes == []:
         return []
     specs = parse_spec(passes) if isinstance(passes, str) else list(passes)
@@ -525,7 +527,7 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
         applied, vision_nodes = write_vision_model(weights, tmp / "vision.onnx", specs, progress=progress)
 
         # 3. the embedding model
-        save_model(build_embedding_model(ckpt), tmp / "embedding.onnx", progress="embedding" if progress else None)
+        write_value(build_embedding_model(ckpt), tmp / "embedding.onnx", progress=progress)
 
         # 4. configs and the tokenizer
         _write_json(tmp / "genai_config.json", genai_config(builder_cfg, ckpt, weights.cfg))
@@ -559,14 +561,13 @@ def write_vision_model(weights, out: Path, passes=None, *, progress: bool = Fals
     from .passbase import Context, Sequential
     specs = _vision_passes(passes)
     vision = build_dynamic_encoder(weights.cfg, weights)
-    bar = "vision" if progress else None
     if not specs:
-        save_model(vision, out, progress=bar)
+        write_value(vision, out, progress=progress)
         return [], len(vision.graph.node)
     with staging(out.with_name(out.name + ".work")) as work:  # simplify writes its result there
         vision, _ = Sequential(specs)(vision, Context(progress=progress, workdir=work))
         _check_vision_io(vision, INPUT_NAME, GRID_NAME, OUTPUT_NAME)
-        save_model(vision, out, progress=bar)
+        write_value(vision, out, progress=progress)
     return [p.text() for p in specs], len(vision.graph.node)
 
 
@@ -576,10 +577,12 @@ def _check_vision_io(model: Model, pixels: str, grid: str, features: str) -> Non
     if ins != [pixels, grid] or outs != [features]:
         raise BadInput(f"after the passes the vision model has inputs {ins} and outputs {outs}; the runtime needs "
                        f"[{pixels}, {grid}] -> [{features}]: drop the pass that changed them")
-    dtype = model.metadata().get("qvl_surgery.dtype", "float32")
-    if dtype != "float32":
-        raise BadInput(f"after the passes the vision model is {dtype}; onnxruntime-genai's CPU pipeline takes "
-                       "fp32 image features: drop the fp16 pass")
+    out_type = model.graph.output[0].type.tensor_type.elem_type
+    if out_type != TensorProto.FLOAT:
+        dtype = model.metadata().get("qvl_surgery.dtype", helper.tensor_dtype_to_np_dtype(out_type).name)
+        raise BadInput(f"after the passes the vision model is {dtype} with {helper.tensor_dtype_to_np_dtype(out_type).name} "
+                       "image features; onnxruntime-genai's CPU pipeline takes fp32 image features: drop the pass "
+                       "that changed them (fp16)")
 
 
 def _write_json(path: Path, doc: dict) -> None:

@@ -4,7 +4,7 @@ A pass is a class in ``passes/`` with
 
 - ``name`` and ``help`` (one line),
 - ``takes`` / ``gives``: ``"model"`` (a weightless :class:`~qvl_surgery.modelfile.Model`) or
-  ``"split"`` (a :class:`~passes.split.Split`: parts plus what the manifest records),
+  ``"split"`` (a :class:`~qvl_surgery.splitvalue.Split`: parts plus what the manifest records),
 - ``options``: a tuple of :class:`Option` (name, type, default, choices, help),
 - ``apply(value, **options) -> PassResult`` (the value and a :class:`PassReport`).
 
@@ -14,9 +14,10 @@ output tells how it was made. :class:`Sequential` runs several; a failure names 
 before it (as onnx-ir's passes do).
 
 Everything else is derived from the option specs: the subcommand's CLI flags
-(:meth:`Option.add_to_parser`), ``--passes``/recipe parsing (:func:`parse_spec`,
-:func:`spec_from_dict`) and ``--gen-script`` (:meth:`Pass.call_source`). Adding a pass or an
-option touches one place: the pass's class.
+(:meth:`Option.add_to_parser`), ``--passes``/recipe parsing (``passes.parse_spec``,
+``passes.spec_from_dict``: the registry lives with the passes, this core module never imports
+them) and ``--gen-script`` (:meth:`Pass.call_source`). Adding a pass or an option touches one
+place: the pass's class (and its line in ``passes.PASSES``).
 """
 from __future__ import annotations
 
@@ -39,9 +40,8 @@ _FALSE = ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a pass. ``name`` is the recipe / ``--passes`` key and gives the CLI flag
-    (``keep_silu_fp32`` -> ``--keep-silu-fp32``); ``keyword`` is the library function's parameter
-    when it differs. ``type`` is bool, int, float, str or list (of str; ``|`` separates items in
+    """One option of a pass, declared once: ``name`` is the recipe / ``--passes`` key, the library
+    function's keyword, and gives the CLI flag (``keep_silu_fp32`` -> ``--keep-silu-fp32``). ``type`` is bool, int, float, str or list (of str; ``|`` separates items in
     ``--passes``, commas or repetition on the command line)."""
 
     name: str
@@ -49,13 +49,8 @@ class Option:
     default: Any = None
     help: str = ""
     choices: tuple = ()
-    keyword: str | None = None
     metavar: str | None = None
     flag: str | None = None
-
-    @property
-    def param(self) -> str:
-        return self.keyword or self.name
 
     @property
     def cli_flag(self) -> str:
@@ -202,7 +197,7 @@ class Pass:
     example: ClassVar[str] = ""
     # how the result is judged against the input (lossless passes: EXACT)
     judgement: ClassVar[Judgement] = EXACT
-    # the library function --gen-script prints for this pass: (module, function name)
+    # the library function that runs this pass: (module, function name), for the docs
     function: ClassVar[tuple[str, str]] = ("", "")
 
     def __init__(self, **options: Any):
@@ -212,13 +207,13 @@ class Pass:
     @classmethod
     def option(cls, name: str) -> Option:
         for o in cls.options:
-            if o.name == name or o.keyword == name:
+            if o.name == name:
                 return o
         raise KeyError(name)
 
     @classmethod
     def check_options(cls, given: dict[str, Any], *, where: str) -> dict[str, Any]:
-        """Options by name (or library keyword), coerced; the ones not given are left out."""
+        """Options by name, coerced; the ones not given are left out."""
         out: dict[str, Any] = {}
         for key, value in given.items():
             try:
@@ -232,9 +227,9 @@ class Pass:
         return out
 
     def kwargs(self) -> dict[str, Any]:
-        """Every option as the library function's keyword, defaults filled in."""
-        kw = {o.param: o.default for o in self.options}
-        kw.update({self.option(k).param: v for k, v in self.values.items()})
+        """Every option by name, defaults filled in."""
+        kw = {o.name: o.default for o in self.options}
+        kw.update(self.values)
         return kw
 
     def text(self) -> str:
@@ -247,6 +242,10 @@ class Pass:
         return self.name + ":" + "+".join(items)
 
     # running ---------------------------------------------------------------------------------
+    def preflight(self, facts: dict[str, Any]) -> None:
+        """Refuse, before anything runs (``run`` checks every pass before it exports), what this pass
+        will refuse anyway. ``facts``: what the input will be (``dynamic``: None, "self" or "host")."""
+
     def apply(self, value: Any, context: Context, **kw: Any) -> PassResult:
         raise NotImplementedError
 
@@ -256,20 +255,16 @@ class Pass:
         record_pass(result.value, self.text())
         return result
 
-    def call_source(self, value_name: str = "model") -> list[str]:
-        """Python lines equivalent to running this pass (``--gen-script``)."""
-        module, func = self.function
-        kw = {self.option(k).param: v for k, v in self.values.items()}
-        args = "".join(f", {k}={v!r}" for k, v in kw.items())
-        return [f"from {module} import {func}", f"{self.gives_name()}, report = {func}({value_name}{args})"]
-
-    def gives_name(self) -> str:
-        return "model" if self.gives == "model" else "parts"
+    def call_source(self) -> tuple[str, str]:
+        """This pass in Python (``--gen-script``): the import line and the constructor call."""
+        cls = type(self)
+        args = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
+        return f"from {cls.__module__} import {cls.__name__}", f"{cls.__name__}({args})"
 
 
 def run_pass(cls: type[Pass], value: Any, context: Context | None = None, **keywords: Any) -> tuple[Any, PassReport]:
     """The library functions (``convert_fp16``, ``rewrite_attention``, ...) are this: the pass with
-    these options (by name or library keyword), so they check options and record themselves alike."""
+    these options (by name), so they check options and record themselves alike."""
     r = cls(**keywords)(value, context)
     return r.value, r.report
 
@@ -322,59 +317,3 @@ def check_chain(passes: list[Pass], *, first: str = "model") -> None:
                                "last pass (it writes the parts), or be followed by merge")
             raise BadInput(f"pass {p.name} takes a split; put split (or nothing) before it")
         kind, prev = p.gives, p
-
-
-# ----------------------------------------------------------------------------- registry and specs
-
-def registry() -> dict[str, type[Pass]]:
-    """Every pass, by name (import here: passes/ imports this module)."""
-    from passes import PASSES
-    return PASSES
-
-
-def get_pass(name: str, where: str = "passes") -> type[Pass]:
-    reg = registry()
-    if name not in reg:
-        raise BadInput(f"{where}: unknown pass {name!r} (known: {', '.join(reg)})")
-    return reg[name]
-
-
-def parse_spec(text: str) -> list[Pass]:
-    """``attention,fp16:keep_silu_fp32+keep_op=Softmax|Pow,split:parts=3`` -> pass instances."""
-    out = []
-    for item in [p.strip() for p in text.split(",") if p.strip()]:
-        name, _, rest = item.partition(":")
-        cls = get_pass(name, "--passes")
-        opts: dict[str, Any] = {}
-        for o in [o for o in rest.replace(":", "+").split("+") if o]:
-            k, eq, v = o.partition("=")
-            opts[k] = v if eq else True
-        out.append(cls(**cls.check_options(opts, where=f"pass {name}")))
-    check_chain(out)
-    return out
-
-
-def spec_from_dict(items: list[dict], where: str) -> list[Pass]:
-    """A recipe's ``passes`` list: ``[{"pass": "fp16", "keep_silu_fp32": true}, ...]``."""
-    out = []
-    for item in items:
-        if not isinstance(item, dict):
-            raise BadInput(f"{where}: each pass must be an object like {{\"pass\": \"fp16\"}}")
-        item = dict(item)
-        name = item.pop("pass", None)
-        cls = get_pass(name, where)
-        out.append(cls(**cls.check_options(item, where=f"{where}: pass {name}")))
-    check_chain(out)
-    return out
-
-
-def flag_of(name: str) -> str | None:
-    """The CLI flag of a library parameter, for rendering errors (BadInput.render)."""
-    if name in ("overwrite", "force"):
-        return "--force"
-    for cls in registry().values():
-        for o in cls.options:
-            if name in (o.name, o.keyword):
-                return o.cli_flag
-    return None
-

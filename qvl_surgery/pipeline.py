@@ -1,15 +1,20 @@
 """run: one pipeline from a checkpoint (or random init, or an existing export) to deployable files.
 
-Passes compose in one process on weightless models: the fp32 export is written once (it is the
-reference of the final comparison), every later pass hands its Model to the next without
-writing an intermediate file, and only the final result is written (a model, or the parts of a
-split, which must be the last pass). The run ends with a comparison of the result against the
-fp32 export (under fp16 emulation where the result is fp16), written to DIR/compare.json.
+Passes compose in one process on weightless values: the fp32 export is written once (it is the
+reference of the final comparison), every later pass hands its value to the next without writing
+an intermediate file, and only the final result is written (a model, or the parts of a split,
+which must be the last pass). The run ends with a comparison of the result against the fp32
+export, judged as the passes declare (:class:`~qvl_surgery.passbase.Judgement`: fp16 under
+emulation, quantized results with their own tolerances), written to DIR/compare.json.
+
+Everything is written into a hidden folder beside DIR and renamed into place at the end: an
+interrupted or failed run leaves nothing, and ``force`` replaces an earlier run's folder whole.
 
 Pass specs: ``attention``, ``attention:mode=mha``, ``fp16:keep_silu_fp32``,
 ``fp16:keep_silu_fp32+keep_rmsnorm_fp32``, ``split:parts=3``; joined with commas. A recipe file
 (JSON) says the same: ``{"source": {"random_init": "3b", "seed": 0}, "image_size": "448x448",
 "passes": [{"pass": "attention"}, {"pass": "fp16", "keep_silu_fp32": true}, {"pass": "split", "parts": 3}]}``.
+This module is the app layer: it imports the passes' registry; the core never does.
 """
 from __future__ import annotations
 
@@ -19,10 +24,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from passes import parse_spec, spec_from_dict
+
 from .errors import BadInput
-from .passbase import Context, Pass, Sequential, parse_spec, spec_from_dict
+from .passbase import Context, Judgement, Pass, Sequential
 
 log = logging.getLogger(__name__)
+
+RUN_FILES = ("summary.json", "compare.json")   # a folder holding one of these was written by run
+DYNAMIC_COMPARE_SIZES = "448x448,252x364"
 
 
 def parse_passes(text: str) -> list[Pass]:
@@ -42,6 +52,71 @@ def read_recipe(path: str | Path) -> dict:
     return doc
 
 
+def judgement_of(specs: list[Pass]) -> Judgement:
+    """How the chain's result is judged: its loosest pass."""
+    return Judgement.loosest([p.judgement for p in specs])
+
+
+# ----------------------------------------------------------------------------- --gen-script
+
+def gen_script(*, source: dict, specs: list[Pass], output: Path, image_size: str | None = None,
+               single_file: bool = False, force: bool = False, compare: bool = False) -> str:
+    """The Python API calls equivalent to a command line: ``run`` (export or an existing export,
+    the passes, the result, the comparison) and every pass subcommand (``source`` {"model": path}
+    or {"split": path}, no comparison). One generator for both: each pass prints itself
+    (:meth:`Pass.call_source`), reading and writing go through :mod:`qvl_surgery.values`."""
+    lines = ["import tempfile", "from pathlib import Path", "",
+             "from qvl_surgery.passbase import Context",
+             "from qvl_surgery.values import read_value, write_value"]
+    lines += sorted({p.call_source()[0] for p in specs}) + [""]
+    reference = None
+    if "model" in source or "split" in source:
+        src = Path(source.get("model") or source.get("split"))
+        reference = src if "model" in source else None
+        lines.append(f"value = read_value({str(src)!r}).value")
+    else:
+        reference = Path(output) / "model.fp32.onnx"
+        if source.get("checkpoint"):
+            lines += ["from qvl_surgery.weights import CheckpointWeights",
+                      f"weights = CheckpointWeights({str(source['checkpoint'])!r})"]
+        else:
+            lines += ["from qvl_surgery.config import preset", "from qvl_surgery.weights import RandomWeights",
+                      f"weights = RandomWeights(preset({source['random_init']!r}), seed={int(source.get('seed', 0))})"]
+        if source.get("dynamic"):
+            lines += ["from qvl_surgery.dynamic import build_dynamic_encoder",
+                      f"value = build_dynamic_encoder(weights.cfg, weights, host_inputs={source['dynamic'] == 'host'})"]
+        else:
+            lines += ["from qvl_surgery.config import check_image_size, parse_image_size",
+                      "from qvl_surgery.export import build_encoder",
+                      "value = build_encoder(weights.cfg, weights, check_image_size(weights.cfg, "
+                      f"parse_image_size({image_size or '448x448'!r})))"]
+        lines += [f"print('\\n'.join(write_value(value, {str(reference)!r}, overwrite=True)))   # the reference",
+                  f"value = read_value({str(reference)!r}).value"]
+    result = Path(output)
+    if compare:
+        result = result / ("parts" if specs[-1].gives == "split" else "model.onnx")
+    ref_arg = f"Path({str(reference)!r})" if reference else "None"
+    lines += ["with tempfile.TemporaryDirectory() as work:   # scratch space a pass may need until the result is written",
+              f"    context = Context(reference={ref_arg}, workdir=Path(work))"]
+    for p in specs:
+        lines += [f"    result = {p.call_source()[1]}(value, context)",
+                  "    print('\\n'.join(result.report.lines()))",
+                  "    value = result.value"]
+    extra = (", overwrite=True" if force or compare else "") + (", single_file=True" if single_file else "")
+    lines.append(f"    print('\\n'.join(write_value(value, {str(result)!r}{extra})))")
+    if compare:
+        j = judgement_of(specs)
+        lines += ["", "from qvl_surgery.compare import compare", "from qvl_surgery.inputs import load_inputs",
+                  f"feeds = load_inputs({str(reference)!r}, seed=0"
+                  + (f", image_size={(image_size or DYNAMIC_COMPARE_SIZES)!r}" if source.get("dynamic") else "") + ")",
+                  f"report = compare({str(reference)!r}, {str(result)!r}, feeds=feeds, emulate_fp16="
+                  f"{j.emulate == 'fp16'}, atol={j.atol}, rtol={j.rtol}, min_cosine={j.min_cosine})",
+                  "print('\\n'.join(report.lines()))"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- run
+
 @dataclass
 class RunResult:
     out_dir: Path
@@ -56,10 +131,12 @@ class RunResult:
         for name, lines in self.reports:
             out += lines
         out.append("")
-        out.append(f"{'artifact':<28} {'files':>5} {'size GB':>8} {'max abs':>10} {'cosine':>9} {'ORT s':>7}")
+        out.append(f"{'artifact':<28} {'files':>5} {'size GB':>8} {'max abs':>10} {'cosine':>9} {'centered':>9} "
+                   f"{'ORT s':>7}")
         for row in self.table:
             out.append(f"{row['artifact']:<28} {row['files']:>5} {row['size_gb']:>8.3f} "
-                       f"{_fmt(row.get('max_abs')):>10} {_fmt(row.get('cosine'), 6):>9} {_fmt(row.get('ort_s'), 2):>7}")
+                       f"{_fmt(row.get('max_abs')):>10} {_fmt(row.get('cosine'), 6):>9} "
+                       f"{_fmt(row.get('centered_cosine'), 6):>9} {_fmt(row.get('ort_s'), 2):>7}")
         verdict = "PASSED" if self.compare.get("passed") else "FAILED: " + "; ".join(self.compare.get("reasons", []))
         out.append(f"comparison against the fp32 export: {verdict} (written to {self.out_dir / 'compare.json'})")
         return out
@@ -80,56 +157,49 @@ def _files(path: Path) -> tuple[int, int]:
     return len(fs), sum(f.stat().st_size for f in fs)
 
 
-def _latency(path: Path, feeds: dict) -> float:
+def _latency(path: Path, feeds: dict) -> float | None:
     from .manifest import is_manifest_path
-    from .runners import cast_feeds, run_chain, ort_session
+    from .runners import ort_session, run_chain
+    from .signature import signature
     if is_manifest_path(path):
         run_chain(path, feeds)
         t = time.perf_counter()
         run_chain(path, feeds)
         return time.perf_counter() - t
-    sess = ort_session(path)
-    x = cast_feeds(sess, feeds)
+    try:
+        sess = ort_session(path)
+    except Exception as e:  # a file onnxruntime's CPU provider cannot run (bf16): the comparison said so
+        log.info("no onnxruntime latency for %s: %s", path, e)
+        return None
+    x = signature(path).cast(feeds)
     sess.run(None, x)
     t = time.perf_counter()
     sess.run(None, x)
     return time.perf_counter() - t
 
 
-def gen_script(source: dict, image_size: str, specs: list[Pass], out_dir: Path) -> str:
-    """The Python API calls equivalent to a run (each pass prints its own call: Pass.call_source)."""
-    reference = out_dir / "model.fp32.onnx"
-    lines = ["from qvl_surgery.config import PRESETS, parse_image_size",
-             "from qvl_surgery.weights import CheckpointWeights, RandomWeights",
-             "from qvl_surgery.export import build_encoder",
-             "from qvl_surgery.modelfile import load_model, save_model", ""]
-    if source.get("model"):
-        reference = Path(source["model"])
-        lines.append(f"model = load_model({str(reference)!r})")
-    else:
-        if source.get("checkpoint"):
-            lines.append(f"weights = CheckpointWeights({str(source['checkpoint'])!r})")
-        else:
-            lines.append(f"weights = RandomWeights(PRESETS[{source['random_init']!r}], seed={source.get('seed', 0)})")
-        if source.get("dynamic"):
-            lines += ["from qvl_surgery.dynamic import build_dynamic_encoder",
-                      f"model = build_dynamic_encoder(weights.cfg, weights, host_inputs={source['dynamic'] == 'host'})"]
-        else:
-            lines.append(f"model = build_encoder(weights.cfg, weights, parse_image_size({image_size or '448x448'!r}))")
-        lines.append(f"save_model(model, {str(reference)!r}, overwrite=True)   # the reference")
-    for k, p in enumerate(specs):
-        if p.gives == "split" and k == len(specs) - 1:  # split ends the run: it writes the parts
-            args = "".join(f", {p.option(n).param}={v!r}" for n, v in p.values.items())
-            lines += ["from passes.split import split",
-                      f"report = split(model, {str(out_dir / 'parts')!r}{args}, force=True)"]
-            continue
-        lines += p.call_source("model" if k == 0 or specs[k - 1].gives == "model" else "parts")
-    if specs[-1].gives == "model":
-        lines.append(f"save_model(model, {str(out_dir / 'model.onnx')!r}, overwrite=True)")
-    return "\n".join(line.replace("REFERENCE", repr(str(reference))) for line in lines)
+def _check_run_dir(out_dir: Path, force: bool, source_files: list[Path]) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise BadInput(f"{out_dir}: exists and is not a folder")
+    entries = list(out_dir.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise BadInput(f"{out_dir}: exists and is not empty; pass " + "{overwrite} to replace an earlier run's folder",
+                       overwrite=True)
+    if not any((out_dir / f).exists() for f in RUN_FILES):
+        raise BadInput(f"{out_dir}: holds files that 'run' did not write; " + "{overwrite} replaces only an earlier "
+                       "run's folder: choose a new folder", overwrite=True)
+    inside = [p for p in source_files if out_dir.resolve() in Path(p).resolve().parents]
+    if inside:
+        raise BadInput(f"{out_dir}: holds the source {inside[0]}; write the run to another folder")
 
 
-DYNAMIC_COMPARE_SIZES = "448x448,252x364"
+def _preflight(specs: list[Pass], facts: dict) -> None:
+    for p in specs:
+        p.preflight(facts)
 
 
 def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Path | None = None,
@@ -139,13 +209,13 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
     """Export (static at ``image_size``, or ``dynamic`` "self"/"host") or take an fp32 export, run
     the passes, write the result, compare it with the export. For a dynamic model ``image_size``
     lists the sizes of the comparison's images (one call, default 448x448,252x364). ``single_file``:
-    the result (unless a split) as one self-contained .onnx."""
-    from passes.split import save_split
-    from .compare import compare, load_inputs
+    the result as one self-contained .onnx (not with split)."""
+    from .compare import compare
     from .config import check_image_size, parse_image_size, preset
     from .export import build_encoder
-    from .modelfile import load_model, save_model
-    from .publish import staging
+    from .inputs import load_inputs
+    from .publish import publish_dir, staging
+    from .values import check_output, read_value, write_value
     from .weights import CheckpointWeights, RandomWeights
 
     out_dir = Path(out_dir)
@@ -154,57 +224,72 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
         raise BadInput("run: give exactly one source: a checkpoint directory, {random_init}, or an .onnx export",
                        random_init="PRESET")
     chain = Sequential(specs)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise BadInput(f"{out_dir}: exists and is not empty; pass " + "{overwrite} to write into it",
-                           overwrite=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reports: list[tuple[str, list[str]]] = []
+    if specs[-1].gives == "split":
+        check_output("split", out_dir / "parts", single_file=single_file)
+    judge = judgement_of(specs)
+    source_files: list[Path] = []
+    loaded = None
     if model is not None:
-        reference = Path(model)
-        current = load_model(reference)
-        if current.metadata().get("qvl_surgery.dtype", "float32") != "float32":
-            raise BadInput(f"{reference}: run needs the fp32 export as its source (it is the reference of the comparison)")
-    else:
-        weights = CheckpointWeights(checkpoint) if checkpoint is not None else RandomWeights(preset(random_init), seed)
-        reference = out_dir / "model.fp32.onnx"
+        loaded = read_value(model, "model")
+        meta = loaded.value.metadata()
+        if meta.get("qvl_surgery.dtype", "float32") != "float32":
+            raise BadInput(f"{model}: run needs the fp32 export as its source (it is the reference of the comparison)")
         if dynamic:
-            from .dynamic import build_dynamic_encoder
-            exported = build_dynamic_encoder(weights.cfg, weights, host_inputs=dynamic == "host")
+            raise BadInput("{dynamic}: " + f"{model} is already an export; --dynamic chooses what to export from a "
+                           "checkpoint (drop it, or export from the checkpoint)", dynamic=dynamic)
+        if image_size and not meta.get("qvl_surgery.dynamic"):
+            raise BadInput("{image_size}: " + f"{model} is a static export of one size "
+                           f"({meta.get('qvl_surgery.image_size', '?')}); the size is chosen at export", image_size=image_size)
+        source_files = loaded.files
+        facts = {"dynamic": meta.get("qvl_surgery.dynamic")}
+    else:
+        facts = {"dynamic": dynamic}
+        if checkpoint is not None:
+            source_files = [Path(checkpoint)]
+    _check_run_dir(out_dir, force, source_files)
+    _preflight(specs, facts)   # what the passes can refuse before the export runs
+    reports: list[tuple[str, list[str]]] = []
+    with staging(out_dir) as stage:
+        if loaded is not None:
+            reference = Path(model)
+            current = loaded.value
+            final_reference = reference
         else:
-            size = check_image_size(weights.cfg, parse_image_size(image_size or "448x448"))
-            exported = build_encoder(weights.cfg, weights, size)
-        save_model(exported, reference, progress="export" if progress else None, overwrite=force)
-        reports.append(("export", [f"exported {reference} ({weights.description})"]))
-        current = load_model(reference)
-    with staging(out_dir / "work") as work:
-        context = Context(reference=reference, progress=progress, workdir=work)
-        current, _ = chain(current, context, on_report=lambda p, r: reports.append((p.text(), r.lines())))
-        if specs[-1].gives == "split":
-            result = out_dir / "parts"
-            entries = save_split(current, result, overwrite=force, progress=progress)
-            reports.append(("write", [f"wrote {result}/manifest.json and {len(entries)} parts"]))
-            current = current.parts[-1].model
-        else:
-            result = out_dir / "model.onnx"
-            save_model(current, result, progress="write" if progress else None, overwrite=force,
-                       single_file=single_file)
-            # the fp16 report's clamp counts are filled while writing, so they print after
-            reports.append(("write", [f"wrote {result}"]))
-    fp16 = current.metadata().get("qvl_surgery.dtype") == "float16"
-    is_dynamic = bool(current.metadata().get("qvl_surgery.dynamic"))
-    feeds = load_inputs(reference, seed=0, image_size=(image_size or DYNAMIC_COMPARE_SIZES) if is_dynamic else None)
-    cmp = compare(reference, result, feeds=feeds, emulate_fp16=fp16, atol=5e-2 if fp16 else 1e-4,
-                  rtol=5e-2 if fp16 else 1e-4, min_cosine=0.999 if fp16 else 0.99999)
-    (out_dir / "compare.json").write_text(json.dumps(cmp.to_dict(), indent=1))
-    table = []
-    for label, path, stats in (("fp32 export (reference)", reference, None),
-                               (f"result ({'fp16, emulated' if fp16 else 'fp32'})", result, cmp.outputs[0])):
-        n, size_b = _files(path)
-        row = {"artifact": label, "path": str(path), "files": n, "size_gb": size_b / 1e9,
-               "max_abs": stats.max_abs if stats else None, "cosine": stats.cosine if stats else None,
-               "ort_s": _latency(path, feeds) if latency else None}
-        table.append(row)
-    (out_dir / "summary.json").write_text(json.dumps({"table": table, "compare": cmp.to_dict(),
-                                                      "passes": [s.text() for s in specs]}, indent=1))
-    return RunResult(out_dir, reference, result, reports, cmp.to_dict(), table)
+            weights = CheckpointWeights(checkpoint) if checkpoint is not None else RandomWeights(preset(random_init), seed)
+            if dynamic:
+                from .dynamic import build_dynamic_encoder
+                exported = build_dynamic_encoder(weights.cfg, weights, host_inputs=dynamic == "host")
+            else:
+                size = check_image_size(weights.cfg, parse_image_size(image_size or "448x448"))
+                exported = build_encoder(weights.cfg, weights, size)
+            reference = stage / "model.fp32.onnx"
+            final_reference = out_dir / "model.fp32.onnx"
+            write_value(exported, reference, progress=progress)
+            reports.append(("export", [f"exported {final_reference} ({weights.description})"]))
+            current = read_value(reference, "model").value
+        with staging(stage / "work") as work:
+            context = Context(reference=reference, progress=progress, workdir=work)
+            current, _ = chain(current, context, on_report=lambda p, r: reports.append((p.text(), r.lines())))
+            name = "parts" if specs[-1].gives == "split" else "model.onnx"
+            result = stage / name
+            write_value(current, result, progress=progress, single_file=single_file, inputs=source_files)
+            reports.append(("write", [f"wrote {out_dir / name}"]))
+        is_dynamic = bool(facts.get("dynamic"))
+        feeds = load_inputs(reference, seed=0, image_size=(image_size or DYNAMIC_COMPARE_SIZES) if is_dynamic else None)
+        cmp = compare(reference, result, feeds=feeds, emulate_fp16=judge.emulate == "fp16", atol=judge.atol,
+                      rtol=judge.rtol, min_cosine=judge.min_cosine)
+        cmp.ref_name, cmp.cand_name = str(final_reference), cmp.cand_name.replace(str(result), str(out_dir / name))
+        table = []
+        for label, path, final, stats in (("fp32 export (reference)", reference, final_reference, None),
+                                          (f"result ({judge.label}{', emulated' if judge.emulate else ''})", result,
+                                           out_dir / name, cmp.outputs[0])):
+            n, size_b = _files(path)
+            table.append({"artifact": label, "path": str(final), "files": n, "size_gb": size_b / 1e9,
+                          "max_abs": stats.max_abs if stats else None, "cosine": stats.cosine if stats else None,
+                          "centered_cosine": stats.centered_cosine if stats else None,
+                          "ort_s": _latency(path, feeds) if latency else None})
+        (stage / "compare.json").write_text(json.dumps(cmp.to_dict(), indent=1))
+        (stage / "summary.json").write_text(json.dumps({"table": table, "compare": cmp.to_dict(),
+                                                        "passes": [s.text() for s in specs]}, indent=1))
+        publish_dir(stage, out_dir)
+    return RunResult(out_dir, final_reference, out_dir / name, reports, cmp.to_dict(), table)

@@ -57,6 +57,10 @@ def staging(out: Path) -> Iterator[Path]:
 
 def publish_dir(tmp: Path, out_dir: Path) -> None:
     """Replace out_dir by tmp with renames only; an old output is removed after the new one is in place."""
+    # a folder made by mkdtemp is 0700: give it the mode a new folder gets, like the files in it
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

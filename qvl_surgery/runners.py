@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import BadInput
 from .manifest import read_manifest
+from .signature import signature
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +24,16 @@ def ort_session(path: str | Path, providers: list[str] | None = None, execution_
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def cast_feeds(sess, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The session's inputs from feeds, cast to the dtypes it declares (an fp16 model takes fp32 pixels)."""
-    out = {}
-    for i in sess.get_inputs():
-        if i.name not in feeds:
-            raise BadInput(f"no value for input {i.name!r}")
-        dt = _ORT_TYPES.get(i.type)
-        out[i.name] = np.asarray(feeds[i.name]).astype(dt, copy=False) if dt else feeds[i.name]
-    return out
+def cast_feeds(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's inputs from feeds, cast to the dtypes its graph declares (an fp16 model takes fp32 pixels)."""
+    return signature(path).cast(feeds)
 
 
 def run_model(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = cast_feeds(path, feeds)
     s = ort_session(path)
     names = [o.name for o in s.get_outputs()]
-    return dict(zip(names, s.run(names, cast_feeds(s, feeds))))
+    return dict(zip(names, s.run(names, x)))
 
 
 def chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], run_part: Callable[[Path, dict], dict], *,
@@ -66,13 +58,14 @@ def chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], run_part: Call
 
 
 def _run_part(path: Path, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    s = ort_session(path)
-    needed = [i.name for i in s.get_inputs()]
-    missing = [n for n in needed if n not in values]
+    sig = signature(path)
+    missing = [n for n in sig.input_names if n not in values]
     if missing:
         raise BadInput(f"{path}: needs input {missing[0]!r}, which nothing before it provides")
+    x = sig.cast(values)
+    s = ort_session(path)
     names = [o.name for o in s.get_outputs()]
-    return dict(zip(names, s.run(names, cast_feeds(s, {n: values[n] for n in needed}))))
+    return dict(zip(names, s.run(names, x)))
 
 
 def run_chain(split_dir: str | Path, feeds: Mapping[str, np.ndarray], *, verify_hashes: bool = False,

@@ -405,18 +405,16 @@ def make_files(preset: str, size: str, kinds: list[Kind], reuse: bool) -> tuple[
 
 
 def parts_of(path: Path) -> list[dict]:
-    """Parts in chain order with their inputs (name, dtype), outputs and output shapes."""
-    import onnx
-    from onnx import helper
+    """Parts in chain order with their inputs (name, dtype), outputs and output shapes (-1: not fixed),
+    read by the toolkit's one signature reader."""
+    from qvl_surgery.signature import signature
 
     def io(p: Path) -> dict:
-        g = onnx.load(str(p), load_external_data=False).graph
-        def dims(v):
-            return [d.dim_value if d.dim_value else -1 for d in v.type.tensor_type.shape.dim]
-        return {"file": p.name,
-                "inputs": [{"name": i.name, "shape": dims(i), "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(
-                    i.type.tensor_type.elem_type)).name} for i in g.input],
-                "outputs": [o.name for o in g.output], "output_shapes": [dims(o) for o in g.output]}
+        sig = signature(p)
+        def dims(t):
+            return [d if isinstance(d, int) else -1 for d in t.shape]
+        return {"file": p.name, "inputs": [{"name": t.name, "shape": dims(t), "dtype": t.dtype.name} for t in sig.inputs],
+                "outputs": sig.output_names, "output_shapes": [dims(t) for t in sig.outputs]}
     if path.is_dir():
         manifest = json.loads((path / "manifest.json").read_text())
         return [io(path / p["path"]) for p in manifest["parts"]]

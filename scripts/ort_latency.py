@@ -20,7 +20,7 @@ feeds = random_feeds(kind, seed=0, image_sizes=parse_sizes(sys.argv[3]) if len(s
 t0 = time.perf_counter()
 sess = ort_session(path)
 t1 = time.perf_counter()
-x = cast_feeds(sess, feeds)
+x = cast_feeds(path, feeds)
 times = []
 for _ in range(runs):
     s = time.perf_counter()

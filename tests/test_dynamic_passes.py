@@ -64,7 +64,7 @@ def test_split_chain_and_merge_equal_transformers(setup):
 
 def test_fp16_emulated_and_its_split_track_transformers(setup):
     d, refs = setup
-    model, report = convert_fp16(load_model(d / "m.onnx"), keep_silu=True)
+    model, report = convert_fp16(load_model(d / "m.onnx"), keep_silu_fp32=True)
     # the grid tables (rotary cos/sin computed from positions, masks) stay fp32, like the static
     # export's precomputed constants
     assert report.kept["grid tables"] and any("Cos" in n for n in report.kept["grid tables"])

@@ -41,7 +41,7 @@ def _convert(src, tmp_path, name="f16.onnx", **opts):
 
 
 def test_keep_silu_islands_are_whole_patterns(tiny_448, tmp_path):
-    out, report = _convert(tiny_448, tmp_path, keep_silu=True)
+    out, report = _convert(tiny_448, tmp_path, keep_silu_fp32=True)
     m, types = _types(out)
     prod = {o: n for n in m.graph.node for o in n.output}
     sigs = [n for n in m.graph.node if n.op_type == "Sigmoid"]
@@ -65,7 +65,7 @@ def test_keep_silu_islands_are_whole_patterns(tiny_448, tmp_path):
 
 
 def test_rmsnorm_and_silu_islands_merge_and_keep_scales_fp32(tiny_448, tmp_path):
-    out, report = _convert(tiny_448, tmp_path, keep_silu=True, keep_rmsnorm=True)
+    out, report = _convert(tiny_448, tmp_path, keep_silu_fp32=True, keep_rmsnorm_fp32=True)
     m, types = _types(out)
     n_norm = 2 * TINY.depth + 1
     assert len(report.kept["rmsnorm"]) == 6 * n_norm
@@ -96,7 +96,7 @@ def test_weight_read_by_fp16_and_fp32_nodes_is_stored_in_both(tmp_path):
         [helper.make_tensor_value_info("x", F32, [8, 8])], [helper.make_tensor_value_info("y", F32, [8, 8])],
         initializer=[numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    model, report = convert_fp16(load_model(tmp_path / "m.onnx"), keep_nodes=["add_w"], keep_io_types=True)
+    model, report = convert_fp16(load_model(tmp_path / "m.onnx"), keep_node=["add_w"], keep_io_types=True)
     assert report.duplicated_weights == ["w"]
     out = save_model(model, tmp_path / "h.onnx")
     inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
@@ -122,8 +122,8 @@ def test_constants_clamped_and_counted_inf_kept(tmp_path):
     assert c[5] != 0  # eps 1e-6 keeps its meaning (an fp16 subnormal)
 
 
-@pytest.mark.parametrize("opts,min_cos", [({}, 0.999), ({"keep_silu": True}, 0.999),
-                                          ({"keep_silu": True, "keep_rmsnorm": True}, 0.999)])
+@pytest.mark.parametrize("opts,min_cos", [({}, 0.999), ({"keep_silu_fp32": True}, 0.999),
+                                          ({"keep_silu_fp32": True, "keep_rmsnorm_fp32": True}, 0.999)])
 def test_fp16_numerics_under_emulation(tiny_448, tmp_path, opts, min_cos):
     out, _ = _convert(tiny_448, tmp_path, **opts)
     px = tiny_pixels(SIZE, seed=4)
@@ -239,8 +239,8 @@ def test_image_inputs_for_compare_and_calibrate(tiny_448, tmp_path):
     from PIL import Image
     img = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(img)
-    from qvl_surgery.compare import pixel_values_from_image
-    px = pixel_values_from_image(tiny_448, str(img))
+    from qvl_surgery.inputs import ModelKind, image_feeds
+    px = image_feeds(ModelKind.of(tiny_448), [str(img)])["pixel_values"]
     assert px.shape == (1024, 1176) and px.dtype == np.float32
     r = run_cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--calibrate", img, "-q")
     assert r.returncode == 0 and "calibration:" in r.stdout, r.stderr

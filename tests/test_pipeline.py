@@ -52,7 +52,7 @@ def test_gen_script_runs(tmp_path):
     r = run_cli("run", "--random-init", "tiny", "-o", tmp_path / "g", "--passes",
                 "attention,fp16:keep_silu_fp32,split:parts=2", "--gen-script")
     assert r.returncode == 0, r.stderr
-    assert "convert_fp16(model, keep_silu=True)" in r.stdout
+    assert "Fp16Pass(keep_silu_fp32=True)(value, context)" in r.stdout
     ns: dict = {}
     exec(compile(r.stdout, "gen_script", "exec"), ns)
     assert len(read_manifest(tmp_path / "g" / "parts").parts) == 2
@@ -61,7 +61,7 @@ def test_gen_script_runs(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--passes", "fp16,split:parts=2,attention"], "split must be the last pass"),
     (["--passes", "fp16:keep_everything"], "unknown option"),
-    (["--passes", "quantize"], "unknown pass"),
+    (["--passes", "nosuchpass"], "unknown pass"),
     (["--passes", "split:parts=x"], "not a int"),
 ])
 def test_run_bad_input(tmp_path, args, needle):

@@ -13,7 +13,8 @@ from passes import PASSES
 from passes.split import split_model
 from qvl_surgery.errors import BadInput
 from qvl_surgery.modelfile import load_model
-from qvl_surgery.passbase import Context, Sequential, parse_spec, spec_from_dict
+from passes import parse_spec, spec_from_dict
+from qvl_surgery.passbase import Context, Sequential
 from qvl_surgery.pipeline import read_recipe
 from qvl_surgery.runners import run_chain, run_model
 
@@ -83,7 +84,7 @@ def test_library_errors_name_parameters_and_the_cli_its_flags(tiny_448, tmp_path
     assert_one_line_error(run_cli("split", tiny_448, "--parts", "0", "-o", tmp_path / "p"), "--parts 0: need at least")
     with pytest.raises(BadInput, match="keep_node='nope'"):
         from passes.fp16 import convert_fp16
-        convert_fp16(load_model(tiny_448), keep_nodes=["nope"])
+        convert_fp16(load_model(tiny_448), keep_node=["nope"])
     assert_one_line_error(run_cli("fp16", tiny_448, "--keep-node", "nope", "-o", tmp_path / "h.onnx"),
                           "--keep-node nope: matches no node")
 
@@ -91,7 +92,7 @@ def test_library_errors_name_parameters_and_the_cli_its_flags(tiny_448, tmp_path
 def test_pass_gen_script_runs(tiny_448, tmp_path):
     r = run_cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--keep-silu-fp32", "--gen-script")
     assert r.returncode == 0, r.stderr
-    assert "convert_fp16(model, keep_silu=True)" in r.stdout and not (tmp_path / "h.onnx").exists()
+    assert "Fp16Pass(keep_silu_fp32=True)(value, context)" in r.stdout and not (tmp_path / "h.onnx").exists()
     exec(compile(r.stdout, "gen_script", "exec"), {})
     check_written(tmp_path / "h.onnx")
     r = run_cli("split", tiny_448, "-o", tmp_path / "p", "--at", "1,merger", "--gen-script")
