@@ -23,10 +23,13 @@ Rules and limits:
 """
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import json
 import logging
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import with_graph
-from qvl_surgery.modelfile import Model, read_initializer
+from qvl_surgery.modelfile import FileRange, Model, read_initializer, tensor_nbytes
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 from qvl_surgery import quant
 
@@ -296,12 +299,43 @@ def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: s
 
 # ----------------------------------------------------------------------------- emit
 
+def _writer_packs_int4() -> bool:
+    """Whether modelfile's writer stores INT4 tensors packed (two codes a byte, ONNX's layout)."""
+    return tensor_nbytes(TensorProto(name="probe", data_type=TensorProto.INT4, dims=[3])) == 2
+
+
+class _Int4Scratch:
+    """Packed int4 codes made as the pass runs, one weight at a time, appended to a scratch file that
+    the output's writer copies from (file ranges): modelfile writes a computed tensor in numpy's
+    layout, one byte per int4 value, which is not ONNX's. Removed at exit. Used only while
+    :func:`_writer_packs_int4` is false."""
+
+    def __init__(self, workdir: Path | None):
+        d = tempfile.mkdtemp(prefix="qvl-quantize-", dir=workdir)
+        atexit.register(shutil.rmtree, d, True)
+        self.path = Path(d) / "int4_codes.bin"
+        self.file = open(self.path, "wb")
+        self.offset = 0
+
+    def add(self, data: np.ndarray) -> FileRange:
+        b = np.ascontiguousarray(data).tobytes()
+        self.file.write(b)
+        r = FileRange(self.path, self.offset, len(b))
+        self.offset += len(b)
+        return r
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _QuantEmitter:
     """Rebuilds the graph under a plan; every new weight tensor is a Computed source of one
     :class:`~qvl_surgery.quant.LazyQuant` per linear."""
 
-    def __init__(self, model: Model, plan: QuantPlan, report: QuantizeReport):
+    def __init__(self, model: Model, plan: QuantPlan, report: QuantizeReport, workdir: Path | None = None):
         self.model, self.plan, self.report = model, plan, report
+        self.scratch = (_Int4Scratch(workdir) if plan.format == "qdq" and plan.bits == 4 and not _writer_packs_int4()
+                        else None)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.by_output = {lin.node.output[0]: lin for lin in plan.linears}
         self.new_inits: list[TensorProto] = []
@@ -391,8 +425,16 @@ class _QuantEmitter:
         qtype = TensorProto.INT4 if p.bits == 4 else TensorProto.INT8
         # INT4 is stored packed, two codes a byte (ONNX's layout): the source makes the codes, the
         # writer packs them into (count + 1) // 2 bytes
-        qname = self._computed(f"{w}_quantized", qtype, dims, lazy, "q", count if p.bits == 8 else (count + 1) // 2)
-        sname = self._computed(f"{w}_scale", F32, scale_dims, lazy, "s", 4 * int(np.prod(scale_dims)))
+        if self.scratch is None:
+            qname = self._computed(f"{w}_quantized", qtype, dims, lazy, "q", count if p.bits == 8 else (count + 1) // 2)
+            sname = self._computed(f"{w}_scale", F32, scale_dims, lazy, "s", 4 * int(np.prod(scale_dims)))
+        else:
+            qname, sname = f"{w}_quantized", f"{w}_scale"
+            tp = TensorProto(name=qname, data_type=qtype, dims=dims)
+            tp.data_location = TensorProto.EXTERNAL
+            self.new_inits.append(tp)
+            self.sources[qname] = self.scratch.add(quant.pack_int4(lazy.take("q")))
+            self._const(sname, lazy.take("s"))
         wf = f"{w}_dequantized"
         self._node("DequantizeLinear", [qname, sname], [wf], f"{lin.name}/DequantizeLinear_weight", **attrs)
         nn = onnx.NodeProto()
@@ -468,6 +510,8 @@ class _QuantEmitter:
                 self.sources[t.name] = self.model.sources[t.name]
         inputs = [i for i in g.input if i.name not in gone]
         ng = helper.make_graph(self.nodes, g.name, inputs, list(g.output), initializer=self.new_inits)
+        if self.scratch is not None:
+            self.scratch.close()
         out = with_graph(self.model, ng, self.sources)
         _set_opsets(out, p)
         return out
@@ -546,7 +590,7 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
     report.quantized = [lin.name for lin in plan.linears]
     for name, why in kept.items():
         report.kept.setdefault(why, []).append(name)
-    out = _QuantEmitter(model, plan, report).emit()
+    out = _QuantEmitter(model, plan, report, context.workdir).emit()
     report.weight_bytes = [model.weight_bytes(), out.weight_bytes()]
     out.set_metadata("qvl_surgery.dtype", weights)
     out.set_metadata("qvl_surgery.quantize", json.dumps({
@@ -562,8 +606,9 @@ class QuantizePass(Pass):
     help = "int8 / int4 weights (int8 / int16 activations) for the linear layers, as QDQ or onnxruntime ops"
     function = ("passes.quantize", "quantize_model")
     example = ("qvl-surgery quantize model.onnx -o w8a8.onnx --weights int8 --activations int8 --format onnxruntime\n"
-               "qvl-surgery quantize model.onnx -o w4.onnx --weights int4 --block-size 32 --format qdq\n"
-               "qvl-surgery quantize model.onnx -o w8a16.onnx --activations int16 --calibrate a.jpg,b.jpg")
+               "  qvl-surgery quantize model.onnx -o w4.onnx --weights int4 --block-size 32 --format onnxruntime\n"
+               "  qvl-surgery quantize model.onnx -o w8a16.onnx --activations int16 --calibrate a.jpg,b.jpg\n"
+               "  qvl-surgery quantize model.onnx -o w8a8.onnx --activations int8 --calibrate random:8 --keep-block 0")
     judgement = Judgement(atol=1.0, rtol=1.0, min_cosine=0.95, label="int8")
     options = (
         Option("weights", str, "int8", "weight precision", choices=("int8", "int4")),

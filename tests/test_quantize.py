@@ -65,9 +65,6 @@ def _ops(path):
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_scheme_runs_and_tracks_fp32(tiny_448, reference, tmp_path, scheme):
     opts, floor = SCHEMES[scheme]
-    if scheme == "w4 qdq":
-        pytest.xfail("modelfile writes 4-bit tensors unpacked (ml_dtypes int4 has no buffer): needs "
-                     "_tensor_bytes/tensor_nbytes to pack INT4/UINT4 two to a byte")
     out, report = _quantize(tiny_448, tmp_path, scheme, **opts)
     x, ref = reference
     opt = tmp_path / "optimized.onnx"
@@ -88,14 +85,15 @@ def test_scheme_runs_and_tracks_fp32(tiny_448, reference, tmp_path, scheme):
         # weights: int8 initializers in the data file, one per-axis DequantizeLinear each, Gemm kept
         assert ops["Gemm"] == N_LINEARS and ops["DequantizeLinear"] >= N_LINEARS
         qw = [t for t in inits.values() if t.name.endswith("_quantized")]
-        assert len(qw) == N_LINEARS and all(t.data_type == TensorProto.INT8 for t in qw)
+        want = TensorProto.INT4 if opts.get("weights") == "int4" else TensorProto.INT8
+        assert len(qw) == N_LINEARS and all(t.data_type == want for t in qw)
         assert all(t.data_location == TensorProto.EXTERNAL for t in qw if np.prod(t.dims) >= 1024)
         assert not any(t.data_type == TensorProto.FLOAT and t.name.endswith(".weight") and len(t.dims) == 2
                        and t.name != "merger.ln_q.weight" for t in inits.values())
         acts = opts.get("activations", "none")
         assert ops.get("QuantizeLinear", 0) == (0 if acts == "none" else N_ACT)
         opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-        assert opset == (21 if acts == "int16" else 17)
+        assert opset == (21 if acts == "int16" or opts.get("block_size") else 17)
         if acts == "int16":
             zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear"]
             assert all(z.data_type == TensorProto.INT16 for z in zps)
