@@ -1,8 +1,17 @@
-"""One module per graph pass; each defines a :class:`qvl_surgery.passbase.Pass` subclass.
+"""The graph passes and their registry: one module per pass, each a :class:`qvl_surgery.passbase.Pass`.
 
-Adding a pass: write its module with a Pass subclass (name, help, takes/gives, options, apply)
-and list it here; the CLI subcommand, ``--passes``/recipe parsing and ``--gen-script`` follow.
+Adding a pass: write its module with a Pass subclass (name, help, example, takes/gives, options,
+apply) and list it in ``PASSES`` below; its CLI subcommand, ``--passes``/recipe parsing,
+``--gen-script`` text and metadata record all follow from that class. Layering: this package
+imports the core (``qvl_surgery`` below the app), and the core never imports it.
 """
+from __future__ import annotations
+
+from typing import Any
+
+from qvl_surgery.errors import BadInput
+from qvl_surgery.passbase import Pass, check_chain
+
 from .attention import AttentionPass
 from .fp16 import Fp16Pass
 from .merge import MergePass
@@ -10,6 +19,82 @@ from .quantize import QuantizePass
 from .simplify import SimplifyPass
 from .split import SplitPass
 
-PASSES = {p.name: p for p in (AttentionPass, Fp16Pass, SplitPass, MergePass, SimplifyPass, QuantizePass)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (
+    AttentionPass,
+    Fp16Pass,
+    SplitPass,
+    MergePass,
+    SimplifyPass,
+    QuantizePass,
+)}
 
-__all__ = ["PASSES", "AttentionPass", "Fp16Pass", "MergePass", "SimplifyPass", "SplitPass"]
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Add a pass to the registry (a plug-in, or a test's own pass); returns it, so it decorates."""
+    if not cls.name or cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} is empty or taken")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str | None, where: str = "passes") -> type[Pass]:
+    if name not in PASSES:
+        raise BadInput(f"{where}: unknown pass {name!r} (known: {', '.join(PASSES)})")
+    return PASSES[name]
+
+
+def _pass_items(text: str) -> list[str]:
+    """``--passes`` text cut into one item per pass. A comma starts a new pass only where a pass
+    name follows; elsewhere it belongs to the option before it (``fp16:calibrate=a.png,b.png``)."""
+    items: list[str] = []
+    for piece in text.split(","):
+        head = piece.strip().partition(":")[0]
+        if head in PASSES or not items:
+            items.append(piece.strip())
+        else:
+            items[-1] += "," + piece
+    return [i for i in items if i]
+
+
+def parse_spec(text: str) -> list[Pass]:
+    """``attention,fp16:keep_silu_fp32+keep_op=Softmax|Pow,split:parts=3`` -> pass instances."""
+    out = []
+    for item in _pass_items(text):
+        name, _, rest = item.partition(":")
+        cls = get_pass(name, "--passes")
+        opts: dict[str, Any] = {}
+        for o in [o for o in rest.replace(":", "+").split("+") if o]:
+            k, eq, v = o.partition("=")
+            opts[k] = v if eq else True
+        out.append(cls(**cls.check_options(opts, where=f"pass {name}")))
+    check_chain(out)
+    return out
+
+
+def spec_from_dict(items: list[dict], where: str) -> list[Pass]:
+    """A recipe's ``passes`` list: ``[{"pass": "fp16", "keep_silu_fp32": true}, ...]``."""
+    if not isinstance(items, list):
+        raise BadInput(f"{where}: 'passes' must be a list like [{{\"pass\": \"fp16\"}}]")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadInput(f"{where}: each pass must be an object like {{\"pass\": \"fp16\"}}")
+        item = dict(item)
+        name = item.pop("pass", None)
+        cls = get_pass(name, where)
+        out.append(cls(**cls.check_options(item, where=f"{where}: pass {name}")))
+    check_chain(out)
+    return out
+
+
+def option_flag(name: str) -> str | None:
+    """The CLI flag of a pass option named ``name``."""
+    for cls in PASSES.values():
+        for o in cls.options:
+            if name == o.name:
+                return o.cli_flag
+    return None
+
+
+__all__ = ["PASSES", "register", "get_pass", "parse_spec", "spec_from_dict", "option_flag", "AttentionPass",
+           "Fp16Pass", "MergePass", "SimplifyPass", "SplitPass"]

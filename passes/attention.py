@@ -557,6 +557,10 @@ def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chu
         raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
     if model.metadata().get("qvl_surgery.dynamic"):
         raise BadInput(DYNAMIC_REFUSAL)
+    done = model.metadata().get("qvl_surgery.attention")
+    if done:
+        raise BadInput(f"attention was already rewritten here ({done}); the pass rewrites an export's attention "
+                       "once: run it on the fp32 export")
     model = model.copy()
     g = model.graph
     report = AttentionReport(mode)

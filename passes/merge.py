@@ -35,7 +35,8 @@ class MergeReport(PassReport):
                 f"kept once), {self.shared_initializers} repeated initializers stored once"]
 
 
-def merge_models(parts: list[Model]) -> tuple[Model, MergeReport]:
+def merge_models(parts: list[Model], input_order: list[str] | None = None) -> tuple[Model, MergeReport]:
+    """``input_order``: the chain's input names in the source model's order (a split records them)."""
     nodes, produced = [], set()
     inits, sources, vinfo = {}, {}, {}
     dropped = shared = 0
@@ -62,8 +63,18 @@ def merge_models(parts: list[Model]) -> tuple[Model, MergeReport]:
             vinfo.setdefault(v.name, v)
     first, last = parts[0], parts[-1]
     init_names = set(inits)
-    g = helper.make_graph(nodes, first.graph.name.removesuffix("_part0"),
-                          [i for i in first.graph.input if i.name not in init_names], list(last.graph.output),
+    # the chain's inputs: part 0's, then side inputs a later part takes that no part before it makes
+    # (a host-inputs export's reverse_index is first read by the merger)
+    chain_inputs, made = [], set()
+    for part in parts:
+        for i in part.graph.input:
+            if i.name not in init_names and i.name not in made and i.name not in {c.name for c in chain_inputs}:
+                chain_inputs.append(i)
+        made.update(o for n in part.graph.node for o in n.output)
+    if input_order:
+        rank = {n: k for k, n in enumerate(input_order)}
+        chain_inputs.sort(key=lambda i: rank.get(i.name, len(rank)))
+    g = helper.make_graph(nodes, first.graph.name.removesuffix("_part0"), chain_inputs, list(last.graph.output),
                           initializer=[t for _, t in inits.values()],
                           value_info=[v for name, v in vinfo.items() if name in produced])
     merged = with_graph(first, g, sources, drop_metadata=("qvl_surgery.part",))
@@ -103,5 +114,5 @@ class MergePass(Pass):
     example = "qvl-surgery merge out/parts -o out/merged.onnx"
 
     def apply(self, value: Split, context: Context, **kw) -> PassResult:
-        model, report = merge_models([p.model for p in value.parts])
+        model, report = merge_models([p.model for p in value.parts], value.inputs)
         return PassResult(model, report)

@@ -30,7 +30,8 @@ from qvl_surgery.graphinfo import (CutPoint, Plan, analyse, block_outputs, descr
                                    with_graph)
 from qvl_surgery.modelfile import PROTOBUF_LIMIT, Model
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.values import Part, Split, check_output, write_value
+from qvl_surgery.manifest import read_manifest
+from qvl_surgery.values import Part, Split, check_output, split_dir_of, write_value
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class SplitReport(PassReport):
     candidates: int = 0
     parts: list[dict] = field(default_factory=list)   # per part: nodes, weight bytes, inputs, outputs
     written: list[str] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)   # the manifest's part entries, once written
 
     def summary(self) -> list[str]:
         out = [f"split into {len(self.cuts) + 1} parts at {', '.join(self.cuts) or '(no cut)'} "
@@ -214,6 +216,7 @@ def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: li
     check_output("split", out_dir, overwrite=force)
     value, report = split_model(model, parts=parts, at=at, max_part_bytes=max_part_bytes)
     report.written = write_value(value, out_dir, overwrite=force, progress=progress)
+    report.entries = read_manifest(split_dir_of(out_dir), verify_hashes=False).parts
     return report
 
 

@@ -140,7 +140,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .inputs import load_inputs
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, video=a.video, image_size=a.image_size, seed=a.seed)
     report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, atol=a.atol, rtol=a.rtol,
-                     min_cosine=a.min_cosine, per_block=a.per_block, save_outputs=a.save_outputs,
+                     min_cosine=a.min_cosine, min_centered_cosine=a.min_centered_cosine, per_block=a.per_block,
+                     save_outputs=a.save_outputs,
                      save_inputs=a.save_inputs, verbose=a.verbose)
     print("\n".join(report.lines()))
     if a.json:
@@ -272,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run CAND with fp16 rounding emulated (onnxruntime's CPU provider hides fp16 error)")
     c.add_argument("--atol", type=float, default=1e-3)
     c.add_argument("--rtol", type=float, default=1e-3)
-    c.add_argument("--min-cosine", type=float, default=0.999)
+    c.add_argument("--min-cosine", type=float, default=0.999, help="floor of the plain cosine (default 0.999)")
+    c.add_argument("--min-centered-cosine", type=float, default=None,
+                   help="floor of the token-centered cosine (each output row minus the mean row; reported always, "
+                        "judged only when given): a constant component keeps the plain cosine near 1 when the "
+                        "content is gone")
     c.add_argument("--per-block", action="store_true", help="also compare the hidden state after each block")
     c.add_argument("--save-outputs", metavar="FILE",
                    help="save both runs as polygraphy RunResults (use with polygraphy run --load-outputs FILE)")

@@ -90,9 +90,11 @@ class Option:
             else:
                 v = typ(value)
         except (TypeError, ValueError):
-            raise BadInput(f"{where}: option {self.name}={value!r} is not a {typ.__name__}") from None
+            raise BadInput(f"{where}: " + "{" + self.name + "}" + f" is not a {typ.__name__}",
+                           **{self.name: value}) from None
         if self.choices and v is not None and v not in self.choices:
-            raise BadInput(f"{where}: option {self.name}={v!r}: choose one of {', '.join(map(str, self.choices))}")
+            raise BadInput(f"{where}: " + "{" + self.name + "}" + f": choose one of {', '.join(map(str, self.choices))}",
+                           **{self.name: v})
         return v
 
     def add_to_parser(self, parser: argparse._ActionsContainer) -> None:
@@ -163,13 +165,16 @@ class Judgement:
     min_cosine: float = 0.99999
     emulate: str | None = None
     label: str = "fp32"
+    min_centered_cosine: float | None = None   # token-centered cosine floor (lossy passes: see compare)
 
     @staticmethod
     def loosest(judgements: "list[Judgement]") -> "Judgement":
         out = Judgement()
         for j in judgements:
+            floors = [f for f in (out.min_centered_cosine, j.min_centered_cosine) if f is not None]
             out = Judgement(max(out.atol, j.atol), max(out.rtol, j.rtol), min(out.min_cosine, j.min_cosine),
-                            out.emulate or j.emulate, j.label if j.label != "fp32" else out.label)
+                            out.emulate or j.emulate, j.label if j.label != "fp32" else out.label,
+                            min(floors) if floors else None)
         return out
 
 

@@ -137,3 +137,47 @@ def test_run_dynamic_pipeline(tmp_path):
     assert "build_dynamic_encoder" in r.stdout
     exec(compile(r.stdout, "gen_script", "exec"), {})
     check_written(tmp_path / "g" / "model.onnx")
+
+
+def test_fp16_calibrate_on_the_dynamic_export(setup, tmp_path):
+    """Calibration reads what the model takes from its graph: symbolic dims take any size, the grid
+    stays int64. From an .npz of two images of different sizes, and from image files each at its
+    own size; the emulated result passes the comparison against the fp32 dynamic file."""
+    from PIL import Image
+    d, refs = setup
+    px, grid, _ = refs["2 sizes"]
+    np.savez(tmp_path / "cal.npz", pixel_values=px, image_grid_thw=grid)
+    rng = np.random.default_rng(3)
+    imgs = []
+    for k, (h, w) in enumerate([(200, 300), (120, 90)]):
+        imgs.append(tmp_path / f"c{k}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs[-1])
+    for src in (str(tmp_path / "cal.npz"), f"{imgs[0]},{imgs[1]}"):
+        out = tmp_path / f"cal{len(src)}.onnx"
+        r = run_cli("fp16", d / "m.onnx", "-o", out, "--calibrate", src, "-q")
+        assert r.returncode == 0, r.stderr
+        assert "calibration:" in r.stdout
+        r = run_cli("compare", d / "m.onnx", out, "--emulate-fp16", "--image-size", "448x448,252x364",
+                    "--atol", "5e-2", "--rtol", "5e-2")
+        assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    # several calibration images through --passes (the comma stays inside the option)
+    r = run_cli("run", d / "m.onnx", "-o", tmp_path / "run", "--passes", f"fp16:calibrate={imgs[0]},{imgs[1]}", "-q")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+
+
+def test_host_inputs_split_merges_compares_and_runs(tmp_path):
+    """A later part of a host-inputs split takes grid tensors part 0 does not (reverse_index): the
+    chain is whole, and merge, compare and run accept it."""
+    export_dynamic(RandomWeights(TINY, seed=SEED), tmp_path / "h.onnx", host_inputs=True, progress=False)
+    r = run_cli("split", tmp_path / "h.onnx", "--parts", "2", "-o", tmp_path / "p", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compare", tmp_path / "h.onnx", tmp_path / "p", "--image-size", "252x364", "--atol", "1e-5",
+                "--rtol", "1e-5")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    r = run_cli("compare", tmp_path / "p", tmp_path / "m.onnx", "--image-size", "252x364,448x448")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    r = run_cli("run", tmp_path / "h.onnx", "-o", tmp_path / "run", "--passes", "fp16:keep_silu_fp32,split:parts=2",
+                "-q")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr

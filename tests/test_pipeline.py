@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import ROOT, check_written, run_cli, tiny_pixels
+from conftest import ROOT, assert_one_line_error, check_written, run_cli, tiny_pixels
 from qvl_surgery.emulate import emulate
 from qvl_surgery.manifest import read_manifest
 from qvl_surgery.runners import run_model
@@ -78,3 +78,44 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "PASSED" in out
     assert len(read_manifest(tmp_path / "out" / "api" / "parts").parts) == 3
+
+
+def test_run_refuses_what_it_would_ignore_before_exporting(tiny_448, tmp_path):
+    out = tmp_path / "o"
+    cases = [
+        (["run", tiny_448, "--image-size", "252x364", "--passes", "fp16"], "--image-size"),
+        (["run", tiny_448, "--dynamic", "--passes", "fp16"], "--dynamic"),
+        (["run", "--random-init", "tiny", "--passes", "split:parts=2", "--single-file"], "--single-file"),
+        (["run", "--random-init", "tiny", "--dynamic", "--passes", "attention"], "dynamic export"),
+        (["run", "--random-init", "tiny", "--passes", f"fp16:calibrate={tmp_path / 'none.npz'}"], "no such file"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(run_cli(*args, "-o", out), needle)
+        assert not out.exists(), args
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"source": {"random_init": "tiny"}, "passes": [{"pass": "fp16"}]}))
+    assert_one_line_error(run_cli("run", tiny_448, "--recipe", recipe, "-o", out), "source once")
+
+
+def test_run_force_replaces_the_previous_run_whole(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("run", "--random-init", "tiny", "-o", out, "--passes", "split:parts=2", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", "--random-init", "tiny", "-o", out, "--passes", "fp16", "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "model.fp32.onnx", "model.fp32.onnx.data",
+                                                     "model.onnx", "model.onnx.data", "summary.json"]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert_one_line_error(run_cli("run", "--random-init", "tiny", "-o", tmp_path / "mine", "--passes", "fp16",
+                                  "--force"), "did not write")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging left
+
+
+def _umask():
+    import os
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -63,7 +63,7 @@ def test_split_chain_merge_round_trip(request, tmp_path, fixture, size, parts):
 
 def test_parts_hold_only_their_own_weights(tiny_448, tmp_path):
     report = split(load_model(tiny_448), tmp_path / "p", parts=2)
-    names = [set(load_model(tmp_path / "p" / p["path"]).initializers()) for p in report.parts]
+    names = [set(load_model(tmp_path / "p" / p["path"]).initializers()) for p in report.entries]
     weights = [{n for n in s if n.startswith(("blocks.", "merger.", "patch_embed."))} for s in names]
     assert not (weights[0] & weights[1])
     assert weights[0] | weights[1] == {n for n in load_model(tiny_448).initializers()
@@ -85,7 +85,7 @@ def test_max_part_bytes_chooses_the_number_of_parts(tiny_448, tmp_path):
     total = load_model(tiny_448).weight_bytes()
     r = split(load_model(tiny_448), tmp_path / "p", max_part_bytes=total // 2)
     assert len(r.parts) >= 2
-    assert all(p["data_bytes"] <= total // 2 + 4096 for p in r.parts)
+    assert all(p["data_bytes"] <= total // 2 + 4096 for p in r.entries)
 
 
 def test_split_foreign_model_without_cut_point(tmp_path):
@@ -197,5 +197,5 @@ def test_streamed_hash_matches_the_written_files(tiny_448, tmp_path):
     # computed sources (fp16 conversion while writing), file ranges and alignment gaps all hashed in stream
     for name, model in (("fp32", load_model(tiny_448)), ("fp16", convert_fp16(load_model(tiny_448))[0])):
         r = split(model, tmp_path / name, parts=3)
-        for p in r.parts:
+        for p in r.entries:
             assert p["data_hash"] == {"xxh3_128": hash_file(tmp_path / name / p["data"], "xxh3_128")}
