@@ -139,14 +139,28 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare
     from .inputs import load_inputs
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, video=a.video, image_size=a.image_size, seed=a.seed)
-    report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, atol=a.atol, rtol=a.rtol,
-                     min_cosine=a.min_cosine, min_centered_cosine=a.min_centered_cosine, per_block=a.per_block,
+    judged = judgement_of(a.cand)   # what CAND's passes declared: int8 is not judged at fp32's tolerances
+    report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16,
+                     atol=a.atol if a.atol is not None else max(judged.atol, 1e-3),
+                     rtol=a.rtol if a.rtol is not None else max(judged.rtol, 1e-3),
+                     min_cosine=a.min_cosine if a.min_cosine is not None else min(judged.min_cosine, 0.999),
+                     min_centered_cosine=a.min_centered_cosine if a.min_centered_cosine is not None
+                     else judged.min_centered_cosine, per_block=a.per_block,
                      save_outputs=a.save_outputs,
                      save_inputs=a.save_inputs, verbose=a.verbose)
     print("\n".join(report.lines()))
     if a.json:
         Path(a.json).write_text(json.dumps(report.to_dict(), indent=1))
     return 0 if report.passed else 1
+
+
+def judgement_of(path: Path):
+    """The judgement recorded in a model's (or a split's part 0's) metadata."""
+    from .manifest import is_manifest_path, read_manifest
+    from .modelfile import load_model
+    from .passbase import judgement_of_metadata
+    p = read_manifest(path, verify_hashes=False).part_paths()[0] if is_manifest_path(path) else path
+    return judgement_of_metadata(load_model(p).metadata())
 
 
 def cmd_package(a: argparse.Namespace) -> int:
@@ -271,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random input when no file is given")
     c.add_argument("--emulate-fp16", action="store_true",
                    help="run CAND with fp16 rounding emulated (onnxruntime's CPU provider hides fp16 error)")
-    c.add_argument("--atol", type=float, default=1e-3)
-    c.add_argument("--rtol", type=float, default=1e-3)
-    c.add_argument("--min-cosine", type=float, default=0.999, help="floor of the plain cosine (default 0.999)")
+    c.add_argument("--atol", type=float, default=None, help="default 1e-3, or looser where CAND's passes declare "
+                   "it (qvl_surgery.judgement metadata: quantized files)")
+    c.add_argument("--rtol", type=float, default=None, help="default as --atol")
+    c.add_argument("--min-cosine", type=float, default=None, help="floor of the plain cosine (default 0.999, or "
+                   "CAND's declared floor)")
     c.add_argument("--min-centered-cosine", type=float, default=None,
                    help="floor of the token-centered cosine (each output row minus the mean row; reported always, "
                         "judged only when given): a constant component keeps the plain cosine near 1 when the "

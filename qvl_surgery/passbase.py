@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from .errors import BadInput, QvlError
 log = logging.getLogger(__name__)
 
 PASSES_KEY = "qvl_surgery.passes"
+JUDGEMENT_KEY = "qvl_surgery.judgement"
 
 _TRUE = ("1", "true", "yes", "on", "")
 _FALSE = ("0", "false", "no", "off")
@@ -257,7 +258,7 @@ class Pass:
     def __call__(self, value: Any, context: Context | None = None) -> PassResult:
         result = self.apply(value, context or Context(), **self.kwargs())
         result.report.pass_name = self.name
-        record_pass(result.value, self.text())
+        record_pass(result.value, self.text(), self.judgement)
         return result
 
     def call_source(self) -> tuple[str, str]:
@@ -274,12 +275,28 @@ def run_pass(cls: type[Pass], value: Any, context: Context | None = None, **keyw
     return r.value, r.report
 
 
-def record_pass(value: Any, text: str) -> None:
-    """Append ``text`` to ``qvl_surgery.passes`` of a Model, or of every part of a Split."""
+def record_pass(value: Any, text: str, judgement: Judgement = EXACT) -> None:
+    """Append ``text`` to ``qvl_surgery.passes`` of a Model, or of every part of a Split, and keep
+    the loosest judgement so far in ``qvl_surgery.judgement`` (``compare`` judges the file by it)."""
     models = [value] if hasattr(value, "set_metadata") else [p.model for p in getattr(value, "parts", [])]
     for m in models:
-        done = json.loads(m.metadata().get(PASSES_KEY, "[]") or "[]")
+        meta = m.metadata()
+        done = json.loads(meta.get(PASSES_KEY, "[]") or "[]")
         m.set_metadata(PASSES_KEY, json.dumps(done + [text]))
+        j = Judgement.loosest([judgement_of_metadata(meta), judgement])
+        if j != EXACT:
+            m.set_metadata(JUDGEMENT_KEY, json.dumps(asdict(j)))
+
+
+def judgement_of_metadata(meta: dict[str, str]) -> Judgement:
+    """The judgement a file's passes recorded (EXACT when none did)."""
+    raw = meta.get(JUDGEMENT_KEY)
+    if not raw:
+        return EXACT
+    try:
+        return Judgement(**json.loads(raw))
+    except (TypeError, ValueError):
+        return EXACT
 
 
 class Sequential:

@@ -200,3 +200,17 @@ def test_model_commands_on_a_split_say_merge_first(tiny_448, tmp_path):
     r = run_cli("inspect", tmp_path / "p" / "manifest.json")
     assert r.returncode in (0, 2)
     assert "Traceback" not in r.stderr
+
+
+def test_compare_judges_a_file_as_its_passes_declared(tiny_448, tmp_path):
+    """A quantized file records its judgement (qvl_surgery.judgement): a plain compare judges it by
+    that, not by fp32's tolerances; explicit flags still win."""
+    r = run_cli("quantize", tiny_448, "-o", tmp_path / "q.onnx", "--activations", "int8", "--format", "onnxruntime",
+                "-q")
+    assert r.returncode == 0, r.stderr
+    from qvl_surgery.modelfile import load_model
+    assert "qvl_surgery.judgement" in load_model(tmp_path / "q.onnx").metadata()
+    r = run_cli("compare", tiny_448, tmp_path / "q.onnx")
+    assert r.returncode == 0 and "PASSED" in r.stdout and "centered" in r.stdout, r.stdout + r.stderr
+    r = run_cli("compare", tiny_448, tmp_path / "q.onnx", "--atol", "1e-6", "--rtol", "1e-6")
+    assert r.returncode == 1 and "FAILED" in r.stdout
