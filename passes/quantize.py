@@ -609,7 +609,7 @@ class QuantizePass(Pass):
                "  qvl-surgery quantize model.onnx -o w4.onnx --weights int4 --block-size 32 --format onnxruntime\n"
                "  qvl-surgery quantize model.onnx -o w8a16.onnx --activations int16 --calibrate a.jpg,b.jpg\n"
                "  qvl-surgery quantize model.onnx -o w8a8.onnx --activations int8 --calibrate random:8 --keep-block 0")
-    judgement = Judgement(atol=1.0, rtol=1.0, min_cosine=0.95, label="int8")
+    judgement = Judgement(atol=1.0, rtol=1.0, min_cosine=0.95, label="int8", min_centered_cosine=0.95)
     options = (
         Option("weights", str, "int8", "weight precision", choices=("int8", "int4")),
         Option("activations", str, "none", "activation precision (int8 in onnxruntime format without "
