@@ -95,14 +95,10 @@ def merge_to_file(split_dir: str | Path, out: str | Path, *, overwrite: bool = F
                   progress: bool = False) -> MergeReport:
     """merge + write. The parts' hashes are checked in the background while the bytes are copied;
     a mismatch stops the publish, so nothing is left behind."""
-    src = read_value(split_dir, "split")
-    try:
+    with read_value(split_dir, "split").checked() as src:
         result = MergePass()(src.value)
         write_value(result.value, out, overwrite=overwrite, progress=progress, inputs=src.files,
                     before_publish=src.verify)
-    except BaseException:
-        src.cancel()
-        raise
     return result.report
 
 

@@ -77,25 +77,16 @@ def run_pass_command(a: argparse.Namespace) -> int:
                          single_file=getattr(a, "single_file", False),
                          force=a.force), end="")
         return 0
-    src = read_value(source, cls.takes)
-    try:
-        single_file = getattr(a, "single_file", False)
+    single_file = getattr(a, "single_file", False)
+    with read_value(source, cls.takes).checked() as src:
         check_output(cls.gives, a.output, overwrite=a.force, inputs=src.files, single_file=single_file)
-        p.preflight({"dynamic": (src.value.metadata() if cls.takes == "model" else
-                                 src.value.parts[0].model.metadata()).get("qvl_surgery.dynamic")})
+        p.preflight({"dynamic": src.metadata.get("qvl_surgery.dynamic")})
         with staging(a.output) as work:   # scratch space a pass may need (simplify's result lives there)
             context = Context(reference=source if cls.takes == "model" else None, progress=not a.quiet,
                               explain=a.verbose, workdir=work)
-            try:
-                result = p(src.value, context)
-            except BadInput:
-                src.verify()  # a damaged input explains itself first (hash mismatch), then the pass's refusal
-                raise
+            result = p(src.value, context)
             wrote = write_value(result.value, a.output, overwrite=a.force, progress=not a.quiet,
                                 single_file=single_file, inputs=src.files, before_publish=src.verify)
-    except BaseException:
-        src.cancel()
-        raise
     print("\n".join(result.report.lines() + wrote))
     return 0
 
@@ -156,11 +147,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def judgement_of(path: Path):
     """The judgement recorded in a model's (or a split's part 0's) metadata."""
-    from .manifest import is_manifest_path, read_manifest
-    from .modelfile import load_model
     from .passbase import judgement_of_metadata
-    p = read_manifest(path, verify_hashes=False).part_paths()[0] if is_manifest_path(path) else path
-    return judgement_of_metadata(load_model(p).metadata())
+    from .signature import head_model
+    return judgement_of_metadata(head_model(path).metadata())
 
 
 def cmd_package(a: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ from polygraphy.datatype import DataType
 
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
-from .modelfile import load_model, sibling_model
-from .signature import signature
+from .modelfile import sibling_model
+from .signature import head_model, signature
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,7 @@ class CompareReport:
 
 
 def block_output_names(path: Path) -> list[str]:
-    p = path
-    if is_manifest_path(p):
-        p = read_manifest(p, verify_hashes=False).part_paths()[0]
-    raw = load_model(p).metadata().get("qvl_surgery.block_outputs")
+    raw = head_model(path).metadata().get("qvl_surgery.block_outputs")
     if not raw:
         raise BadInput(f"{path}: no qvl_surgery.block_outputs metadata; --per-block needs a qvl-surgery export")
     return json.loads(raw)[1:]

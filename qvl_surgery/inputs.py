@@ -19,9 +19,8 @@ import numpy as np
 
 from .config import VisionConfig, check_image_size, parse_image_size
 from .errors import BadInput
-from .manifest import is_manifest_path, read_manifest
-from .modelfile import load_model
-from .signature import Signature, signature
+from .manifest import is_manifest_path
+from .signature import Signature, head_model, signature
 
 GRID = "image_grid_thw"
 PIXELS = "pixel_values"
@@ -44,12 +43,8 @@ class ModelKind:
     def of(cls, path: str | Path) -> "ModelKind":
         p = Path(path)
         # a split's inputs come from its manifest, its metadata from part 0; a model's both from its graph
-        if is_manifest_path(p):
-            sig = signature(p)
-            model = load_model(read_manifest(p, verify_hashes=False).part_paths()[0])
-        else:
-            model = load_model(p)
-            sig = signature(model)
+        model = head_model(p)
+        sig = signature(p) if is_manifest_path(p) else signature(model)
         meta = model.metadata()
         cfg = None
         if "qvl_surgery.vision_config" in meta:

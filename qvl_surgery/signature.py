@@ -99,6 +99,13 @@ def split_signature(manifest_path: str | Path) -> Signature:
     return Signature(tuple(ins.values()), tuple(_from_record(o) for o in m.parts[-1]["outputs"]))
 
 
+def head_model(path: str | Path) -> Model:
+    """The model at ``path``, or a split's first part (where its metadata lives), weights unread."""
+    if is_manifest_path(path):
+        return load_model(read_manifest(path, verify_hashes=False).part_paths()[0])
+    return load_model(path)
+
+
 def signature(source: str | Path | Model) -> Signature:
     """The signature of a Model, a model file, or a split (its folder or manifest.json)."""
     if isinstance(source, Model):

@@ -9,11 +9,12 @@ input.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Iterator, Union
 
 from .errors import BadInput
 from .graphinfo import describe_value, value_types
@@ -65,6 +66,26 @@ class Loaded:
     files: list[Path]
     verify: Callable[[], None] = lambda: None
     cancel: Callable[[], None] = lambda: None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata, or a split's first part's."""
+        head = self.value.parts[0].model if isinstance(self.value, Split) else self.value
+        return head.metadata()
+
+    @contextlib.contextmanager
+    def checked(self) -> Iterator["Loaded"]:
+        """Use the value while its hashes are checked: a refusal (BadInput) from the work is preceded
+        by the hash check, so a damaged input is reported as damaged, not as whatever it broke; on
+        any failure the check is dropped."""
+        try:
+            yield self
+        except BadInput:
+            self.verify()   # raises the hash mismatch if there is one
+            raise
+        except BaseException:
+            self.cancel()
+            raise
 
 
 def load_split(split_dir: str | Path, *, verify_hashes: bool = True) -> Split:
@@ -137,11 +158,12 @@ def check_output(kind: str, out: str | Path, *, overwrite: bool = False, inputs:
 
 
 def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, progress: bool = False,
-               before_publish: Callable[[], None] | None = None) -> list[dict]:
+               before_publish: Callable[[], None] | None = None, inputs: Iterable[Path] = (),
+               single_file: bool = False) -> list[dict]:
     """Write ``partK.onnx`` + ``partK.onnx.data`` and ``manifest.json`` into ``out_dir`` atomically
     (a temporary sibling folder renamed at the end); returns the manifest's part entries."""
     out_dir = split_dir_of(out_dir)
-    check_output("split", out_dir, overwrite=overwrite)
+    check_output("split", out_dir, overwrite=overwrite, inputs=inputs, single_file=single_file)
     with staging(out_dir) as tmp:
         names = [f"part{k}.onnx" for k in range(len(value.parts))]
         # the parts are copied all at once, each hashed (xxh3_128) by its own thread while copied
@@ -172,9 +194,9 @@ def write_value(value: Value, out: str | Path, *, overwrite: bool = False, progr
     be overwritten; ``before_publish`` runs after writing and checking, before the rename."""
     inputs = list(inputs)
     if isinstance(value, Split):
-        check_output("split", out, overwrite=overwrite, inputs=inputs, single_file=single_file)
         out_dir = split_dir_of(out)
-        entries = save_split(value, out_dir, overwrite=overwrite, progress=progress, before_publish=before_publish)
+        entries = save_split(value, out_dir, overwrite=overwrite, progress=progress, before_publish=before_publish,
+                             inputs=inputs, single_file=single_file)
         return [f"wrote {out_dir}/{MANIFEST} and {len(entries)} parts"]
     out = Path(out)
     save_model(value, out, progress="write" if progress else None, overwrite=overwrite, inputs=inputs,
