@@ -7,52 +7,35 @@ Two contracts, one encoder body (``encoder_body``):
   (rows ``[t, h, w]`` in patches, as transformers' processor returns them, images and videos in
   the order of ``pixel_values``); output ``image_features`` ``[num_patches/4, out_hidden]``, equal
   to ``Qwen2_5_VisionTransformerPretrainedModel.forward(pixel_values, grid_thw)``. Every
-  grid-derived tensor below is computed inside the graph from ``image_grid_thw`` with plain
+  grid-derived tensor (below) is computed inside the graph from ``image_grid_thw`` with plain
   opset-17 integer ops (no Loop, no If, no sort, no custom op), under the same names.
 - **host inputs** (``host_inputs=True``, ``qvl_surgery.dynamic = "host"``): ``pixel_values`` plus
   the grid-derived tensors as inputs, computed on the host by
   :func:`qvl_surgery.hostinputs.host_inputs` (numpy), as TensorRT-Edge-LLM, OpenVINO GenAI and
   MNN pipelines do.
 
-The grid-derived tensors (``GRID_TENSORS``; S = num_patches, M = S/4 merged tokens, W windows,
-F frames = sum of t, L = the largest frame in patches, 64 = patches per window):
+The grid-derived tensors (``GRID_TENSORS``: patch and window order, its inverse, rotary cos/sin,
+padded window and frame slots with their key masks) are :mod:`qvl_surgery.grid`'s tables: one
+computation with a numpy backend (the host kind's inputs, the static export's constants) and a
+graph backend (the self-contained kind); that module lists each table's dtype, shape and meaning.
 
-==================== ======= ================ ===================================================
-name                 dtype   shape            meaning
-==================== ======= ================ ===================================================
-patch_order          int64   [S]              rows of pixel_values in window order
-reverse_index        int64   [S/4]            window-order row of each output token
-rotary_cos           float32 [S, head_dim]    rotary cos in window order
-rotary_sin           float32 [S, head_dim]    rotary sin in window order
-window_pad_index     int64   [W*64]           window-order row of every window slot (padding
-                                              slots repeat a real row of their window)
-window_key_mask      float32 [W, 1, 1, 64]    0 for real slots, float32 min for padding
-window_unpad_index   int64   [S]              slot of every window-order row
-frame_pad_index      int64   [F*L]            window-order row of every frame slot
-frame_key_mask       float32 [F, 1, 1, L]     0 / float32 min, per frame (full-attention blocks)
-frame_unpad_index    int64   [S]              frame slot of every window-order row
-==================== ======= ================ ===================================================
-
-Window order is transformers' ``get_window_index`` (images in order, then frames, then windows
-of 4x4 merged tokens row by row, tokens row by row inside a window). The window order keeps
-every image and every frame at the offsets it has in the input, so both directions of the
-permutation are closed-form per token: with (image k, frame f, merged row r, col c) of a token,
-its window row/col ``wr = r // 4, wc = c // 4``, the height ``hh`` of its window row and width
-``ww`` of its window (4, or less at the bottom/right edge),
-
-    position in window order = frame_start + wr*4*lw + wc*4*hh + (r % 4)*ww + (c % 4)
-
-and the inverse divides the other way. The image of a token (or window, or frame) is found by
-comparing its index against the cumulative ends of the images (``[M, num_images]`` booleans,
-summed), so nothing is sorted and nothing is S x S.
-
-Attention never builds an S x S tensor: window blocks gather the qkv rows into padded windows
-``[W, heads, 64, head_dim]`` with the key mask ``[W, 1, 1, 64]`` (MatMul -> Div -> Add ->
-Softmax -> MatMul), full-attention blocks into padded frames ``[F, heads, L, head_dim]`` with
+The patch embedding, the rotary and attention core (:func:`qvl_surgery.export.rotate_qk`,
+:func:`qvl_surgery.export.attention`), the blocks and the merger are the static export's own
+builders; only the attention layout differs. Attention never builds an S x S tensor: window
+blocks gather the qkv rows into padded windows ``[W, heads, 64, head_dim]`` with the key mask
+``[W, 1, 1, 64]``, full-attention blocks into padded frames ``[F, heads, L, head_dim]`` with
 ``[F, 1, 1, L]`` (one frame per image or video frame: transformers' cu_seqlens); padded query
-rows are dropped by the unpad Gather. Full-attention scores are computed in query chunks
-(``FULL_CHUNKS`` Slices of the frame axis, each at least ``full_chunk_mb`` of scores) so large
-images do not hold all scores at once.
+rows are dropped by the unpad Gather.
+
+Full-attention scores are computed in query chunks so large images do not hold all scores at
+once. ``full_chunk_mb`` is a ceiling on one chunk's scores (``[F, heads, rows, L]`` float32, MB
+= 1e6 bytes), as in the attention pass; 0 means no chunks. The graph holds ``full_chunks``
+Slices of the query axis (the unused ones empty), so the ceiling holds while the frames' scores
+fit in that many chunks, ``F * heads * L^2 * 4 <= full_chunks * full_chunk_mb * 1e6``: at the
+defaults (32 x 256 MB) on the 3b, one frame of up to 11,313 patches (about 1484x1484 px). Past
+that the rows grow to ``ceil(L / full_chunks)`` per chunk and each chunk holds more than the
+ceiling: a graph without Loop cannot add chunks at run time (raise ``full_chunks`` at export
+for larger inputs).
 """
 from __future__ import annotations
 
@@ -67,7 +50,9 @@ from onnx import TensorProto, helper
 
 from .config import VisionConfig
 from .errors import BadInput
-from .export import GraphBuilder, linear, encoder_block, encoder_model, merger, rotary, weight_getter
+from .export import (GraphBuilder, attention, encoder_block, encoder_model, merger, patch_embed, rotate_qk,
+                     weight_getter)
+from .grid import GRID_TENSORS, GraphArrays, GraphValue, grid_tables_graph, table_shapes, window_slot
 from .modelfile import Model, save_model
 from .weights import WeightSource
 
@@ -76,282 +61,90 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "pixel_values"
 GRID_NAME = "image_grid_thw"
 OUTPUT_NAME = "image_features"
-GRID_TENSORS = ("patch_order", "reverse_index", "rotary_cos", "rotary_sin",
-                "window_pad_index", "window_key_mask", "window_unpad_index",
-                "frame_pad_index", "frame_key_mask", "frame_unpad_index")
-NEG = float(np.finfo(np.float32).min)
-# Full attention: at most this many query chunks per block; each chunk's scores are at least
-# FULL_CHUNK_MB (small inputs run in one chunk, the other chunks are empty Slices).
+# Full attention: this many query Slices per block; each chunk's scores stay under FULL_CHUNK_MB
+# while the frames fit in FULL_CHUNKS chunks (small inputs run in one chunk, the others are empty).
 FULL_CHUNKS = 32
 FULL_CHUNK_MB = 256
 
 
-def window_slot(cfg: VisionConfig) -> int:
-    """Patches per padded window: window_merged^2 merged tokens of merge_unit patches (64)."""
-    return cfg.window_merged ** 2 * cfg.merge_unit
+def full_chunk_rows(x: GraphArrays, cfg: VisionConfig, frames: GraphValue, frame_len: GraphValue, *, full_chunks: int,
+                    full_chunk_mb: float) -> GraphValue:
+    """Query rows per full-attention chunk, computed in the graph from the padded frames' shape.
 
-
-def host_input_shapes(cfg: VisionConfig) -> dict[str, tuple[int, list]]:
-    """Dtype and (symbolic) shape of every grid tensor, as graph inputs of the host kind."""
-    D, slot = cfg.head_dim, window_slot(cfg)
-    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
-    return {
-        "patch_order": (i64, ["num_patches"]),
-        "reverse_index": (i64, ["num_tokens"]),
-        "rotary_cos": (f32, ["num_patches", D]),
-        "rotary_sin": (f32, ["num_patches", D]),
-        "window_pad_index": (i64, ["window_slots"]),
-        "window_key_mask": (f32, ["num_windows", 1, 1, slot]),
-        "window_unpad_index": (i64, ["num_patches"]),
-        "frame_pad_index": (i64, ["frame_slots"]),
-        "frame_key_mask": (f32, ["num_frames", 1, 1, "frame_len"]),
-        "frame_unpad_index": (i64, ["num_patches"]),
-    }
-
-
-class _Ops:
-    """Auto-named nodes under one prefix, and named int64 constants (grid arithmetic)."""
-
-    def __init__(self, g: GraphBuilder, prefix: str):
-        self.g, self.prefix, self.n = g, prefix, 0
-
-    def __call__(self, op: str, *inputs: str, tag: str | None = None, out: str | None = None, **attrs) -> str:
-        self.n += 1
-        name = f"{self.prefix}/{tag or op}" if tag else f"{self.prefix}/{op}_{self.n}"
-        return self.g.op(op, list(inputs), name, **({"outputs": [out]} if out else {}), **attrs)
-
-    def i64(self, v) -> str:
-        a = np.asarray(v, np.int64)
-        text = "_".join(str(int(x)).replace("-", "m") for x in a.reshape(-1))
-        return self.g.const(f"i64{'' if a.ndim == 0 else 'v'}_{text}", a)
-
-    def f32(self, name: str, v) -> str:
-        return self.g.const(name, np.asarray(v, np.float32))
-
-
-def grid_tensors(g: GraphBuilder, cfg: VisionConfig, grid: str) -> dict[str, str]:
-    """Nodes computing every GRID_TENSORS entry from ``grid`` (int64 [N, 3]); returns their names."""
-    o = _Ops(g, "/grid")
-    m, ws, mu = cfg.spatial_merge_size, cfg.window_merged, cfg.merge_unit
-    ws2 = ws * ws
-    D = cfg.head_dim
-    I = o.i64
-
-    def col(i: int, tag: str) -> str:
-        return o("Gather", grid, I(i), axis=1, tag=tag)
-
-    def owner(idx: str, ends: str, tag: str) -> str:
-        """Index of the segment each entry of ``idx`` falls in, given the segments' cumulative ends."""
-        ge = o("GreaterOrEqual", o("Unsqueeze", idx, I([1])), o("Unsqueeze", ends, I([0])), tag=f"{tag}_cmp")
-        return o("ReduceSum", o("Cast", ge, to=TensorProto.INT64), I([1]), keepdims=0, tag=f"{tag}_owner")
-
-    def units(merged: str, out: str) -> str:
-        """Merged-token indices -> their merge_unit patch indices, flattened."""
-        p = o("Add", o("Unsqueeze", o("Mul", merged, I(mu)), I([1])), I(np.arange(mu)))
-        return o("Reshape", p, I([-1]), out=out)
-
-    def at(x: str, k: str) -> str:
-        return o("Gather", x, k, axis=0)
-
-    def mn(a: str, b: str) -> str:
-        return o("Min", a, b)
-
-    t = col(0, "t")
-    lh = o("Div", col(1, "h"), I(m), tag="llm_h")
-    lw = o("Div", col(2, "w"), I(m), tag="llm_w")
-    fr = o("Mul", lh, lw, tag="frame_tokens")
-    tok = o("Mul", t, fr, tag="image_tokens")
-    img_end = o("CumSum", tok, I(0), tag="image_end")
-    img_start = o("Sub", img_end, tok, tag="image_start")
-    nwh = o("Div", o("Add", lh, I(ws - 1)), I(ws))
-    nww = o("Div", o("Add", lw, I(ws - 1)), I(ws), tag="windows_w")
-    wf = o("Mul", nwh, nww, tag="frame_windows")
-    wi = o("Mul", t, wf)
-    win_end = o("CumSum", wi, I(0), tag="window_end")
-    win_start = o("Sub", win_end, wi, tag="window_start")
-    frm_end = o("CumSum", t, I(0), tag="frame_end")
-    frm_start = o("Sub", frm_end, t, tag="frame_start")
-    n_tok = o("ReduceSum", tok, keepdims=0, tag="num_tokens")
-    n_win = o("ReduceSum", wi, keepdims=0, tag="num_windows")
-    n_frm = o("ReduceSum", t, keepdims=0, tag="num_frames")
-    lmax = o("ReduceMax", fr, keepdims=0, tag="frame_len")
-
-    # --- every merged token, by its index p (window-order position and input position alike:
-    # window order keeps images and frames where they are)
-    p = o("Range", I(0), n_tok, I(1), tag="token_range")
-    k = owner(p, img_end, "token_image")
-    lh_p, lw_p, fr_p = at(lh, k), at(lw, k), at(fr, k)
-    local = o("Sub", p, at(img_start, k))
-    tf = o("Div", local, fr_p)
-    q = o("Sub", local, o("Mul", tf, fr_p))                     # position inside its frame
-    fstart = o("Sub", p, q, tag="token_frame_start")
-    # input order -> window order (reverse_index)
-    r = o("Div", q, lw_p)
-    c = o("Sub", q, o("Mul", r, lw_p))
-    wr, wc = o("Div", r, I(ws)), o("Div", c, I(ws))
-    ir, ic = o("Sub", r, o("Mul", wr, I(ws))), o("Sub", c, o("Mul", wc, I(ws)))
-    hh = mn(I(ws), o("Sub", lh_p, o("Mul", wr, I(ws))))
-    ww = mn(I(ws), o("Sub", lw_p, o("Mul", wc, I(ws))))
-    pos = o("Add", fstart, o("Mul", o("Mul", wr, I(ws)), lw_p))
-    pos = o("Add", pos, o("Mul", o("Mul", wc, I(ws)), hh))
-    pos = o("Add", pos, o("Add", o("Mul", ir, ww), ic), out="reverse_index")
-    # window order -> input order (window_index), with window id and offset inside the window
-    rb = o("Mul", lw_p, I(ws))
-    wr2 = o("Div", q, rb)
-    rem = o("Sub", q, o("Mul", wr2, rb))
-    hh2 = mn(I(ws), o("Sub", lh_p, o("Mul", wr2, I(ws))))
-    cb = o("Mul", hh2, I(ws))
-    wc2 = o("Div", rem, cb)
-    rem2 = o("Sub", rem, o("Mul", wc2, cb))
-    ww2 = mn(I(ws), o("Sub", lw_p, o("Mul", wc2, I(ws))))
-    ir2 = o("Div", rem2, ww2)
-    ic2 = o("Sub", rem2, o("Mul", ir2, ww2))
-    r2 = o("Add", o("Mul", wr2, I(ws)), ir2)
-    c2 = o("Add", o("Mul", wc2, I(ws)), ic2)
-    window_index = o("Add", fstart, o("Add", o("Mul", r2, lw_p), c2), tag="window_index")
-    units(window_index, "patch_order")
-    wid = o("Add", at(win_start, k), o("Mul", tf, at(wf, k)))
-    wid = o("Add", wid, o("Add", o("Mul", wr2, at(nww, k)), wc2), tag="token_window")
-    units(o("Add", o("Mul", wid, I(ws2)), rem2), "window_unpad_index")
-    fid = o("Add", at(frm_start, k), tf, tag="token_frame")
-    units(o("Add", o("Mul", fid, lmax), q), "frame_unpad_index")
-
-    # --- rotary cos/sin in window order: patch (row, col) = (r2*m + a, c2*m + b)
-    dim = D // 2
-    inv_freq = (1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
-    freq = o.f32("rotary_inv_freq", inv_freq)
-    a_off = I(np.repeat(np.arange(m), m))
-    b_off = I(np.tile(np.arange(m), m))
-
-    def angles(x: str, off: str) -> str:
-        pp = o("Add", o("Unsqueeze", o("Mul", x, I(m)), I([1])), off)                # [M, mu]
-        pf = o("Cast", o("Unsqueeze", pp, I([2])), to=TensorProto.FLOAT)             # [M, mu, 1]
-        return o("Mul", pf, freq)                                                    # [M, mu, D/4]
-
-    rot = o("Concat", angles(r2, a_off), angles(c2, b_off), axis=-1)               # [M, mu, D/2]
-    rot = o("Reshape", rot, I([-1, dim]))
-    emb = o("Concat", rot, rot, axis=-1, tag="rotary_emb")
-    o("Cos", emb, out="rotary_cos")
-    o("Sin", emb, out="rotary_sin")
-
-    # --- window slots: W windows x ws2 merged slots
-    zero, neg = o.f32("mask_zero", 0.0), o.f32("mask_min", NEG)
-    sl = o("Range", I(0), o("Mul", n_win, I(ws2)), I(1), tag="window_slot_range")
-    wv = o("Div", sl, I(ws2))
-    e = o("Sub", sl, o("Mul", wv, I(ws2)))
-    kw = owner(wv, win_end, "window_image")
-    lwin = o("Sub", wv, at(win_start, kw))
-    wf_w, nww_w, lw_w = at(wf, kw), at(nww, kw), at(lw, kw)
-    tfw = o("Div", lwin, wf_w)
-    wiw = o("Sub", lwin, o("Mul", tfw, wf_w))
-    wrw = o("Div", wiw, nww_w)
-    wcw = o("Sub", wiw, o("Mul", wrw, nww_w))
-    hhw = mn(I(ws), o("Sub", at(lh, kw), o("Mul", wrw, I(ws))))
-    www = mn(I(ws), o("Sub", lw_w, o("Mul", wcw, I(ws))))
-    nw = o("Mul", hhw, www)
-    start = o("Add", at(img_start, kw), o("Mul", tfw, at(fr, kw)))
-    start = o("Add", start, o("Mul", o("Mul", wrw, I(ws)), lw_w))
-    start = o("Add", start, o("Mul", o("Mul", wcw, I(ws)), hhw), tag="window_first")
-    units(o("Add", start, mn(e, o("Sub", nw, I(1)))), "window_pad_index")
-    valid = o("Less", e, nw)
-    km = o("Expand", o("Unsqueeze", o("Where", valid, zero, neg), I([1])), I([1, mu]))
-    o("Reshape", km, I([-1, 1, 1, ws2 * mu]), out="window_key_mask")
-
-    # --- frame slots: F frames x lmax merged slots
-    fs = o("Range", I(0), o("Mul", n_frm, lmax), I(1), tag="frame_slot_range")
-    fv = o("Div", fs, lmax)
-    e = o("Sub", fs, o("Mul", fv, lmax))
-    kf = owner(fv, frm_end, "frame_image")
-    fr_f = at(fr, kf)
-    start = o("Add", at(img_start, kf), o("Mul", o("Sub", fv, at(frm_start, kf)), fr_f), tag="frame_first")
-    units(o("Add", start, mn(e, o("Sub", fr_f, I(1)))), "frame_pad_index")
-    valid = o("Less", e, fr_f)
-    km = o("Expand", o("Unsqueeze", o("Where", valid, zero, neg), I([1])), I([1, mu]))
-    shape = o("Concat", o("Unsqueeze", n_frm, I([0])), I([1, 1, -1]), axis=0)
-    o("Reshape", km, shape, out="frame_key_mask")
-    return {n: n for n in GRID_TENSORS}
+    One chunk's scores are ``[F, heads, rows, L]`` float32: ``rows = full_chunk_mb * 1e6 // (F *
+    heads * L * 4)`` keeps them under the ceiling (at least one row). The graph holds
+    ``full_chunks`` Slices, so where the frames need more chunks than that, the rows grow to
+    ``ceil(L / full_chunks)`` and the ceiling cannot hold (module docstring).
+    """
+    row_bytes = frames * frame_len * (cfg.num_heads * 4)
+    under_ceiling = x.ints(int(full_chunk_mb * 1e6)) // x.node("Max", row_bytes, 1)
+    fits_the_slices = (frame_len + (full_chunks - 1)) // full_chunks
+    return x.node("Max", x.node("Max", under_ceiling, fits_the_slices), 1)
 
 
 def encoder_body(g: GraphBuilder, cfg: VisionConfig, weights: WeightSource, gt: dict[str, str],
                  *, full_chunks: int = FULL_CHUNKS, full_chunk_mb: float = FULL_CHUNK_MB) -> list[str]:
-    """patch embed -> blocks -> merger on ``pixel_values`` given the grid tensors; returns the hidden states."""
+    """patch embed -> blocks -> merger on ``pixel_values`` given the grid tables; returns the hidden states."""
     C, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     slot = window_slot(cfg)
     w = weight_getter(g, weights)
-    o = _Ops(g, "/attn_layout")
-    I = o.i64
+    x = GraphArrays(g, cfg, "/attn_layout")
     eps = g.const("rms_eps", np.array(1e-6, np.float32))
 
-    x = g.op("Gather", [INPUT_NAME, gt["patch_order"]], "/patch_embed/Gather", axis=0)
-    h = linear(g, x, w("patch_embed.proj.weight", (C, cfg.patch_dim)), None, "/patch_embed/proj/Gemm",
-              output="patch_embed.output")
+    h = patch_embed(g, cfg, w, gt["patch_order"])
     block_outputs = [h]
 
     half = g.const("split_half", np.array([D // 2, D // 2], np.int64))
     split3 = g.const("split_qkv_heads", np.array([H, H, H], np.int64))
     scale = g.const("attn_scale", np.array(math.sqrt(D), np.float32))
-    out_shape = I([-1, C])
-    # windows: [W, 64, 3H, D] rows; rotary tables gathered once into the same padded layout
-    win_qkv_shape = I([-1, slot, 3 * H, D])
-    win_rot_shape = I([-1, 1, slot, D])
-    cos_w = o("Reshape", o("Gather", gt["rotary_cos"], gt["window_pad_index"], axis=0), win_rot_shape,
-              out="window_rotary_cos")
-    sin_w = o("Reshape", o("Gather", gt["rotary_sin"], gt["window_pad_index"], axis=0), win_rot_shape,
-              out="window_rotary_sin")
-    # frames: [F, L, 3H, D]; F from the key mask
-    kshape = o("Shape", gt["frame_key_mask"], tag="frame_mask_shape")
-    n_frm = o("Slice", kshape, I([0]), I([1]), I([0]))
-    f_len = o("Slice", kshape, I([3]), I([4]), I([0]), tag="frame_len")
-    frm_qkv_shape = o("Concat", n_frm, I([-1, 3 * H, D]), axis=0)
-    frm_rot_shape = o("Concat", n_frm, I([1, -1, D]), axis=0)
-    cos_f = o("Reshape", o("Gather", gt["rotary_cos"], gt["frame_pad_index"], axis=0), frm_rot_shape,
-              out="frame_rotary_cos")
-    sin_f = o("Reshape", o("Gather", gt["rotary_sin"], gt["frame_pad_index"], axis=0), frm_rot_shape,
-              out="frame_rotary_sin")
-    chunk_rows = None
-    if full_chunks > 1 and cfg.fullatt_block_indexes:
-        # rows per query chunk: max(ceil(L / full_chunks), budget / (F * H * L * 4 bytes))
-        fl = o("Squeeze", f_len, I([0]))
-        nf = o("Squeeze", n_frm, I([0]))
-        by_count = o("Div", o("Add", fl, I(full_chunks - 1)), I(full_chunks))
-        denom = o("Mul", o("Mul", nf, fl), I(H * 4))
-        by_budget = o("Div", I(int(full_chunk_mb * 1e6)), o("Max", denom, I(1)))
-        chunk_rows = o("Max", o("Max", by_count, by_budget), I(1), tag="full_chunk_rows")
+    out_shape = x.ints([-1, C]).name
 
-    def attention(q: str, kt: str, v: str, mask: str, p: str) -> str:
-        s = g.op("MatMul", [q, kt], f"{p}/MatMul_qk")
-        s = g.op("Div", [s, scale], f"{p}/Div_scale")
-        s = g.op("Add", [s, mask], f"{p}/Add_mask")
-        pr = g.op("Softmax", [s], f"{p}/Softmax", axis=-1)
-        return g.op("MatMul", [pr, v], f"{p}/MatMul_v")
+    def padded_rotary(kind: str, shape) -> tuple[str, str]:
+        """The rotary tables gathered once into the kind's padded layout ``[G, 1, L, D]``."""
+        return tuple(g.op("Reshape", [x.take(x.tensor(gt[f"rotary_{t}"]), x.tensor(gt[f"{kind}_pad_index"])).name,
+                                      x.name_of(shape)], f"/attn_layout/{kind}_rotary_{t}",
+                          outputs=[f"{kind}_rotary_{t}"]) for t in ("cos", "sin"))
+
+    # windows: [W, 64, 3H, D] rows
+    win_qkv_shape = x.ints([-1, slot, 3 * H, D]).name
+    rotary_w = padded_rotary("window", [-1, 1, slot, D])
+    # frames: [F, L, 3H, D]; F and L from the key mask
+    mask_shape = x.node("Shape", x.tensor(gt["frame_key_mask"]))
+    frames = x.node("Slice", mask_shape, [0], [1], [0])
+    frm_qkv_shape = x.concat([frames, x.ints([-1, 3 * H, D])], axis=0).name
+    rotary_f = padded_rotary("frame", x.concat([frames, x.ints([1, -1, D])], axis=0))
+    chunk_rows = None
+    if full_chunks > 1 and full_chunk_mb and cfg.fullatt_block_indexes:
+        frame_len = x.node("Squeeze", x.node("Slice", mask_shape, [3], [4], [0]), [0])
+        chunk_rows = full_chunk_rows(x, cfg, x.node("Squeeze", frames, [0]), frame_len,
+                                     full_chunks=full_chunks, full_chunk_mb=full_chunk_mb).name
 
     def attend(qkv: str, p: str, b: int) -> str:
         full = b in cfg.fullatt_block_indexes
         kind = "frame" if full else "window"
         pad, unpad, mask = gt[f"{kind}_pad_index"], gt[f"{kind}_unpad_index"], gt[f"{kind}_key_mask"]
-        cos, sin = (cos_f, sin_f) if full else (cos_w, sin_w)
-        x = g.op("Gather", [qkv, pad], f"{p}/attn/Gather_pad", axis=0)                     # [G*L, 3C]
-        x = g.op("Reshape", [x, frm_qkv_shape if full else win_qkv_shape], f"{p}/attn/Reshape")  # [G, L, 3H, D]
-        x = g.op("Transpose", [x], f"{p}/attn/Transpose", perm=[0, 2, 1, 3])               # [G, 3H, L, D]
-        q, k, v = g.op("Split", [x, split3], f"{p}/attn/Split", outputs=3, axis=1)         # [G, H, L, D]
-        q = rotary(g, q, cos, sin, half, f"{p}/attn/rotary_q")
-        k = rotary(g, k, cos, sin, half, f"{p}/attn/rotary_k")
-        kt = g.op("Transpose", [k], f"{p}/attn/Transpose_k", perm=[0, 1, 3, 2])           # shared by the chunks
+        cos, sin = rotary_f if full else rotary_w
+        t = g.op("Gather", [qkv, pad], f"{p}/attn/Gather_pad", axis=0)                     # [G*L, 3C]
+        t = g.op("Reshape", [t, frm_qkv_shape if full else win_qkv_shape], f"{p}/attn/Reshape")  # [G, L, 3H, D]
+        t = g.op("Transpose", [t], f"{p}/attn/Transpose", perm=[0, 2, 1, 3])               # [G, 3H, L, D]
+        q, k, v = g.op("Split", [t, split3], f"{p}/attn/Split", outputs=3, axis=1)         # [G, H, L, D]
+        q, kt = rotate_qk(g, q, k, cos, sin, half, f"{p}/attn")                           # kt shared by the chunks
         if full and chunk_rows is not None:
             outs = []
             for j in range(full_chunks):
                 cp = f"{p}/attn/chunk_{j}"
-                lo = g.op("Mul", [chunk_rows, I(j)], f"{cp}/Mul_start")
-                hi = g.op("Mul", [chunk_rows, I(j + 1)], f"{cp}/Mul_end")
-                qc = g.op("Slice", [q, g.op("Unsqueeze", [lo, I([0])], f"{cp}/Unsqueeze_start"),
-                                    g.op("Unsqueeze", [hi, I([0])], f"{cp}/Unsqueeze_end"), I([2])], f"{cp}/Slice_q")
-                outs.append(attention(qc, kt, v, mask, cp))
-            o_ = g.op("Concat", outs, f"{p}/attn/Concat_chunks", axis=2)
+                lo = g.op("Mul", [chunk_rows, x.name_of(j)], f"{cp}/Mul_start")
+                hi = g.op("Mul", [chunk_rows, x.name_of(j + 1)], f"{cp}/Mul_end")
+                qc = g.op("Slice", [q, g.op("Unsqueeze", [lo, x.name_of([0])], f"{cp}/Unsqueeze_start"),
+                                    g.op("Unsqueeze", [hi, x.name_of([0])], f"{cp}/Unsqueeze_end"),
+                                    x.name_of([2])], f"{cp}/Slice_q")
+                outs.append(attention(g, qc, kt, v, scale, mask, cp))
+            o = g.op("Concat", outs, f"{p}/attn/Concat_chunks", axis=2)
         else:
-            o_ = attention(q, kt, v, mask, f"{p}/attn")
-        o_ = g.op("Transpose", [o_], f"{p}/attn/Transpose_out", perm=[0, 2, 1, 3])         # [G, L, H, D]
-        o_ = g.op("Reshape", [o_, out_shape], f"{p}/attn/Reshape_out")                     # [G*L, C]
-        return g.op("Gather", [o_, unpad], f"{p}/attn/Gather_unpad", axis=0)                # [S, C]
+            o = attention(g, q, kt, v, scale, mask, f"{p}/attn")
+        o = g.op("Transpose", [o], f"{p}/attn/Transpose_out", perm=[0, 2, 1, 3])           # [G, L, H, D]
+        o = g.op("Reshape", [o, out_shape], f"{p}/attn/Reshape_out")                       # [G*L, C]
+        return g.op("Gather", [o, unpad], f"{p}/attn/Gather_unpad", axis=0)                 # [S, C]
 
     for b in range(cfg.depth):
         h = encoder_block(g, cfg, w, eps, h, b, attend)
@@ -371,9 +164,9 @@ def build_dynamic_encoder(cfg: VisionConfig, weights: WeightSource, *, host_inpu
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["num_patches", cfg.patch_dim])]
     if host_inputs:
         gt = {n: n for n in GRID_TENSORS}
-        inputs += [helper.make_tensor_value_info(n, dt, shape) for n, (dt, shape) in host_input_shapes(cfg).items()]
+        inputs += [helper.make_tensor_value_info(n, dt, shape) for n, (dt, shape) in table_shapes(cfg).items()]
     else:
-        gt = grid_tensors(g, cfg, GRID_NAME)
+        gt = grid_tables_graph(g, cfg, GRID_NAME)
         inputs.append(helper.make_tensor_value_info(GRID_NAME, TensorProto.INT64, ["num_images", 3]))
     block_outputs = encoder_body(g, cfg, weights, gt, full_chunks=full_chunks, full_chunk_mb=full_chunk_mb)
     graph = helper.make_graph(
@@ -413,8 +206,10 @@ def export_dynamic(weights: WeightSource, out: str | Path, *, host_inputs: bool 
     """Build the dynamic graph and stream every weight into ``out.data`` (into ``out`` itself with
     ``single_file``, for models under 2 GB); returns what was written.
 
-    ``full_chunks=1`` computes full attention in one piece (no query Slices, no empty tensors,
-    for runtimes that reject zero-sized tensors; scores then grow as frames x heads x L^2).
+    ``full_chunk_mb``: ceiling in MB on one chunk of full-attention scores (module docstring).
+    ``full_chunks=1`` or ``full_chunk_mb=0`` computes full attention in one piece (no query Slices,
+    no empty tensors, for runtimes that reject zero-sized tensors; scores then grow as frames x
+    heads x L^2).
     """
     out = Path(out)
     model = build_dynamic_encoder(weights.cfg, weights, host_inputs=host_inputs, full_chunks=full_chunks,

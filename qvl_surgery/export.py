@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
 from .config import VisionConfig, check_image_size
+from .grid import grid_tables_numpy
 from .layout import window_layout
 from .modelfile import Computed, Model, save_model
 from .weights import WeightSource
@@ -124,11 +125,37 @@ def weight_getter(g: GraphBuilder, weights: WeightSource):
     return w
 
 
+def patch_embed(g: GraphBuilder, cfg: VisionConfig, w, patch_order: str) -> str:
+    """``pixel_values`` rows gathered into window order, then the patch Conv3d as one Gemm on its
+    weight viewed as ``[hidden, 1176]``; returns ``patch_embed.output``."""
+    x = g.op("Gather", [INPUT_NAME, patch_order], "/patch_embed/Gather", axis=0)
+    return linear(g, x, w("patch_embed.proj.weight", (cfg.hidden_size, cfg.patch_dim)), None,
+                  "/patch_embed/proj/Gemm", output="patch_embed.output")
+
+
 def rotary(g: GraphBuilder, t: str, cos: str, sin: str, half: str, p: str) -> str:
     """Rotate-half rotary embedding: t * cos + rotate_half(t) * sin (last axis = head_dim)."""
     x1, x2 = g.op("Split", [t, half], f"{p}/Split", outputs=2, axis=-1)
     rot = g.op("Concat", [g.op("Neg", [x2], f"{p}/Neg"), x1], f"{p}/Concat", axis=-1)
     return g.op("Add", [g.op("Mul", [t, cos], f"{p}/Mul_cos"), g.op("Mul", [rot, sin], f"{p}/Mul_sin")], f"{p}/Add")
+
+
+def rotate_qk(g: GraphBuilder, q: str, k: str, cos: str, sin: str, half: str, p: str) -> tuple[str, str]:
+    """Rotary on q and k ``[..., L, head_dim]``; returns q and k transposed to ``[..., head_dim, L]``."""
+    q = rotary(g, q, cos, sin, half, f"{p}/rotary_q")
+    k = rotary(g, k, cos, sin, half, f"{p}/rotary_k")
+    return q, g.op("Transpose", [k], f"{p}/Transpose_k", perm=[0, 1, 3, 2])
+
+
+def attention(g: GraphBuilder, q: str, kt: str, v: str, scale: str, mask: str | None, p: str) -> str:
+    """Explicit attention: MatMul(q, k^T) / sqrt(d) (+ mask) -> Softmax -> MatMul(v). The attention
+    pass matches exactly this pattern."""
+    s = g.op("MatMul", [q, kt], f"{p}/MatMul_qk")
+    s = g.op("Div", [s, scale], f"{p}/Div_scale")
+    if mask is not None:
+        s = g.op("Add", [s, mask], f"{p}/Add_mask")
+    pr = g.op("Softmax", [s], f"{p}/Softmax", axis=-1)
+    return g.op("MatMul", [pr, v], f"{p}/MatMul_v")
 
 
 def encoder_block(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, b: int, attend) -> str:
@@ -181,11 +208,13 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
     w = weight_getter(g, weights)
 
     eps = g.const("rms_eps", np.array(1e-6, np.float32))
-    # Shared per-image constants, computed in numpy (layout.py).
-    patch_order = g.const("window_patch_order", lay.patch_order(mu).astype(np.int64))
-    reverse_index = g.const("window_reverse_index", lay.reverse_index.astype(np.int64))
-    cos = g.const("rotary_cos", lay.cos)
-    sin = g.const("rotary_sin", lay.sin)
+    # Shared per-image constants: the grid tables of this one image, in numpy (grid.py, the same
+    # computation the dynamic export runs in its graph).
+    tables = grid_tables_numpy(cfg, np.array([[lay.grid_t, lay.grid_h, lay.grid_w]], np.int64))
+    patch_order = g.const("window_patch_order", tables["patch_order"])
+    reverse_index = g.const("window_reverse_index", tables["reverse_index"])
+    cos = g.const("rotary_cos", tables["rotary_cos"])
+    sin = g.const("rotary_sin", tables["rotary_sin"])
     window_blocks = [b for b in range(cfg.depth) if b not in cfg.fullatt_block_indexes]
     mask = None
     if window_blocks and lay.num_windows > 1:
@@ -197,9 +226,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
                               g.const("mask_min", np.array(np.finfo(np.float32).min, np.float32))],
                     "/window_mask/Where", outputs=["window_attention_mask"])
 
-    x = g.op("Gather", [INPUT_NAME, patch_order], "/patch_embed/Gather", axis=0)
-    h = linear(g, x, w("patch_embed.proj.weight", (C, cfg.patch_dim)), None, "/patch_embed/proj/Gemm",
-              output="patch_embed.output")
+    h = patch_embed(g, cfg, w, patch_order)
     block_outputs = [h]
 
     qkv_shape = g.const("qkv_shape", np.array([S, 3, H, D], np.int64))
@@ -212,15 +239,8 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
         qkv = g.op("Reshape", [qkv, qkv_shape], f"{p}/attn/Reshape")
         qkv = g.op("Transpose", [qkv], f"{p}/attn/Transpose", perm=[1, 2, 0, 3])      # [3, H, S, D]
         q, k, v = g.op("Split", [qkv, split3], f"{p}/attn/Split", outputs=3, axis=0)  # [1, H, S, D] each
-        q = rotary(g, q, cos, sin, half, f"{p}/attn/rotary_q")
-        k = rotary(g, k, cos, sin, half, f"{p}/attn/rotary_k")
-        kt = g.op("Transpose", [k], f"{p}/attn/Transpose_k", perm=[0, 1, 3, 2])
-        s = g.op("MatMul", [q, kt], f"{p}/attn/MatMul_qk")
-        s = g.op("Div", [s, scale], f"{p}/attn/Div_scale")
-        if mask is not None and b not in cfg.fullatt_block_indexes:
-            s = g.op("Add", [s, mask], f"{p}/attn/Add_mask")
-        pr = g.op("Softmax", [s], f"{p}/attn/Softmax", axis=-1)
-        o = g.op("MatMul", [pr, v], f"{p}/attn/MatMul_v")
+        q, kt = rotate_qk(g, q, k, cos, sin, half, f"{p}/attn")
+        o = attention(g, q, kt, v, scale, None if b in cfg.fullatt_block_indexes else mask, f"{p}/attn")
         o = g.op("Transpose", [o], f"{p}/attn/Transpose_out", perm=[0, 2, 1, 3])
         return g.op("Reshape", [o, out_shape], f"{p}/attn/Reshape_out")
 

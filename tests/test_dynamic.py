@@ -94,7 +94,7 @@ def test_host_inputs_kind_equals_transformers(dyn, case_ref, case):
 
 
 def test_host_inputs_equal_the_in_graph_tensors(dyn):
-    """numpy (layout.py) and the graph's own computation give the same grid tensors."""
+    """numpy and the graph's own computation (qvl_surgery.grid's two forms) give the same grid tensors."""
     import onnxruntime as ort
     m = onnx.load(str(dyn["dir"] / "self.onnx"), load_external_data=False)
     m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in GRID_TENSORS)
