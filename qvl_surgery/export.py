@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
 from .config import VisionConfig, check_image_size
+from .errors import BadInput
 from .grid import grid_tables_numpy
 from .layout import window_layout
 from .modelfile import Computed, Model, save_model
@@ -198,9 +199,31 @@ def merger(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, merged_shape
     return g.op("Gather", [y, reverse_index], "/merger/Gather_reverse", axis=0, outputs=[output])
 
 
+# transformers' Qwen2VLImageProcessor (4.49.0) resizes every image with smart_resize(factor=28,
+# min_pixels=56*56) (the released Qwen2.5-VL preprocessor_config.json sets the same min_pixels):
+# no image it returns has fewer pixels.
+PROCESSOR_MIN_PIXELS = 56 * 56
+
+
+def check_processor_size(cfg: VisionConfig, size: tuple[int, int], min_pixels: int = PROCESSOR_MIN_PIXELS
+                         ) -> tuple[int, int]:
+    """``size`` if transformers' image processor can return an image of it; else BadInput in one line
+    naming the size the processor makes of such an image (smart_resize's own rule)."""
+    h, w = size
+    if h * w >= min_pixels:
+        return h, w
+    factor = cfg.patch_size * cfg.spatial_merge_size
+    beta = math.sqrt(min_pixels / (h * w))
+    up_h, up_w = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    raise BadInput(f"image size {h}x{w}: {h * w} pixels, below min_pixels {min_pixels} of transformers' Qwen2-VL "
+                   f"image processor, so no processor output has this size (it resizes a {h}x{w} image to "
+                   f"{up_h}x{up_w}); export at {up_h}x{up_w}, or use --dynamic")
+
+
 def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[int, int]) -> Model:
-    """The patched encoder for one image of ``image_size`` as a weightless Model (weights computed on save)."""
-    image_size = check_image_size(cfg, image_size)
+    """The patched encoder for one image of ``image_size`` as a weightless Model (weights computed on save).
+    Sizes transformers' image processor cannot return are refused (:func:`check_processor_size`)."""
+    image_size = check_processor_size(cfg, check_image_size(cfg, image_size))
     lay = window_layout(cfg, image_size)
     S, C, H, D = lay.seq_len, cfg.hidden_size, cfg.num_heads, cfg.head_dim
     mu = cfg.merge_unit
