@@ -538,8 +538,9 @@ def _upgrade_to_23(model: Model) -> None:
 def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bool = False,
                       full_chunk_mb: float = 256) -> tuple[Model, AttentionReport]:
     """The :class:`AttentionPass`: ``mode`` windowed, mha or onnx-attention. ``full_chunk_mb``: in
-    windowed mode, full-attention layers whose [H, S, S] score tensor would exceed this many MB
-    compute their queries in chunks that stay under it (0: never)."""
+    windowed mode, a ceiling in MB (1e6 bytes) on one chunk of full-attention scores ``[1, H, rows,
+    S]``: layers whose ``[H, S, S]`` scores exceed it compute their queries in chunks under it (at
+    least one row each; 0: never chunk), as the dynamic export's ``full_chunk_mb``."""
     return run_pass(AttentionPass, model, mode=mode, upgrade_opset=upgrade_opset, full_chunk_mb=full_chunk_mb)
 
 
@@ -550,9 +551,8 @@ DYNAMIC_REFUSAL = ("this is a dynamic export: its attention is already per windo
 
 def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chunk_mb: float
                        ) -> tuple[Model, AttentionReport]:
-    """match (find_attention) -> plan (plan_attention) -> emit (one emitter per mode). ``full_chunk_mb``: in windowed mode, full-attention layers whose
-    [H, S, S] score tensor would exceed this many MB compute their queries in chunks that stay
-    under it (0: never)."""
+    """match (find_attention) -> plan (plan_attention) -> emit (one emitter per mode);
+    ``full_chunk_mb`` as in :func:`rewrite_attention` (a ceiling)."""
     if mode not in MODES:
         raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
     if model.metadata().get("qvl_surgery.dynamic"):
@@ -640,8 +640,9 @@ class AttentionPass(Pass):
                "com.microsoft.MultiHeadAttention for onnxruntime; onnx-attention: the ONNX Attention op (opset 23)",
                choices=MODES),
         Option("upgrade_opset", bool, False, "with mode onnx-attention: raise the model to opset 23"),
-        Option("full_chunk_mb", float, 256.0, "windowed mode: full-attention layers whose S x S scores exceed this "
-               "many MB compute their queries in chunks under it (0: never)", metavar="MB"),
+        Option("full_chunk_mb", float, 256.0, "windowed mode: ceiling in MB on one chunk of full-attention scores; "
+               "layers whose S x S scores exceed it compute their queries in chunks under it (0: never chunk)",
+               metavar="MB"),
     )
 
     def preflight(self, facts: dict) -> None:
