@@ -4,10 +4,12 @@ Pattern (each Softmax is tried; a miss is explained at debug level and in the re
 
     MatMul(q, Transpose(k, perm=[0,1,3,2])) -> Div|Mul(scalar) -> [Add(mask)] -> Softmax(-1) -> MatMul(., v)
 
-with q, k, v of shape ``[1, H, S, D]``. The mask tells the windows: this toolkit's export builds it
-from one int64 ``window_id`` vector (``Where(Equal(id_col, id_row), 0, min)``), and a constant
-dense mask is read directly; either way the windows must be contiguous runs (block-diagonal) or
-the pass refuses. Without a mask the layer is full attention of a single image. The export's
+with q, k, v of shape ``[1, H, S, D]``. Declared variants (tests/test_matchers.py builds each): the
+scale as Div(scores, c), Mul(scores, c) or Mul(c, scores); the mask added on either side
+(Add(scores, mask), Add(mask, scores)); a constant is an initializer or a Constant node. The mask
+tells the windows: this toolkit's export builds it from one int64 ``window_id`` vector
+(``Where(Equal(id_col, id_row), 0, min)``), and a constant dense mask is read directly; either way
+the windows must be contiguous runs (block-diagonal) or the pass refuses. Without a mask the layer is full attention of a single image. The export's
 ``qvl_surgery.window_layout`` metadata, when present, must agree.
 
 Modes:
@@ -35,9 +37,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import cleanup
-from qvl_surgery.inspect import consumers, producers
-from qvl_surgery.modelfile import Model, read_initializer
+from qvl_surgery.graphinfo import cleanup, constant_value
+from qvl_surgery.inspection import FUSED_ATTENTION, consumers, producers
+from qvl_surgery.modelfile import Model
 from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class AttentionMatch:
     qk: onnx.NodeProto
     k_transpose: onnx.NodeProto
     scale: onnx.NodeProto
+    scale_const: str          # the scalar the scale node divides or multiplies by
     mask_add: onnx.NodeProto | None
     mask: str | None
     pv: onnx.NodeProto
@@ -84,13 +87,6 @@ class AttentionReport(PassReport):
 
 # ----------------------------------------------------------------------------- matching
 
-def _const(model: Model, name: str) -> np.ndarray | None:
-    t = model.initializers().get(name)
-    if t is None:
-        return None
-    return read_initializer(t, model.sources.get(name))
-
-
 def _windows_from_ids(ids: np.ndarray, where: str) -> list[int]:
     ids = np.asarray(ids).reshape(-1)
     change = np.flatnonzero(np.diff(ids) != 0) + 1
@@ -116,10 +112,10 @@ def _windows_of_mask(model: Model, mask: str, seq: int) -> list[int]:
                 u = prod.get(i)
                 srcs.append(u.input[0] if u is not None and u.op_type in ("Unsqueeze", "Reshape") else i)
             if srcs[0] == srcs[1]:
-                ids = _const(model, srcs[0])
+                ids = constant_value(model, srcs[0])
                 if ids is not None:
                     return _windows_from_ids(ids, mask)
-    dense = _const(model, mask) if node is None else None
+    dense = constant_value(model, mask) if node is None or node.op_type == "Constant" else None
     if dense is not None:
         m = dense.reshape(dense.shape[-2], dense.shape[-1])
         allowed = m > -1e4
@@ -139,6 +135,46 @@ def _windows_of_mask(model: Model, mask: str, seq: int) -> list[int]:
                    "window-id vector nor a constant); the attention pass needs one of those")
 
 
+def rewritten_attention(graph: onnx.GraphProto) -> str | None:
+    """Where the graph's attention was already rewritten, read from the graph alone (a file whose
+    metadata was lost): a fused attention op, or this pass's windowed layout (scores of
+    ``[windows, H, w, w]`` from k transposed with perm [1,0,3,2]). None for an export's attention."""
+    prod = producers(graph)
+    for n in graph.node:
+        if n.op_type in FUSED_ATTENTION:
+            return f"{n.name} is a fused {n.op_type}"
+        if n.op_type != "Softmax":
+            continue
+        cur = prod.get(n.input[0])
+        while cur is not None and cur.op_type in ("Add", "Div", "Mul"):
+            cur = prod.get(cur.input[0])
+        kt = prod.get(cur.input[1]) if cur is not None and cur.op_type == "MatMul" else None
+        if kt is not None and kt.op_type == "Transpose" and \
+                next((list(a.ints) for a in kt.attribute if a.name == "perm"), None) == [1, 0, 3, 2]:
+            return f"{cur.name} is windowed attention (windows first)"
+    return None
+
+
+def _scaled_scores(model: Model, prod: dict[str, onnx.NodeProto], name: str
+                   ) -> tuple[onnx.NodeProto, str, onnx.NodeProto] | str:
+    """``name`` as scaled scores: (Div or Mul node, its scalar constant, the MatMul it scales), or
+    why it is not one."""
+    scale = prod.get(name)
+    if scale is None or scale.op_type not in ("Div", "Mul"):
+        return "Softmax input is not a scaled score (Div or Mul by a constant), optionally plus a mask"
+    orders = [(0, 1)] if scale.op_type == "Div" else [(0, 1), (1, 0)]
+    for s_in, c_in in orders:
+        c = constant_value(model, scale.input[c_in], max_size=1)
+        if c is None or c.size != 1:
+            continue
+        qk = prod.get(scale.input[s_in])
+        if qk is None or qk.op_type != "MatMul":
+            return (f"{scale.name} does not read a MatMul (a Cast in between? rewrite attention before fp16 "
+                    "islands that split it)")
+        return scale, scale.input[c_in], qk
+    return f"{scale.name} does not scale by a scalar constant"
+
+
 def find_attention(model: Model, report: AttentionReport | None = None) -> list[AttentionMatch]:
     g = model.graph
     prod, cons = producers(g), consumers(g)
@@ -156,29 +192,19 @@ def find_attention(model: Model, report: AttentionReport | None = None) -> list[
         if axis not in (-1, 3):
             miss(sm, f"Softmax axis is {axis}, not the last")
             continue
-        cur = prod.get(sm.input[0])
         mask_add, mask = None, None
-        if cur is not None and cur.op_type == "Add":
-            mask_add = cur
-            a, b = cur.input
-            pa = prod.get(a)
-            if pa is not None and pa.op_type in ("Div", "Mul"):
-                cur, mask = pa, b
-            else:
-                cur, mask = prod.get(b), a
-        if cur is None or cur.op_type not in ("Div", "Mul"):
-            miss(sm, "Softmax input is not a scaled score (Div or Mul by a constant), optionally plus a mask")
+        scored = _scaled_scores(model, prod, sm.input[0])
+        add = prod.get(sm.input[0])
+        if isinstance(scored, str) and add is not None and add.op_type == "Add":
+            # a mask added on either side: the scores are the operand that is a scaled q.k^T
+            a, b = add.input
+            sides = [(_scaled_scores(model, prod, a), b), (_scaled_scores(model, prod, b), a)]
+            scored, mask = next(((sc, m) for sc, m in sides if not isinstance(sc, str)), (sides[0][0], None))
+            mask_add = add if mask is not None else None
+        if isinstance(scored, str):
+            miss(sm, scored)
             continue
-        scale_node = cur
-        sc = _const(model, scale_node.input[1])
-        if sc is None or sc.size != 1:
-            miss(sm, f"{scale_node.name} does not scale by a scalar constant")
-            continue
-        qk = prod.get(scale_node.input[0])
-        if qk is None or qk.op_type != "MatMul":
-            miss(sm, f"{scale_node.name} does not read a MatMul (a Cast in between? rewrite attention before fp16 "
-                     "islands that split it)")
-            continue
+        scale_node, scale_const, qk = scored
         kt = prod.get(qk.input[1])
         perm = next((list(a.ints) for a in kt.attribute if a.name == "perm"), None) if kt is not None else None
         if kt is None or kt.op_type != "Transpose" or perm != [0, 1, 3, 2]:
@@ -188,8 +214,8 @@ def find_attention(model: Model, report: AttentionReport | None = None) -> list[
         if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[0] != sm.output[0]:
             miss(sm, "Softmax output is not read by exactly one MatMul(probs, v)")
             continue
-        found.append(AttentionMatch(sm, qk, kt, scale_node, mask_add, mask, readers[0], qk.input[0], kt.input[0],
-                                    readers[0].input[1]))
+        found.append(AttentionMatch(sm, qk, kt, scale_node, scale_const, mask_add, mask, readers[0], qk.input[0],
+                                    kt.input[0], readers[0].input[1]))
     return found
 
 
@@ -239,7 +265,7 @@ def plan_attention(model: Model, matches: list[AttentionMatch], mode: str, full_
                 raise BadInput(f"{m.name}: the mask's windows cover {sum(m.windows)} positions, q has {S}")
             if layout and layout.get("window_sizes") and layout["window_sizes"] != m.windows:
                 raise BadInput(f"{m.name}: the mask's windows disagree with the export's window_layout metadata")
-        sc = float(_const(model, m.scale.input[1]).reshape(-1)[0])
+        sc = float(constant_value(model, m.scale_const).reshape(-1)[0])
         plan = AttentionPlan(m, H, S, D, "windows", 1.0 / sc if m.scale.op_type == "Div" else sc)
         if mode == "windowed" and m.windows is None:
             score_mb = H * S * S * itemsize / 1e6
@@ -371,7 +397,7 @@ class WindowedEmitter(_Emitter):
         kt = self.windows_of(m.k, "k", [1, 0, 3, 2])
         v4 = self.windows_of(m.v, "v", [1, 0, 2, 3])
         s = self.op("MatMul", [q4, kt], "MatMul_qk")
-        s = self.op(m.scale.op_type, [s, m.scale.input[1]], "Scale")
+        s = self.op(m.scale.op_type, [s, m.scale_const], "Scale")
         if self.padding is not None:
             mask = self.e.const("attn_window_key_mask", self.key_mask().reshape(self.nW, 1, 1, self.wmax))
             s = self.op("Add", [s, mask], "Add_key_mask")
@@ -465,7 +491,7 @@ class ChunkedFullEmitter(_Emitter):
         for k, q in enumerate(qs):
             c = f"chunk{k}"
             s = self.op("MatMul", [q, kt], f"{c}/MatMul_qk")
-            s = self.op(m.scale.op_type, [s, m.scale.input[1]], f"{c}/Scale")
+            s = self.op(m.scale.op_type, [s, m.scale_const], f"{c}/Scale")
             p = self.op("Softmax", [s], f"{c}/Softmax", axis=-1)
             outs.append(self.op("MatMul", [p, m.v], f"{c}/MatMul_v"))
         self.op("Concat", outs, "Concat", outs=[m.pv.output[0]], axis=2)
@@ -557,7 +583,7 @@ def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chu
         raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
     if model.metadata().get("qvl_surgery.dynamic"):
         raise BadInput(DYNAMIC_REFUSAL)
-    done = model.metadata().get("qvl_surgery.attention")
+    done = model.metadata().get("qvl_surgery.attention") or rewritten_attention(model.graph)
     if done:
         raise BadInput(f"attention was already rewritten here ({done}); the pass rewrites an export's attention "
                        "once: run it on the fp32 export")

@@ -4,8 +4,9 @@ Rules:
 - Every node runs in fp16 unless it is *kept*: by pattern (``keep_silu_fp32``: each x*sigmoid(x),
   Sigmoid and Mul together; ``keep_rmsnorm_fp32``: Pow, ReduceMean, Add eps, Sqrt, Div (or
   Reciprocal/Mul) and the scale Mul), by op type (``keep_op``), by node-name glob
-  (``keep_node``), or by calibration (``keep_calibrated``: names of nodes whose values come
-  close to fp16's range, see :mod:`qvl_surgery.calibrate`).
+  (``keep_node``), or by calibration (``calibrate``: inputs, an .npz or image files, run through
+  the fp32 model; every node whose values come within ``calibrate_margin`` of fp16's range is
+  kept, see :mod:`qvl_surgery.calibrate`).
 - Casts are inserted only where precision changes, once per tensor and direction, so an island
   reads each input through one Cast, has no Cast inside, and adjacent islands merge into one.
   A tensor already available in the wanted precision (an fp32 graph input under
@@ -31,8 +32,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import infer_graph, side_inputs, static_tensors, with_graph
-from qvl_surgery.inspect import consumers, sigmoid_mul_patterns
+from qvl_surgery.graphinfo import constant_value, infer_graph, side_inputs, static_tensors, with_graph
+from qvl_surgery.inspection import consumers, sigmoid_mul_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
@@ -77,15 +78,10 @@ class Fp16Report(PassReport):
 
 # ----------------------------------------------------------------------------- pattern matching
 
-def _const_value(model: Model, name: str) -> np.ndarray | None:
-    inits = model.initializers()
-    if name in inits and int(np.prod(inits[name].dims, dtype=np.int64)) <= 16:
-        return read_initializer(inits[name], model.sources.get(name))
-    return None
-
-
 def rmsnorm_patterns(model: Model, explain: list[str] | None = None) -> list[list[onnx.NodeProto]]:
-    """Pow(x,2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [or Reciprocal -> Mul(x, .)] -> Mul(scale)."""
+    """Pow(x,2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [or Reciprocal -> Mul(x, .), either
+    side] -> Mul(scale, either side); constants as initializers or Constant nodes (those read only
+    by the pattern are part of it)."""
     g = model.graph
     cons = consumers(g)
 
@@ -97,11 +93,13 @@ def rmsnorm_patterns(model: Model, explain: list[str] | None = None) -> list[lis
             return None
         return cs[0]
 
+    const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    constants = set(model.initializers()) | set(const_nodes)
     found = []
     for pw in g.node:
         if pw.op_type != "Pow":
             continue
-        e = _const_value(model, pw.input[1])
+        e = constant_value(model, pw.input[1], max_size=16)
         if e is None or float(np.asarray(e).reshape(-1)[0]) != 2.0:
             if explain is not None:
                 explain.append(f"{pw.name}: exponent is not the constant 2")
@@ -132,9 +130,14 @@ def rmsnorm_patterns(model: Model, explain: list[str] | None = None) -> list[lis
                 continue
             nodes += [rc, mul[0]]
             last = mul[0]
+        # the scale: Mul by a constant, on either side
         scale = [c for c in cons.get(last.output[0], []) if c.op_type == "Mul"]
-        if len(scale) == 1 and any(i in model.initializers() for i in scale[0].input):
+        if len(scale) == 1 and any(i in constants for i in scale[0].input if i != last.output[0]):
             nodes.append(scale[0])
+        # Constant nodes (exponent, eps, scale) read only here belong to the island: no Cast to fp32
+        inside = {n.output[0] for n in nodes}
+        nodes += [const_nodes[i] for n in nodes for i in n.input
+                  if i in const_nodes and all(c.output[0] in inside for c in cons[i])]
         found.append(nodes)
     return found
 
@@ -393,14 +396,12 @@ def convert_fp16(model: Model, *, reference: str | Path | None = None, explain: 
 
 def _convert_fp16(model: Model, *, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str], keep_node: list[str],
                   keep_io_types: bool, calibrate: str | None, calibrate_margin: float, reference: Path | None,
-                  explain: bool, keep_calibrated: dict[str, str] | None = None) -> tuple[Model, Fp16Report]:
+                  explain: bool) -> tuple[Model, Fp16Report]:
     """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
     keep_op, keep_node = list(keep_op), list(keep_node)
     _check_keep_ops(keep_op)
     report = Fp16Report()
-    if calibrate:
-        keep_calibrated = dict(keep_calibrated or {})
-        keep_calibrated.update(_calibrate(model, calibrate, calibrate_margin, reference, report))
+    keep_calibrated = _calibrate(model, calibrate, calibrate_margin, reference, report) if calibrate else None
     kept = select_kept(model, report, keep_silu_fp32=keep_silu_fp32, keep_rmsnorm_fp32=keep_rmsnorm_fp32, keep_op=keep_op,
                        keep_node=keep_node, keep_calibrated=keep_calibrated, explain=explain)
     plan = plan_fp16(model, kept, keep_io_types=keep_io_types)

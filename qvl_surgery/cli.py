@@ -68,7 +68,7 @@ def run_pass_command(a: argparse.Namespace) -> int:
     from .passbase import Context
     from .pipeline import gen_script
     from .publish import staging
-    from .values import check_output, read_value, write_value
+    from .values import check_output, read_value, split_dir_of, write_value
     cls = a.pass_cls
     p = cls(**{o.name: o.from_namespace(a) for o in cls.options})
     source = a.model if cls.takes == "model" else a.split_dir
@@ -81,7 +81,10 @@ def run_pass_command(a: argparse.Namespace) -> int:
     with read_value(source, cls.takes).checked() as src:
         check_output(cls.gives, a.output, overwrite=a.force, inputs=src.files, single_file=single_file)
         p.preflight({"dynamic": src.metadata.get("qvl_surgery.dynamic")})
-        with staging(a.output) as work:   # scratch space a pass may need (simplify's result lives there)
+        # scratch space a pass may need (simplify's result lives there), beside the output: for a split
+        # named by its manifest.json, beside the folder, not in it (the folder must stay new or empty)
+        out = split_dir_of(a.output) if cls.gives == "split" else a.output
+        with staging(out) as work:
             context = Context(reference=source if cls.takes == "model" else None, progress=not a.quiet,
                               explain=a.verbose, workdir=work)
             result = p(src.value, context)
@@ -120,7 +123,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .inspect import inspect_model
+    from .inspection import inspect_model
     r = inspect_model(a.model)
     print(json.dumps(r.to_dict(), indent=1) if a.json else "\n".join(r.lines()))
     return 0
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--passes", help="passes for the vision model (the dynamic export), e.g. simplify")
     pk.add_argument("--fp16", action="store_true", help="fp16 models (refused for onnxruntime-genai's CPU build)")
     pk.add_argument("--builder-python", type=Path, help="a Python that imports onnxruntime-genai's model builder "
-                    "(default: its own virtualenv, .compat/genai-builder, made on first use)")
+                    "(default: its own virtualenv in ~/.cache/qvl-surgery, made on first use)")
     add_write_options(pk, what="output folder", model=False)
     pk.set_defaults(func=cmd_package)
 

@@ -7,11 +7,12 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import BadInput
-from .modelfile import Model
+from .modelfile import Model, read_initializer
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,23 @@ def side_inputs(model: Model) -> list[str]:
         return [i.name for i in ins if i.name != "pixel_values"]
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     return [i.name for i in ins if i.type.tensor_type.elem_type not in floats]
+
+
+def constant_value(model: Model, name: str, *, max_size: int | None = None) -> np.ndarray | None:
+    """The value of ``name`` when it is a constant: an initializer, or the output of a Constant node
+    (exporters write both). None when it is not, or has more than ``max_size`` elements (a matcher
+    that wants a scalar does not read a weight)."""
+    t = model.initializers().get(name)
+    if t is not None:
+        if max_size is not None and int(np.prod(t.dims, dtype=np.int64)) > max_size:
+            return None
+        return read_initializer(t, model.sources.get(name))
+    node = next((n for n in model.graph.node if n.op_type == "Constant" and n.output[0] == name), None)
+    a = node.attribute[0] if node is not None and len(node.attribute) == 1 else None
+    if a is None or a.name not in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        return None
+    value = numpy_helper.to_array(a.t) if a.name == "value" else np.asarray(helper.get_attribute_value(a))
+    return None if max_size is not None and value.size > max_size else value
 
 
 def static_tensors(graph: onnx.GraphProto, side: Iterable[str] = ()) -> set[str]:

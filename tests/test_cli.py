@@ -1,8 +1,12 @@
 """Bad input: exit 2, one line, no traceback, nothing written."""
 
-import pytest
+import json
 
-from conftest import assert_one_line_error, check_written, run_cli
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import TINY, assert_one_line_error, check_written, run_cli
+from qvl_surgery.weights import RandomWeights
 
 
 
@@ -33,7 +37,6 @@ def test_bad_input(tmp_path, args, needle):
     nv = tmp_path / "novis"
     nv.mkdir()
     (nv / "config.json").write_text('{"model_type": "qwen2_5_vl", "vision_config": {"depth": 1}}')
-    from safetensors.numpy import save_file
     import numpy as np
     save_file({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, str(nv / "model.safetensors"))
     (tmp_path / "garbage.onnx").write_bytes(b"not a model at all")
@@ -55,8 +58,17 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_export_into_the_checkpoint_directory_is_refused(tmp_path):
-    r = run_cli("export", tmp_path, "-o", tmp_path, "-q")
-    assert_one_line_error(r)
+    # a checkpoint export accepts (an empty folder would be refused earlier, for having no config.json)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "vision_config": TINY.to_dict()}))
+    w = RandomWeights(TINY, seed=0)
+    save_file({"visual." + n: w.array(n) for n in w.shapes}, str(ckpt / "model.safetensors"))
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    r = run_cli("export", ckpt, "-o", ckpt, "-q")
+    assert_one_line_error(r, str(ckpt), "must end in .onnx")
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_unwritable_output_is_one_line(tmp_path):
