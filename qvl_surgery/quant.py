@@ -13,11 +13,10 @@ export's ``Gemm(transB=1)`` weights; callers transpose ``[K, N]`` MatMul weights
   the clip value chosen from a streaming histogram of ``|x|`` by ``minmax``, ``percentile`` or
   ``mse`` (:class:`AbsHistogram`).
 
-Calibration (:func:`record_ranges`) runs the fp32 model node by node with ``onnx.reference`` (BLAS
-for MatMul/Gemm, as the fp16 emulation does), reading each weight from its source only when its
-node runs and dropping it after, and drops every activation after its last use. Only the tensors
-asked for are measured, into running histograms: memory is one inference's live activations plus
-one weight, never an augmented model and never all weights.
+Calibration (:func:`record_ranges`) runs the fp32 model in onnxruntime a segment of nodes at a time
+(:mod:`qvl_surgery.segments`: one segment's weights in memory, mapped from the model's own data
+file), every input set through a segment before the next. Only the tensors asked for are
+measured, into running histograms: never an augmented model and never all weights.
 """
 from __future__ import annotations
 
@@ -27,18 +26,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadInput
-from .modelfile import Computed, FileRange, Model, dtype_of
+from .modelfile import Computed, Model
+from .segments import DEFAULT_SEGMENT_BYTES, run_segments
 
 log = logging.getLogger(__name__)
 
 QRANGE = {"int8": 127, "int16": 32767}   # symmetric activation grids (zero point 0)
 METHODS = ("minmax", "percentile", "mse")
 PERCENTILE = 99.99
-HIST_BINS = 4096
+MANTISSA_BITS = 9        # histogram buckets 2^-9 wide, relative
+LOW_EXP, HIGH_EXP = -24, 40
 
 
 # ----------------------------------------------------------------------------- weights
@@ -125,35 +124,44 @@ class LazyQuant:
 # ----------------------------------------------------------------------------- activation ranges
 
 class AbsHistogram:
-    """Running histogram of ``|x|`` over ``[0, top]``, ``top`` doubling (bins merged in pairs) when a
-    larger value arrives: constant memory per tensor whatever the number of inputs."""
+    """Running histogram of ``|x|`` in logarithmic buckets: a float32's exponent and its top
+    ``MANTISSA_BITS`` mantissa bits name the bucket (relative width 2^-9), read straight from the
+    bits (no scaling pass, no rebinning when a larger value arrives). Buckets cover
+    ``[2^LOW_EXP, 2^HIGH_EXP)``; smaller values count in the first bucket (they never decide a clip),
+    larger finite ones in the last. Constant memory per tensor whatever the number of inputs."""
 
-    def __init__(self, bins: int = HIST_BINS):
-        self.bins = bins
-        self.counts = np.zeros(bins, np.int64)
-        self.top = 0.0
+    SHIFT = 23 - MANTISSA_BITS
+    FIRST = (127 + LOW_EXP) << MANTISSA_BITS
+    COUNT = (HIGH_EXP - LOW_EXP) << MANTISSA_BITS
+
+    def __init__(self):
+        self.counts = np.zeros(self.COUNT, np.int64)
         self.amax = 0.0
         self.n = 0
 
     def add(self, x: np.ndarray) -> None:
-        a = np.abs(np.asarray(x, np.float32).reshape(-1))
-        a = a[np.isfinite(a)]
-        if not a.size:
+        bits = np.ascontiguousarray(x, np.float32).reshape(-1).view(np.int32) & np.int32(0x7FFFFFFF)
+        if not bits.size:
             return
-        m = float(a.max())
-        self.amax = max(self.amax, m)
-        self.n += a.size
-        if m == 0.0 and self.top == 0.0:
-            self.counts[0] += a.size
-            return
-        if self.top == 0.0:
-            self.top = float(2.0 ** np.ceil(np.log2(m)))
-        while m > self.top:
-            self.counts = self.counts.reshape(-1, 2).sum(axis=1)
-            self.counts = np.concatenate([self.counts, np.zeros(self.bins // 2, np.int64)])
-            self.top *= 2.0
-        idx = np.minimum((a * (self.bins / self.top)).astype(np.int64), self.bins - 1)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        top = int(bits.max())
+        if top >= 0x7F800000:                      # inf / nan: left out
+            bits = bits[bits < 0x7F800000]
+            if not bits.size:
+                return
+            top = int(bits.max())
+        self.amax = max(self.amax, float(np.int32(top).view(np.float32)))
+        self.n += bits.size
+        found = np.bincount(bits >> self.SHIFT)
+        lo, hi = self.FIRST, self.FIRST + self.COUNT
+        self.counts[0] += found[:lo].sum()
+        body = found[lo:hi]
+        self.counts[:body.size] += body
+        self.counts[-1] += found[hi:].sum()
+
+    def edges(self) -> np.ndarray:
+        """Upper edge of each bucket."""
+        k = (np.arange(1, self.COUNT + 1, dtype=np.int64) + self.FIRST) << self.SHIFT
+        return np.minimum(k, 0x7F7FFFFF).astype(np.int32).view(np.float32).astype(np.float64)
 
     def clip(self, method: str, qmax: int) -> float:
         """The clip value ``c`` (scale ``c / qmax``) chosen by ``method``."""
@@ -161,14 +169,15 @@ class AbsHistogram:
             return 0.0
         if method == "minmax":
             return self.amax
-        width = self.top / self.bins
-        edges = np.arange(1, self.bins + 1) * width
+        upper = np.minimum(self.edges(), self.amax)
         if method == "percentile":
             cum = np.cumsum(self.counts)
             k = int(np.searchsorted(cum, cum[-1] * PERCENTILE / 100.0))
-            return float(min(edges[min(k, self.bins - 1)], self.amax))
+            return float(upper[min(k, self.COUNT - 1)])
         if method == "mse":
-            centers = edges - width / 2
+            used = self.counts > 0
+            counts, top = self.counts[used], upper[used]
+            centers = top * (1 - 2.0 ** -(MANTISSA_BITS + 1))
             cands = np.linspace(0.05, 1.0, 96) * self.amax
             # expected squared error: rounding noise (step^2 / 12) inside the clip, the clipped
             # distance outside it
@@ -176,9 +185,8 @@ class AbsHistogram:
             for c in cands:
                 step = c / qmax
                 inside = centers <= c
-                e = (self.counts[inside].sum() * step * step / 12.0
-                     + float((self.counts[~inside] * (centers[~inside] - c) ** 2).sum()))
-                err.append(e)
+                err.append(counts[inside].sum() * step * step / 12.0
+                           + float((counts[~inside] * (centers[~inside] - c) ** 2).sum()))
             return float(cands[int(np.argmin(err))])
         raise BadInput(f"calibrate_method {method!r}: choose one of {', '.join(METHODS)}")
 
@@ -200,32 +208,6 @@ def activation_scale(hist: AbsHistogram, method: str, dtype: str) -> ActivationR
 
 # ----------------------------------------------------------------------------- streaming calibration
 
-def _weightless_graph(model: Model) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
-    """The model with every initializer turned into a graph input (so onnx.reference can be built
-    without reading a weight byte); the initializers by name."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    g = proto.graph
-    inits = {t.name: t for t in model.graph.initializer}
-    del g.initializer[:]
-    del g.value_info[:]
-    have = {i.name for i in g.input}
-    for t in inits.values():
-        if t.name not in have:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return proto, inits
-
-
-def _read_weight(model: Model, t: TensorProto) -> np.ndarray:
-    """One initializer's values; a file range is mapped (the pages are dropped with the array)."""
-    src = model.sources.get(t.name)
-    if isinstance(src, FileRange):
-        return np.memmap(src.path, dtype=dtype_of(t), mode="r", offset=src.offset, shape=tuple(t.dims))
-    if isinstance(src, Computed):
-        return np.asarray(src.make()).reshape(tuple(t.dims))
-    return numpy_helper.to_array(t)
-
-
 @dataclass
 class Recording:
     histograms: dict[str, AbsHistogram] = field(default_factory=dict)
@@ -233,71 +215,11 @@ class Recording:
 
 
 def record_ranges(model: Model, feeds_list: Iterable[Mapping[str, np.ndarray]], tensors: Iterable[str], *,
-                  progress: bool = False) -> Recording:
-    """Run the fp32 ``model`` on each input set (one at a time) and keep a running ``|x|`` histogram
-    of each named tensor. Weights are read from their sources as their node runs (small ones kept),
-    activations dropped after their last use."""
-    from onnx.reference import ReferenceEvaluator
-
-    from .emulate import CUSTOM_OPS
-
-    proto, inits = _weightless_graph(model)
-    try:
-        ref = ReferenceEvaluator(proto, new_ops=CUSTOM_OPS)
-    except NotImplementedError as e:
-        raise BadInput(f"calibration: onnx.reference cannot run this model ({str(e).split(',')[0]})") from None
-    nodes = ref.rt_nodes_
-    if any(n.need_context() for n in nodes):
-        raise BadInput("calibration: the model has control-flow nodes (If/Loop/Scan); calibrate the model "
-                       "before the pass that added them")
-    wanted = set(tensors)
+                  progress: bool = False, max_segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Recording:
+    """Run the fp32 ``model`` on every input set, a segment at a time in onnxruntime
+    (:func:`segments.run_segments`), and keep a running ``|x|`` histogram of each named tensor."""
+    wanted = list(dict.fromkeys(tensors))
     rec = Recording({t: AbsHistogram() for t in wanted})
-    last_use: dict[str, int] = {}
-    for k, n in enumerate(nodes):
-        for i in n.input:
-            last_use[i] = k
-    small = {name: numpy_helper.to_array(t) for name, t in inits.items()
-             if name not in model.sources and t.data_location != TensorProto.EXTERNAL}
-    cached: dict[str, np.ndarray] = dict(small)
-    for name, t in inits.items():   # tables read by many nodes (masks, rotary) are read once
-        if name not in cached and model.tensor_nbytes(t) <= 1 << 20:
-            cached[name] = np.array(_read_weight(model, t))
-    graph_inputs = [i.name for i in model.graph.input if i.name not in inits]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc="calibration", unit="input", leave=False, disable=None)
-    for feeds in feeds_list:
-        values: dict[str, object] = {"": None}
-        for name in graph_inputs:
-            if name not in feeds:
-                raise BadInput(f"calibration inputs: no array named {name!r}")
-            values[name] = np.asarray(feeds[name])
-            if name in wanted:
-                rec.histograms[name].add(values[name])
-        for k, n in enumerate(nodes):
-            args = []
-            for i in n.input:
-                if i in values:
-                    args.append(values[i])
-                elif i in cached:
-                    args.append(cached[i])
-                else:
-                    args.append(np.asarray(_read_weight(model, inits[i])))
-            with np.errstate(over="ignore"):
-                outs = n.run(*args)
-            del args
-            for name, v in zip(n.output, outs):
-                values[name] = v
-                if name in wanted:
-                    rec.histograms[name].add(v)
-            for i in n.input:
-                if last_use.get(i) == k and i in values and i != "":
-                    values.pop(i, None)
-        rec.inputs += 1
-        del values
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    rec.inputs = run_segments(model, feeds_list, wanted, lambda name, v: rec.histograms[name].add(v),
+                              max_segment_bytes=max_segment_bytes, progress=progress)
     return rec
