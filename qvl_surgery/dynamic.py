@@ -100,10 +100,10 @@ def encoder_body(g: GraphBuilder, cfg: VisionConfig, weights: WeightSource, gt: 
     out_shape = x.ints([-1, C]).name
 
     def padded_rotary(kind: str, shape) -> tuple[str, str]:
-        """The rotary tables gathered once into the kind's padded layout ``[G, 1, L, D]``."""
-        return tuple(g.op("Reshape", [x.take(x.tensor(gt[f"rotary_{t}"]), x.tensor(gt[f"{kind}_pad_index"])).name,
-                                      x.name_of(shape)], f"/attn_layout/{kind}_rotary_{t}",
-                          outputs=[f"{kind}_rotary_{t}"]) for t in ("cos", "sin"))
+        """Rotary cos and sin gathered once into the kind's padded layout ``[G, 1, L, D]`` (all its blocks read them)."""
+        pad = x.tensor(gt[f"{kind}_pad_index"])
+        return tuple(g.op("Reshape", [x.take(x.tensor(gt[f"rotary_{t}"]), pad).name, x.name_of(shape)],
+                          f"/attn_layout/{kind}_rotary_{t}", outputs=[f"{kind}_rotary_{t}"]) for t in ("cos", "sin"))
 
     # windows: [W, 64, 3H, D] rows
     win_qkv_shape = x.ints([-1, slot, 3 * H, D]).name

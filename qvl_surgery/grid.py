@@ -3,13 +3,13 @@
 One computation, :func:`_grid_tables`, written once against a small array vocabulary and run by
 two backends, so the two forms cannot drift apart:
 
-- :class:`NumpyTables` gives numpy arrays: the inputs of the dynamic export's host-inputs kind
+- :class:`NumpyArrays` gives numpy arrays: the inputs of the dynamic export's host-inputs kind
   (:func:`qvl_surgery.hostinputs.host_inputs`) and the static export's baked constants;
 - :class:`GraphArrays` gives ONNX nodes (plain opset-17 integer ops: no Loop, no If, no sort, no
   custom op): the self-contained dynamic export computes the tables in its graph.
 
-Arithmetic is written with Python operators (``+ - * // <``: numpy's own, or one node each);
-everything else is a backend method named for what it does. Every value is non-negative, so
+Arithmetic is written with Python operators (``+ - * // <`` and ``divmod``: numpy's own, or
+one node each); everything else is a backend method named for what it does. Every value is non-negative, so
 ``//`` (numpy floors) and ONNX ``Div`` (truncates) agree.
 
 The tables (``GRID_TENSORS``; S = num_patches, M = S/4 merged tokens, W windows, F frames =
@@ -114,47 +114,59 @@ def _grid_tables(x, grid, cfg: VisionConfig) -> dict:
         mask = x.where(slot < size, 0.0, NEG)
         return pad_index, x.reshape(x.repeat_per_patch(mask), [-1, 1, 1, width * mu])
 
-    # --- per image: one entry per row of the grid
+    def of_image(image):
+        """A per-image table -> its entry for each index whose image is ``image`` (taken once a table)."""
+        taken = {}
+
+        def its(table):
+            if id(table) not in taken:
+                taken[id(table)] = x.take(table, image)
+            return taken[id(table)]
+        return its
+
+    def spans(sizes):
+        """First index and end of consecutive segments of ``sizes``."""
+        end = x.cumsum(sizes)
+        return end - sizes, end
+
+    # --- per image: one entry per row of the grid; images, their windows and their frames each
+    # numbered through the whole grid
     frames = x.column(grid, 0)
     rows, cols = x.column(grid, 1) // m, x.column(grid, 2) // m      # merged tokens per side
     frame_tokens = rows * cols
     image_tokens = frames * frame_tokens
-    image_end = x.cumsum(image_tokens)
-    image_start = image_end - image_tokens
     window_rows, window_cols = (rows + (ws - 1)) // ws, (cols + (ws - 1)) // ws
     frame_windows = window_rows * window_cols
     image_windows = frames * frame_windows
-    window_end = x.cumsum(image_windows)
-    window_start = window_end - image_windows
-    frame_end = x.cumsum(frames)
-    frame_start = frame_end - frames
+    image_start, image_end = spans(image_tokens)
+    window_start, window_end = spans(image_windows)
+    frame_start, frame_end = spans(frames)
     frame_len = x.largest(frame_tokens)
 
     # --- per merged token p: its input position and its window-order position alike (window
-    # order keeps images and frames where they are)
+    # order keeps images and frames where they are); ``its(table)``: the entry of p's image
     p = x.arange(x.total(image_tokens))
-    k = x.segment_of(p, image_end)                                    # image of token p
-    rows_k, cols_k = x.take(rows, k), x.take(cols, k)
-    frame, q = divmod(p - x.take(image_start, k), x.take(frame_tokens, k))  # frame, position in it
+    its = of_image(x.segment_of(p, image_end))
+    frame, q = divmod(p - its(image_start), its(frame_tokens))       # frame in the image, position in it
     frame_first = p - q
 
     # input order -> window order: token p at (r, c) of its frame, in window (wr, wc) at (ir, ic)
-    r, c = divmod(q, cols_k)
+    r, c = divmod(q, its(cols))
     (wr, ir), (wc, ic) = divmod(r, ws), divmod(c, ws)
-    hh, ww = edge(rows_k, wr), edge(cols_k, wc)
-    reverse_index = frame_first + wr * ws * cols_k + wc * ws * hh + ir * ww + ic
+    hh, ww = edge(its(rows), wr), edge(its(cols), wc)
+    reverse_index = frame_first + wr * ws * its(cols) + wc * ws * hh + ir * ww + ic
 
     # window order -> input order: position p is in band wr of window rows (ws*cols tokens, the
     # last band fewer), in window wc of the band (hh*ws tokens, the last window fewer), at in_window
-    wr, in_band = divmod(q, cols_k * ws)
-    hh = edge(rows_k, wr)
+    wr, in_band = divmod(q, its(cols) * ws)
+    hh = edge(its(rows), wr)
     wc, in_window = divmod(in_band, hh * ws)
-    ww = edge(cols_k, wc)
+    ww = edge(its(cols), wc)
     ir, ic = divmod(in_window, ww)
     token_row, token_col = wr * ws + ir, wc * ws + ic
-    window_index = frame_first + token_row * cols_k + token_col
-    window_id = x.take(window_start, k) + frame * x.take(frame_windows, k) + wr * x.take(window_cols, k) + wc
-    frame_id = x.take(frame_start, k) + frame
+    window_index = frame_first + token_row * its(cols) + token_col
+    window_id = its(window_start) + frame * its(frame_windows) + wr * its(window_cols) + wc
+    frame_id = its(frame_start) + frame
 
     # rotary: patch (a, b) of the merge unit of token (token_row, token_col) is at
     # (token_row*m + a, token_col*m + b); (a, b) in row-major order
@@ -169,22 +181,20 @@ def _grid_tables(x, grid, cfg: VisionConfig) -> dict:
     rot = x.reshape(rot, [-1, cfg.head_dim // 2])
     emb = x.concat([rot, rot], axis=-1)
 
-    # window slots: window_tokens slots for every window of every frame
+    # window slots: window_tokens slots for every window of every frame; ``its``: the window's image
     window, slot = divmod(x.arange(x.total(image_windows) * window_tokens), window_tokens)
-    kw = x.segment_of(window, window_end)                             # image of the window
-    cols_w, window_cols_w = x.take(cols, kw), x.take(window_cols, kw)
-    frame_w, in_frame = divmod(window - x.take(window_start, kw), x.take(frame_windows, kw))
-    wr, wc = divmod(in_frame, window_cols_w)
-    hh, ww = edge(x.take(rows, kw), wr), edge(cols_w, wc)
-    first = x.take(image_start, kw) + frame_w * x.take(frame_tokens, kw) + wr * ws * cols_w + wc * ws * hh
+    its = of_image(x.segment_of(window, window_end))
+    frame, in_frame = divmod(window - its(window_start), its(frame_windows))
+    wr, wc = divmod(in_frame, its(window_cols))
+    hh, ww = edge(its(rows), wr), edge(its(cols), wc)
+    first = its(image_start) + frame * its(frame_tokens) + wr * ws * its(cols) + wc * ws * hh
     window_pad_index, window_key_mask = padded(first, hh * ww, slot, window_tokens)
 
-    # frame slots: frame_len slots for every frame of every image
-    frame_f, slot = divmod(x.arange(x.total(frames) * frame_len), frame_len)
-    kf = x.segment_of(frame_f, frame_end)                             # image of the frame
-    size = x.take(frame_tokens, kf)
-    first = x.take(image_start, kf) + (frame_f - x.take(frame_start, kf)) * size
-    frame_pad_index, frame_key_mask = padded(first, size, slot, frame_len)
+    # frame slots: frame_len slots for every frame of every image; ``its``: the frame's image
+    frame, slot = divmod(x.arange(x.total(frames) * frame_len), frame_len)
+    its = of_image(x.segment_of(frame, frame_end))
+    first = its(image_start) + (frame - its(frame_start)) * its(frame_tokens)
+    frame_pad_index, frame_key_mask = padded(first, its(frame_tokens), slot, frame_len)
 
     return {
         "patch_order": per_patch(window_index),
@@ -200,7 +210,7 @@ def _grid_tables(x, grid, cfg: VisionConfig) -> dict:
     }
 
 
-class NumpyTables:
+class NumpyArrays:
     """The array vocabulary of :func:`_grid_tables` in numpy (int64 indices, float32 tables)."""
 
     cumsum = staticmethod(np.cumsum)
@@ -257,7 +267,7 @@ class NumpyTables:
 
 def grid_tables_numpy(cfg: VisionConfig, grid: np.ndarray) -> dict[str, np.ndarray]:
     """Every grid table as numpy arrays for ``grid`` (int64 ``[N, 3]``, already checked)."""
-    return _grid_tables(NumpyTables(cfg), np.asarray(grid, np.int64), cfg)
+    return _grid_tables(NumpyArrays(cfg), np.asarray(grid, np.int64), cfg)
 
 
 class GraphValue:
