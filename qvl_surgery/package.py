@@ -26,9 +26,9 @@ Rules and limits:
   of ``out_dir`` and renamed into place when every file is written and checked.
 - fp32 only: onnxruntime-genai's CPU provider runs fp32 models; an fp16 package would need a
   CUDA build of the runtime and a decoder built for it, which this toolkit cannot test.
-- The builder runs in its own virtualenv (``builder_env()``), created on first use: the
-  onnxruntime-genai 0.18 builder imports ``onnx_ir`` and classes that the toolkit's pinned
-  transformers 4.49 lacks (Gemma3, Mistral3, Qwen3-VL, ...). It loads the whole checkpoint
+- The builder runs in its own virtualenv (``builder_env()``, in the user's cache under a hash of
+  its pins, so every checkout reuses it), created on first use: the onnxruntime-genai 0.18
+  builder imports ``onnx_ir`` and classes that the toolkit's pinned transformers 4.49 lacks (Gemma3, Mistral3, Qwen3-VL, ...). It loads the whole checkpoint
   through transformers (its own design): for the 7B that is about 30 GB of RAM in fp32.
 - Images: the runtime finds them by the literal ``<|vision_start|><|image_pad|><|vision_end|>``
   in the prompt, one vision-start per image; its bicubic resize differs from Pillow's, so an
@@ -338,16 +338,15 @@ def genai_config(builder_config: dict, ckpt: Checkpoint, vision_cfg) -> dict:
 # ----------------------------------------------------------------------------- the builder
 
 def builder_env_dir() -> Path:
-    """Where the builder's virtualenv lives: ``$QVL_SURGERY_GENAI_BUILDER`` if set; in a source
-    checkout ``.compat/genai-builder`` beside ``pyproject.toml``; else the user's cache."""
+    """Where the builder's virtualenv lives: ``$QVL_SURGERY_GENAI_BUILDER`` if set, else the user's
+    cache, ``~/.cache/qvl-surgery/genai-builder-<hash of its pins and Python>``: one per set of pins,
+    shared by every run, checkout and clone (it is 1.1 GB and takes a minute to make); new pins
+    get a new folder instead of rebuilding one another checkout still uses."""
     env = os.environ.get(BUILDER_ENV_VAR)
     if env:
         return Path(env).expanduser()
-    root = Path(__file__).resolve().parents[1]
-    if (root / "pyproject.toml").is_file() and (root / "qvl_surgery").is_dir():
-        return root / ".compat" / "genai-builder"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "qvl-surgery" / "genai-builder"
+    return cache / "qvl-surgery" / f"genai-builder-{_want_stamp()[:16]}"
 
 
 def _want_stamp() -> str:

@@ -45,14 +45,22 @@ def check_new_output(out: Path, *, inputs: Iterable[Path] = (), overwrite: bool 
 
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A hidden temporary folder beside ``out`` (same filesystem, so renames publish), removed on exit."""
+    """A hidden temporary folder beside ``out`` (same filesystem, so renames publish), removed on exit.
+    Folders made here to hold it are removed too when nothing was published into them (a failed or
+    interrupted write leaves no trace)."""
     out = Path(out)
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:   # innermost first; stops at the first that holds something
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 def publish_dir(tmp: Path, out_dir: Path) -> None:

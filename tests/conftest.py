@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,17 @@ def run_cli(*args, cwd=None):
     """Run the installed console script; returns CompletedProcess (text)."""
     exe = Path(sys.executable).with_name("qvl-surgery")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def import_client(module: str):
+    """A client the tests run this toolkit's files through (pyproject.toml's 'clients' extra).
+    Missing is a failure, not a skip: CI runs scripts/test, whose set-up installs the extra, so a
+    skip would only hide that the client never ran."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"client {module} is not installed ({e}); scripts/setup installs it "
+                    "(pip install -e '.[clients]')", pytrace=False)
 
 
 def ort_run(path, feeds):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, run_cli, tiny_pixels
+from conftest import TINY, import_client, run_cli, tiny_pixels
 from qvl_surgery.export import export
 from qvl_surgery.runners import run_model
 from qvl_surgery.weights import RandomWeights
@@ -28,7 +28,7 @@ from qvl_surgery.weights import RandomWeights
 # convert_model sends usage statistics through openvino_telemetry unless a consent file says no;
 # without the module it falls back to its own no-op stub.
 sys.modules.setdefault("openvino_telemetry", None)
-ov = pytest.importorskip("openvino")
+ov = import_client("openvino")
 
 SIZES = [(448, 448), (308, 196)]
 TOL = 1e-4

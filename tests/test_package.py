@@ -12,12 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import import_client
 from qvl_surgery.errors import BadInput, QvlError
 from qvl_surgery.package import build_embedding_model, builder_env, Checkpoint, package, write_vision_model
 from qvl_surgery.weights import CheckpointWeights
 from qvl_surgery.testing import make_tiny_checkpoint
 
-og = pytest.importorskip("onnxruntime_genai")
+og = import_client("onnxruntime_genai")
 
 NEW_TOKENS = 24
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n"
