@@ -68,11 +68,14 @@ class QuantizeReport(PassReport):
     method: str = ""
     calibration: list[str] = field(default_factory=list)
     weight_bytes: list[int] = field(default_factory=list)           # [before, after]
+    kept_share: list = field(default_factory=list)                  # [share of the linears' work, counted by]
 
     def summary(self) -> list[str]:
         kept = sum(len(v) for v in self.kept.values())
         out = [f"quantize: {self.scheme} as {self.format} (opset {self.opset}): {len(self.quantized)} linears "
                f"quantized, {kept} kept float"]
+        if self.kept_share:
+            out.append(f"  kept float: {100 * self.kept_share[0]:.2f}% of the linear layers' {self.kept_share[1]}")
         for why, names in self.kept.items():
             out.append(f"  kept ({why}): {', '.join(names[:6])}" + (f" ... {len(names) - 6} more" if len(names) > 6 else ""))
         if self.ops:
@@ -166,6 +169,26 @@ def select_kept(linears: list[Linear], *, keep_nodes: list[str], keep_blocks: li
         for lin in hits:
             kept.setdefault(lin.name, f"block {b}")
     return kept
+
+
+def kept_share(model: Model, linears: list[Linear], kept: dict[str, str]) -> tuple[float, str]:
+    """The kept linears' share of all the linears' multiply-adds, and what it was counted at: rows x
+    K x N from the graph's static shapes, or by weight size where a row count is symbolic (dynamic
+    export: the merger's rows are a quarter of the blocks', so that count overstates it)."""
+    from qvl_surgery.graphinfo import value_types
+    try:
+        vt = value_types(model, {lin.x for lin in linears})
+    except BadInput:
+        vt = {}
+    rows: dict[str, int] = {}
+    for lin in linears:
+        dims = vt[lin.x].type.tensor_type.shape.dim if lin.x in vt else []
+        if dims and all(d.HasField("dim_value") for d in dims[:-1]):
+            rows[lin.name] = int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
+    by_rows = len(rows) == len(linears)
+    macs = {lin.name: (rows[lin.name] if by_rows else 1) * lin.n * lin.k for lin in linears}
+    total = sum(macs.values()) or 1
+    return sum(macs[n] for n in kept) / total, ("multiply-adds" if by_rows else "weight size (symbolic rows)")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -590,6 +613,9 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
     report.quantized = [lin.name for lin in plan.linears]
     for name, why in kept.items():
         report.kept.setdefault(why, []).append(name)
+    if kept:
+        share, by = kept_share(model, linears, kept)
+        report.kept_share = [round(share, 5), by]
     out = _QuantEmitter(model, plan, report, context.workdir).emit()
     report.weight_bytes = [model.weight_bytes(), out.weight_bytes()]
     out.set_metadata("qvl_surgery.dtype", weights)
@@ -597,7 +623,7 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
         "scheme": plan.scheme, "weights": weights, "activations": activations, "format": format,
         "block_size": block, "calibrate": calibrate if static else None,
         "calibrate_method": calibrate_method if static else None,
-        "quantized": report.quantized, "kept": kept, "ops": report.ops}))
+        "quantized": report.quantized, "kept": kept, "kept_share": report.kept_share, "ops": report.ops}))
     return out, report
 
 

@@ -134,7 +134,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .inputs import load_inputs
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, video=a.video, image_size=a.image_size, seed=a.seed)
     judged = judgement_of(a.cand)   # what CAND's passes declared: int8 is not judged at fp32's tolerances
-    report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16,
+    report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, runtime=a.runtime,
                      atol=a.atol if a.atol is not None else max(judged.atol, 1e-3),
                      rtol=a.rtol if a.rtol is not None else max(judged.rtol, 1e-3),
                      min_cosine=a.min_cosine if a.min_cosine is not None else min(judged.min_cosine, 0.999),
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random input when no file is given")
     c.add_argument("--emulate-fp16", action="store_true",
                    help="run CAND with fp16 rounding emulated (onnxruntime's CPU provider hides fp16 error)")
+    c.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="run CAND in this runtime (REF always in onnxruntime); openvino: its CPU plugin at f32 "
+                   "precision, from the 'clients' extra (quantized QDQ files run in integer arithmetic there)")
     c.add_argument("--atol", type=float, default=None, help="default 1e-3, or looser where CAND's passes declare "
                    "it (qvl_surgery.judgement metadata: quantized files)")
     c.add_argument("--rtol", type=float, default=None, help="default as --atol")

@@ -45,8 +45,8 @@ def _with_extra_outputs(path: Path, names: list[str]):
 
 
 class QvlRunner(BaseRunner):
-    """Runs a model file or a split: onnxruntime (``mode='onnxrt'``) or fp16 emulation
-    (``mode='emulate-fp16'``). Inputs are cast to the model's input dtypes; outputs come back as
+    """Runs a model file or a split: onnxruntime (``mode='onnxrt'``), OpenVINO's CPU plugin
+    (``mode='openvino'``, a model file) or fp16 emulation (``mode='emulate-fp16'``). Inputs are cast to the model's input dtypes; outputs come back as
     float32. ``extra_outputs`` names intermediate tensors to return too (e.g. block outputs)."""
 
     def __init__(self, path: str | Path, mode: str = "onnxrt", extra_outputs: list[str] | None = None,
@@ -78,6 +78,11 @@ class QvlRunner(BaseRunner):
             else:
                 out = Fp16Emulator(self.path).run(feeds, self.outputs + self.extra)
             return out
+        if self.mode == "openvino":
+            if is_manifest_path(self.path):
+                raise BadInput(f"{self.path}: OpenVINO runs a model file; merge the split first")
+            from .runners import run_openvino
+            return run_openvino(self.path, feeds, self.extra)
         if is_manifest_path(self.path):
             from .runners import run_chain
             return run_chain(self.path, feeds, keep_intermediate=bool(self.extra))
@@ -201,6 +206,7 @@ def block_output_names(path: Path) -> list[str]:
 
 
 def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], emulate_fp16: bool = False,
+            runtime: str = "onnxruntime",
             atol: float = 1e-3, rtol: float = 1e-3, min_cosine: float = 0.999,
             min_centered_cosine: float | None = None, per_block: bool = False,
             save_outputs: str | Path | None = None, save_inputs: str | Path | None = None,
@@ -221,7 +227,9 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
     if per_block and is_manifest_path(ref):
         raise BadInput("--per-block needs REF to be a single model, not a split")
     r_runner = QvlRunner(ref, "onnxrt", extra, name="ref")
-    cand_mode = "emulate-fp16" if emulate_fp16 else "onnxrt"
+    if emulate_fp16 and runtime != "onnxruntime":
+        raise BadInput("--emulate-fp16 emulates onnxruntime's file in numpy; it does not combine with --runtime")
+    cand_mode = "emulate-fp16" if emulate_fp16 else {"onnxruntime": "onnxrt", "openvino": "openvino"}[runtime]
     c_runner = QvlRunner(cand, cand_mode, extra, name="cand")
     results = Comparator.run([r_runner, c_runner], data_loader=[feeds])
     if save_inputs:

@@ -15,13 +15,54 @@ from .signature import signature
 log = logging.getLogger(__name__)
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, execution_order: str | None = None):
+def ort_session(path: str | Path, providers: list[str] | None = None, execution_order: str | None = None,
+                threads: int | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
     if execution_order:
         so.execution_order = getattr(ort.ExecutionOrder, execution_order)
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+OPENVINO_MISSING = ("OpenVINO is not installed: pip install 'qvl-surgery[clients]' (or openvino) into this "
+                    "environment")
+
+
+def openvino_compiled(path: str | Path, extra_outputs: list[str] | None = None, precision: str = "f32",
+                      threads: int | None = None):
+    """OpenVINO's CPU plugin on a model file (its ONNX frontend reads the file; nothing is written).
+    ``precision`` is the inference precision hint: f32 by default, since OpenVINO's CPU default is
+    bf16 where the CPU has it, which would hide or add error; "bf16" asks for it."""
+    try:
+        import sys
+        sys.modules.setdefault("openvino_telemetry", None)   # no usage statistics from a comparison
+        import openvino as ov
+    except ImportError:
+        raise BadInput(OPENVINO_MISSING) from None
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if extra_outputs:
+        model.add_outputs(list(extra_outputs))
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return core.compile_model(model, "CPU", config)
+
+
+def run_openvino(path: str | Path, feeds: Mapping[str, np.ndarray], extra_outputs: list[str] | None = None,
+                 compiled=None) -> dict[str, np.ndarray]:
+    """One inference in OpenVINO; outputs by every name OpenVINO knows them by (float32)."""
+    compiled = compiled or openvino_compiled(path, extra_outputs)
+    res = compiled(dict(cast_feeds(path, feeds)))
+    out = {}
+    for port in compiled.outputs:
+        v = np.asarray(res[port])
+        for name in port.get_names():
+            out[name] = v.astype(np.float32) if v.dtype.kind == "f" else v
+    return out
 
 
 def cast_feeds(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

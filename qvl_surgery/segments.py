@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import BadInput
+from .graphinfo import infer_graph
 from .modelfile import Computed, FileRange, Model, dtype_of
 
 log = logging.getLogger(__name__)
@@ -99,18 +100,8 @@ def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int = D
 
 
 def _value_types(model: Model) -> dict[str, int]:
-    """Element type of every tensor the graph names (shape inference on the weightless graph)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    for t in proto.graph.initializer:   # shape inference reads no data, but wants none declared missing
-        if t.data_location == TensorProto.EXTERNAL:
-            del t.external_data[:]
-            t.data_location = TensorProto.DEFAULT
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    except Exception as e:  # noqa: BLE001 - a graph onnx cannot infer still runs; types then come from ORT
-        log.debug("shape inference failed: %s", e)
-    g = proto.graph
+    """Element type of every tensor the graph names."""
+    g = infer_graph(model)
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
     types.update({t.name: t.data_type for t in g.initializer})
     return types

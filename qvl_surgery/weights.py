@@ -87,6 +87,53 @@ class RandomWeights(WeightSource):
         return {k: torch.from_numpy(self.array(k).copy()) for k in self.shapes}
 
 
+class OverflowWeights(RandomWeights):
+    """Stand-in for the real 3B checkpoint's fp16 trouble: random weights, except 16 channels of the
+    last block's ``mlp.down_proj.bias`` set to 4.9e4, which pushes the residual (and the merger's
+    RMSNorm input) to ~4.9e4, as reported for ``blocks.31`` of Qwen2.5-VL-3B."""
+
+    VALUE = 4.9e4
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.description = f"overflow stand-in (random init, seed {seed}; blocks.{cfg.depth - 1} down_proj bias 4.9e4)"
+
+    def array(self, name: str) -> np.ndarray:
+        a = super().array(name)
+        if name == f"blocks.{self.cfg.depth - 1}.mlp.down_proj.bias":
+            a[:16] = self.VALUE
+        return a
+
+
+class OutlierWeights(RandomWeights):
+    """Stand-in for a trained ViT's massive activations: from block 1 on, a few fixed residual
+    channels carry ~1e3 (block 1's ``mlp.down_proj`` bias, plus its rows scaled up so the channels
+    also vary with the image). After RMSNorm those channels set every per-tensor int8 scale, and
+    the other channels fall below one step: the failure of naive W8A8 on trained encoders."""
+
+    CHANNELS = (7, 211, 643, 1109)
+    VALUE = 1.0e3
+    ROW_SCALE = 40.0
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.channels = sorted({c % cfg.hidden_size for c in self.CHANNELS})
+        self.description = (f"outlier stand-in (random init, seed {seed}; residual channels {self.channels} "
+                            f"~{self.VALUE:g} from block 1 on)")
+
+    def array(self, name: str) -> np.ndarray:
+        a = super().array(name)
+        block = min(1, self.cfg.depth - 1)
+        if name == f"blocks.{block}.mlp.down_proj.bias":
+            a[self.channels] = self.VALUE
+        elif name == f"blocks.{block}.mlp.down_proj.weight":
+            a[self.channels] *= np.float32(self.ROW_SCALE)
+        return a
+
+
+STAND_INS = {"random": RandomWeights, "overflow": OverflowWeights, "outlier": OutlierWeights}
+
+
 class StateDictWeights(WeightSource):
     """A transformers vision model's state dict (tests; small models)."""
 

@@ -464,10 +464,143 @@ def section_simplify(work: Path) -> list[str]:
             f"`onnxsim.simplify(onnx.load(model))`: {why or 'succeeded'}", ""]
 
 
+# quantize -----------------------------------------------------------------------------------------
+
+QUANT_PRESET = "3b"   # scripts/bench --only quant --preset tiny: a smoke run of the section
+W8A8 = ["--weights", "int8", "--activations", "int8"]
+CAL = ["--calibrate", "random:8"]
+KEEP_MERGER = ["--keep-node", "/merger/*"]
+# label, quantize options (None: the fp32 windowed file itself), runtime of scripts/ort_latency.py
+QUANT_ROUTES = [
+    ("onnxruntime fp32 windowed (baseline)", None, "onnxruntime"),
+    ("OpenVINO fp32", None, "openvino"),
+    ("OpenVINO, bf16 inference hint", None, "openvino-bf16"),
+    ("w8a8 dynamic, format onnxruntime (DynamicQuantizeMatMul)", W8A8 + ["--format", "onnxruntime"], "onnxruntime"),
+    ("w8a8 static, format onnxruntime (MatMulIntegerToFloat)", W8A8 + ["--format", "onnxruntime"] + CAL, "onnxruntime"),
+    ("w8a8 dynamic, merger kept float, format onnxruntime", W8A8 + ["--format", "onnxruntime"] + KEEP_MERGER,
+     "onnxruntime"),
+    ("w8a8 qdq, in OpenVINO", W8A8 + ["--format", "qdq"] + CAL, "openvino"),
+    ("w8a8 qdq, merger kept float, in OpenVINO", W8A8 + ["--format", "qdq"] + CAL + KEEP_MERGER, "openvino"),
+    ("w8a16 qdq, in OpenVINO", ["--weights", "int8", "--activations", "int16", "--format", "qdq"] + CAL, "openvino"),
+    ("w8 weight-only, format onnxruntime (MatMulNBits)", ["--weights", "int8", "--format", "onnxruntime"], "onnxruntime"),
+    ("w4 block 32 weight-only, format onnxruntime (MatMulNBits)",
+     ["--weights", "int4", "--block-size", "32", "--format", "onnxruntime"], "onnxruntime"),
+    ("anchor: onnxruntime quantize_dynamic (QInt8)", "ort-dynamic", "onnxruntime"),
+    ("anchor: onnxruntime quantize_static (QDQ, 8 random inputs)", "ort-static", "onnxruntime"),
+]
+# on the stand-ins: accuracy of the routes that matter there (latency is the random-weights table's)
+STAND_IN_ROUTES = [r for r in QUANT_ROUTES if r[0].startswith(("onnxruntime fp32", "w8a8 dynamic", "w8a8 qdq",
+                                                               "w8a16", "w8 weight", "anchor: onnxruntime quantize_dynamic"))]
+ORT_STATIC = """
+import numpy as np, sys
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+class Random(CalibrationDataReader):
+    def __init__(self):
+        self.sets = iter([{"pixel_values": np.random.default_rng(s).standard_normal((1024, 1176)).astype(np.float32)}
+                          for s in range(8)])
+    def get_next(self):
+        return next(self.sets, None)
+quantize_static(sys.argv[1], sys.argv[2], Random(), quant_format=QuantFormat.QDQ, per_channel=True,
+                weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, use_external_data_format=True)
+"""
+
+
+def _windowed(work: Path, name: str, stand_in: str | None) -> Path:
+    src, win = work / f"{name}.onnx", work / f"{name}.windowed.onnx"
+    if not win.exists():
+        if stand_in:
+            measure(f"(setup) export {QUANT_PRESET} {stand_in} stand-in", py(
+                "from qvl_surgery.config import PRESETS; from qvl_surgery.export import export; "
+                "from qvl_surgery.weights import STAND_INS; "
+                f"export(STAND_INS[{stand_in!r}](PRESETS[{QUANT_PRESET!r}], 0), {str(src)!r}, (448, 448), progress=False, overwrite=True)"))
+        elif not src.exists():
+            measure(f"(setup) export {QUANT_PRESET}", [QVL, "export", "--random-init", QUANT_PRESET, "--seed", "0",
+                                                      "-o", str(src), "-q"])
+        measure("(setup) attention windowed", [QVL, "attention", str(src), "-o", str(win), "-q", "--force"])
+        if stand_in:
+            clear(src, Path(str(src) + ".data"))
+    return win
+
+
+def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[str], list[Run]]:
+    import numpy as np
+
+    from qvl_surgery.compare import centered_cosine, cosine
+    rows = ["| route | runtime | latency s | x ORT fp32 | cosine | centered cosine | file MB | peak RSS MB | "
+            "quantize s | quantize peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    passes: list[Run] = []
+    ref, base = None, None
+    for label, opts, runtime in routes:
+        target, qrun = win, None
+        if opts is not None:
+            target = work / "q.onnx"
+            clear(target, Path(str(target) + ".data"))
+            if opts == "ort-dynamic":
+                qrun = measure(f"quantize: {label}", py(
+                    "from onnxruntime.quantization import quantize_dynamic, QuantType; "
+                    f"quantize_dynamic({str(win)!r}, {str(target)!r}, weight_type=QuantType.QInt8, "
+                    "use_external_data_format=True)"),
+                    show="quantize_dynamic(windowed.onnx, q.onnx, weight_type=QInt8, use_external_data_format=True)",
+                    allow_fail=True)
+            elif opts == "ort-static":
+                qrun = measure(f"quantize: {label}", [PY, "-c", ORT_STATIC, str(win), str(target)],
+                               show="quantize_static(windowed.onnx, q.onnx, 8 random inputs, QDQ, per_channel=True, "
+                                    "QInt8/QInt8, use_external_data_format=True)", allow_fail=True)
+            else:
+                qrun = measure(f"quantize {' '.join(opts)}", [QVL, "quantize", str(win), "-o", str(target), "-q", *opts],
+                               show="qvl-surgery quantize windowed.onnx -o q.onnx " + " ".join(opts))
+            passes.append(qrun)
+        out = work / "out.npy"
+        clear(out)
+        runs = 3 if timed else 1
+        cap: list[str] = []
+        r = measure(f"{runtime}: {label}", [PY, str(ROOT / "scripts" / "ort_latency.py"), str(target), str(runs),
+                                            "--runtime", runtime, "--save", str(out)], allow_fail=True, capture=cap)
+        mb = sum(p.stat().st_size for p in target.parent.glob(target.name + "*")) / 1e6
+        if not out.exists():
+            rows.append(f"| {label} | {runtime} | failed | | | | {mb:.0f} | | | |")
+            continue
+        median = float(cap[-1].split("median_s")[1].split()[0])
+        y = np.load(out)
+        if ref is None:
+            ref, base = y, median
+        lat = f"{median:.2f} | {median / base:.2f}" if timed else " | "
+        q = f"{qrun.wall_s:.1f} | {qrun.peak_mb:.0f}" if qrun else " | "
+        rows.append(f"| {label} | {runtime} | {lat} | {cosine(ref, y):.5f} | {centered_cosine(ref, y):.5f} | "
+                    f"{mb:.0f} | {r.peak_mb:.0f} | {q} |")
+        if opts is not None:
+            clear(target, Path(str(target) + ".data"))
+    return rows, passes
+
+
+def section_quant(work: Path) -> list[str]:
+    """Every quantization route on the 3b at 448x448: latency against onnxruntime fp32 windowed (same
+    run), accuracy against its output, on random weights and on the two stand-ins."""
+    rows, passes = _quant_table(work, _windowed(work, f"{QUANT_PRESET}-random", None), QUANT_ROUTES, timed=True)
+    out = [f"## quantize ({QUANT_PRESET} windowed, 448x448, 2 threads; random weights seed 0 and two stand-ins)", "",
+           "Each quantized file is made from the windowed fp32 file and run by `scripts/ort_latency.py` in its own "
+           "process (3 runs on one random input, median of the last 2); cosines are against the baseline's output "
+           "on the same input. Token-centered: each output row minus the mean row (a constant component hides "
+           "destroyed content). Quantize time and peak RSS are the pass's own (calibration on 8 random inputs "
+           "included where the route calibrates). Goals (issue 16): an int8 route <= 0.35x with centered cosine "
+           ">= 0.998; 4-bit file <= 0.2x the fp32 bytes; the pass under 1.5 GB.", "", "### random weights", "",
+           *rows, ""]
+    for stand_in in ("outlier", "overflow"):
+        win = _windowed(work, stand_in, stand_in)
+        srows, _ = _quant_table(work, win, STAND_IN_ROUTES, timed=False)
+        from qvl_surgery.weights import STAND_INS
+        from qvl_surgery.config import PRESETS
+        out += [f"### {stand_in} stand-in: {STAND_INS[stand_in](PRESETS[QUANT_PRESET], 0).description}", "",
+                "Accuracy only (one run each; the latency of a route does not depend on the weights' values).", "",
+                *srows, ""]
+        clear(win, Path(str(win) + ".data"))
+    return out
+
+
 SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
             "overflow": section_overflow,
             "simplify": section_simplify,
-            "attention": section_attention, "dynamic": section_dynamic}
+            "attention": section_attention, "dynamic": section_dynamic, "quant": section_quant}
 
 
 MARK = "<!-- bench section: {} -->"
@@ -495,7 +628,10 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench", help="scratch folder (several GB)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--preset", default="3b", help="quant section only: tiny for a smoke run (write --output elsewhere)")
     a = ap.parse_args()
+    global QUANT_PRESET
+    QUANT_PRESET = a.preset
     a.work.mkdir(parents=True, exist_ok=True)
     names = [n for n in a.only.split(",") if n]
     unknown = [n for n in names if n not in SECTIONS]

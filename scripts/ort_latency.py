@@ -1,30 +1,47 @@
-"""Time onnxruntime (CPU) on one model: session creation, then RUNS inferences on a random input.
+"""Time one model in one runtime: session (compile) creation, then RUNS inferences on a random input.
 Prints 'median_s <seconds> first_s <seconds> session_s <seconds>'. Used by scripts/bench in a child
 process so that its peak RSS is the model's own. A dynamic export gets one random image of
 IMAGE_SIZE (HxW, default 448x448) with its grid (host-inputs kind: the grid tensors).
 
-    python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE]
+    python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE] [--runtime onnxruntime|openvino|openvino-bf16]
+                                  [--threads N] [--save OUT.npy]
+
+--save writes the first output of the last run (float32), for accuracy against another run's.
 """
-import sys
+import argparse
 import time
 
 import numpy as np
 
 from qvl_surgery.inputs import ModelKind, parse_sizes, random_feeds
-from qvl_surgery.runners import cast_feeds, ort_session
+from qvl_surgery.runners import cast_feeds, openvino_compiled, ort_session
 
-path = sys.argv[1]
-runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-kind = ModelKind.of(path)
-feeds = random_feeds(kind, seed=0, image_sizes=parse_sizes(sys.argv[3]) if len(sys.argv) > 3 else None)
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("runs", nargs="?", type=int, default=3)
+ap.add_argument("image_size", nargs="?")
+ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino", "openvino-bf16"))
+ap.add_argument("--threads", type=int, default=None)
+ap.add_argument("--save")
+a = ap.parse_args()
+kind = ModelKind.of(a.model)
+feeds = random_feeds(kind, seed=0, image_sizes=parse_sizes(a.image_size) if a.image_size else None)
+x = cast_feeds(a.model, feeds)
 t0 = time.perf_counter()
-sess = ort_session(path)
+if a.runtime == "onnxruntime":
+    sess = ort_session(a.model, threads=a.threads)
+    run = lambda: sess.run(None, x)[0]  # noqa: E731
+else:
+    compiled = openvino_compiled(a.model, precision="bf16" if a.runtime == "openvino-bf16" else "f32",
+                                 threads=a.threads)
+    run = lambda: compiled(x)[compiled.outputs[0]]  # noqa: E731
 t1 = time.perf_counter()
-x = cast_feeds(path, feeds)
 times = []
-for _ in range(runs):
+for _ in range(a.runs):
     s = time.perf_counter()
-    sess.run(None, x)
+    y = run()
     times.append(time.perf_counter() - s)
+if a.save:
+    np.save(a.save, np.asarray(y, np.float32))
 print(f"median_s {float(np.median(times[1:] if len(times) > 1 else times)):.4f} first_s {times[0]:.4f} "
       f"session_s {t1 - t0:.4f}")

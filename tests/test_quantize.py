@@ -217,3 +217,54 @@ def test_calibration_records_only_what_it_is_asked(tiny_448):
     with sibling_model(tiny_448, proto) as tmp:
         v = _session(tmp).run([names[1]], {"pixel_values": x})[0]
     assert np.isclose(rec.histograms[names[1]].amax, np.abs(v).max(), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """The two stand-ins of a trained encoder (tiny, 448x448): massive residual channels, and the
+    overflowing last block."""
+    from qvl_surgery.export import export
+    from qvl_surgery.weights import STAND_INS
+    d = tmp_path_factory.mktemp("stand_ins")
+    out = {}
+    for kind in ("outlier", "overflow"):
+        out[kind] = d / f"{kind}.onnx"
+        export(STAND_INS[kind](TINY, 0), out[kind], (448, 448), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["outlier", "overflow"])
+def test_stand_ins_defeat_naive_w8a8_and_the_merger_is_where(stand_ins, kind, tmp_path, reference):
+    """What the stand-ins are for: the plain cosine stays near 1 while the token-centered one shows the
+    content destroyed by per-tensor int8 activations. The merger's RMSNorm is where it happens (the
+    blocks' residual carries the content past their own quantized linears): keeping its two linears
+    float restores it. 16-bit activations survive the outliers (~1e3) but not the overflow (4.9e4,
+    beyond int16's range over the normal channels)."""
+    x = reference[0]
+    src = stand_ins[kind]
+    ref = _session(src).run(None, {"pixel_values": x})[0]
+    if kind == "outlier":   # the residual carries ~1e3 in the chosen channels from block 1 on
+        from qvl_surgery.compare import block_output_names
+        after = block_output_names(src)
+        rec = quant.record_ranges(load_model(src), [{"pixel_values": x}], after)
+        assert rec.histograms[after[0]].amax < 50 and all(rec.histograms[n].amax > 500 for n in after[1:])
+    naive, _ = _quantize(src, tmp_path, "naive", activations="int8", format="onnxruntime")
+    y = _session(naive).run(None, {"pixel_values": x})[0]
+    assert cosine(ref, y) > 0.999 and centered_cosine(ref, y) < 0.5
+    kept, report = _quantize(src, tmp_path, "kept", activations="int8", format="onnxruntime", keep_node=["/merger/*"])
+    y = _session(kept).run(None, {"pixel_values": x})[0]
+    assert centered_cosine(ref, y) > 0.999 and 0 < report.kept_share[0] < 0.1
+    a16, _ = _quantize(src, tmp_path, "a16", activations="int16", calibrate="random:2")
+    y = _session(a16).run(None, {"pixel_values": x})[0]
+    assert (centered_cosine(ref, y) > 0.999) == (kind == "outlier")
+
+
+def test_compare_runs_a_qdq_file_in_openvino(tiny_448, tmp_path):
+    from conftest import import_client, run_cli
+    import_client("openvino")
+    q, _ = _quantize(tiny_448, tmp_path, "ovq", activations="int8", calibrate="random:2")
+    rep = tmp_path / "rep.json"
+    r = run_cli("compare", tiny_448, q, "--runtime", "openvino", "--json", rep)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(rep.read_text())
+    assert "(openvino)" in out["cand"] and 0.998 < out["outputs"][0]["centered_cosine"] < 1.0
