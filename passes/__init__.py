@@ -16,6 +16,7 @@ from .attention import AttentionPass
 from .fp16 import Fp16Pass
 from .merge import MergePass
 from .quantize import QuantizePass
+from .rotate import RotatePass
 from .simplify import SimplifyPass
 from .split import SplitPass
 
@@ -26,6 +27,7 @@ PASSES: dict[str, type[Pass]] = {p.name: p for p in (
     MergePass,
     SimplifyPass,
     QuantizePass,
+    RotatePass,
 )}
 
 
@@ -97,4 +99,4 @@ def option_flag(name: str) -> str | None:
 
 
 __all__ = ["PASSES", "register", "get_pass", "parse_spec", "spec_from_dict", "option_flag", "AttentionPass",
-           "Fp16Pass", "MergePass", "SimplifyPass", "SplitPass"]
+           "Fp16Pass", "MergePass", "QuantizePass", "RotatePass", "SimplifyPass", "SplitPass"]

@@ -1,0 +1,95 @@
+"""Quantization-friendly surgery (rotate): exact in fp32 on static, windowed and dynamic exports,
+no dtype changed, no op added; refusals; what it does to the outlier stand-in."""
+import numpy as np
+import onnx
+import pytest
+
+from conftest import TINY, check_written, run_cli
+from passes.rotate import hadamard, rotate_model, rotation
+from qvl_surgery.compare import centered_cosine
+from qvl_surgery.export import export
+from qvl_surgery.inputs import ModelKind, random_feeds
+from qvl_surgery.modelfile import load_model, save_model
+from qvl_surgery.runners import run_model
+from qvl_surgery.weights import STAND_INS
+
+
+@pytest.fixture(scope="module")
+def tiny_windowed(tiny_448, tmp_path_factory):
+    out = tmp_path_factory.mktemp("surgery_win") / "windowed.onnx"
+    r = run_cli("attention", tiny_448, "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dynamic(tmp_path_factory):
+    from qvl_surgery.dynamic import export_dynamic
+    from qvl_surgery.weights import RandomWeights
+    out = tmp_path_factory.mktemp("surgery_dyn") / "dynamic.onnx"
+    export_dynamic(RandomWeights(TINY, seed=3), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 64, 1280])
+def test_hadamard_constructions_are_orthogonal(n):
+    h = hadamard(n)
+    assert h is not None and np.array_equal(h @ h.T, n * np.eye(n))
+    q, what = rotation(n, seed=1)
+    assert np.allclose(q @ q.T, np.eye(n), atol=1e-12) and "Hadamard" in what
+    q, what = rotation(100, seed=1)   # no construction here: a random orthogonal matrix, said so
+    assert np.allclose(q @ q.T, np.eye(100), atol=1e-12) and "random orthogonal" in what
+
+
+def _types(path):
+    m = onnx.load(str(path), load_external_data=False)
+    return sorted((t.name, t.data_type) for t in m.graph.initializer), [n.op_type for n in m.graph.node]
+
+
+@pytest.mark.parametrize("which", ["static", "windowed", "dynamic"])
+def test_rotate_is_exact_and_adds_nothing(which, tiny_448, tiny_windowed, tiny_dynamic, tmp_path):
+    src = {"static": tiny_448, "windowed": tiny_windowed, "dynamic": tiny_dynamic}[which]
+    out = tmp_path / "rot.onnx"
+    r = run_cli("rotate", src, "-o", out)
+    assert r.returncode == 0, r.stderr
+    check_written(out)
+    feeds = random_feeds(ModelKind.of(src), seed=2)
+    (a, *_), (b, *_) = run_model(src, feeds).values(), run_model(out, feeds).values()
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    (t0, ops0), (t1, ops1) = _types(src), _types(out)
+    assert dict(t1).items() <= dict(t0).items()     # same tensors, same dtypes (the scales dropped)
+    assert len(ops1) == len(ops0) - (TINY.depth * 2 + 1) and set(ops1) <= set(ops0)   # the scale Muls
+
+
+def test_rotate_refuses_a_split_part_in_one_line(tiny_448, tmp_path):
+    r = run_cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "parts")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("rotate", tmp_path / "parts" / "part1.onnx", "-o", tmp_path / "x.onnx")
+    assert r.returncode == 2 and "rotate the whole model, then split" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
+def test_rotate_spreads_massive_channels(tmp_path):
+    """On the outlier stand-in, the few massive channels carry nearly all of a normed linear input's
+    energy; after rotation no channel carries much more than its share (the fp32 output unchanged).
+    Spreading alone does not make per-tensor int8 work there: the massive part is nearly constant
+    over tokens, which a rotation keeps (it needs a shift: smooth)."""
+    from qvl_surgery.segments import run_segments
+    src = tmp_path / "outlier.onnx"
+    export(STAND_INS["outlier"](TINY, 0), src, (448, 448), progress=False)
+    rot = save_model(rotate_model(load_model(src))[0], tmp_path / "rot.onnx")
+    x = {"pixel_values": np.random.default_rng(0).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
+
+    def top_share(path):
+        from passes.quantize import find_linears
+        m = load_model(path)
+        name = next(lin.x for lin in find_linears(m, []) if lin.name.startswith("/blocks.2/attn/qkv"))
+        got = {}
+        run_segments(m, [x], [name], lambda n, v: got.setdefault(n, v))
+        energy = np.sort((got[name].astype(np.float64) ** 2).sum(axis=0))[::-1]
+        return energy[:4].sum() / energy.sum(), energy[0] / energy.mean()
+
+    (share0, peak0), (share1, peak1) = top_share(src), top_share(rot)
+    assert share0 > 0.99 and share1 < 0.5 and peak0 / peak1 > 4, (share0, share1, peak0, peak1)
+    a, b = run_model(src, x)["image_embeds"], run_model(rot, x)["image_embeds"]
+    assert centered_cosine(a, b) > 0.99999
