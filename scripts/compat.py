@@ -16,7 +16,12 @@ standard library and numpy. For each (file kind, client route) the parent:
 
 A cell is a figure, or the client's own error text with its version. A figure is marked WRONG when
 its relative L2 error exceeds 10x onnxruntime's on the same file and the client's own arithmetic floor:
-that is a client silently computing something else.
+that is a client silently computing something else. On a quantized file onnxruntime's error is the
+quantization error: a client near 1x of it runs the same quantized arithmetic, one far below it (< 0.3x,
+noted) probably ran the file in float.
+
+Rows of COMPAT.md that this run did not measure are kept as they were (the results files under .compat/
+belong to one checkout; COMPAT.md is the record).
 
 File kinds are data (``KINDS``): a kind names the toolkit commands that make it from other kinds and
 the CLI options it needs; a kind whose option the CLI does not have yet is listed as "not yet
@@ -115,6 +120,11 @@ class Kind:
     split: bool = False                        # output is a split folder (manifest.json), run as a chain
     presets: tuple[str, ...] = ("tiny", "3b")
 
+    @property
+    def quantized(self) -> bool:
+        """Made by ``quantize``: onnxruntime's own error on it is the quantization error."""
+        return any(step[0] == "quantize" for step in self.steps)
+
 
 KINDS: list[Kind] = [
     Kind("fp32", "fp32 export"),
@@ -144,6 +154,23 @@ KINDS: list[Kind] = [
     Kind("dynamic-fp16-single", "dynamic export + fp16, --single-file",
          (("fp16", "{dynamic}", "-o", "{out}", "--single-file"),),
          needs=(("export", "--dynamic"), ("fp16", "--single-file"))),
+    # quantized, all from the windowed file (what a deployment quantizes); random:4 calibration keeps
+    # the tiny run short (quantize's default is 8 sets)
+    *(Kind(kid, label, (("quantize", "{windowed}", "-o", "{out}", *args),), needs=(("quantize", "--weights"),))
+      for kid, label, args in (
+        ("w8a8-qdq", "windowed, w8a8 qdq (int8 weights per channel, int8 activations, --calibrate random:4)",
+         ("--weights", "int8", "--activations", "int8", "--format", "qdq", "--calibrate", "random:4")),
+        ("w8a16-qdq", "windowed, w8a16 qdq (int16 activations, --calibrate random:4; opset 21)",
+         ("--weights", "int8", "--activations", "int16", "--format", "qdq", "--calibrate", "random:4")),
+        ("w8-qdq", "windowed, w8 weight-only qdq (int8 per channel)",
+         ("--weights", "int8", "--activations", "none", "--format", "qdq")),
+        ("w4-qdq", "windowed, w4 weight-only qdq (int4 in blocks of 32; opset 21)",
+         ("--weights", "int4", "--block-size", "32", "--activations", "none", "--format", "qdq")),
+        ("w8a8-ort", "windowed, w8a8 onnxruntime format (com.microsoft DynamicQuantizeMatMul, dynamic activations)",
+         ("--weights", "int8", "--activations", "int8", "--format", "onnxruntime")),
+        ("w4-ort", "windowed, w4 onnxruntime format (com.microsoft MatMulNBits, blocks of 32)",
+         ("--weights", "int4", "--block-size", "32", "--activations", "none", "--format", "onnxruntime")),
+    )),
 ]
 
 
@@ -572,18 +599,34 @@ def run_cell(client: Client, route: str, path: Path, feeds: dict, job_dir: Path,
     return cell
 
 
-def fmt_cell(cell: dict, floor: float, ort_rel: float | None) -> str:
+IGNORED_QUANT = 0.3   # a client this far below onnxruntime's error on a quantized file ran something else
+
+
+def fmt_cell(cell: dict, floor: float, ort_rel: float | None, *, quantized: bool = False,
+             reference: bool = False) -> str:
     """A figure, or the client's error. WRONG: relative L2 error above 10x onnxruntime's on the same file
-    and above the client's own arithmetic floor."""
+    and above the client's own arithmetic floor. On a quantized file onnxruntime's error is the quantization
+    error: the cell adds its relative L2 (``reference``: onnxruntime's own cell) or the client's as a multiple
+    of onnxruntime's, and notes a client far below it (< IGNORED_QUANT x, where onnxruntime's is above the
+    client's floor): it did not run the quantized arithmetic, e.g. dequantized weights or Q/DQ pairs run
+    in float."""
     if "error" in cell:
         err = re.sub(r"\[\d\d:\d\d:\d\d\] :\d+: ", "", cell["error"])
         err = err.replace("|", "\\|").replace("\n", " ")
         return f"**fails**: `{err}`"
     m = cell["metrics"]
+    rel = m.get("rel_l2", 0.0)
     text = f"{m['max_abs']:.1e} / {m['cosine']:.6f}"
-    if not m["finite"] or m.get("rel_l2", 0.0) > max(10 * (ort_rel or 0.0), floor):
+    if not m["finite"] or rel > max(10 * (ort_rel or 0.0), floor):
         text = f"**WRONG** {text}"
     notes = []
+    if quantized and reference:
+        notes.append(f"rel {rel:.1e}")
+    elif quantized and ort_rel:
+        if rel < IGNORED_QUANT * ort_rel and ort_rel > floor:
+            notes.append(f"**{rel / ort_rel:.2f}x: below the file's quantization error**, probably ran it in float")
+        else:
+            notes.append(f"{rel / ort_rel:.2f}x")
     if cell.get("wrote_into_its_input"):
         notes.append("rewrote its input file")
     if cell.get("input_modified"):
@@ -633,9 +676,12 @@ def run_matrix(preset: str, sizes: list[str], kinds: list[Kind], clients: list[C
                             "max_abs": float("inf"), "cosine": 0.0, "finite": False}
                         if out.size != ref_out.size:
                             cell["error"] = f"output has shape {list(out.shape)}, expected {list(ref_out.shape)}"
+                        elif kind.quantized:   # the same file in onnxruntime: how far its arithmetic is from it
+                            cell["vs_onnxruntime"] = metrics(out, next(iter(got.values())))
                     row[key] = cell
-                    log(f"    {fmt_cell(cell, client.floor, row['onnxruntime:cpu']['metrics']['rel_l2'])}"
-                        f"  ({cell['seconds']} s)")
+                    text = fmt_cell(cell, client.floor, row["onnxruntime:cpu"]["metrics"]["rel_l2"],
+                                    quantized=kind.quantized)
+                    log(f"    {text}  ({cell['seconds']} s)")
                     results_path.write_text(json.dumps(results, indent=1))
     results_path.write_text(json.dumps(results, indent=1))
     return results
@@ -662,60 +708,119 @@ def remeasure(preset: str) -> None:
                 if key.startswith("_") or key == "onnxruntime:cpu" or "error" in cell or not out.exists():
                     continue
                 cell["metrics"] = metrics(next(iter(_np_load(out).values())), ref_out)
+                if kind.quantized:
+                    cell["vs_onnxruntime"] = metrics(next(iter(_np_load(out).values())), next(iter(got.values())))
         log(f"remeasured {preset} {size}")
     results_path.write_text(json.dumps(results, indent=1))
 
 
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+
+
+def read_markdown(path: Path) -> tuple[dict[str, dict[str, dict[str, str]]], dict[str, str], list[str]]:
+    """What an earlier COMPAT.md holds: its tables ("preset, size" -> row label -> column label -> cell text,
+    in its order), each client's version text, and its "not in the matrix yet" lines. The results files
+    under .compat/ are per checkout; a row none of them holds is carried over from here as it was."""
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    versions: dict[str, str] = {}
+    failures: list[str] = []
+    if not path.exists():
+        return tables, versions, failures
+    section, header = "", []
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            section, header = line[3:].strip(), []
+            continue
+        if section == "Clients":
+            m = re.match(r"- \*\*([\w-]+)\*\* \((.*?)\): ", line)
+            if m and m.group(2) != "not run":
+                versions[m.group(1)] = m.group(2)
+        elif section == "Not in the matrix yet" and line.startswith("- "):
+            failures.append(line)
+        elif line.startswith("| ") and section:
+            cells = [c.strip() for c in _CELL_SPLIT.split(line.strip())[1:-1]]
+            if not header:
+                header = cells
+            elif set(cells) != {"---"}:
+                tables.setdefault(section, {})[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return tables, versions, failures
+
+
 def write_markdown(out: Path) -> None:
+    """COMPAT.md from .compat/results-*.json, merged into the tables the earlier COMPAT.md holds: a measured
+    row replaces the row of the same label (a cell no client ran this time keeps its earlier text), a new
+    row goes at the end of its table, every other row (and table) stays as it was."""
     routes = ["onnxruntime:cpu"] + [f"{c.name}:{r}" for c in CLIENTS.values() for r in c.routes]
+    columns = [ROUTE_LABELS.get(r, r) for r in routes]
+    tables, old_versions, old_failures = read_markdown(out)
     versions: dict[str, dict] = {}
     failures: list[str] = []
+    measured: set[str] = set()   # "preset size, label"
+    for preset_file in sorted(COMPAT.glob("results-*.json")):
+        preset = preset_file.stem.split("-", 1)[1]
+        results = json.loads(preset_file.read_text())
+        for size, block in results.items():
+            table = tables.setdefault(f"{preset}, {size}", {})
+            for kid, row in block.items():
+                if kid.startswith("_"):
+                    continue
+                measured.add(f"{preset} {size}, {row['_label']}")
+                if "_skipped" in row:
+                    table[row["_label"]] = dict.fromkeys(columns, "—")
+                    failures.append(f"- {preset} {size}, {row['_label']}: {row['_skipped']}")
+                    continue
+                kind = next((k for k in KINDS if k.id == kid), None)
+                quantized = kind is not None and kind.quantized
+                ort_rel = row.get("onnxruntime:cpu", {}).get("metrics", {}).get("rel_l2")
+                cells = {}
+                earlier = table.get(row["_label"], {})
+                for r, col in zip(routes, columns):
+                    cell = row.get(r)
+                    if cell is None:   # a client this run left out (--clients, --skip): its earlier cell stays
+                        cells[col] = earlier.get(col, "not run")
+                        continue
+                    client = r.split(":")[0]
+                    cells[col] = fmt_cell(cell, CLIENTS[client].floor if client in CLIENTS else 1e-4, ort_rel,
+                                          quantized=quantized, reference=r == "onnxruntime:cpu")
+                    if cell.get("versions"):
+                        versions.setdefault(client, cell["versions"])
+                table[row["_label"]] = cells
+    failures += [f for f in old_failures if not any(f.startswith(f"- {m}:") for m in measured)]
     lines = ["# Compatibility matrix", "",
              "Written by `scripts/compat` (do not edit by hand). Every kind of file the toolkit writes, through each "
              "client in its own virtualenv (`.compat/<client>/`), each given a copy of the file. Each cell: max abs / "
              "cosine against onnxruntime on the fp32 export, same input (random pixel_values, seed 0); or the "
              "client's own error. **WRONG** marks a relative L2 error (||out - ref|| / ||ref||) above both 10x "
              "onnxruntime's on the same file and the client's own arithmetic floor (1e-4; MNN's CPU kernels 1e-3; "
-             "rknn's fp16 build 5e-3): a client silently computing something else.", ""]
-    for preset_file in sorted(COMPAT.glob("results-*.json")):
-        preset = preset_file.stem.split("-", 1)[1]
-        results = json.loads(preset_file.read_text())
-        for size, block in results.items():
-            lines += [f"## {preset}, {size}", "",
-                      "| file | " + " | ".join(ROUTE_LABELS.get(r, r) for r in routes) + " |",
-                      "| --- |" + " --- |" * len(routes)]
-            for kid, row in block.items():
-                if kid.startswith("_"):
-                    continue
-                if "_skipped" in row:
-                    lines.append(f"| {row['_label']} | " + " | ".join(["—"] * len(routes)) + " |")
-                    failures.append(f"- {preset} {size}, {row['_label']}: {row['_skipped']}")
-                    continue
-                ort_rel = row.get("onnxruntime:cpu", {}).get("metrics", {}).get("rel_l2")
-                cells = []
-                for r in routes:
-                    cell = row.get(r)
-                    if cell is None:
-                        cells.append("not run")
-                        continue
-                    client = r.split(":")[0]
-                    cells.append(fmt_cell(cell, CLIENTS[client].floor if client in CLIENTS else 1e-4, ort_rel))
-                    if cell.get("versions"):
-                        versions.setdefault(client, cell["versions"])
-                lines.append(f"| {row['_label']} | " + " | ".join(cells) + " |")
-            lines.append("")
+             "rknn's fp16 build 5e-3): a client silently computing something else.", "",
+             "Quantized files (`windowed, w...` rows, all made by `qvl-surgery quantize` from the windowed file) are "
+             "still compared with the fp32 export, so onnxruntime's own figure on them is the quantization error "
+             "(its cell adds that relative L2 error, `rel`); each client's cell adds its relative L2 error as a "
+             "multiple of onnxruntime's. About 1x: the client runs the same quantized arithmetic (its own int8 "
+             "kernels round a little differently). Well above 1x, up to the WRONG line: its quantized arithmetic "
+             "is coarser (e.g. an NPU build that requantizes). Much below 1x (under "
+             f"{IGNORED_QUANT}x, noted in the cell): it got closer to fp32 than the file allows, so it probably "
+             "ignored the quantization (ran dequantized weights, or dropped Q/DQ pairs, in float). A weight-only "
+             "file cannot be run better than its int8/int4 weights, so such a client is about 1x there too.", ""]
+    for section, table in tables.items():
+        lines += [f"## {section}", "", "| file | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+        lines += [f"| {label} | " + " | ".join(cells.get(c, "not run") for c in columns) + " |"
+                  for label, cells in table.items()]
+        lines.append("")
     lines += ["## Clients", ""]
     for c in CLIENTS.values():
-        v = ", ".join(f"{k} {val}" for k, val in versions.get(c.name, {}).items())
+        v = ", ".join(f"{k} {val}" for k, val in versions.get(c.name, {}).items()) or old_versions.get(c.name)
         lines.append(f"- **{c.name}** ({v or 'not run'}): {c.note}" + (f" **Limits:** {c.limits}" if c.limits else ""))
     if failures:
         lines += ["", "## Not in the matrix yet", ""] + failures
-    lines += ["", "Rerun: `scripts/compat` (tiny, 448x448 and 308x196, every client; about 25 min on 2 cores). The 3b "
-              "section: `scripts/compat --preset 3b --sizes 448x448 --kinds windowed-fp16-single --clients "
-              "openvino,mnn,onnx2tf --skip fp32:onnx2tf,windowed:onnx2tf --timeout 1500` (\"not run\": rknn-toolkit2 "
-              "was not tried on the 3b; onnx2tf is skipped on the 2.7 GB external-data files, see its limits). "
-              "`--remeasure` recomputes the figures from the kept outputs. Each job's folder keeps the client's "
-              "full log: `.compat/jobs/`.", ""]
+    lines += ["", "Rerun: `scripts/compat` (tiny, 448x448 and 308x196, every client; about 25 min on 2 cores). The "
+              "quantized rows alone: `scripts/compat --sizes 448x448 --kinds w8a8-qdq,w8a16-qdq,w8-qdq,w4-qdq,"
+              "w8a8-ort,w4-ort`. The 3b section: `scripts/compat --preset 3b --sizes 448x448 --kinds "
+              "windowed-fp16-single --clients openvino,mnn,onnx2tf --skip fp32:onnx2tf,windowed:onnx2tf --timeout "
+              "1500` (\"not run\": rknn-toolkit2 was not tried on the 3b; onnx2tf is skipped on the 2.7 GB "
+              "external-data files, see its limits). A run rewrites the rows it measured and keeps every other row "
+              "of this file as it was. `--remeasure` recomputes the figures from the kept outputs. Each job's folder "
+              "keeps the client's full log: `.compat/jobs/`.", ""]
     out.write_text("\n".join(lines))
     log(f"wrote {out}")
 
