@@ -23,13 +23,10 @@ Rules and limits:
 """
 from __future__ import annotations
 
-import atexit
 import fnmatch
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import with_graph
-from qvl_surgery.modelfile import FileRange, Model, read_initializer, tensor_nbytes
+from qvl_surgery.modelfile import Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 from qvl_surgery import quant
 
@@ -263,49 +260,12 @@ def plan_quantize(model: Model, linears: list[Linear], kept: dict[str, str], *, 
 
 # ----------------------------------------------------------------------------- calibration
 
-def calibration_feeds(model: Model, source: str, reference: Path | None) -> tuple[list[dict], str]:
-    """Input sets for calibration and how they were made: ``random[:N]`` (N sets, default 8), or
-    comma-separated .npz files (one set each) and image files (one set each, at its own size on a
-    dynamic model)."""
-    path = model.path or reference
-    meta = model.metadata()
-    if source == "random" or source.startswith("random:"):
-        try:
-            count = int(source.split(":", 1)[1]) if ":" in source else DEFAULT_CALIB_COUNT
-        except ValueError:
-            raise BadInput(f"quantize: calibrate={source!r}: write random or random:N") from None
-        if meta.get("qvl_surgery.dynamic"):
-            if path is None:
-                raise BadInput("quantize: random calibration of a dynamic model needs the model's file")
-            from qvl_surgery.inputs import ModelKind, random_feeds
-            kind = ModelKind.of(path)
-            return [random_feeds(kind, seed=s) for s in range(count)], f"{count} random input sets (normal pixels)"
-        inits = {t.name for t in model.graph.initializer}
-        sets = []
-        for s in range(count):
-            rng = np.random.default_rng(s)
-            feeds = {}
-            for i in model.graph.input:
-                if i.name in inits:
-                    continue
-                t = i.type.tensor_type
-                shape = [d.dim_value or 1 for d in t.shape.dim]
-                feeds[i.name] = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
-            sets.append(feeds)
-        return sets, f"{count} random input sets (normal pixels)"
-    if path is None:
-        raise BadInput("{calibrate}: calibrating on files needs the model's file (load the model from a file, or "
-                       "give reference=)", calibrate=source)
-    from qvl_surgery.calibrate import calibration_inputs
-    files = [s for s in source.split(",") if s]
-    return calibration_inputs(Path(path), source), f"{len(files)} file(s) ({source})"
-
-
 def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: str, dtype: str,
                      reference: Path | None, progress: bool, report: QuantizeReport) -> dict[str, quant.ActivationRange]:
     import time
     t0 = time.perf_counter()
-    feeds, what = calibration_feeds(model, source, reference)
+    from qvl_surgery.calibrate import calibration_sets
+    feeds, what = calibration_sets(model, source, reference, DEFAULT_CALIB_COUNT)
     rec = quant.record_ranges(model, feeds, tensors, progress=progress)
     ranges = {}
     for t in tensors:
@@ -322,43 +282,12 @@ def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: s
 
 # ----------------------------------------------------------------------------- emit
 
-def _writer_packs_int4() -> bool:
-    """Whether modelfile's writer stores INT4 tensors packed (two codes a byte, ONNX's layout)."""
-    return tensor_nbytes(TensorProto(name="probe", data_type=TensorProto.INT4, dims=[3])) == 2
-
-
-class _Int4Scratch:
-    """Packed int4 codes made as the pass runs, one weight at a time, appended to a scratch file that
-    the output's writer copies from (file ranges): modelfile writes a computed tensor in numpy's
-    layout, one byte per int4 value, which is not ONNX's. Removed at exit. Used only while
-    :func:`_writer_packs_int4` is false."""
-
-    def __init__(self, workdir: Path | None):
-        d = tempfile.mkdtemp(prefix="qvl-quantize-", dir=workdir)
-        atexit.register(shutil.rmtree, d, True)
-        self.path = Path(d) / "int4_codes.bin"
-        self.file = open(self.path, "wb")
-        self.offset = 0
-
-    def add(self, data: np.ndarray) -> FileRange:
-        b = np.ascontiguousarray(data).tobytes()
-        self.file.write(b)
-        r = FileRange(self.path, self.offset, len(b))
-        self.offset += len(b)
-        return r
-
-    def close(self) -> None:
-        self.file.close()
-
-
 class _QuantEmitter:
     """Rebuilds the graph under a plan; every new weight tensor is a Computed source of one
     :class:`~qvl_surgery.quant.LazyQuant` per linear."""
 
-    def __init__(self, model: Model, plan: QuantPlan, report: QuantizeReport, workdir: Path | None = None):
+    def __init__(self, model: Model, plan: QuantPlan, report: QuantizeReport):
         self.model, self.plan, self.report = model, plan, report
-        self.scratch = (_Int4Scratch(workdir) if plan.format == "qdq" and plan.bits == 4 and not _writer_packs_int4()
-                        else None)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.by_output = {lin.node.output[0]: lin for lin in plan.linears}
         self.new_inits: list[TensorProto] = []
@@ -448,16 +377,8 @@ class _QuantEmitter:
         qtype = TensorProto.INT4 if p.bits == 4 else TensorProto.INT8
         # INT4 is stored packed, two codes a byte (ONNX's layout): the source makes the codes, the
         # writer packs them into (count + 1) // 2 bytes
-        if self.scratch is None:
-            qname = self._computed(f"{w}_quantized", qtype, dims, lazy, "q", count if p.bits == 8 else (count + 1) // 2)
-            sname = self._computed(f"{w}_scale", F32, scale_dims, lazy, "s", 4 * int(np.prod(scale_dims)))
-        else:
-            qname, sname = f"{w}_quantized", f"{w}_scale"
-            tp = TensorProto(name=qname, data_type=qtype, dims=dims)
-            tp.data_location = TensorProto.EXTERNAL
-            self.new_inits.append(tp)
-            self.sources[qname] = self.scratch.add(quant.pack_int4(lazy.take("q")))
-            self._const(sname, lazy.take("s"))
+        qname = self._computed(f"{w}_quantized", qtype, dims, lazy, "q", count if p.bits == 8 else (count + 1) // 2)
+        sname = self._computed(f"{w}_scale", F32, scale_dims, lazy, "s", 4 * int(np.prod(scale_dims)))
         wf = f"{w}_dequantized"
         self._node("DequantizeLinear", [qname, sname], [wf], f"{lin.name}/DequantizeLinear_weight", **attrs)
         nn = onnx.NodeProto()
@@ -533,8 +454,6 @@ class _QuantEmitter:
                 self.sources[t.name] = self.model.sources[t.name]
         inputs = [i for i in g.input if i.name not in gone]
         ng = helper.make_graph(self.nodes, g.name, inputs, list(g.output), initializer=self.new_inits)
-        if self.scratch is not None:
-            self.scratch.close()
         out = with_graph(self.model, ng, self.sources)
         _set_opsets(out, p)
         return out
@@ -616,7 +535,7 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
     if kept:
         share, by = kept_share(model, linears, kept)
         report.kept_share = [round(share, 5), by]
-    out = _QuantEmitter(model, plan, report, context.workdir).emit()
+    out = _QuantEmitter(model, plan, report).emit()
     report.weight_bytes = [model.weight_bytes(), out.weight_bytes()]
     out.set_metadata("qvl_surgery.dtype", weights)
     out.set_metadata("qvl_surgery.quantize", json.dumps({

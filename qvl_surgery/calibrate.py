@@ -153,3 +153,43 @@ def calibration_inputs(model_path: Path, source: str) -> list[dict[str, np.ndarr
         else:
             sets.append(image_feeds(kind, [f]))
     return sets
+
+
+def calibration_sets(model, source: str, reference: Path | None, default_count: int = 8
+                     ) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Input sets for calibrating ``model`` (a :class:`~qvl_surgery.modelfile.Model`) and how they
+    were made: ``random[:N]`` (N sets of normal pixels, default ``default_count``; a dynamic model gets
+    448x448 images with their grid), or comma-separated .npz files (one set each) and image files
+    (one set each, at its own size on a dynamic model). Files need the model's path (or
+    ``reference``) to read its input layout."""
+    path = model.path or reference
+    if source == "random" or source.startswith("random:"):
+        try:
+            count = int(source.split(":", 1)[1]) if ":" in source else default_count
+        except ValueError:
+            raise BadInput("{calibrate}: write random or random:N", calibrate=source) from None
+        if model.metadata().get("qvl_surgery.dynamic"):
+            if path is None:
+                raise BadInput("{calibrate}: random calibration of a dynamic model needs the model's file",
+                               calibrate=source)
+            from .inputs import ModelKind, random_feeds
+            kind = ModelKind.of(path)
+            return [random_feeds(kind, seed=s) for s in range(count)], f"{count} random input sets (normal pixels)"
+        inits = {t.name for t in model.graph.initializer}
+        sets = []
+        for s in range(count):
+            rng = np.random.default_rng(s)
+            feeds = {}
+            for i in model.graph.input:
+                if i.name in inits:
+                    continue
+                t = i.type.tensor_type
+                shape = [d.dim_value or 1 for d in t.shape.dim]
+                feeds[i.name] = rng.standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+            sets.append(feeds)
+        return sets, f"{count} random input sets (normal pixels)"
+    if path is None:
+        raise BadInput("{calibrate}: calibrating on files needs the model's file (load the model from a file, or "
+                       "give reference=)", calibrate=source)
+    files = [s for s in source.split(",") if s]
+    return calibration_inputs(Path(path), source), f"{len(files)} file(s) ({source})"

@@ -134,9 +134,40 @@ def dtype_of(t: TensorProto) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
 
 
+FOUR_BIT = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
+
+
 def tensor_nbytes(t: TensorProto) -> int:
+    """Bytes of the tensor's data as ONNX stores it (4-bit types: two values a byte)."""
     n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    if t.data_type in FOUR_BIT:
+        return (n + 1) // 2
     return n * dtype_of(t).itemsize
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """4-bit values (any integer dtype, or ml_dtypes' int4/uint4) -> ONNX's raw bytes: consecutive
+    elements (row-major) two to a byte, the first in the low nibble; an odd count leaves the last
+    high nibble 0."""
+    v = np.asarray(values).reshape(-1)
+    if v.dtype.itemsize == 1 and v.dtype.kind not in "iu":   # ml_dtypes int4 / uint4: one value a byte
+        v = v.view(np.uint8)
+    flat = (v.astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(raw: bytes | np.ndarray, t: TensorProto) -> np.ndarray:
+    """ONNX's packed 4-bit bytes -> the tensor's values (ml_dtypes int4 / uint4), in its shape."""
+    b = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw.view(np.uint8).reshape(-1)
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    codes = np.empty(b.size * 2, np.uint8)
+    codes[0::2], codes[1::2] = b & 0xF, b >> 4
+    codes = codes[:n]
+    if t.data_type == TensorProto.INT4:
+        codes = np.where(codes >= 8, codes.astype(np.int16) - 16, codes).astype(np.int8)
+    return codes.astype(dtype_of(t)).reshape(tuple(t.dims))
 
 
 def read_initializer(t: TensorProto, src: TensorSource | None) -> np.ndarray:
@@ -145,6 +176,8 @@ def read_initializer(t: TensorProto, src: TensorSource | None) -> np.ndarray:
         return numpy_helper.to_array(t)
     if isinstance(src, Computed):
         return np.asarray(src.make()).reshape(shape)
+    if t.data_type in FOUR_BIT:
+        return unpack_nibbles(src.read(), t)
     return np.frombuffer(src.read(), dtype=dtype_of(t)).reshape(shape)
 
 
@@ -451,7 +484,14 @@ class _DataWriter:
 
 
 def _tensor_bytes(t: TensorProto, src: TensorSource | None) -> memoryview:
-    """Bytes of a computed or inline tensor, as a view of its array (no extra copy)."""
+    """Bytes of a computed or inline tensor, as a view of its array (no extra copy); 4-bit values
+    are packed two a byte, as ONNX stores them."""
+    if t.data_type in FOUR_BIT:
+        values = src.make() if isinstance(src, Computed) else numpy_helper.to_array(t)
+        packed = pack_nibbles(values)
+        if packed.size != tensor_nbytes(t):
+            raise ValueError(f"4-bit tensor {t.name!r} has {np.asarray(values).size} values, expected shape {list(t.dims)}")
+        return memoryview(packed).cast("B")
     if isinstance(src, Computed):
         arr = np.ascontiguousarray(src.make(), dtype=dtype_of(t))
         if arr.size != int(np.prod(t.dims, dtype=np.int64)):

@@ -92,15 +92,6 @@ def pack_nbits(q: np.ndarray, bits: int, block: int) -> np.ndarray:
     raise ValueError(f"bits={bits}")
 
 
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """Signed 4-bit codes -> ONNX INT4 raw bytes: consecutive elements (row-major) two to a byte,
-    the first in the low nibble; an odd count leaves the last high nibble 0."""
-    flat = (q.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-
-
 class LazyQuant:
     """One weight quantized once, on first request, for several initializers that come from it
     (codes and scales). Thread-safe (the writer makes computed tensors on two threads); each part

@@ -14,7 +14,7 @@ from passes.quantize import quantize_model
 from qvl_surgery import quant
 from qvl_surgery.compare import centered_cosine, cosine
 from qvl_surgery.errors import BadInput
-from qvl_surgery.modelfile import load_model, save_model
+from qvl_surgery.modelfile import load_model, pack_nibbles, save_model
 
 N_LINEARS = 1 + 5 * TINY.depth + 2   # patch embed, qkv/proj/gate/up/down per block, merger's two
 N_ACT = 1 + 4 * TINY.depth + 2       # distinct linear inputs (gate and up share theirs)
@@ -187,7 +187,38 @@ def test_nbits_packing_round_trips():
         back = (codes[:, :70].astype(np.int16) - (1 << (bits - 1))) * np.repeat(s, block, 1)[:, :70]
         assert np.allclose(back, q * np.repeat(s, block, 1)[:, :70])
         assert np.abs(back - w).max() <= s.max() / 2 + 1e-6
-    assert quant.pack_int4(np.array([1, -1, -8], np.int8)).tolist() == [0xF1, 0x08]
+    assert pack_nibbles(np.array([1, -1, -8], np.int8)).tolist() == [0xF1, 0x08]
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_modelfile_writes_and_reads_4_bit_tensors_packed(tmp_path, single_file):
+    """INT4 / UINT4 computed tensors go to disk two values a byte (ONNX's layout), onnxruntime reads
+    them (a DequantizeLinear model), and load_model + read_initializer give the values back."""
+    from onnx import helper
+    from qvl_surgery.modelfile import Computed, Model, read_initializer
+    rng = np.random.default_rng(0)
+    codes = {"s4": rng.integers(-8, 8, size=(7, 5)).astype(np.int8), "u4": rng.integers(0, 16, size=(7, 5)).astype(np.uint8)}
+    inits, sources, nodes, outs = [], {}, [], []
+    for name, dt in (("s4", TensorProto.INT4), ("u4", TensorProto.UINT4)):
+        t = TensorProto(name=name, data_type=dt, dims=[7, 5])
+        t.data_location = TensorProto.EXTERNAL
+        inits.append(t)
+        sources[name] = Computed(lambda c=codes[name]: c, 18)
+        inits.append(helper.make_tensor(name + "_scale", TensorProto.FLOAT, [], [0.5]))
+        nodes.append(helper.make_node("DequantizeLinear", [name, name + "_scale"], [name + "_out"]))
+        outs.append(helper.make_tensor_value_info(name + "_out", TensorProto.FLOAT, [7, 5]))
+    g = helper.make_graph(nodes, "g", [], outs, initializer=inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = save_model(Model(proto, sources), tmp_path / "four.onnx", single_file=single_file)
+    check_written(out)
+    got = _session(out).run(None, {})
+    for (name, c), y in zip(codes.items(), got):
+        assert np.array_equal(y, c.astype(np.float32) * 0.5)
+    back = load_model(out)
+    for name, c in codes.items():
+        t = back.initializers()[name]
+        assert np.array_equal(np.asarray(read_initializer(t, back.sources.get(name))).astype(np.int16), c)
+
 
 
 def test_streaming_histogram_merges_and_methods_clip():
