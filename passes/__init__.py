@@ -18,6 +18,7 @@ from .merge import MergePass
 from .quantize import QuantizePass
 from .rotate import RotatePass
 from .simplify import SimplifyPass
+from .smooth import SmoothPass
 from .split import SplitPass
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (
@@ -28,6 +29,7 @@ PASSES: dict[str, type[Pass]] = {p.name: p for p in (
     SimplifyPass,
     QuantizePass,
     RotatePass,
+    SmoothPass,
 )}
 
 
@@ -99,4 +101,4 @@ def option_flag(name: str) -> str | None:
 
 
 __all__ = ["PASSES", "register", "get_pass", "parse_spec", "spec_from_dict", "option_flag", "AttentionPass",
-           "Fp16Pass", "MergePass", "QuantizePass", "RotatePass", "SimplifyPass", "SplitPass"]
+           "Fp16Pass", "MergePass", "QuantizePass", "RotatePass", "SimplifyPass", "SmoothPass", "SplitPass"]

@@ -103,6 +103,10 @@ class _Linear:
     bias: str
     out_in: bool   # weight [N, K] (Gemm transB=1)
 
+    def k_dim(self, model: Model) -> int:
+        dims = model.initializers()[self.weight].dims
+        return int(dims[1] if self.out_in else dims[0])
+
 
 def _linear(model: Model, n: onnx.NodeProto) -> _Linear | None:
     inits = model.initializers()

@@ -1,0 +1,313 @@
+"""smooth: shift and scale each normed linear input per channel, folded into the weights (exact in fp32).
+
+Massive activations of a trained encoder sit in a few residual channels and are nearly constant
+over tokens; after RMSNorm they set every per-tensor int8 scale and the rest of the channels fall
+below one step. A rotation spreads them but keeps the constant. This pass changes what the
+linears that read an RMSNorm see, per channel ``j`` of the norm's output ``X``:
+
+    X' = (X - s) / t        s_j: the middle of the channel's calibrated range (Outlier Suppression+)
+                            t_j: max|X - s|_j^alpha / max|W_:,j|^(1-alpha) (SmoothQuant)
+
+and every reader absorbs it: ``X W^T + b = X' (W diag(t))^T + (b + W s)``. ``1/t`` is folded into the
+norm's scale (``g -> g / t``), the shift is one Sub after it (the only op added, one per norm).
+Readers: qkv, gate/up (sharing one input), and the merger's first linear through its 4-token
+Reshape (the shift and scale repeat per token slot). ``alpha`` is searched per norm, over a grid,
+by the int8 error it leaves on a sample of the calibration rows (activations per tensor, weights
+per output channel, as ``quantize`` does), unless given.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qvl_surgery.errors import BadInput
+from qvl_surgery.graphinfo import constant_value, with_graph
+from qvl_surgery.inspection import consumers
+from qvl_surgery.modelfile import Computed, Model, read_initializer
+from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+
+from .rotate import _Linear, _linear, _Norm, _norms
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SAMPLE_ROWS = 64         # rows per input set kept per site for the alpha search
+DEFAULT_CALIB = "random:4"
+
+
+@dataclass(kw_only=True)
+class SmoothReport(PassReport):
+    calibration: str = ""
+    norms: list[dict] = field(default_factory=list)   # per norm: name, alpha, max |X| before -> after
+
+    def summary(self) -> list[str]:
+        if not self.norms:
+            return ["smooth: nothing to do"]
+        before = max(n["max_before"] for n in self.norms)
+        after = max(n["max_after"] for n in self.norms)
+        alphas = sorted({n["alpha"] for n in self.norms})
+        return [f"smooth: {len(self.norms)} RMSNorm outputs shifted and scaled into their readers "
+                f"(alpha {', '.join(map(str, alphas))}); largest |linear input| {before:.3g} -> {after:.3g}",
+                f"  calibration: {self.calibration}"]
+
+
+@dataclass
+class _Site:
+    tensor: str                          # what the readers read (before any Reshape)
+    width: int                           # channels of that tensor
+    norm: _Norm | None                   # an RMSNorm's output: the scale folds into its weight
+    readers: list[tuple[_Linear, int]]   # linear, tokens per row (merger: 4)
+
+
+def _sites(model: Model, c: int) -> list[_Site]:
+    """Every linear input that only linears read: RMSNorm outputs (qkv, gate/up, the merger through
+    its Reshape) and the rest (attention output into proj, the MLP's hidden state into down_proj,
+    the merger's GELU into its second linear)."""
+    cons = consumers(model.graph)
+    sites = []
+    norm_outs = set()
+    for norm in _norms(model):
+        readers: list[tuple[_Linear, int]] = []
+        ok = True
+        for n in cons.get(norm.out, []):
+            lin = _linear(model, n)
+            if lin is not None and n.input[0] == norm.out:
+                readers.append((lin, 1))
+                continue
+            if n.op_type == "Reshape":
+                shape = constant_value(model, n.input[1], max_size=8)
+                last = int(shape.reshape(-1)[-1]) if shape is not None else 0
+                after = cons.get(n.output[0], [])
+                lins = [_linear(model, m) for m in after]
+                if last % c == 0 and last > 0 and after and all(
+                        lin is not None and m.input[0] == n.output[0] for lin, m in zip(lins, after)):
+                    readers += [(lin, last // c) for lin in lins]
+                    continue
+            ok = False
+            log.info("smooth: %s is read by %s %s: left as is", norm.out, n.op_type, n.name)
+        norm_outs.add(norm.out)
+        if ok and readers:
+            sites.append(_Site(norm.out, c, norm, readers))
+    reshaped = {n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in norm_outs}
+    seen = set(norm_outs) | reshaped
+    for n in model.graph.node:
+        lin = _linear(model, n)
+        x = n.input[0] if lin is not None else None
+        if x is None or x in seen:
+            continue
+        seen.add(x)
+        readers = [(_linear(model, m), 1) for m in cons.get(x, [])]
+        if all(r is not None and m.input[0] == x for (r, _), m in zip(readers, cons.get(x, []))):
+            sites.append(_Site(x, readers[0][0].k_dim(model), None, readers))
+    return sites
+
+
+@dataclass
+class _Stats:
+    lo: np.ndarray
+    hi: np.ndarray
+    rows: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, x: np.ndarray, c: int, seed: int) -> None:
+        """Range per channel; a few random rows kept for the alpha search."""
+        x = np.asarray(x, np.float32).reshape(-1, c)
+        self.lo = np.minimum(self.lo, x.min(axis=0))
+        self.hi = np.maximum(self.hi, x.max(axis=0))
+        pick = np.random.default_rng(seed).choice(x.shape[0], size=min(SAMPLE_ROWS, x.shape[0]), replace=False)
+        self.rows.append(x[np.sort(pick)])
+
+
+def _int8_error(x: np.ndarray, w: np.ndarray, amax: float) -> float:
+    """Relative error of a per-tensor int8 x (scale from its calibrated max) times per-channel int8 w."""
+    sx = max(amax, 1e-30) / 127.0
+    xq = np.clip(np.rint(x / sx), -127, 127) * sx
+    sw = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-30) / 127.0
+    wq = np.rint(w / sw) * sw
+    ref = x @ w.T
+    return float(np.linalg.norm(xq @ wq.T - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def smooth_model(model: Model, *, calibrate: str | None = None, alpha: float | None = None,
+                 reference: str | Path | None = None, explain: bool = False) -> tuple[Model, SmoothReport]:
+    """The smoothed model and its report (the :class:`SmoothPass` with these options)."""
+    return run_pass(SmoothPass, model, Context(reference=Path(reference) if reference else None, explain=explain),
+                    calibrate=calibrate, alpha=alpha)
+
+
+def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: float | None
+            ) -> tuple[Model, SmoothReport]:
+    from qvl_surgery.calibrate import calibration_sets
+    from qvl_surgery.segments import run_segments
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise BadInput("{alpha}: between 0 and 1 (0: only the shift; 1: all of the range moves into the weights)",
+                       alpha=alpha)
+    norms = _norms(model)
+    inits = model.initializers()
+    scale_t = next((inits[n.scale] for n in norms if n.scale in inits), None)
+    if scale_t is None:
+        raise BadInput("smooth: no RMSNorm with a scale initializer in the model (is it the encoder?)")
+    c = int(np.prod(scale_t.dims))
+    sites = _sites(model, c)
+    if not sites:
+        raise BadInput("smooth: no RMSNorm whose output only linears read")
+    source = calibrate or DEFAULT_CALIB
+    feeds, what = calibration_sets(model, source, context.reference, 4)
+    stats = {s.tensor: _Stats(np.full(s.width, np.inf, np.float32), np.full(s.width, -np.inf, np.float32))
+             for s in sites}
+    widths = {s.tensor: s.width for s in sites}
+    count = [0]
+
+    def record(name: str, v: np.ndarray) -> None:
+        count[0] += 1
+        stats[name].add(v, widths[name], count[0])
+    run_segments(model, feeds, list(stats), record, progress=context.progress)
+    report = SmoothReport(calibration=f"{what}{'' if calibrate else ' (default; give calibrate= for real images)'}")
+
+    sources = dict(model.sources)
+    new_inits = {t.name: t for t in model.graph.initializer}
+    extra_nodes: dict[str, list[onnx.NodeProto]] = {}   # norm output -> nodes to add after it
+    rename: dict[str, str] = {}
+    add_bias: dict[int, str] = {}                         # id(Gemm without bias) -> its new bias
+
+    def weight_of(lin: _Linear) -> np.ndarray:
+        w = np.asarray(read_initializer(inits[lin.weight], model.sources.get(lin.weight)), np.float64)
+        return w if lin.out_in else w.T   # [N, K]
+
+    def computed(name: str, fn, like: TensorProto) -> None:
+        t = TensorProto()
+        t.CopyFrom(like)
+        t.ClearField("raw_data")
+        for f in ("float_data", "int32_data", "int64_data", "double_data"):
+            t.ClearField(f)
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        src = model.sources.get(like.name)
+
+        def make() -> np.ndarray:
+            return fn(np.asarray(read_initializer(like, src), np.float64)).astype(np.float32)
+        sources[name] = Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 4)
+        t.name = name
+        new_inits[name] = t
+
+    for site in sites:
+        st, c = stats[site.tensor], site.width
+        shift = ((st.hi.astype(np.float64) + st.lo) / 2.0)
+        spread = np.maximum((st.hi.astype(np.float64) - st.lo) / 2.0, 1e-12)
+        wmax = np.zeros(c)
+        ws = []
+        for lin, tokens in site.readers:
+            w = weight_of(lin)
+            ws.append((w, tokens))
+            wmax = np.maximum(wmax, np.abs(w).reshape(w.shape[0], tokens, c).max(axis=(0, 1)))
+        wmax = np.maximum(wmax, 1e-12)
+        sample = np.concatenate(st.rows).astype(np.float64)
+
+        def scales(a: float) -> np.ndarray:
+            t = spread ** a / wmax ** (1 - a)
+            return np.where(np.isfinite(t) & (t > 0), t, 1.0)
+
+        def error(a: float) -> float:
+            t = scales(a)
+            xs = (sample - shift) / t
+            amax = float(np.abs(xs).max())
+            err = 0.0
+            for w, tokens in ws:
+                xt = xs if tokens == 1 else xs[: xs.shape[0] // tokens * tokens].reshape(-1, tokens * c)
+                err += _int8_error(xt, w * np.tile(t, tokens), amax)
+            return err
+
+        if alpha is not None:
+            best = alpha
+        else:
+            best = min(ALPHAS, key=error)
+        t = scales(best)
+        max_after = float(np.max(np.maximum(np.abs(st.hi - shift), np.abs(st.lo - shift)) / t))
+        report.norms.append({"norm": site.tensor, "alpha": best,
+                             "max_before": float(max(np.abs(st.hi).max(), np.abs(st.lo).max())),
+                             "max_after": max_after, "int8_error": error(best), "int8_error_no_smooth": _plain_error(ws, sample, c)})
+        # readers: W -> W diag(t) (per token slot), b -> b + W s
+        for lin, tokens in site.readers:
+            tt, ss = np.tile(t, tokens), np.tile(shift, tokens)
+            w_nk = weight_of(lin)
+            bias_add = w_nk @ ss
+            computed(lin.weight, (lambda w, tt=tt: w * tt) if lin.out_in else (lambda w, tt=tt: w * tt[:, None]),
+                     inits[lin.weight])
+            if lin.bias:
+                computed(lin.bias, lambda b, add=bias_add: b + add.reshape(b.shape), inits[lin.bias])
+            else:
+                name = f"{lin.weight}__smooth_bias"
+                new_inits[name] = numpy_helper.from_array(bias_add.astype(np.float32), name)
+                if lin.node.op_type != "Gemm":
+                    raise BadInput(f"smooth: {lin.node.name} is a MatMul without a bias; cannot fold the shift")
+                add_bias[id(lin.node)] = name
+        # the norm: g -> g / t, then Sub(s / t); elsewhere Mul(1 / t), Sub(s / t)
+        norm = site.norm
+        out = site.tensor
+        shifted = f"{out}__smoothed"
+        sname, gname = f"{out}__smooth_shift", f"{out}__smooth_scale"
+        new_inits[sname] = numpy_helper.from_array((shift / t).astype(np.float32), sname)
+        if norm is not None and norm.scale is not None and norm.scale in inits:
+            computed(norm.scale, lambda g, t=t: g / t.reshape(g.shape) if g.size == t.size else g / t, inits[norm.scale])
+            extra_nodes[out] = [helper.make_node("Sub", [out, sname], [shifted], name=f"{out}/smooth/Sub")]
+        else:
+            new_inits[gname] = numpy_helper.from_array((1.0 / t).astype(np.float32), gname)
+            scaled = f"{out}__smooth_scaled"
+            extra_nodes[out] = [helper.make_node("Mul", [out, gname], [scaled], name=f"{out}/smooth/Mul"),
+                                helper.make_node("Sub", [scaled, sname], [shifted], name=f"{out}/smooth/Sub")]
+        rename[out] = shifted
+
+    nodes = []
+    for n in model.graph.node:
+        nn = onnx.NodeProto()
+        nn.CopyFrom(n)
+        for k, i in enumerate(nn.input):
+            if i in rename:
+                nn.input[k] = rename[i]
+        if id(n) in add_bias:
+            nn.input.append(add_bias[id(n)])
+        nodes.append(nn)
+        for o in n.output:
+            nodes += extra_nodes.get(o, [])
+    g = model.graph
+    ng = helper.make_graph(nodes, g.name, list(g.input), list(g.output), initializer=list(new_inits.values()))
+    out_model = with_graph(model, ng, sources)
+    out_model.set_metadata("qvl_surgery.smooth", json.dumps({"calibrate": source, "alphas": {
+        n["norm"]: n["alpha"] for n in report.norms}}))
+    return out_model, report
+
+
+def _plain_error(ws, sample: np.ndarray, c: int) -> float:
+    amax = float(np.abs(sample).max())
+    return sum(_int8_error(sample if tokens == 1 else sample[: sample.shape[0] // tokens * tokens].reshape(-1, tokens * c),
+                           w, amax) for w, tokens in ws)
+
+
+class SmoothPass(Pass):
+    name = "smooth"
+    help = "shift and scale each RMSNorm output per channel into its readers (exact; removes outlier offsets)"
+    function = ("passes.smooth", "smooth_model")
+    example = ("qvl-surgery smooth out/model.onnx -o out/smoothed.onnx --calibrate a.jpg,b.jpg\n"
+               "  qvl-surgery run out/model.onnx -o out/w8a8 --passes smooth,quantize:activations=int8,format=onnxruntime")
+    judgement = Judgement(atol=1e-4, rtol=1e-3, min_cosine=0.99999, label="fp32 (smoothed)")
+    options = (
+        Option("calibrate", str, None, "channel ranges from an .npz, image file(s) (comma separated) or random:N "
+               f"(default {DEFAULT_CALIB})", metavar="SRC"),
+        Option("alpha", float, None, "SmoothQuant's migration strength, 0..1 (default: searched per norm over "
+               f"{', '.join(map(str, ALPHAS))} by the int8 error it leaves)", metavar="A"),
+    )
+
+    def preflight(self, facts: dict) -> None:
+        src = self.values.get("calibrate")
+        if src and not (src == "random" or src.startswith("random:")):
+            from qvl_surgery.calibrate import check_calibration_source
+            check_calibration_source(src)
+
+    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+        out, report = _smooth(model, context, **kw)
+        return PassResult(out, report)
