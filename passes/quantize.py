@@ -66,11 +66,19 @@ class QuantizeReport(PassReport):
     calibration: list[str] = field(default_factory=list)
     weight_bytes: list[int] = field(default_factory=list)           # [before, after]
     kept_share: list = field(default_factory=list)                  # [share of the linears' work, counted by]
+    budget: dict = field(default_factory=dict)                      # allocate_budget's measurements
 
     def summary(self) -> list[str]:
         kept = sum(len(v) for v in self.kept.values())
         out = [f"quantize: {self.scheme} as {self.format} (opset {self.opset}): {len(self.quantized)} linears "
                f"quantized, {kept} kept float"]
+        if self.budget:
+            b = self.budget
+            out.append(f"  budget: centered cosine {b['achieved']} (target {b['target_centered_cosine']}) with "
+                       f"{', '.join(b['groups_kept']) or 'nothing'} kept float "
+                       f"({100 * b['kept_share_of_multiply_adds']:.2f}% of the multiply-adds; {b['calibration']})")
+            out.append("  gain when kept float alone: " + ", ".join(
+                f"{s['group']} +{s['gain_kept_float']:.5f} ({100 * s['share']:.1f}%)" for s in b["sensitivity"][:5]))
         if self.kept_share:
             out.append(f"  kept float: {100 * self.kept_share[0]:.2f}% of the linear layers' {self.kept_share[1]}")
         for why, names in self.kept.items():
@@ -186,6 +194,22 @@ def kept_share(model: Model, linears: list[Linear], kept: dict[str, str]) -> tup
     macs = {lin.name: (rows[lin.name] if by_rows else 1) * lin.n * lin.k for lin in linears}
     total = sum(macs.values()) or 1
     return sum(macs[n] for n in kept) / total, ("multiply-adds" if by_rows else "weight size (symbolic rows)")
+
+
+def _macs(model: Model, linears: list[Linear]) -> list[int]:
+    """Each linear's multiply-adds (rows x K x N; K x N where the rows are symbolic)."""
+    from qvl_surgery.graphinfo import value_types
+    try:
+        vt = value_types(model, {lin.x for lin in linears})
+    except BadInput:
+        vt = {}
+    out = []
+    for lin in linears:
+        dims = vt[lin.x].type.tensor_type.shape.dim if lin.x in vt else []
+        rows = (int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
+                if dims and all(d.HasField("dim_value") for d in dims[:-1]) else 1)
+        out.append(rows * lin.n * lin.k)
+    return out
 
 
 # ----------------------------------------------------------------------------- plan
@@ -479,7 +503,7 @@ def _set_opsets(model: Model, plan: QuantPlan) -> None:
 
 def quantize_model(model: Model, *, weights: str = "int8", activations: str = "none", format: str = "qdq",
                    block_size: int | None = None, calibrate: str | None = None,
-                   calibrate_method: str | None = None, keep_node=(), keep_block=(),
+                   calibrate_method: str | None = None, keep_node=(), keep_block=(), budget: float | None = None,
                    reference: str | Path | None = None, progress: bool = False,
                    explain: bool = False) -> tuple[Model, QuantizeReport]:
     """The quantized model and its report (the :class:`QuantizePass`). ``calibrate`` (an .npz, image
@@ -489,12 +513,12 @@ def quantize_model(model: Model, *, weights: str = "int8", activations: str = "n
                                                  progress=progress, explain=explain),
                     weights=weights, activations=activations, format=format, block_size=block_size,
                     calibrate=calibrate, calibrate_method=calibrate_method, keep_node=list(keep_node),
-                    keep_block=[str(b) for b in keep_block])
+                    keep_block=[str(b) for b in keep_block], budget=budget)
 
 
 def _quantize(model: Model, context: Context, *, weights: str, activations: str, format: str,
               block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
-              keep_block: list[str]) -> tuple[Model, QuantizeReport]:
+              keep_block: list[str], budget: float | None = None) -> tuple[Model, QuantizeReport]:
     """match (find_linears, select_kept) -> calibrate -> plan (plan_quantize) -> emit (_QuantEmitter)."""
     block = check_scheme(weights=weights, activations=activations, format=format, block_size=block_size)
     blocks = []
@@ -526,6 +550,13 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
                                   report=report)
     elif calibrate:
         report.skipped.append(f"calibrate={calibrate}: no static activations in this scheme")
+    if budget is not None:
+        def build(keep: dict[str, str]) -> Model:
+            p = plan_quantize(model, linears, keep, weights=weights, activations=activations, format=format,
+                              block=block, method=calibrate_method, ranges=ranges)
+            return _QuantEmitter(model, p, QuantizeReport()).emit()
+        kept = allocate_budget(model, context, linears, kept, budget=budget, build=build, calibrate=calibrate,
+                               report=report)
     plan = plan_quantize(model, linears, kept, weights=weights, activations=activations, format=format,
                          block=block, method=calibrate_method, ranges=ranges)
     report.scheme, report.opset = plan.scheme, plan.opset
@@ -542,8 +573,83 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
         "scheme": plan.scheme, "weights": weights, "activations": activations, "format": format,
         "block_size": block, "calibrate": calibrate if static else None,
         "calibrate_method": calibrate_method if static else None,
-        "quantized": report.quantized, "kept": kept, "kept_share": report.kept_share, "ops": report.ops}))
+        "quantized": report.quantized, "kept": kept, "kept_share": report.kept_share, "ops": report.ops,
+        "budget": report.budget or None}))
     return out, report
+
+
+# ----------------------------------------------------------------------------- budget
+
+def _group_of(name: str) -> str:
+    m = re.match(r"^/?(blocks\.\d+|merger|patch_embed)/", name)
+    return m.group(1) if m else name
+
+
+def allocate_budget(model: Model, context: Context, linears: list[Linear], kept: dict[str, str], *, budget: float,
+                    build, calibrate: str | None, report: QuantizeReport) -> dict[str, str]:
+    """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
+    fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
+    merger, the patch embed): the cosine gained on the first input set when everything but that group
+    is quantized. Groups are ranked by that gain per multiply-add; the shortest prefix of the ranking
+    that meets the budget on every input set is found by bisection. Every measurement quantizes and
+    runs the whole model (onnxruntime segments): nothing is estimated."""
+    from qvl_surgery.calibrate import calibration_sets
+    from qvl_surgery.compare import centered_cosine
+    from qvl_surgery.segments import run_segments
+    if not 0.0 < budget < 1.0:
+        raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
+    feeds, what = calibration_sets(model, calibrate or "random:4", context.reference, 4)
+    outputs = [o.name for o in model.graph.output]
+
+    def outputs_of(m: Model, sets) -> list[dict[str, np.ndarray]]:
+        got: list[dict[str, np.ndarray]] = [{} for _ in sets]
+        idx = {o: 0 for o in outputs}
+
+        def rec(name: str, v: np.ndarray) -> None:
+            got[idx[name]][name] = np.asarray(v, np.float32)
+            idx[name] += 1
+        run_segments(m, sets, outputs, rec)
+        return got
+
+    ref = outputs_of(model, feeds)
+    todo = [lin for lin in linears if lin.name not in kept]
+    groups: dict[str, list[Linear]] = {}
+    for lin in todo:
+        groups.setdefault(_group_of(lin.name), []).append(lin)
+    macs = dict(zip((lin.name for lin in linears), _macs(model, linears)))
+    total = sum(macs.values()) or 1
+
+    def cosine_with(keep_groups: list[str], sets: int | None = None) -> float:
+        keep = dict(kept)
+        keep.update({lin.name: "budget" for g in keep_groups for lin in groups[g]})
+        use = feeds if sets is None else feeds[:sets]
+        got = outputs_of(build(keep), use)
+        return min(centered_cosine(r[o], g[o]) for r, g in zip(ref, got) for o in outputs)
+
+    base = cosine_with([], 1)
+    gain = {g: cosine_with([g], 1) - base for g in groups}
+    share = {g: sum(macs[lin.name] for lin in groups[g]) / total for g in groups}
+    order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
+    tried: dict[int, float] = {0: cosine_with([])}
+    k = 0
+    if tried[0] < budget:
+        lo, hi = 0, len(order)
+        tried[hi] = 1.0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            tried[mid] = cosine_with(order[:mid])
+            lo, hi = (lo, mid) if tried[mid] >= budget else (mid, hi)
+        k = hi
+    chosen = dict(kept)
+    chosen.update({lin.name: "budget" for g in order[:k] for lin in groups[g]})
+    report.budget = {
+        "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": order[:k],
+        "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": what,
+        "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
+        "sensitivity": [{"group": g, "gain_kept_float": round(gain[g], 6), "share": round(share[g], 5)}
+                        for g in sorted(groups, key=lambda g: -gain[g])],
+    }
+    return chosen
 
 
 class QuantizePass(Pass):
@@ -570,6 +676,8 @@ class QuantizePass(Pass):
         Option("keep_node", list, None, "keep linears whose node name matches float, e.g. "
                "'/blocks.0/mlp/down_proj/*' (repeatable)", metavar="GLOB"),
         Option("keep_block", list, None, "keep every linear of block N float (repeatable)", metavar="N"),
+        Option("budget", float, None, "keep the fewest multiply-adds float that bring the token-centered cosine "
+               "(vs fp32, on the calibration inputs; default random:4) to this, e.g. 0.9995", metavar="COSINE"),
     )
 
     def preflight(self, facts: dict) -> None:

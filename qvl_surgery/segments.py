@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from .errors import BadInput
 from .graphinfo import infer_graph
-from .modelfile import Computed, FileRange, Model, dtype_of
+from .modelfile import FOUR_BIT, FileRange, Model, dtype_of, pack_nibbles, read_initializer
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ def _value_types(model: Model) -> dict[str, int]:
 
 def _weight_array(model: Model, t: TensorProto) -> np.ndarray:
     src = model.sources[t.name]
-    if isinstance(src, FileRange):
+    if isinstance(src, FileRange) and t.data_type not in FOUR_BIT:
         return np.memmap(src.path, dtype=dtype_of(t), mode="r", offset=src.offset, shape=tuple(t.dims))
-    assert isinstance(src, Computed)
+    if isinstance(src, FileRange):
+        return read_initializer(t, src)
     return np.ascontiguousarray(np.asarray(src.make()).reshape(tuple(t.dims)))
 
 
@@ -127,7 +128,11 @@ def _segment_session(model: Model, seg: Segment, types: dict[str, int], threads:
     for w in seg.weights:
         t = TensorProto()
         t.CopyFrom(inits[w])
-        if w in model.sources:
+        if w in model.sources and t.data_type in FOUR_BIT:   # no numpy dtype for onnxruntime: inline, packed
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+            t.raw_data = pack_nibbles(_weight_array(model, inits[w])).tobytes()
+        elif w in model.sources:
             t.data_location = TensorProto.EXTERNAL
             del t.external_data[:]
             t.external_data.add(key="location", value=_NOWHERE)

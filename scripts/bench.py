@@ -470,6 +470,7 @@ QUANT_PRESET = "3b"   # scripts/bench --only quant --preset tiny: a smoke run of
 W8A8 = ["--weights", "int8", "--activations", "int8"]
 CAL = ["--calibrate", "random:8"]
 KEEP_MERGER = ["--keep-node", "/merger/*"]
+SMOOTH = "@smooth"   # a route that runs `qvl-surgery smooth --calibrate random:4` first
 # label, quantize options (None: the fp32 windowed file itself), runtime of scripts/ort_latency.py
 QUANT_ROUTES = [
     ("onnxruntime fp32 windowed (baseline)", None, "onnxruntime"),
@@ -479,7 +480,10 @@ QUANT_ROUTES = [
     ("w8a8 static, format onnxruntime (MatMulIntegerToFloat)", W8A8 + ["--format", "onnxruntime"] + CAL, "onnxruntime"),
     ("w8a8 dynamic, merger kept float, format onnxruntime", W8A8 + ["--format", "onnxruntime"] + KEEP_MERGER,
      "onnxruntime"),
+    ("smooth, then w8a8 dynamic (nothing kept), format onnxruntime", [SMOOTH] + W8A8 + ["--format", "onnxruntime"],
+     "onnxruntime"),
     ("w8a8 qdq, in OpenVINO", W8A8 + ["--format", "qdq"] + CAL, "openvino"),
+    ("smooth, then w8a8 qdq (nothing kept), in OpenVINO", [SMOOTH] + W8A8 + ["--format", "qdq"] + CAL, "openvino"),
     ("w8a8 qdq, merger kept float, in OpenVINO", W8A8 + ["--format", "qdq"] + CAL + KEEP_MERGER, "openvino"),
     ("w8a16 qdq, in OpenVINO", ["--weights", "int8", "--activations", "int16", "--format", "qdq"] + CAL, "openvino"),
     ("w8 weight-only, format onnxruntime (MatMulNBits)", ["--weights", "int8", "--format", "onnxruntime"], "onnxruntime"),
@@ -489,7 +493,7 @@ QUANT_ROUTES = [
     ("anchor: onnxruntime quantize_static (QDQ, 8 random inputs)", "ort-static", "onnxruntime"),
 ]
 # on the stand-ins: accuracy of the routes that matter there (latency is the random-weights table's)
-STAND_IN_ROUTES = [r for r in QUANT_ROUTES if r[0].startswith(("onnxruntime fp32", "w8a8 dynamic", "w8a8 qdq",
+STAND_IN_ROUTES = [r for r in QUANT_ROUTES if r[0].startswith(("onnxruntime fp32", "w8a8 dynamic", "w8a8 qdq", "smooth",
                                                                "w8a16", "w8 weight", "anchor: onnxruntime quantize_dynamic"))]
 ORT_STATIC = """
 import numpy as np, sys
@@ -546,6 +550,17 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
                 qrun = measure(f"quantize: {label}", [PY, "-c", ORT_STATIC, str(win), str(target)],
                                show="quantize_static(windowed.onnx, q.onnx, 8 random inputs, QDQ, per_channel=True, "
                                     "QInt8/QInt8, use_external_data_format=True)", allow_fail=True)
+            elif opts[0] == SMOOTH:
+                sm = work / "smoothed.onnx"
+                clear(sm, Path(str(sm) + ".data"))
+                srun = measure("smooth --calibrate random:4", [QVL, "smooth", str(win), "-o", str(sm), "-q",
+                                                              "--calibrate", "random:4"])
+                q = measure(f"quantize {' '.join(opts[1:])}", [QVL, "quantize", str(sm), "-o", str(target), "-q",
+                                                               *opts[1:]])
+                clear(sm, Path(str(sm) + ".data"))
+                qrun = Run(q.label, f"qvl-surgery smooth windowed.onnx -o s.onnx --calibrate random:4 && qvl-surgery "
+                           f"quantize s.onnx -o q.onnx {' '.join(opts[1:])}", srun.wall_s + q.wall_s,
+                           max(srun.peak_mb, q.peak_mb))
             else:
                 qrun = measure(f"quantize {' '.join(opts)}", [QVL, "quantize", str(win), "-o", str(target), "-q", *opts],
                                show="qvl-surgery quantize windowed.onnx -o q.onnx " + " ".join(opts))

@@ -299,3 +299,19 @@ def test_compare_runs_a_qdq_file_in_openvino(tiny_448, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(rep.read_text())
     assert "(openvino)" in out["cand"] and 0.998 < out["outputs"][0]["centered_cosine"] < 1.0
+
+
+def test_budget_keeps_the_fewest_multiply_adds_that_meet_it(stand_ins, tmp_path, reference):
+    """On the outlier stand-in, --budget finds that the merger alone decides the content: it keeps
+    only the merger float, measures the cosine it promised, and the file delivers it."""
+    src = stand_ins["outlier"]
+    out, report = _quantize(src, tmp_path, "budget", activations="int8", format="onnxruntime", budget=0.9995)
+    b = report.budget
+    assert b["groups_kept"] == ["merger"] and b["achieved"] >= 0.9995 and 0 < b["kept_share_of_multiply_adds"] < 0.1
+    assert b["evaluations"]["0"] < 0.5 and b["sensitivity"][0]["group"] == "merger"
+    x = reference[0]
+    ref = _session(src).run(None, {"pixel_values": x})[0]
+    assert centered_cosine(ref, _session(out).run(None, {"pixel_values": x})[0]) >= 0.999
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    meta = json.loads(props["qvl_surgery.quantize"])
+    assert meta["budget"]["groups_kept"] == ["merger"]
