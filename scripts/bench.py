@@ -45,18 +45,40 @@ def clear(*paths: Path) -> None:
     os.sync()
 
 
+def _watch_rss(proc: subprocess.Popen, limit_mb: float, stopped: list) -> None:
+    """Kill the child when its resident memory passes limit_mb (a quantizer that would take the
+    whole machine down with it is stopped, and the table says so)."""
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS"))
+        except (OSError, StopIteration, ValueError):
+            return
+        if kb / 1024 > limit_mb:
+            stopped.append(kb / 1024)
+            proc.kill()
+            return
+        time.sleep(0.2)
+
+
 def measure(label: str, argv: list[str], *, show: str | None = None, env: dict | None = None,
-            capture: list | None = None, allow_fail: bool = False) -> Run | None:
+            capture: list | None = None, allow_fail: bool = False, rss_limit_mb: float | None = None) -> Run | None:
     """Run argv as a child process; wall seconds and the child's peak RSS in MB."""
     os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    stopped: list = []
+    if rss_limit_mb:
+        import threading
+        threading.Thread(target=_watch_rss, args=(proc, rss_limit_mb, stopped), daemon=True).start()
     out = proc.stdout.read()
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.stderr.write(out.decode(errors="replace")[-3000:])
+        if stopped:
+            label += f" (stopped by scripts/bench at {stopped[0] / 1024:.1f} GB resident)"
         if allow_fail:
             print(f"  {label:<48} FAILED (exit {proc.returncode}) after {wall:.1f} s, peak {ru.ru_maxrss / 1024:.0f} MB")
             if capture is not None:
@@ -470,6 +492,7 @@ QUANT_PRESET = "3b"   # scripts/bench --only quant --preset tiny: a smoke run of
 W8A8 = ["--weights", "int8", "--activations", "int8"]
 CAL = ["--calibrate", "random:8"]
 KEEP_MERGER = ["--keep-node", "/merger/*"]
+QUANTIZER_RSS_LIMIT_MB = 18000   # the machine has 24 GB: an anchor past this is stopped, not the machine
 SMOOTH = "@smooth"   # a route that runs `qvl-surgery smooth --calibrate random:4` first
 # label, quantize options (None: the fp32 windowed file itself), runtime of scripts/ort_latency.py
 QUANT_ROUTES = [
@@ -480,6 +503,8 @@ QUANT_ROUTES = [
     ("w8a8 static, format onnxruntime (MatMulIntegerToFloat)", W8A8 + ["--format", "onnxruntime"] + CAL, "onnxruntime"),
     ("w8a8 dynamic, merger kept float, format onnxruntime", W8A8 + ["--format", "onnxruntime"] + KEEP_MERGER,
      "onnxruntime"),
+    ("smooth, fp32 (exactness)", ["@smooth-only"], "onnxruntime"),
+    ("rotate, fp32 (exactness)", ["@rotate-only"], "onnxruntime"),
     ("smooth, then w8a8 dynamic (nothing kept), format onnxruntime", [SMOOTH] + W8A8 + ["--format", "onnxruntime"],
      "onnxruntime"),
     ("w8a8 qdq, in OpenVINO", W8A8 + ["--format", "qdq"] + CAL, "openvino"),
@@ -494,7 +519,8 @@ QUANT_ROUTES = [
 ]
 # on the stand-ins: accuracy of the routes that matter there (latency is the random-weights table's)
 STAND_IN_ROUTES = [r for r in QUANT_ROUTES if r[0].startswith(("onnxruntime fp32", "w8a8 dynamic", "w8a8 qdq", "smooth",
-                                                               "w8a16", "w8 weight", "anchor: onnxruntime quantize_dynamic"))]
+                                                               "rotate", "w8a16", "w8 weight",
+                                                               "anchor: onnxruntime quantize_dynamic"))]
 ORT_STATIC = """
 import numpy as np, sys
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -530,8 +556,8 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
     import numpy as np
 
     from qvl_surgery.compare import centered_cosine, cosine
-    rows = ["| route | runtime | latency s | x ORT fp32 | cosine | centered cosine | file MB | peak RSS MB | "
-            "quantize s | quantize peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| route | runtime | latency s | x ORT fp32 | max abs diff / max abs ref | cosine | centered cosine | "
+            "file MB | peak RSS MB | pass s | pass peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     passes: list[Run] = []
     ref, base = None, None
     for label, opts, runtime in routes:
@@ -545,11 +571,17 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
                     f"quantize_dynamic({str(win)!r}, {str(target)!r}, weight_type=QuantType.QInt8, "
                     "use_external_data_format=True)"),
                     show="quantize_dynamic(windowed.onnx, q.onnx, weight_type=QInt8, use_external_data_format=True)",
-                    allow_fail=True)
+                    allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
             elif opts == "ort-static":
                 qrun = measure(f"quantize: {label}", [PY, "-c", ORT_STATIC, str(win), str(target)],
                                show="quantize_static(windowed.onnx, q.onnx, 8 random inputs, QDQ, per_channel=True, "
-                                    "QInt8/QInt8, use_external_data_format=True)", allow_fail=True)
+                                    "QInt8/QInt8, use_external_data_format=True)", allow_fail=True,
+                               rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
+            elif opts[0] in ("@smooth-only", "@rotate-only"):
+                verb = opts[0][1:-5]
+                extra = ["--calibrate", "random:4"] if verb == "smooth" else []
+                qrun = measure(f"{verb} (fp32)", [QVL, verb, str(win), "-o", str(target), "-q", *extra],
+                               show=f"qvl-surgery {verb} windowed.onnx -o q.onnx {' '.join(extra)}")
             elif opts[0] == SMOOTH:
                 sm = work / "smoothed.onnx"
                 clear(sm, Path(str(sm) + ".data"))
@@ -567,13 +599,17 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
             passes.append(qrun)
         out = work / "out.npy"
         clear(out)
+        if qrun is not None and "FAILED" in qrun.label:
+            rows.append(f"| {label} | {runtime} | not run: {qrun.label.split('(', 1)[1].rstrip(')')} | "
+                        f"| | | | | | {qrun.wall_s:.1f} | {qrun.peak_mb:.0f} |")
+            continue
         runs = 3 if timed else 1
         cap: list[str] = []
         r = measure(f"{runtime}: {label}", [PY, str(ROOT / "scripts" / "ort_latency.py"), str(target), str(runs),
                                             "--runtime", runtime, "--save", str(out)], allow_fail=True, capture=cap)
         mb = sum(p.stat().st_size for p in target.parent.glob(target.name + "*")) / 1e6
         if not out.exists():
-            rows.append(f"| {label} | {runtime} | failed | | | | {mb:.0f} | | | |")
+            rows.append(f"| {label} | {runtime} | failed | | | | | {mb:.0f} | | | |")
             continue
         median = float(cap[-1].split("median_s")[1].split()[0])
         y = np.load(out)
@@ -581,7 +617,8 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
             ref, base = y, median
         lat = f"{median:.2f} | {median / base:.2f}" if timed else " | "
         q = f"{qrun.wall_s:.1f} | {qrun.peak_mb:.0f}" if qrun else " | "
-        rows.append(f"| {label} | {runtime} | {lat} | {cosine(ref, y):.5f} | {centered_cosine(ref, y):.5f} | "
+        rel = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+        rows.append(f"| {label} | {runtime} | {lat} | {rel:.1e} | {cosine(ref, y):.5f} | {centered_cosine(ref, y):.5f} | "
                     f"{mb:.0f} | {r.peak_mb:.0f} | {q} |")
         if opts is not None:
             clear(target, Path(str(target) + ".data"))
