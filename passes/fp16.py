@@ -1,4 +1,5 @@
-"""fp16: convert a float32 model to float16, keeping whole patterns as float32 islands.
+"""fp16: convert a float32 model to float16 (or bfloat16: ``dtype``), keeping whole patterns as
+float32 islands.
 
 Rules:
 - Every node runs in fp16 unless it is *kept*: by pattern (``keep_silu_fp32``: each x*sigmoid(x),
@@ -17,6 +18,11 @@ Rules:
   +-inf (masks) stays +-inf; tiny values such as eps keep their meaning (1e-6 is an fp16
   subnormal), and a non-zero constant that would round to zero is reported.
 - Graph inputs and outputs become fp16 unless ``keep_io_types``.
+- ``dtype="bfloat16"``: the same islands and Casts with bfloat16 in place of float16; weights are
+  rounded to nearest even by ml_dtypes (numpy has no bfloat16). bfloat16 has float32's range, so
+  nothing is clamped and ``calibrate`` (which keeps what comes near fp16's 65504) is not run: the
+  report says so. onnxruntime's CPU provider has no bfloat16 arithmetic; such files run in OpenVINO
+  or under emulation (:mod:`qvl_surgery.emulate`).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -39,8 +46,11 @@ from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, P
 
 log = logging.getLogger(__name__)
 
-F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+F32, F16, BF16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 FP16_MAX = 65504.0
+# the dtype option's values: element type, short tag (Cast and tensor names, report), metadata name
+LOW_TYPES = {"float16": F16, "bfloat16": BF16}
+TAGS = {F32: "fp32", F16: "fp16", BF16: "bf16"}
 
 
 @dataclass
@@ -52,6 +62,11 @@ class Fp16Report(PassReport):
     clamped: dict[str, int] = field(default_factory=dict)       # tensor -> values clamped (filled while saving)
     underflow: dict[str, int] = field(default_factory=dict)
     calibration: list[str] = field(default_factory=list)
+    dtype: str = "float16"                                       # the reduced type: float16 or bfloat16
+
+    @property
+    def low(self) -> int:
+        return LOW_TYPES[self.dtype]
 
     @property
     def kept_nodes(self) -> set[str]:
@@ -59,8 +74,8 @@ class Fp16Report(PassReport):
 
     def summary(self) -> list[str]:
         out = list(self.calibration)
-        out += [f"fp16: {self.converted_weights} weights converted, {len(self.kept_nodes)} nodes kept in fp32, "
-               f"{self.casts} Casts inserted"]
+        out += [f"{TAGS[self.low]}: {self.converted_weights} weights converted, {len(self.kept_nodes)} nodes kept "
+                f"in fp32, {self.casts} Casts inserted"]
         for reason, names in self.kept.items():
             out.append(f"  kept ({reason}): {len(names)} nodes" + (f", e.g. {names[0]}" if names else ""))
         if self.duplicated_weights:
@@ -69,7 +84,7 @@ class Fp16Report(PassReport):
             out.append(f"  clamped to +-65504: {sum(self.clamped.values())} values in {len(self.clamped)} tensors "
                        f"(e.g. {next(iter(self.clamped))})")
         if self.underflow:
-            out.append(f"  non-zero values that round to 0 in fp16: {sum(self.underflow.values())} in "
+            out.append(f"  non-zero values that round to 0 in {TAGS[self.low]}: {sum(self.underflow.values())} in "
                        f"{len(self.underflow)} tensors")
         for s in self.skipped:
             out.append(f"  skipped: {s}")
@@ -164,8 +179,22 @@ def _float_types(model: Model) -> dict[str, int]:
     return types
 
 
-def _to_fp16(arr: np.ndarray, name: str, report: Fp16Report) -> np.ndarray:
+def _to_low(arr: np.ndarray, name: str, report: Fp16Report) -> np.ndarray:
+    """``arr`` in the report's reduced type: fp16 clamps finite values to +-65504; bf16 (float32's
+    range) is ml_dtypes' round to nearest even."""
     a = np.asarray(arr, dtype=np.float32)
+    if report.low == BF16:
+        out = a.astype(ml_dtypes.bfloat16)
+    else:
+        out = _clamped(a, name, report).astype(np.float16)
+    if a.size and a.size <= 1 << 16:
+        under = int(np.count_nonzero((a != 0) & (out == 0)))
+        if under:
+            report.underflow[name] = under
+    return out
+
+
+def _clamped(a: np.ndarray, name: str, report: Fp16Report) -> np.ndarray:
     if a.size:
         hi, lo = float(a.max()), float(a.min())
         if hi > FP16_MAX or lo < -FP16_MAX:
@@ -174,17 +203,12 @@ def _to_fp16(arr: np.ndarray, name: str, report: Fp16Report) -> np.ndarray:
             if n:
                 report.clamped[name] = n
                 a = np.where(finite_big, np.sign(a) * FP16_MAX, a)
-    out = a.astype(np.float16)
-    if a.size and a.size <= 1 << 16:
-        under = int(np.count_nonzero((a != 0) & (out == 0)))
-        if under:
-            report.underflow[name] = under
-    return out
+    return a
 
 
-def _fp16_source(t: TensorProto, src, report: Fp16Report) -> Computed:
+def _low_source(t: TensorProto, src, report: Fp16Report) -> Computed:
     def make() -> np.ndarray:
-        return _to_fp16(read_initializer(t, src), t.name, report)
+        return _to_low(read_initializer(t, src), t.name, report)
     return Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 2)
 
 
@@ -250,23 +274,24 @@ class Fp16Plan:
     kept: dict[str, str]          # first output -> reason
     types: dict[str, int]         # element type of every tensor
     floats: set[str]              # float32 initializers
-    f16_readers: set[str]         # float32 initializers read by an fp16 node
+    low_readers: set[str]         # float32 initializers read by a reduced-precision node
     want_io: int                  # element type of float graph inputs and outputs
+    low: int = F16                # the reduced type: F16 or BF16
 
     def precision(self, node: onnx.NodeProto) -> int:
-        return F32 if node.output[0] in self.kept else F16
+        return F32 if node.output[0] in self.kept else self.low
 
     def is_float(self, name: str) -> bool:
         return self.types.get(name) == F32
 
 
-def plan_fp16(model: Model, kept: dict[str, str], *, keep_io_types: bool) -> Fp16Plan:
+def plan_fp16(model: Model, kept: dict[str, str], *, keep_io_types: bool, low: int = F16) -> Fp16Plan:
     g = model.graph
     floats = {t.name for t in g.initializer if t.data_type == F32}
     if not floats and not any(i.type.tensor_type.elem_type == F32 for i in g.input):
         raise BadInput("fp16: the model has no float32 tensors; is it already fp16?")
-    plan = Fp16Plan(kept, _float_types(model), floats, set(), F32 if keep_io_types else F16)
-    plan.f16_readers = {i for n in g.node if plan.precision(n) == F16 for i in n.input if i in floats}
+    plan = Fp16Plan(kept, _float_types(model), floats, set(), F32 if keep_io_types else low, low)
+    plan.low_readers = {i for n in g.node if plan.precision(n) == low for i in n.input if i in floats}
     return plan
 
 
@@ -274,7 +299,8 @@ def plan_fp16(model: Model, kept: dict[str, str], *, keep_io_types: bool) -> Fp1
 
 class _Fp16Emitter:
     """Rebuilds the graph under a plan: Casts only where precision changes, once per tensor and
-    direction; weights converted lazily (Computed sources) and stored twice only when read in both."""
+    direction; weights converted lazily (Computed sources) and stored twice only when read in both.
+    The reduced type is the plan's (fp16 or bf16); names below say "low" for it."""
 
     def __init__(self, model: Model, plan: Fp16Plan, report: Fp16Report):
         self.model, self.plan, self.report = model, plan, report
@@ -287,21 +313,22 @@ class _Fp16Emitter:
 
     def weight(self, name: str, dt: int) -> str:
         t = self.inits[name]
-        key = name if (dt == F16 or name not in self.plan.f16_readers) else name + "__fp32"
+        low = dt == self.plan.low
+        key = name if (low or name not in self.plan.low_readers) else name + "__fp32"
         if key in self.new_inits:
             return key
         nt = TensorProto()
         nt.CopyFrom(t)
-        if dt == F16:
-            nt.data_type = F16
+        if low:
+            nt.data_type = dt
             nt.ClearField("raw_data")
             nt.ClearField("float_data")
             src = self.model.sources.get(name)
             if src is None and int(np.prod(t.dims, dtype=np.int64)) < 4096:
-                nt.CopyFrom(numpy_helper.from_array(_to_fp16(numpy_helper.to_array(t), name, self.report), name))
+                nt.CopyFrom(numpy_helper.from_array(_to_low(numpy_helper.to_array(t), name, self.report), name))
             else:
                 nt.data_location = TensorProto.EXTERNAL
-                self.sources[name] = _fp16_source(t, src, self.report)
+                self.sources[name] = _low_source(t, src, self.report)
             self.report.converted_weights += 1
         else:
             nt.name = key
@@ -320,7 +347,7 @@ class _Fp16Emitter:
         if dt in have:
             return have[dt]
         src_name = next(iter(have.values()))
-        tag = "fp16" if dt == F16 else "fp32"
+        tag = TAGS[dt]
         out = f"{name}__{tag}"
         self.nodes.append(helper.make_node("Cast", [src_name], [out], name=f"{name}/Cast_to_{tag}", to=dt))
         self.report.casts += 1
@@ -343,16 +370,16 @@ class _Fp16Emitter:
                 nn.input[k] = self.tensor(i, p)
         if n.op_type == "Cast":
             for a in nn.attribute:
-                if a.name == "to" and a.i in (F32, F16):
+                if a.name == "to" and a.i in (F32, self.plan.low):
                     a.i = p
         for a in nn.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32 and p == F16:
-                a.t.CopyFrom(numpy_helper.from_array(_to_fp16(numpy_helper.to_array(a.t), n.name, self.report),
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32 and p == self.plan.low:
+                a.t.CopyFrom(numpy_helper.from_array(_to_low(numpy_helper.to_array(a.t), n.name, self.report),
                                                      a.t.name))
         for k, o in enumerate(n.output):
             if o and self.plan.is_float(o):
                 if o in out_names and p != self.plan.want_io:
-                    nn.output[k] = self.renamed[o] = f"{o}__{'fp16' if p == F16 else 'fp32'}"
+                    nn.output[k] = self.renamed[o] = f"{o}__{TAGS[p]}"
                 self.versions[o] = {p: nn.output[k]}
         self.nodes.append(nn)
 
@@ -394,19 +421,23 @@ def convert_fp16(model: Model, *, reference: str | Path | None = None, explain: 
                     **options)
 
 
-def _convert_fp16(model: Model, *, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str], keep_node: list[str],
-                  keep_io_types: bool, calibrate: str | None, calibrate_margin: float, reference: Path | None,
-                  explain: bool) -> tuple[Model, Fp16Report]:
+def _convert_fp16(model: Model, *, dtype: str, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str],
+                  keep_node: list[str], keep_io_types: bool, calibrate: str | None, calibrate_margin: float,
+                  reference: Path | None, explain: bool) -> tuple[Model, Fp16Report]:
     """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
     keep_op, keep_node = list(keep_op), list(keep_node)
     _check_keep_ops(keep_op)
-    report = Fp16Report()
+    report = Fp16Report(dtype=dtype)
+    if calibrate and dtype == "bfloat16":
+        report.skipped.append("calibrate: not run; bfloat16 has float32's range (max 3.4e38), so no value comes "
+                              "near an overflow (calibration keeps what comes near fp16's 65504)")
+        calibrate = None
     keep_calibrated = _calibrate(model, calibrate, calibrate_margin, reference, report) if calibrate else None
     kept = select_kept(model, report, keep_silu_fp32=keep_silu_fp32, keep_rmsnorm_fp32=keep_rmsnorm_fp32, keep_op=keep_op,
                        keep_node=keep_node, keep_calibrated=keep_calibrated, explain=explain)
-    plan = plan_fp16(model, kept, keep_io_types=keep_io_types)
+    plan = plan_fp16(model, kept, keep_io_types=keep_io_types, low=report.low)
     out = _Fp16Emitter(model, plan, report).emit()
-    out.set_metadata("qvl_surgery.dtype", "float16")
+    out.set_metadata("qvl_surgery.dtype", dtype)
     out.set_metadata("qvl_surgery.fp16_kept", json.dumps({r: len(v) for r, v in report.kept.items()}))
     return out, report
 
@@ -423,18 +454,29 @@ def _calibrate(model: Model, source: str, margin: float, reference: str | Path |
     return cal.keep
 
 
+# onnxruntime's CPU provider runs most fp16 ops in fp32 and no bf16 op at all: the error shows under
+# emulation only. bf16 keeps 8 significant bits to fp16's 11 (about 8x the rounding error).
+JUDGEMENTS = {
+    "float16": Judgement(atol=5e-2, rtol=5e-2, min_cosine=0.999, emulate="fp16", label="fp16"),
+    "bfloat16": Judgement(atol=2e-1, rtol=2e-1, min_cosine=0.995, emulate="bf16", label="bf16",
+                          min_centered_cosine=0.99),
+}
+
+
 class Fp16Pass(Pass):
     name = "fp16"
-    help = "convert to fp16 with whole-pattern fp32 islands"
+    help = "convert to fp16 (or bf16: --dtype bfloat16) with whole-pattern fp32 islands"
     function = ("passes.fp16", "convert_fp16")
     example = ("qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
                "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node "
                "'/blocks.31/mlp/down_proj/*'\n"
                "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --calibrate calib.npz\n"
+               "  qvl-surgery fp16 out/model.onnx -o out/bf16.onnx --dtype bfloat16 --keep-rmsnorm-fp32\n"
                "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32 --gen-script   # print the Python")
-    # onnxruntime's CPU provider runs most fp16 ops in fp32: the error shows under emulation only
-    judgement = Judgement(atol=5e-2, rtol=5e-2, min_cosine=0.999, emulate="fp16", label="fp16")
     options = (
+        Option("dtype", str, "float16", "the reduced type: bfloat16 has float32's range and 8 significant bits "
+               "(runs in OpenVINO or under emulation, not in onnxruntime's CPU provider)",
+               choices=tuple(LOW_TYPES)),
         Option("keep_silu_fp32", bool, False, "keep each x*sigmoid(x) (Sigmoid + Mul) in fp32"),
         Option("keep_rmsnorm_fp32", bool, False, "keep each RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div, scale) "
                "in fp32"),
@@ -448,6 +490,10 @@ class Fp16Pass(Pass):
                metavar="INPUTS"),
         Option("calibrate_margin", float, 0.5, "fraction of 65504"),
     )
+
+    @property
+    def judgement(self) -> Judgement:  # type: ignore[override]  # per instance: it depends on dtype
+        return JUDGEMENTS[self.values.get("dtype", "float16")]
 
     def preflight(self, facts: dict) -> None:
         if self.values.get("calibrate"):

@@ -46,8 +46,9 @@ def _with_extra_outputs(path: Path, names: list[str]):
 
 class QvlRunner(BaseRunner):
     """Runs a model file or a split: onnxruntime (``mode='onnxrt'``), OpenVINO's CPU plugin
-    (``mode='openvino'``, a model file) or fp16 emulation (``mode='emulate-fp16'``). Inputs are cast to the model's input dtypes; outputs come back as
-    float32. ``extra_outputs`` names intermediate tensors to return too (e.g. block outputs)."""
+    (``mode='openvino'``, a model file) or fp16 emulation (``mode='emulate-fp16'``: the rounding of
+    the file's own reduced type, fp16 or bf16). Inputs are cast to the model's input dtypes; outputs
+    come back as float32. ``extra_outputs`` names intermediate tensors to return too (e.g. block outputs)."""
 
     def __init__(self, path: str | Path, mode: str = "onnxrt", extra_outputs: list[str] | None = None,
                  name: str | None = None):
@@ -66,17 +67,19 @@ class QvlRunner(BaseRunner):
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
         for t in self.inputs:
-            meta.add(t.name, dtype=DataType.from_dtype(t.dtype), shape=list(t.shape))
+            # polygraphy has no bfloat16: a bf16 input is fed fp32 numbers, which infer rounds
+            dtype = np.dtype(np.float32) if t.dtype.name == "bfloat16" else t.dtype
+            meta.add(t.name, dtype=DataType.from_dtype(dtype), shape=list(t.shape))
         return meta
 
     def _run(self, feeds: dict) -> dict:
         from .runners import ort_session
         if self.mode == "emulate-fp16":
-            from .emulate import Fp16Emulator, emulate
+            from .emulate import Emulator, emulate
             if is_manifest_path(self.path):
                 out = emulate(self.path, feeds, keep_intermediate=bool(self.extra))
             else:
-                out = Fp16Emulator(self.path).run(feeds, self.outputs + self.extra)
+                out = Emulator(self.path).run(feeds, self.outputs + self.extra)
             return out
         if self.mode == "openvino":
             if is_manifest_path(self.path):
@@ -230,6 +233,10 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
     if emulate_fp16 and runtime != "onnxruntime":
         raise BadInput("--emulate-fp16 emulates onnxruntime's file in numpy; it does not combine with --runtime")
     cand_mode = "emulate-fp16" if emulate_fp16 else {"onnxruntime": "onnxrt", "openvino": "openvino"}[runtime]
+    from .runners import refuse_bf16_in_onnxruntime
+    for path, mode in ((ref, "onnxrt"), (cand, cand_mode)):
+        if mode == "onnxrt":
+            refuse_bf16_in_onnxruntime(path)
     c_runner = QvlRunner(cand, cand_mode, extra, name="cand")
     results = Comparator.run([r_runner, c_runner], data_loader=[feeds])
     if save_inputs:

@@ -2,6 +2,8 @@
 ``polygraphy run`` beside ``--onnxrt``.
 
     polygraphy run out/fp16.onnx --onnxrt --qvl-emulate-fp16        # fp16 rounding emulated
+    polygraphy run out/bf16.onnx --qvl-emulate-fp16                 # a bf16 file: bf16 rounding (not --onnxrt:
+                                                                    # onnxruntime has no bf16 arithmetic)
     polygraphy run out/parts/manifest.json --qvl-chain           # the parts of a split, chained
 
 polygraphy guesses a model's type from its file extension and knows no ``.json``: the plugin tells
@@ -52,9 +54,10 @@ class _QvlRunnerArgs(BaseRunnerArgs):
 
 
 class QvlEmulateFp16Args(_QvlRunnerArgs):
-    """qvl-surgery fp16 emulation: every fp16 tensor rounded as on a GPU (model file or split)."""
+    """qvl-surgery fp16 emulation: every fp16 (in a bf16 file, bf16) tensor rounded as on a GPU (model
+    file or split)."""
 
-    mode, title, option = "emulate-fp16", "qvl-surgery fp16 emulation", "qvl-emulate-fp16"
+    mode, title, option = "emulate-fp16", "qvl-surgery fp16/bf16 emulation", "qvl-emulate-fp16"
 
 
 class QvlChainArgs(_QvlRunnerArgs):

@@ -1,4 +1,10 @@
-"""Running models: one file in onnxruntime, or the parts of a split as a chain."""
+"""Running models: one file in onnxruntime (or OpenVINO), or the parts of a split as a chain.
+
+bf16 files (``fp16 --dtype bfloat16``) do not run in onnxruntime: its CPU provider has no bf16
+kernel for Add, MatMul, Gemm, Sigmoid, ReduceMax... (the session does not load), and its Python
+binding takes no ml_dtypes array. :func:`ort_session` refuses them in one line; OpenVINO runs them
+(bf16 travels through its Python API as raw bits, see :func:`run_openvino`).
+"""
 from __future__ import annotations
 
 import gc
@@ -6,17 +12,36 @@ import logging
 from pathlib import Path
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
+import onnx
 
 from .errors import BadInput
 from .manifest import read_manifest
-from .signature import signature
+from .signature import head_model, signature
 
 log = logging.getLogger(__name__)
 
 
+def uses_bf16(graph: onnx.GraphProto) -> bool:
+    """True when a graph's weights, inputs, outputs or Casts are bfloat16 (no weight is read)."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    return (any(t.data_type == bf16 for t in graph.initializer)
+            or any(v.type.tensor_type.elem_type == bf16 for v in list(graph.input) + list(graph.output))
+            or any(a.name == "to" and a.i == bf16 for n in graph.node if n.op_type == "Cast" for a in n.attribute))
+
+
+def refuse_bf16_in_onnxruntime(path: str | Path) -> None:
+    """One line, before onnxruntime is asked to run a bf16 model file or split."""
+    if uses_bf16(head_model(path).graph):
+        raise BadInput(f"{path}: a bfloat16 model does not run in onnxruntime (its CPU provider has no bf16 "
+                       "arithmetic); compare it with --runtime openvino, or with --emulate-fp16 (which emulates "
+                       "the file's bf16 rounding)")
+
+
 def ort_session(path: str | Path, providers: list[str] | None = None, execution_order: str | None = None,
                 threads: int | None = None):
+    refuse_bf16_in_onnxruntime(path)
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -54,12 +79,21 @@ def openvino_compiled(path: str | Path, extra_outputs: list[str] | None = None, 
 
 def run_openvino(path: str | Path, feeds: Mapping[str, np.ndarray], extra_outputs: list[str] | None = None,
                  compiled=None) -> dict[str, np.ndarray]:
-    """One inference in OpenVINO; outputs by every name OpenVINO knows them by (float32)."""
+    """One inference in OpenVINO; outputs by every name OpenVINO knows them by (float32).
+
+    OpenVINO's Python API shows a bf16 tensor as float16 numbers made of its bits, and reads an
+    ml_dtypes bfloat16 array as wrong numbers without a word: bf16 goes in as an ``ov.Tensor`` of the
+    raw bits and comes out reinterpreted."""
     compiled = compiled or openvino_compiled(path, extra_outputs)
-    res = compiled(dict(cast_feeds(path, feeds)))
+    import openvino as ov   # importable: openvino_compiled checked it
+    x = {k: ov.Tensor(np.ascontiguousarray(v).view(np.uint16), ov.Shape(list(v.shape)), ov.Type.bf16)
+         if v.dtype.name == "bfloat16" else v for k, v in cast_feeds(path, feeds).items()}
+    res = compiled(x)
     out = {}
     for port in compiled.outputs:
         v = np.asarray(res[port])
+        if port.get_element_type() == ov.Type.bf16:
+            v = v.view(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
         for name in port.get_names():
             out[name] = v.astype(np.float32) if v.dtype.kind == "f" else v
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  numpy knows "bfloat16" by name once it is imported (a split's manifest)
 import numpy as np
 import onnx
 
@@ -56,7 +57,8 @@ class Signature:
 
     def cast(self, feeds) -> dict[str, np.ndarray]:
         """The model's inputs from ``feeds``, each cast to the dtype the graph declares (an fp16 model
-        takes fp32 pixels; a bf16 one, ml_dtypes' bfloat16); extra arrays are left out."""
+        takes fp32 pixels; a bf16 one, fp32 pixels rounded to ml_dtypes' bfloat16, nearest even);
+        extra arrays are left out."""
         out = {}
         for t in self.inputs:
             if t.name not in feeds:
