@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 448x448)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random input when no file is given")
     c.add_argument("--emulate-fp16", action="store_true",
-                   help="run CAND with fp16 rounding emulated (onnxruntime's CPU provider hides fp16 error)")
+                   help="run CAND with its fp16 (or bf16) rounding emulated (onnxruntime's CPU provider hides fp16 "
+                   "error and runs no bf16)")
     c.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
                    help="run CAND in this runtime (REF always in onnxruntime); openvino: its CPU plugin at f32 "
                    "precision, from the 'clients' extra (quantized QDQ files run in integer arithmetic there)")

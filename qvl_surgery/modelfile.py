@@ -498,7 +498,7 @@ def _tensor_bytes(t: TensorProto, src: TensorSource | None) -> memoryview:
             raise ValueError(f"computed tensor {t.name!r} has {arr.size} values, expected shape {list(t.dims)}")
     else:
         arr = np.ascontiguousarray(numpy_helper.to_array(t))
-    return memoryview(arr.reshape(-1)).cast("B")
+    return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:

@@ -110,7 +110,7 @@ def gen_script(*, source: dict, specs: list[Pass], output: Path, image_size: str
                   f"feeds = load_inputs({str(reference)!r}, seed=0"
                   + (f", image_size={(image_size or DYNAMIC_COMPARE_SIZES)!r}" if source.get("dynamic") else "") + ")",
                   f"report = compare({str(reference)!r}, {str(result)!r}, feeds=feeds, emulate_fp16="
-                  f"{j.emulate == 'fp16'}, atol={j.atol}, rtol={j.rtol}, min_cosine={j.min_cosine}, "
+                  f"{bool(j.emulate)}, atol={j.atol}, rtol={j.rtol}, min_cosine={j.min_cosine}, "
                   f"min_centered_cosine={j.min_centered_cosine})",
                   "print('\\n'.join(report.lines()))"]
     return "\n".join(lines) + "\n"
@@ -277,7 +277,7 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
             reports.append(("write", [f"wrote {out_dir / name}"]))
         is_dynamic = bool(facts.get("dynamic"))
         feeds = load_inputs(reference, seed=0, image_size=(image_size or DYNAMIC_COMPARE_SIZES) if is_dynamic else None)
-        cmp = compare(reference, result, feeds=feeds, emulate_fp16=judge.emulate == "fp16", atol=judge.atol,
+        cmp = compare(reference, result, feeds=feeds, emulate_fp16=bool(judge.emulate), atol=judge.atol,
                       rtol=judge.rtol, min_cosine=judge.min_cosine, min_centered_cosine=judge.min_centered_cosine)
         cmp.ref_name, cmp.cand_name = str(final_reference), cmp.cand_name.replace(str(result), str(out_dir / name))
         table = []
