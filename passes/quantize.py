@@ -537,6 +537,10 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
         raise BadInput("quantize: the model has no linear layer (Gemm/MatMul with a float32 initializer weight); "
                        "is it already quantized?")
     kept = select_kept(linears, keep_nodes=keep_node, keep_blocks=blocks)
+    if block and format == "qdq":   # a partial last block is valid ONNX, but OpenVINO refuses it
+        for lin in linears:
+            if lin.k % block and lin.name not in kept:
+                kept[lin.name] = f"input dim not a multiple of block {block}"
     static = activations != "none" and (format == "qdq" or calibrate)
     ranges: dict[str, quant.ActivationRange] = {}
     todo = [lin for lin in linears if lin.name not in kept]

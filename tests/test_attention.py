@@ -148,7 +148,7 @@ def test_mha_then_fp16_runs_in_onnxruntime_and_emulation_says_why_not(tiny_448, 
     r = run_cli("compare", tiny_448, tmp_path / "mha16.onnx", "--atol", "0.05", "--rtol", "0.05")
     assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
     r = run_cli("compare", tiny_448, tmp_path / "mha16.onnx", "--emulate-fp16")
-    assert_one_line_error(r, "fp16 emulation cannot run", "MultiHeadAttention")
+    assert_one_line_error(r, "emulation cannot run", "MultiHeadAttention")
     # split after the fused op, in fp32 and fp16 (cut tensors get their types past com.microsoft ops)
     for name in ("mha.onnx", "mha16.onnx"):
         r = run_cli("split", tmp_path / name, "--parts", "3", "-o", tmp_path / f"parts_{name}", "-q")
