@@ -31,11 +31,10 @@ from onnx import TensorProto, helper
 
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import constant_value, with_graph
-from qvl_surgery.inspection import consumers, producers
+from qvl_surgery.inspection import consumers, producers, rmsnorm_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
-from .fp16 import rmsnorm_patterns
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +235,22 @@ def plan_rotation(model: Model, c: int) -> _Plan:
 
 # ----------------------------------------------------------------------------- fold
 
-def _source(model: Model, name: str, fn) -> Computed:
-    t = model.initializers()[name]
-    src = model.sources.get(name)
+def refolded(model: Model, like: TensorProto, fn, name: str | None = None) -> tuple[TensorProto, Computed]:
+    """A float32 weight recomputed from ``like``'s values by ``fn`` (in float64) while the output is
+    written: its tensor entry (named ``name``, default ``like``'s) and its source. rotate and smooth
+    fold their matrices into weights this way."""
+    t = TensorProto()
+    t.CopyFrom(like)
+    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+        t.ClearField(f)
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    t.name = name or like.name
+    src = model.sources.get(like.name)
 
     def make() -> np.ndarray:
-        return fn(np.asarray(read_initializer(t, src), np.float64)).astype(np.float32)
-    return Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 4)
+        return fn(np.asarray(read_initializer(like, src), np.float64)).astype(np.float32)
+    return t, Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 4)
 
 
 def rotate_model(model: Model, *, seed: int = 0, kind: str = "hadamard", explain: bool = False
@@ -275,23 +283,19 @@ def _rotate(model: Model, *, seed: int, kind: str) -> tuple[Model, RotateReport]
         return np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (c,))
 
     def replace(name: str, fn) -> None:
-        t = TensorProto()
-        t.CopyFrom(inits[name])
-        t.ClearField("raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data"):
-            t.ClearField(f)
-        del t.external_data[:]
-        t.data_location = TensorProto.EXTERNAL
-        sources[name] = _source(model, name, fn)
-        new_inits[name] = t
+        new_inits[name], sources[name] = refolded(model, inits[name], fn)
 
     for lin in plan.writers:   # y -> y Q
         replace(lin.weight, (lambda w: q.T @ w) if lin.out_in else (lambda w: w @ q))
         if lin.bias:
             replace(lin.bias, lambda b: (b.reshape(-1) @ q).reshape(b.shape))
     for lin, norm, tokens in plan.readers:   # x -> x Q, scale folded: W diag(g) Q (per token group)
-        m = np.kron(np.eye(tokens), np.diag(scale_of(norm)) @ q)
-        replace(lin.weight, (lambda w, m=m: w @ m) if lin.out_in else (lambda w, m=m: m.T @ w))
+        g = np.asarray(scale_of(norm))   # the matrix is made when the weight is written, not held meanwhile
+
+        def fold(w: np.ndarray, g=g, tokens=tokens, out_in=lin.out_in) -> np.ndarray:
+            m = np.kron(np.eye(tokens), g[:, None] * q)
+            return w @ m if out_in else m.T @ w
+        replace(lin.weight, fold)
     # drop the scale Muls: their readers read the normalized tensor
     rename = {n.out: n.core_out for n in plan.norms if n.scale_node is not None}
     nodes = []

@@ -29,15 +29,16 @@ from onnx import TensorProto, helper, numpy_helper
 from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import constant_value, with_graph
 from qvl_surgery.inspection import consumers
-from qvl_surgery.modelfile import Computed, Model, read_initializer
+from qvl_surgery.modelfile import Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
-from .rotate import _Linear, _linear, _Norm, _norms
+from .rotate import _Linear, _linear, _Norm, _norms, refolded
 
 log = logging.getLogger(__name__)
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SAMPLE_ROWS = 64         # rows per input set kept per site for the alpha search
+SEARCH_ROWS = 256        # output channels of each reader the search quantizes
 DEFAULT_CALIB = "random:4"
 
 
@@ -180,20 +181,7 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
         return w if lin.out_in else w.T   # [N, K]
 
     def computed(name: str, fn, like: TensorProto) -> None:
-        t = TensorProto()
-        t.CopyFrom(like)
-        t.ClearField("raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data"):
-            t.ClearField(f)
-        del t.external_data[:]
-        t.data_location = TensorProto.EXTERNAL
-        src = model.sources.get(like.name)
-
-        def make() -> np.ndarray:
-            return fn(np.asarray(read_initializer(like, src), np.float64)).astype(np.float32)
-        sources[name] = Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 4)
-        t.name = name
-        new_inits[name] = t
+        new_inits[name], sources[name] = refolded(model, like, fn, name)
 
     for site in sites:
         st, c = stats[site.tensor], site.width
@@ -203,10 +191,12 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
         ws = []
         for lin, tokens in site.readers:
             w = weight_of(lin)
-            ws.append((w, tokens))
             wmax = np.maximum(wmax, np.abs(w).reshape(w.shape[0], tokens, c).max(axis=(0, 1)))
+            rows = np.random.default_rng(0).choice(w.shape[0], min(SEARCH_ROWS, w.shape[0]), replace=False)
+            ws.append((w[np.sort(rows)].astype(np.float32), tokens))   # the search sees a sample of outputs
+            del w
         wmax = np.maximum(wmax, 1e-12)
-        sample = np.concatenate(st.rows).astype(np.float64)
+        sample = np.concatenate(st.rows).astype(np.float32)
 
         def scales(a: float) -> np.ndarray:
             t = spread ** a / wmax ** (1 - a)
@@ -214,12 +204,12 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
 
         def error(a: float) -> float:
             t = scales(a)
-            xs = (sample - shift) / t
-            amax = float(np.abs(xs).max())
+            xs = ((sample - shift) / t).astype(np.float32)
+            amax = float(np.max(np.maximum(np.abs(st.hi - shift), np.abs(st.lo - shift)) / t))   # calibrated range
             err = 0.0
             for w, tokens in ws:
                 xt = xs if tokens == 1 else xs[: xs.shape[0] // tokens * tokens].reshape(-1, tokens * c)
-                err += _int8_error(xt, w * np.tile(t, tokens), amax)
+                err += _int8_error(xt, w * np.tile(t, tokens).astype(np.float32), amax)
             return err
 
         if alpha is not None:
@@ -230,7 +220,8 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
         max_after = float(np.max(np.maximum(np.abs(st.hi - shift), np.abs(st.lo - shift)) / t))
         report.norms.append({"norm": site.tensor, "alpha": best,
                              "max_before": float(max(np.abs(st.hi).max(), np.abs(st.lo).max())),
-                             "max_after": max_after, "int8_error": error(best), "int8_error_no_smooth": _plain_error(ws, sample, c)})
+                             "max_after": max_after, "int8_error": error(best), "int8_error_no_smooth": _plain_error(ws, sample, c,
+                                                                                     st)})
         # readers: W -> W diag(t) (per token slot), b -> b + W s
         for lin, tokens in site.readers:
             tt, ss = np.tile(t, tokens), np.tile(shift, tokens)
@@ -282,8 +273,8 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
     return out_model, report
 
 
-def _plain_error(ws, sample: np.ndarray, c: int) -> float:
-    amax = float(np.abs(sample).max())
+def _plain_error(ws, sample: np.ndarray, c: int, st: _Stats) -> float:
+    amax = float(max(np.abs(st.hi).max(), np.abs(st.lo).max()))
     return sum(_int8_error(sample if tokens == 1 else sample[: sample.shape[0] // tokens * tokens].reshape(-1, tokens * c),
                            w, amax) for w, tokens in ws)
 

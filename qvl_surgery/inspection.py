@@ -5,8 +5,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from .graphinfo import constant_value
 from .modelfile import PROTOBUF_LIMIT, Model, dtype_of, load_model
 
 
@@ -36,6 +38,70 @@ def sigmoid_mul_patterns(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, o
 
 
 FUSED_ATTENTION = {"MultiHeadAttention", "Attention", "GroupQueryAttention", "PackedMultiHeadAttention"}
+
+
+def rmsnorm_patterns(model: Model, explain: list[str] | None = None) -> list[list[onnx.NodeProto]]:
+    """Pow(x,2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .) [or Reciprocal -> Mul(x, .), either
+    side] -> Mul(scale, either side); constants as initializers or Constant nodes (those read only
+    by the pattern are part of it)."""
+    g = model.graph
+    cons = consumers(g)
+
+    def only(t: str, op: str, why: str, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        cs = [c for c in cons.get(t, []) if c.op_type == op]
+        if len(cs) != 1:
+            if explain is not None:
+                explain.append(f"{node.name}: {why} (found {[c.op_type for c in cons.get(t, [])]})")
+            return None
+        return cs[0]
+
+    const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    constants = set(model.initializers()) | set(const_nodes)
+    found = []
+    for pw in g.node:
+        if pw.op_type != "Pow":
+            continue
+        e = constant_value(model, pw.input[1], max_size=16)
+        if e is None or float(np.asarray(e).reshape(-1)[0]) != 2.0:
+            if explain is not None:
+                explain.append(f"{pw.name}: exponent is not the constant 2")
+            continue
+        x = pw.input[0]
+        rm = only(pw.output[0], "ReduceMean", "Pow is not followed by one ReduceMean", pw)
+        if rm is None:
+            continue
+        add = only(rm.output[0], "Add", "ReduceMean is not followed by Add(eps)", rm)
+        if add is None:
+            continue
+        sq = only(add.output[0], "Sqrt", "Add(eps) is not followed by Sqrt", add)
+        if sq is None:
+            continue
+        nodes = [pw, rm, add, sq]
+        div = [c for c in cons.get(sq.output[0], []) if c.op_type == "Div" and c.input[0] == x]
+        if div:
+            nodes.append(div[0])
+            last = div[0]
+        else:
+            rc = only(sq.output[0], "Reciprocal", "Sqrt is not followed by Div(x, .) or Reciprocal", sq)
+            if rc is None:
+                continue
+            mul = [c for c in cons.get(rc.output[0], []) if c.op_type == "Mul" and x in c.input]
+            if not mul:
+                if explain is not None:
+                    explain.append(f"{rc.name}: Reciprocal is not multiplied by x")
+                continue
+            nodes += [rc, mul[0]]
+            last = mul[0]
+        # the scale: Mul by a constant, on either side
+        scale = [c for c in cons.get(last.output[0], []) if c.op_type == "Mul"]
+        if len(scale) == 1 and any(i in constants for i in scale[0].input if i != last.output[0]):
+            nodes.append(scale[0])
+        # Constant nodes (exponent, eps, scale) read only here belong to the island: no Cast to fp32
+        inside = {n.output[0] for n in nodes}
+        nodes += [const_nodes[i] for n in nodes for i in n.input
+                  if i in const_nodes and all(c.output[0] in inside for c in cons[i])]
+        found.append(nodes)
+    return found
 
 
 def attention_count(graph: onnx.GraphProto) -> int:
