@@ -45,7 +45,7 @@ DEFAULT_CALIB = "random:4"
 @dataclass(kw_only=True)
 class SmoothReport(PassReport):
     calibration: str = ""
-    norms: list[dict] = field(default_factory=list)   # per norm: name, alpha, max |X| before -> after
+    norms: list[dict] = field(default_factory=list)   # per linear input: name, alpha, max |X| before -> after
 
     def summary(self) -> list[str]:
         if not self.norms:
@@ -53,7 +53,9 @@ class SmoothReport(PassReport):
         before = max(n["max_before"] for n in self.norms)
         after = max(n["max_after"] for n in self.norms)
         alphas = sorted({n["alpha"] for n in self.norms})
-        return [f"smooth: {len(self.norms)} RMSNorm outputs shifted and scaled into their readers "
+        normed = sum(1 for n in self.norms if n.get("rmsnorm"))
+        return [f"smooth: {len(self.norms)} linear inputs ({normed} of them RMSNorm outputs) shifted and scaled "
+                "into their readers "
                 f"(alpha {', '.join(map(str, alphas))}); largest |linear input| {before:.3g} -> {after:.3g}",
                 f"  calibration: {self.calibration}"]
 
@@ -218,7 +220,7 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
             best = min(ALPHAS, key=error)
         t = scales(best)
         max_after = float(np.max(np.maximum(np.abs(st.hi - shift), np.abs(st.lo - shift)) / t))
-        report.norms.append({"norm": site.tensor, "alpha": best,
+        report.norms.append({"norm": site.tensor, "rmsnorm": site.norm is not None, "alpha": best,
                              "max_before": float(max(np.abs(st.hi).max(), np.abs(st.lo).max())),
                              "max_after": max_after, "int8_error": error(best), "int8_error_no_smooth": _plain_error(ws, sample, c,
                                                                                      st)})
