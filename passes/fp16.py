@@ -39,8 +39,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import constant_value, infer_graph, side_inputs, static_tensors, with_graph
-from qvl_surgery.inspection import consumers, rmsnorm_patterns, sigmoid_mul_patterns
+from qvl_surgery.graphinfo import elem_types, side_inputs, static_tensors, with_graph
+from qvl_surgery.inspection import rmsnorm_patterns, sigmoid_mul_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
@@ -102,13 +102,9 @@ def _check_keep_ops(ops: Iterable[str]) -> None:
 # ----------------------------------------------------------------------------- conversion
 
 def _float_types(model: Model) -> dict[str, int]:
-    """Element type of every tensor (graphinfo.infer_graph: weightless shape inference)."""
-    g = infer_graph(model)
-    types = {t.name: t.data_type for t in g.initializer}
-    for v in list(g.input) + list(g.output) + list(g.value_info):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-            types[v.name] = v.type.tensor_type.elem_type
-    missing = [o for n in g.node for o in n.output if o and o not in types]
+    """Element type of every tensor (graphinfo.elem_types), refusing a graph where one is unknown."""
+    types = elem_types(model)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in types]
     if missing:
         raise BadInput(f"fp16: cannot tell the type of tensor {missing[0]!r} (shape inference found none); "
                        "the model needs value_info for it")

@@ -176,10 +176,10 @@ def select_kept(linears: list[Linear], *, keep_nodes: list[str], keep_blocks: li
     return kept
 
 
-def kept_share(model: Model, linears: list[Linear], kept: dict[str, str]) -> tuple[float, str]:
-    """The kept linears' share of all the linears' multiply-adds, and what it was counted at: rows x
-    K x N from the graph's static shapes, or by weight size where a row count is symbolic (dynamic
-    export: the merger's rows are a quarter of the blocks', so that count overstates it)."""
+def linear_macs(model: Model, linears: list[Linear]) -> tuple[dict[str, int], str]:
+    """Each linear's multiply-adds and what they were counted at: rows x K x N from the graph's static
+    shapes, or K x N (weight size) for all of them where some row count is symbolic (dynamic export:
+    the merger's rows are a quarter of the blocks', so that count overstates it)."""
     from qvl_surgery.graphinfo import value_types
     try:
         vt = value_types(model, {lin.x for lin in linears})
@@ -192,24 +192,13 @@ def kept_share(model: Model, linears: list[Linear], kept: dict[str, str]) -> tup
             rows[lin.name] = int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
     by_rows = len(rows) == len(linears)
     macs = {lin.name: (rows[lin.name] if by_rows else 1) * lin.n * lin.k for lin in linears}
-    total = sum(macs.values()) or 1
-    return sum(macs[n] for n in kept) / total, ("multiply-adds" if by_rows else "weight size (symbolic rows)")
+    return macs, ("multiply-adds" if by_rows else "weight size (symbolic rows)")
 
 
-def _macs(model: Model, linears: list[Linear]) -> list[int]:
-    """Each linear's multiply-adds (rows x K x N; K x N where the rows are symbolic)."""
-    from qvl_surgery.graphinfo import value_types
-    try:
-        vt = value_types(model, {lin.x for lin in linears})
-    except BadInput:
-        vt = {}
-    out = []
-    for lin in linears:
-        dims = vt[lin.x].type.tensor_type.shape.dim if lin.x in vt else []
-        rows = (int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
-                if dims and all(d.HasField("dim_value") for d in dims[:-1]) else 1)
-        out.append(rows * lin.n * lin.k)
-    return out
+def kept_share(model: Model, linears: list[Linear], kept: dict[str, str]) -> tuple[float, str]:
+    """The kept linears' share of all the linears' work (:func:`linear_macs`), and how it was counted."""
+    macs, by = linear_macs(model, linears)
+    return sum(macs[n] for n in kept) / (sum(macs.values()) or 1), by
 
 
 # ----------------------------------------------------------------------------- plan
@@ -620,7 +609,7 @@ def allocate_budget(model: Model, context: Context, linears: list[Linear], kept:
     groups: dict[str, list[Linear]] = {}
     for lin in todo:
         groups.setdefault(_group_of(lin.name), []).append(lin)
-    macs = dict(zip((lin.name for lin in linears), _macs(model, linears)))
+    macs, _ = linear_macs(model, linears)
     total = sum(macs.values()) or 1
 
     def cosine_with(keep_groups: list[str], sets: int | None = None) -> float:
@@ -688,10 +677,9 @@ class QuantizePass(Pass):
         v = {o.name: self.values.get(o.name, o.default) for o in self.options}
         check_scheme(weights=v["weights"], activations=v["activations"], format=v["format"],
                      block_size=v["block_size"])
-        src = v["calibrate"]
-        if src and not (src == "random" or src.startswith("random:")):
+        if v["calibrate"]:
             from qvl_surgery.calibrate import check_calibration_source
-            check_calibration_source(src)
+            check_calibration_source(v["calibrate"], random_ok=True)
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:
         kw["keep_node"] = kw["keep_node"] or []

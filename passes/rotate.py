@@ -135,6 +135,7 @@ class _Norm:
     core_out: str     # x / rms(x)
     scale: str | None
     scale_node: onnx.NodeProto | None
+    nodes: list[onnx.NodeProto]
 
 
 def _norms(model: Model) -> list[_Norm]:
@@ -146,8 +147,41 @@ def _norms(model: Model) -> list[_Norm]:
         core_out = core[0].output[0]
         sm = next((n for n in nodes if n.op_type == "Mul" and core_out in n.input), None)
         scale = next((i for i in sm.input if i != core_out), None) if sm is not None else None
-        found.append(_Norm(x, sm.output[0] if sm is not None else core_out, core_out, scale, sm))
+        found.append(_Norm(x, sm.output[0] if sm is not None else core_out, core_out, scale, sm, nodes))
     return found
+
+
+def hidden_norms(model: Model, verb: str) -> tuple[list[_Norm], int]:
+    """The model's RMSNorms and the hidden size their scales give; one line where there are none."""
+    norms = _norms(model)
+    inits = model.initializers()
+    scale_t = next((inits[n.scale] for n in norms if n.scale in inits), None)
+    if scale_t is None:
+        raise BadInput(f"{verb}: no RMSNorm (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div -> scale) in the model; is it "
+                       "the encoder, before quantize?")
+    return norms, int(np.prod(scale_t.dims))
+
+
+def norm_readers(model: Model, cons: dict, norm: _Norm, c: int) -> tuple[list[tuple[_Linear, int]], onnx.NodeProto | None]:
+    """The linears reading a norm's output, each with the tokens one of its rows holds (1, or 4 for the
+    merger's Reshape to [T/4, 4C]); or the first reader that is neither (then the list is partial)."""
+    readers: list[tuple[_Linear, int]] = []
+    for n in cons.get(norm.out, []):
+        lin = _linear(model, n)
+        if lin is not None and n.input[0] == norm.out:
+            readers.append((lin, 1))
+            continue
+        if n.op_type == "Reshape":
+            shape = constant_value(model, n.input[1], max_size=8)
+            last = int(shape.reshape(-1)[-1]) if shape is not None else 0
+            after = cons.get(n.output[0], [])
+            lins = [_linear(model, m) for m in after]
+            if last > 0 and last % c == 0 and after and all(
+                    lin is not None and m.input[0] == n.output[0] for lin, m in zip(lins, after)):
+                readers += [(lin, last // c) for lin in lins]
+                continue
+        return readers, n
+    return readers, None
 
 
 @dataclass
@@ -158,16 +192,12 @@ class _Plan:
     removed: set[int]                           # id() of the scale Muls to drop
 
 
-def plan_rotation(model: Model, c: int) -> _Plan:
+def plan_rotation(model: Model, norms: list[_Norm], c: int) -> _Plan:
     g = model.graph
     cons, prod = consumers(g), producers(g)
     outputs = {o.name for o in g.output}
     inputs = {i.name for i in g.input}
-    norms = _norms(model)
-    if not norms:
-        raise BadInput("rotate: no RMSNorm (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div) in the model; is it the "
-                       "encoder, before quantize?")
-    norm_nodes = {id(n) for nodes in rmsnorm_patterns(model) for n in nodes}
+    norm_nodes = {id(n) for norm in norms for n in norm.nodes}
     stream: set[str] = set()
     todo = [n.x for n in norms]
     writers: dict[str, _Linear] = {}
@@ -208,21 +238,12 @@ def plan_rotation(model: Model, c: int) -> _Plan:
                                "a rotation")
     readers: list[tuple[_Linear, _Norm, int]] = []
     for norm in norms:
-        for n in cons.get(norm.out, []):
-            lin = _linear(model, n)
-            if lin is not None and n.input[0] == norm.out:
-                readers.append((lin, norm, 1))
-                continue
-            if n.op_type == "Reshape":
-                shape = constant_value(model, n.input[1], max_size=8)
-                tokens = int(shape.reshape(-1)[-1]) // c if shape is not None and int(shape.reshape(-1)[-1]) % c == 0 else 0
-                after = cons.get(n.output[0], [])
-                lins = [_linear(model, m) for m in after]
-                if tokens and after and all(lin is not None and m.input[0] == n.output[0] for lin, m in zip(lins, after)):
-                    readers += [(lin, norm, tokens) for lin in lins]
-                    continue
-            raise BadInput(f"rotate: the output of RMSNorm {norm.out!r} is read by {n.op_type} {n.name!r}; only "
-                           "linears (directly or through a Reshape that groups whole tokens) can absorb the rotation")
+        found, other = norm_readers(model, cons, norm, c)
+        if other is not None:
+            raise BadInput(f"rotate: the output of RMSNorm {norm.out!r} is read by {other.op_type} {other.name!r}; "
+                           "only linears (directly or through a Reshape that groups whole tokens) can absorb the "
+                           "rotation")
+        readers += [(lin, norm, tokens) for lin, tokens in found]
     seen: dict[str, str] = {}
     for lin in list(writers.values()) + [r[0] for r in readers]:
         if lin.weight in seen and seen[lin.weight] != lin.node.name:
@@ -260,16 +281,9 @@ def rotate_model(model: Model, *, seed: int = 0, kind: str = "hadamard", explain
 
 
 def _rotate(model: Model, *, seed: int, kind: str) -> tuple[Model, RotateReport]:
-    norms = _norms(model)
-    if not norms:
-        raise BadInput("rotate: no RMSNorm (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div) in the model; is it the "
-                       "encoder, before quantize?")
+    norms, c = hidden_norms(model, "rotate")
     inits = model.initializers()
-    scale_t = next((inits[n.scale] for n in norms if n.scale in inits), None)
-    if scale_t is None:
-        raise BadInput("rotate: cannot tell the hidden size (no RMSNorm scale initializer)")
-    c = int(np.prod(scale_t.dims))
-    plan = plan_rotation(model, c)
+    plan = plan_rotation(model, norms, c)
     q, described = rotation(c, seed, kind)
     sources = dict(model.sources)
     new_inits = {t.name: t for t in model.graph.initializer}

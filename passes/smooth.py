@@ -27,12 +27,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import constant_value, with_graph
+from qvl_surgery.graphinfo import with_graph
 from qvl_surgery.inspection import consumers
 from qvl_surgery.modelfile import Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
-from .rotate import _Linear, _linear, _Norm, _norms, refolded
+from .rotate import _Linear, _linear, _Norm, hidden_norms, norm_readers, refolded
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +68,19 @@ class _Site:
     readers: list[tuple[_Linear, int]]   # linear, tokens per row (merger: 4)
 
 
-def _sites(model: Model, c: int) -> list[_Site]:
+def _sites(model: Model, norms: list[_Norm], c: int) -> list[_Site]:
     """Every linear input that only linears read: RMSNorm outputs (qkv, gate/up, the merger through
     its Reshape) and the rest (attention output into proj, the MLP's hidden state into down_proj,
     the merger's GELU into its second linear)."""
     cons = consumers(model.graph)
     sites = []
     norm_outs = set()
-    for norm in _norms(model):
-        readers: list[tuple[_Linear, int]] = []
-        ok = True
-        for n in cons.get(norm.out, []):
-            lin = _linear(model, n)
-            if lin is not None and n.input[0] == norm.out:
-                readers.append((lin, 1))
-                continue
-            if n.op_type == "Reshape":
-                shape = constant_value(model, n.input[1], max_size=8)
-                last = int(shape.reshape(-1)[-1]) if shape is not None else 0
-                after = cons.get(n.output[0], [])
-                lins = [_linear(model, m) for m in after]
-                if last % c == 0 and last > 0 and after and all(
-                        lin is not None and m.input[0] == n.output[0] for lin, m in zip(lins, after)):
-                    readers += [(lin, last // c) for lin in lins]
-                    continue
-            ok = False
-            log.info("smooth: %s is read by %s %s: left as is", norm.out, n.op_type, n.name)
+    for norm in norms:
+        readers, other = norm_readers(model, cons, norm, c)
+        if other is not None:
+            log.info("smooth: %s is read by %s %s: left as is", norm.out, other.op_type, other.name)
         norm_outs.add(norm.out)
-        if ok and readers:
+        if other is None and readers:
             sites.append(_Site(norm.out, c, norm, readers))
     reshaped = {n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in norm_outs}
     seen = set(norm_outs) | reshaped
@@ -150,13 +135,9 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise BadInput("{alpha}: between 0 and 1 (0: only the shift; 1: all of the range moves into the weights)",
                        alpha=alpha)
-    norms = _norms(model)
+    norms, c = hidden_norms(model, "smooth")
     inits = model.initializers()
-    scale_t = next((inits[n.scale] for n in norms if n.scale in inits), None)
-    if scale_t is None:
-        raise BadInput("smooth: no RMSNorm with a scale initializer in the model (is it the encoder?)")
-    c = int(np.prod(scale_t.dims))
-    sites = _sites(model, c)
+    sites = _sites(model, norms, c)
     if not sites:
         raise BadInput("smooth: no RMSNorm whose output only linears read")
     source = calibrate or DEFAULT_CALIB
@@ -191,8 +172,10 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
         spread = np.maximum((st.hi.astype(np.float64) - st.lo) / 2.0, 1e-12)
         wmax = np.zeros(c)
         ws = []
+        bias_adds = []   # W s: each weight is read once, here
         for lin, tokens in site.readers:
             w = weight_of(lin)
+            bias_adds.append(w @ np.tile(shift, tokens))
             wmax = np.maximum(wmax, np.abs(w).reshape(w.shape[0], tokens, c).max(axis=(0, 1)))
             rows = np.random.default_rng(0).choice(w.shape[0], min(SEARCH_ROWS, w.shape[0]), replace=False)
             ws.append((w[np.sort(rows)].astype(np.float32), tokens))   # the search sees a sample of outputs
@@ -225,10 +208,8 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
                              "max_after": max_after, "int8_error": error(best), "int8_error_no_smooth": _plain_error(ws, sample, c,
                                                                                      st)})
         # readers: W -> W diag(t) (per token slot), b -> b + W s
-        for lin, tokens in site.readers:
-            tt, ss = np.tile(t, tokens), np.tile(shift, tokens)
-            w_nk = weight_of(lin)
-            bias_add = w_nk @ ss
+        for (lin, tokens), bias_add in zip(site.readers, bias_adds):
+            tt = np.tile(t, tokens)
             computed(lin.weight, (lambda w, tt=tt: w * tt) if lin.out_in else (lambda w, tt=tt: w * tt[:, None]),
                      inits[lin.weight])
             if lin.bias:
@@ -296,10 +277,9 @@ class SmoothPass(Pass):
     )
 
     def preflight(self, facts: dict) -> None:
-        src = self.values.get("calibrate")
-        if src and not (src == "random" or src.startswith("random:")):
+        if self.values.get("calibrate"):
             from qvl_surgery.calibrate import check_calibration_source
-            check_calibration_source(src)
+            check_calibration_source(self.values["calibrate"], random_ok=True)
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:
         out, report = _smooth(model, context, **kw)

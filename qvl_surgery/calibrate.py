@@ -123,9 +123,15 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
     return Calibration(tmax, keep, margin)
 
 
-def check_calibration_source(source: str) -> list[str]:
+def is_random_source(source: str) -> bool:
+    return source == "random" or source.startswith("random:")
+
+
+def check_calibration_source(source: str, *, random_ok: bool = False) -> list[str]:
     """The files of a calibration source (comma separated .npz and/or image files), each checked to
-    exist, before any work is done."""
+    exist, before any work is done; with ``random_ok``, ``random[:N]`` (no files) is accepted too."""
+    if random_ok and is_random_source(source):
+        return []
     files = [f for f in str(source).split(",") if f.strip()]
     if not files:
         raise BadInput("{calibrate}: give .npz or image file(s), comma separated", calibrate=source)
@@ -163,7 +169,7 @@ def calibration_sets(model, source: str, reference: Path | None, default_count: 
     (one set each, at its own size on a dynamic model). Files need the model's path (or
     ``reference``) to read its input layout."""
     path = model.path or reference
-    if source == "random" or source.startswith("random:"):
+    if is_random_source(source):
         try:
             count = int(source.split(":", 1)[1]) if ":" in source else default_count
         except ValueError:

@@ -183,6 +183,16 @@ def infer_graph(model: Model) -> onnx.GraphProto:
     return g
 
 
+def elem_types(model: Model) -> dict[str, int]:
+    """Element type of every tensor the graph names that :func:`infer_graph` can type."""
+    g = infer_graph(model)
+    types = {t.name: t.data_type for t in g.initializer}
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    return types
+
+
 def value_types(model: Model, names: set[str]) -> dict[str, onnx.ValueInfoProto]:
     """Type and shape of the named tensors: from the graph, else from :func:`infer_graph`."""
     g = model.graph

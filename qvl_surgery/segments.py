@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import BadInput
-from .graphinfo import infer_graph
+from .graphinfo import elem_types
 from .modelfile import FOUR_BIT, FileRange, Model, dtype_of, pack_nibbles, read_initializer
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,6 @@ def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int = D
     return segments
 
 
-def _value_types(model: Model) -> dict[str, int]:
-    """Element type of every tensor the graph names."""
-    g = infer_graph(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return types
-
-
 def _weight_array(model: Model, t: TensorProto) -> np.ndarray:
     src = model.sources[t.name]
     if isinstance(src, FileRange) and t.data_type not in FOUR_BIT:
@@ -170,7 +162,7 @@ def run_segments(model: Model, feeds_list: Iterable[Mapping[str, np.ndarray]], w
                 on_value(name, values[name])
         carried.append(values)
     segments = plan_segments(model, watch, max_segment_bytes)
-    types = _value_types(model)
+    types = elem_types(model)
     bar = None
     if progress:
         from tqdm import tqdm
