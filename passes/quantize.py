@@ -23,10 +23,8 @@ Rules and limits:
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from qvl_surgery.graphinfo import with_graph
 from qvl_surgery.modelfile import Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 from qvl_surgery import quant
+from qvl_surgery.linears import Linear, find_linears, group_of, kept_share, linear_macs, select_kept  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -91,114 +90,6 @@ class QuantizeReport(PassReport):
         out += ["  " + line for line in self.calibration]
         out += [f"  skipped: {s}" for s in self.skipped]
         return out
-
-
-# ----------------------------------------------------------------------------- match: the linears
-
-@dataclass
-class Linear:
-    node: onnx.NodeProto
-    weight: str
-    bias: str          # "" when none
-    out_in: bool       # weight stored [N, K] (Gemm transB=1) rather than [K, N]
-    n: int
-    k: int
-
-    @property
-    def name(self) -> str:
-        return self.node.name or self.node.output[0]
-
-    @property
-    def x(self) -> str:
-        return self.node.input[0]
-
-
-def _attrs(n: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in n.attribute}
-
-
-def find_linears(model: Model, misses: list[str]) -> list[Linear]:
-    """Every Gemm / MatMul with an initializer weight that computes ``x @ W (+ b)``; the others that
-    read an initializer are named in ``misses`` with the failed condition."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    found = []
-    for n in g.node:
-        if n.op_type not in ("Gemm", "MatMul") or n.domain not in ("", "ai.onnx"):
-            continue
-        if len(n.input) < 2 or n.input[1] not in inits:
-            continue   # activation x activation (attention): not a linear
-        w = inits[n.input[1]]
-        where = f"{n.op_type} {n.name or n.output[0]}"
-        if w.data_type != F32:
-            misses.append(f"{where}: weight {w.name} is not float32")
-            continue
-        if len(w.dims) != 2:
-            misses.append(f"{where}: weight {w.name} has shape {list(w.dims)}, not 2-D")
-            continue
-        bias = ""
-        out_in = False
-        if n.op_type == "Gemm":
-            a = _attrs(n)
-            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
-                misses.append(f"{where}: transA/alpha/beta are not 0/1/1")
-                continue
-            out_in = bool(a.get("transB", 0))
-            if len(n.input) > 2 and n.input[2]:
-                b = inits.get(n.input[2])
-                n_out = w.dims[0] if out_in else w.dims[1]
-                if b is None or b.data_type != F32 or list(b.dims) not in ([n_out], [1, n_out]):
-                    misses.append(f"{where}: bias {n.input[2]} is not a float32 [{n_out}] initializer")
-                    continue
-                bias = n.input[2]
-        nn, kk = (w.dims[0], w.dims[1]) if out_in else (w.dims[1], w.dims[0])
-        found.append(Linear(n, w.name, bias, out_in, int(nn), int(kk)))
-    return found
-
-
-def select_kept(linears: list[Linear], *, keep_nodes: list[str], keep_blocks: list[int]) -> dict[str, str]:
-    """Linear name -> why it stays float."""
-    kept: dict[str, str] = {}
-    for pat in keep_nodes:
-        hits = [lin for lin in linears if fnmatch.fnmatchcase(lin.name, pat)]
-        if not hits:
-            example = linears[len(linears) // 2].name if linears else "none"
-            raise BadInput("{keep_node}: matches no linear layer (names look like " + repr(example) + ")",
-                           keep_node=pat)
-        for lin in hits:
-            kept.setdefault(lin.name, f"node {pat}")
-    for b in keep_blocks:
-        hits = [lin for lin in linears if re.match(rf"^/?blocks\.{b}/", lin.name)]
-        if not hits:
-            raise BadInput("{keep_block}: no linear layer in block " + str(b), keep_block=b)
-        for lin in hits:
-            kept.setdefault(lin.name, f"block {b}")
-    return kept
-
-
-def linear_macs(model: Model, linears: list[Linear]) -> tuple[dict[str, int], str]:
-    """Each linear's multiply-adds and what they were counted at: rows x K x N from the graph's static
-    shapes, or K x N (weight size) for all of them where some row count is symbolic (dynamic export:
-    the merger's rows are a quarter of the blocks', so that count overstates it)."""
-    from qvl_surgery.graphinfo import value_types
-    try:
-        vt = value_types(model, {lin.x for lin in linears})
-    except BadInput:
-        vt = {}
-    rows: dict[str, int] = {}
-    for lin in linears:
-        dims = vt[lin.x].type.tensor_type.shape.dim if lin.x in vt else []
-        if dims and all(d.HasField("dim_value") for d in dims[:-1]):
-            rows[lin.name] = int(np.prod([d.dim_value for d in dims[:-1]], dtype=np.int64))
-    by_rows = len(rows) == len(linears)
-    macs = {lin.name: (rows[lin.name] if by_rows else 1) * lin.n * lin.k for lin in linears}
-    return macs, ("multiply-adds" if by_rows else "weight size (symbolic rows)")
-
-
-def kept_share(model: Model, linears: list[Linear], kept: dict[str, str]) -> tuple[float, str]:
-    """The kept linears' share of all the linears' work (:func:`linear_macs`), and how it was counted."""
-    macs, by = linear_macs(model, linears)
-    return sum(macs[n] for n in kept) / (sum(macs.values()) or 1), by
 
 
 # ----------------------------------------------------------------------------- plan
@@ -505,10 +396,35 @@ def quantize_model(model: Model, *, weights: str = "int8", activations: str = "n
                     keep_block=[str(b) for b in keep_block], budget=budget)
 
 
-def _quantize(model: Model, context: Context, *, weights: str, activations: str, format: str,
-              block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
-              keep_block: list[str], budget: float | None = None) -> tuple[Model, QuantizeReport]:
-    """match (find_linears, select_kept) -> calibrate -> plan (plan_quantize) -> emit (_QuantEmitter)."""
+@dataclass
+class _Prepared:
+    """What a quantization of ``model`` is made from: the scheme checked, the linears found, the ones
+    kept float and why, the calibrated activation ranges; ``build(kept)`` emits the quantized model
+    in memory (weights computed when read) for measurements."""
+    model: Model
+    weights: str
+    activations: str
+    format: str
+    block: int | None
+    method: str
+    linears: list[Linear]
+    kept: dict[str, str]
+    ranges: dict
+    static: bool
+    report: QuantizeReport
+
+    def plan(self, kept: dict[str, str]) -> "QuantPlan":
+        return plan_quantize(self.model, self.linears, kept, weights=self.weights, activations=self.activations,
+                             format=self.format, block=self.block, method=self.method, ranges=self.ranges)
+
+    def build(self, kept: dict[str, str]) -> Model:
+        return _QuantEmitter(self.model, self.plan(kept), QuantizeReport()).emit()
+
+
+def _prepare(model: Model, context: Context, *, weights: str, activations: str, format: str,
+             block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
+             keep_block: list[str]) -> _Prepared:
+    """match (find_linears, select_kept) -> calibrate."""
     block = check_scheme(weights=weights, activations=activations, format=format, block_size=block_size)
     blocks = []
     for b in keep_block:
@@ -543,15 +459,22 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
                                   report=report)
     elif calibrate:
         report.skipped.append(f"calibrate={calibrate}: no static activations in this scheme")
+    return _Prepared(model, weights, activations, format, block, calibrate_method, linears, kept, ranges,
+                     bool(static), report)
+
+
+def _quantize(model: Model, context: Context, *, weights: str, activations: str, format: str,
+              block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
+              keep_block: list[str], budget: float | None = None) -> tuple[Model, QuantizeReport]:
+    """prepare (_prepare) -> allocate (allocate_budget) -> plan (plan_quantize) -> emit (_QuantEmitter)."""
+    prep = _prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
+                    calibrate=calibrate, calibrate_method=calibrate_method, keep_node=keep_node,
+                    keep_block=keep_block)
+    linears, kept, report, static, block = prep.linears, prep.kept, prep.report, prep.static, prep.block
+    calibrate_method = prep.method
     if budget is not None:
-        def build(keep: dict[str, str]) -> Model:
-            p = plan_quantize(model, linears, keep, weights=weights, activations=activations, format=format,
-                              block=block, method=calibrate_method, ranges=ranges)
-            return _QuantEmitter(model, p, QuantizeReport()).emit()
-        kept = allocate_budget(model, context, linears, kept, budget=budget, build=build, calibrate=calibrate,
-                               report=report)
-    plan = plan_quantize(model, linears, kept, weights=weights, activations=activations, format=format,
-                         block=block, method=calibrate_method, ranges=ranges)
+        kept = allocate_budget(prep, context, budget=budget, calibrate=calibrate)
+    plan = prep.plan(kept)
     report.scheme, report.opset = plan.scheme, plan.opset
     report.quantized = [lin.name for lin in plan.linears]
     for name, why in kept.items():
@@ -573,76 +496,115 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
 
 # ----------------------------------------------------------------------------- budget
 
-def _group_of(name: str) -> str:
-    m = re.match(r"^/?(blocks\.\d+|merger|patch_embed)/", name)
-    return m.group(1) if m else name
+class _Evaluator:
+    """Quantize-and-run measurements of one prepared quantization: the token-centered cosine of the
+    outputs against fp32 on the calibration inputs, with a chosen set of linear groups (each block,
+    the merger, the patch embed; :func:`~qvl_surgery.linears.group_of`) quantized. Every measurement
+    emits the model and runs it whole (onnxruntime segments): nothing is estimated."""
 
+    def __init__(self, prep: _Prepared, context: Context, calibrate: str | None):
+        from qvl_surgery.calibrate import calibration_sets
+        self.prep = prep
+        self.feeds, self.what = calibration_sets(prep.model, calibrate or "random:4", context.reference, 4)
+        self.outputs = [o.name for o in prep.model.graph.output]
+        self.ref = self._outputs_of(prep.model, self.feeds)
+        self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
+        self.groups: dict[str, list[Linear]] = {}
+        for lin in self.todo:
+            self.groups.setdefault(group_of(lin.name), []).append(lin)
+        macs, self.counted_by = linear_macs(prep.model, prep.linears)
+        total = sum(macs.values()) or 1
+        self.share = {lin.name: macs[lin.name] / total for lin in prep.linears}
+        self.group_share = {g: sum(self.share[lin.name] for lin in ls) for g, ls in self.groups.items()}
 
-def allocate_budget(model: Model, context: Context, linears: list[Linear], kept: dict[str, str], *, budget: float,
-                    build, calibrate: str | None, report: QuantizeReport) -> dict[str, str]:
-    """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
-    fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
-    merger, the patch embed): the cosine gained on the first input set when everything but that group
-    is quantized. Groups are ranked by that gain per multiply-add; the shortest prefix of the ranking
-    that meets the budget on every input set is found by bisection. Every measurement quantizes and
-    runs the whole model (onnxruntime segments): nothing is estimated."""
-    from qvl_surgery.calibrate import calibration_sets
-    from qvl_surgery.compare import centered_cosine
-    from qvl_surgery.segments import run_segments
-    if not 0.0 < budget < 1.0:
-        raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
-    feeds, what = calibration_sets(model, calibrate or "random:4", context.reference, 4)
-    outputs = [o.name for o in model.graph.output]
-
-    def outputs_of(m: Model, sets) -> list[dict[str, np.ndarray]]:
+    def _outputs_of(self, m: Model, sets) -> list[dict[str, np.ndarray]]:
+        from qvl_surgery.segments import run_segments
         got: list[dict[str, np.ndarray]] = [{} for _ in sets]
-        idx = {o: 0 for o in outputs}
+        idx = {o: 0 for o in self.outputs}
 
         def rec(name: str, v: np.ndarray) -> None:
             got[idx[name]][name] = np.asarray(v, np.float32)
             idx[name] += 1
-        run_segments(m, sets, outputs, rec)
+        run_segments(m, sets, self.outputs, rec)
         return got
 
-    ref = outputs_of(model, feeds)
-    todo = [lin for lin in linears if lin.name not in kept]
-    groups: dict[str, list[Linear]] = {}
-    for lin in todo:
-        groups.setdefault(_group_of(lin.name), []).append(lin)
-    macs, _ = linear_macs(model, linears)
-    total = sum(macs.values()) or 1
+    def cosine(self, quantized: list[Linear], sets: int | None = None) -> float:
+        """The worst centered cosine over the input sets with exactly ``quantized`` quantized."""
+        from qvl_surgery.compare import centered_cosine
+        names = {lin.name for lin in quantized}
+        keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
+        use = self.feeds if sets is None else self.feeds[:sets]
+        got = self._outputs_of(self.prep.build(keep), use)
+        return min(centered_cosine(r[o], g[o]) for r, g in zip(self.ref, got) for o in self.outputs)
 
-    def cosine_with(keep_groups: list[str], sets: int | None = None) -> float:
-        keep = dict(kept)
-        keep.update({lin.name: "budget" for g in keep_groups for lin in groups[g]})
-        use = feeds if sets is None else feeds[:sets]
-        got = outputs_of(build(keep), use)
-        return min(centered_cosine(r[o], g[o]) for r, g in zip(ref, got) for o in outputs)
+    def all_but(self, keep_groups: list[str], sets: int | None = None) -> float:
+        keep = set(keep_groups)
+        return self.cosine([lin for lin in self.todo if group_of(lin.name) not in keep], sets)
 
-    base = cosine_with([], 1)
-    gain = {g: cosine_with([g], 1) - base for g in groups}
-    share = {g: sum(macs[lin.name] for lin in groups[g]) / total for g in groups}
+
+def allocate_budget(prep: _Prepared, context: Context, *, budget: float, calibrate: str | None) -> dict[str, str]:
+    """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
+    fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
+    merger, the patch embed): the cosine gained on the first input set when everything but that group
+    is quantized. Groups are ranked by that gain per multiply-add; the shortest prefix of the ranking
+    that meets the budget on every input set is found by bisection."""
+    if not 0.0 < budget < 1.0:
+        raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
+    ev = _Evaluator(prep, context, calibrate)
+    groups, share = ev.groups, ev.group_share
+    base = ev.all_but([], 1)
+    gain = {g: ev.all_but([g], 1) - base for g in groups}
     order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
-    tried: dict[int, float] = {0: cosine_with([])}
+    tried: dict[int, float] = {0: ev.all_but([])}
     k = 0
     if tried[0] < budget:
         lo, hi = 0, len(order)
         tried[hi] = 1.0
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            tried[mid] = cosine_with(order[:mid])
+            tried[mid] = ev.all_but(order[:mid])
             lo, hi = (lo, mid) if tried[mid] >= budget else (mid, hi)
         k = hi
-    chosen = dict(kept)
+    chosen = dict(prep.kept)
     chosen.update({lin.name: "budget" for g in order[:k] for lin in groups[g]})
-    report.budget = {
+    prep.report.budget = {
         "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": order[:k],
-        "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": what,
+        "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": ev.what,
         "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
         "sensitivity": [{"group": g, "gain_kept_float": round(gain[g], 6), "share": round(share[g], 5)}
                         for g in sorted(groups, key=lambda g: -gain[g])],
     }
     return chosen
+
+
+def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8", format: str = "onnxruntime",
+                block_size: int | None = None, calibrate: str | None = None, calibrate_method: str | None = None,
+                per_linear: bool = False, reference: str | Path | None = None, progress: bool = False) -> dict:
+    """Per group of linears (each block, the merger, the patch embed) and, with ``per_linear``, per
+    linear: the error (1 - token-centered cosine of the outputs against fp32, worst over the
+    calibration inputs) that quantizing it alone adds, beside its share of the linears'
+    multiply-adds; and the cosine with every linear quantized. Each figure quantizes and runs the
+    whole model (one run per group: a 3b's 34 groups are 34 runs per input set)."""
+    context = Context(reference=Path(reference) if reference else None, progress=progress)
+    prep = _prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
+                    calibrate=calibrate if (activations != "none" and (format == "qdq" or calibrate)) else None,
+                    calibrate_method=calibrate_method, keep_node=[], keep_block=[])
+    ev = _Evaluator(prep, context, calibrate)
+    out = {"scheme": prep.plan(prep.kept).scheme, "format": format, "calibration": ev.what,
+           "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
+           "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}
+    for g, ls in ev.groups.items():
+        c = ev.cosine(ls)
+        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6), "alone_centered_cosine": round(c, 7),
+                              "alone_error": float(f"{1.0 - c:.3e}")})
+    if per_linear:
+        out["linears"] = []
+        for lin in ev.todo:
+            c = ev.cosine([lin])
+            out["linears"].append({"linear": lin.name, "group": group_of(lin.name),
+                                   "share": round(ev.share[lin.name], 6), "alone_centered_cosine": round(c, 7),
+                                   "alone_error": float(f"{1.0 - c:.3e}")})
+    return out
 
 
 class QuantizePass(Pass):

@@ -18,7 +18,15 @@ log = logging.getLogger("qvl_surgery")
 EXAMPLES = {
     "export": "qvl-surgery export ~/Qwen2.5-VL-3B-Instruct -o out/model.onnx --image-size 448x448\n"
               "  qvl-surgery export --random-init 3b --seed 0 -o out/model.onnx",
-    "inspect": "qvl-surgery inspect out/model.onnx",
+    "inspect": "qvl-surgery inspect out/model.onnx\n"
+               "  qvl-surgery inspect out/model.onnx --activations --calibrate a.jpg,b.jpg",
+    "sensitivity": "qvl-surgery sensitivity out/windowed.onnx out/smoothed.onnx out/rotated.onnx -o out/sens\n"
+                   "  qvl-surgery sensitivity out/model.onnx -o out/sens --activations int8 --format qdq "
+                   "--calibrate random:8 --per-linear",
+    "toolchains": "qvl-surgery quantize out/smoothed.onnx -o out/q.onnx --activations int8 --format onnxruntime "
+                  "--budget 0.9995\n"
+                  "  qvl-surgery toolchains out/smoothed.onnx --keep-from out/q.onnx --dataset a.jpg,b.jpg -o out/configs\n"
+                  "  qvl-surgery toolchains out/model.onnx --keep-node '/merger/*' -o out/configs",
     "run": "qvl-surgery run --random-init 3b -o out/run --passes attention,fp16:keep_silu_fp32,split:parts=3\n"
            "  qvl-surgery run ~/Qwen2.5-VL-3B-Instruct -o out/run --recipe recipe.json",
     "package": "qvl-surgery package ~/Qwen2.5-VL-3B-Instruct --runtime onnxruntime-genai -o out/genai",
@@ -125,7 +133,19 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .inspection import inspect_model
     r = inspect_model(a.model)
-    print(json.dumps(r.to_dict(), indent=1) if a.json else "\n".join(r.lines()))
+    acts = None
+    if a.activations:
+        from .calibrate import check_calibration_source
+        from .outliers import activation_report
+        check_calibration_source(a.calibrate, random_ok=True)
+        acts = activation_report(a.model, calibrate=a.calibrate)
+    if a.json:
+        d = r.to_dict()
+        if acts:
+            d["activations"] = acts.to_dict()
+        print(json.dumps(d, indent=1))
+    else:
+        print("\n".join(r.lines() + (acts.lines() if acts else [])))
     return 0
 
 
@@ -159,6 +179,94 @@ def cmd_package(a: argparse.Namespace) -> int:
     from .package import package
     report = package(a.checkpoint, a.output, runtime=a.runtime, fp16=a.fp16, passes=a.passes, overwrite=a.force,
                      progress=not a.quiet, builder_python=a.builder_python)
+    print("\n".join(report.lines()))
+    return 0
+
+
+QUANT_SCHEME_OPTIONS = ("weights", "activations", "format", "block_size", "calibrate", "calibrate_method")
+
+
+def _scheme(a: argparse.Namespace) -> dict:
+    """quantize's scheme options from a subcommand that shares them (sensitivity, toolchains)."""
+    from passes.quantize import QuantizePass
+    return {o.name: o.default if getattr(a, o.name, None) is None else getattr(a, o.name)
+            for o in QuantizePass.options if o.name in QUANT_SCHEME_OPTIONS}
+
+
+def cmd_sensitivity(a: argparse.Namespace) -> int:
+    from passes.quantize import sensitivity
+    from .modelfile import load_model
+    from .plots import plot_sensitivity
+    labels = a.label or []
+    if labels and len(labels) != len(a.models):
+        raise BadInput(f"--label: give one per model ({len(a.models)}), or none")
+    out = Path(a.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
+        raise BadInput(f"{out}: exists and is not empty; pass " + "{overwrite} to replace it", overwrite=True)
+    for m in a.models:
+        if not m.is_file():
+            raise BadInput(f"{m}: no such model file")
+    if a.calibrate:
+        from .calibrate import check_calibration_source
+        check_calibration_source(a.calibrate, random_ok=True)
+    results = []
+    for i, m in enumerate(a.models):
+        r = sensitivity(load_model(m), per_linear=a.per_linear, progress=not a.quiet, **_scheme(a))
+        results.append({"model": str(m), "label": labels[i] if labels else m.stem, **r})
+        worst = sorted(r["groups"], key=lambda g: -g["alone_error"])[:4]
+        print(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "
+              f"{r['all_quantized_centered_cosine']:.6f}; worst alone: "
+              + ", ".join(f"{g['group']} {g['alone_error']:.2e}" for g in worst))
+    from .publish import publish_dir, staging
+    with staging(out) as tmp:
+        (tmp / "sensitivity.json").write_text(json.dumps({"models": results}, indent=1) + "\n")
+        png = plot_sensitivity(results, tmp / "sensitivity.png")
+        publish_dir(tmp, out)
+    print(f"wrote {out}/sensitivity.json" + (f" and {out}/sensitivity.png" if png else
+                                             " (no plot: matplotlib is not installed; pip install matplotlib)"))
+    return 0
+
+
+def cmd_toolchains(a: argparse.Namespace) -> int:
+    from .modelfile import load_model
+    from .toolchains import allocation_by_hand, allocation_from_quantized, write_toolchain_configs, Allocation
+    ways = [x for x in (a.keep_from, a.budget, a.keep_node or a.keep_block or None) if x is not None]
+    if len(ways) != 1:
+        raise BadInput("toolchains: give one of --keep-from QUANTIZED.onnx, --budget COSINE, or --keep-node / "
+                       "--keep-block")
+    if not a.model.is_file():
+        raise BadInput(f"{a.model}: no such model file")
+    dataset_files = None
+    if a.dataset:
+        from .calibrate import check_calibration_source
+        dataset_files = check_calibration_source(a.dataset)
+    model = load_model(a.model)
+    if a.keep_from is not None:
+        alloc = allocation_from_quantized(a.keep_from, model)
+    elif a.budget is not None:
+        from passes.quantize import quantize_model
+        if a.calibrate:
+            from .calibrate import check_calibration_source
+            check_calibration_source(a.calibrate, random_ok=True)
+        _, report = quantize_model(model, budget=a.budget, progress=not a.quiet, **_scheme(a))
+        kept = {n: why for why, names in report.kept.items() for n in names}
+        from .toolchains import _checked
+        alloc = _checked(model, kept, f"quantize --budget {a.budget} ({report.scheme}, {report.format})",
+                         {"budget": report.budget})
+    else:
+        blocks = []
+        for b in a.keep_block or []:
+            try:
+                blocks.append(int(b))
+            except ValueError:
+                raise BadInput("{keep_block}: not a block number", keep_block=b) from None
+        alloc = allocation_by_hand(model, a.keep_node or [], blocks)
+    assert isinstance(alloc, Allocation)
+    dataset = None
+    if dataset_files:
+        from .calibrate import calibration_inputs
+        dataset = calibration_inputs(a.model, a.dataset)
+    report = write_toolchain_configs(a.model, a.output, alloc, dataset=dataset, overwrite=a.force)
     print("\n".join(report.lines()))
     return 0
 
@@ -255,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_epilog(EXAMPLES["inspect"]), formatter_class=fmt)
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--activations", action="store_true",
+                   help="also run the fp32 model (one segment at a time) and report, per block, max |x| of the "
+                   "residual and of the linear layers' inputs, fp16 headroom, and the share of values a per-tensor "
+                   "int8 scale rounds to zero; flags what would overflow fp16 or be crushed by int8")
+    i.add_argument("--calibrate", default="random:2", metavar="SRC",
+                   help="inputs for --activations: .npz or image file(s), comma separated, or random:N "
+                   "(default random:2)")
     i.set_defaults(func=cmd_inspect)
 
     from passes import PASSES
@@ -309,6 +424,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: its own virtualenv in ~/.cache/qvl-surgery, made on first use)")
     add_write_options(pk, what="output folder", model=False)
     pk.set_defaults(func=cmd_package)
+
+    from passes.quantize import QuantizePass
+    scheme_opts = [o for o in QuantizePass.options if o.name in QUANT_SCHEME_OPTIONS]
+    sv = sub.add_parser("sensitivity", help="per block (and per linear): the error quantizing it alone adds, as "
+                        "JSON and a plot; several models side by side (e.g. before and after smooth / rotate)",
+                        formatter_class=fmt, epilog=_epilog(EXAMPLES["sensitivity"]))
+    sv.add_argument("models", type=Path, nargs="+", help="fp32 model(s), measured one after the other")
+    sv.add_argument("--label", action="append", help="a name per model for the plot (repeatable; default: file names)")
+    sv.add_argument("--per-linear", action="store_true", help="also each linear alone (one quantize-and-run each: "
+                    "7 per block)")
+    g = sv.add_argument_group("scheme (as quantize; default w8a8 dynamic, format onnxruntime)")
+    for o in scheme_opts:
+        o.add_to_parser(g)
+    sv.set_defaults(activations="int8", format="onnxruntime")
+    add_write_options(sv, what="output folder (sensitivity.json, sensitivity.png)", model=False)
+    sv.set_defaults(func=cmd_sensitivity)
+
+    tc = sub.add_parser("toolchains", help="one keep-list, every quantizer's config: onnxruntime nodes_to_exclude, "
+                        "NNCF IgnoredScope, rknn-toolkit2 hybrid layers, pulsar2 layer_configs, and their calibration "
+                        "sets", formatter_class=fmt, epilog=_epilog(EXAMPLES["toolchains"]))
+    tc.add_argument("model", type=Path, help="the fp32 model the toolchain will quantize (export, or smoothed / "
+                    "rotated)")
+    way = tc.add_argument_group("where the keep-list comes from (one of)")
+    way.add_argument("--keep-from", type=Path, metavar="QUANTIZED", help="a file written by qvl-surgery quantize "
+                     "(e.g. with --budget): what it kept")
+    way.add_argument("--budget", type=float, metavar="COSINE", help="measure now: quantize --budget's allocation "
+                     "with the scheme below")
+    way.add_argument("--keep-node", action="append", metavar="GLOB", help="linears by node name (repeatable)")
+    way.add_argument("--keep-block", action="append", metavar="N", help="every linear of block N (repeatable)")
+    tc.add_argument("--dataset", metavar="FILES", help="image or .npz file(s), comma separated: written as rknn's "
+                    "dataset.txt of .npy files and pulsar2's tar of .npy, in the model's input layout")
+    g = tc.add_argument_group("scheme for --budget (as quantize; default w8a8 dynamic, format onnxruntime)")
+    for o in scheme_opts:
+        o.add_to_parser(g)
+    tc.set_defaults(activations="int8", format="onnxruntime")
+    add_write_options(tc, what="output folder", model=False)
+    tc.set_defaults(func=cmd_toolchains)
 
     r = sub.add_parser("run", help="one pipeline: export -> passes -> deployable files, compared to the fp32 export",
                        formatter_class=fmt, epilog=_epilog(EXAMPLES["run"]))

@@ -81,7 +81,7 @@ def test_rotate_spreads_massive_channels(tmp_path):
     x = {"pixel_values": np.random.default_rng(0).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
 
     def top_share(path):
-        from passes.quantize import find_linears
+        from qvl_surgery.linears import find_linears
         m = load_model(path)
         name = next(lin.x for lin in find_linears(m, []) if lin.name.startswith("/blocks.2/attn/qkv"))
         got = {}
