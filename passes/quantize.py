@@ -502,10 +502,10 @@ class _Evaluator:
     the merger, the patch embed; :func:`~qvl_surgery.linears.group_of`) quantized. Every measurement
     emits the model and runs it whole (onnxruntime segments): nothing is estimated."""
 
-    def __init__(self, prep: _Prepared, context: Context, calibrate: str | None):
+    def __init__(self, prep: _Prepared, context: Context, inputs: str | None):
         from qvl_surgery.calibrate import calibration_sets
         self.prep = prep
-        self.feeds, self.what = calibration_sets(prep.model, calibrate or "random:4", context.reference, 4)
+        self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", context.reference, 4)
         self.outputs = [o.name for o in prep.model.graph.output]
         self.ref = self._outputs_of(prep.model, self.feeds)
         self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
@@ -579,17 +579,19 @@ def allocate_budget(prep: _Prepared, context: Context, *, budget: float, calibra
 
 def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8", format: str = "onnxruntime",
                 block_size: int | None = None, calibrate: str | None = None, calibrate_method: str | None = None,
-                per_linear: bool = False, reference: str | Path | None = None, progress: bool = False) -> dict:
+                inputs: str | None = None, per_linear: bool = False, reference: str | Path | None = None,
+                progress: bool = False) -> dict:
     """Per group of linears (each block, the merger, the patch embed) and, with ``per_linear``, per
     linear: the error (1 - token-centered cosine of the outputs against fp32, worst over the
     calibration inputs) that quantizing it alone adds, beside its share of the linears'
     multiply-adds; and the cosine with every linear quantized. Each figure quantizes and runs the
-    whole model (one run per group: a 3b's 34 groups are 34 runs per input set)."""
+    whole model (one run per group: a 3b's 34 groups are 34 runs per input set). ``inputs``: the
+    measurement's input sets (default: ``calibrate``'s, else ``random:4``); ``calibrate`` makes the
+    activation ranges of a static scheme, as in quantize."""
     context = Context(reference=Path(reference) if reference else None, progress=progress)
     prep = _prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
-                    calibrate=calibrate if (activations != "none" and (format == "qdq" or calibrate)) else None,
-                    calibrate_method=calibrate_method, keep_node=[], keep_block=[])
-    ev = _Evaluator(prep, context, calibrate)
+                    calibrate=calibrate, calibrate_method=calibrate_method, keep_node=[], keep_block=[])
+    ev = _Evaluator(prep, context, inputs or calibrate)
     out = {"scheme": prep.plan(prep.kept).scheme, "format": format, "calibration": ev.what,
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
            "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}

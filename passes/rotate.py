@@ -156,10 +156,17 @@ def hidden_norms(model: Model, verb: str) -> tuple[list[_Norm], int]:
     norms = _norms(model)
     inits = model.initializers()
     scale_t = next((inits[n.scale] for n in norms if n.scale in inits), None)
-    if scale_t is None:
-        raise BadInput(f"{verb}: no RMSNorm (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div -> scale) in the model; is it "
-                       "the encoder, before quantize?")
-    return norms, int(np.prod(scale_t.dims))
+    if scale_t is not None:
+        return norms, int(np.prod(scale_t.dims))
+    # scales already folded away (a rotated model): the width a linear reading a norm takes
+    cons = consumers(model.graph)
+    for norm in norms:
+        for n in cons.get(norm.out, []):
+            lin = _linear(model, n)
+            if lin is not None and n.input[0] == norm.out:
+                return norms, lin.k_dim(model)
+    raise BadInput(f"{verb}: no RMSNorm (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div [-> scale]) read by a linear in the "
+                   "model; is it the encoder, before quantize?")
 
 
 def norm_readers(model: Model, cons: dict, norm: _Norm, c: int) -> tuple[list[tuple[_Linear, int]], onnx.NodeProto | None]:

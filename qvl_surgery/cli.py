@@ -206,12 +206,13 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
     for m in a.models:
         if not m.is_file():
             raise BadInput(f"{m}: no such model file")
-    if a.calibrate:
-        from .calibrate import check_calibration_source
-        check_calibration_source(a.calibrate, random_ok=True)
+    from .calibrate import check_calibration_source
+    for src in (a.calibrate, a.inputs):
+        if src:
+            check_calibration_source(src, random_ok=True)
     results = []
     for i, m in enumerate(a.models):
-        r = sensitivity(load_model(m), per_linear=a.per_linear, progress=not a.quiet, **_scheme(a))
+        r = sensitivity(load_model(m), inputs=a.inputs, per_linear=a.per_linear, progress=not a.quiet, **_scheme(a))
         results.append({"model": str(m), "label": labels[i] if labels else m.stem, **r})
         worst = sorted(r["groups"], key=lambda g: -g["alone_error"])[:4]
         print(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "
@@ -432,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt, epilog=_epilog(EXAMPLES["sensitivity"]))
     sv.add_argument("models", type=Path, nargs="+", help="fp32 model(s), measured one after the other")
     sv.add_argument("--label", action="append", help="a name per model for the plot (repeatable; default: file names)")
+    sv.add_argument("--inputs", metavar="SRC", help="the measurement's inputs: .npz or image file(s), comma "
+                    "separated, or random:N (default: --calibrate's, else random:4; on a 3b each set costs one whole "
+                    "run per block)")
     sv.add_argument("--per-linear", action="store_true", help="also each linear alone (one quantize-and-run each: "
                     "7 per block)")
     g = sv.add_argument_group("scheme (as quantize; default w8a8 dynamic, format onnxruntime)")

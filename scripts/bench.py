@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -494,6 +495,11 @@ CAL = ["--calibrate", "random:8"]
 KEEP_MERGER = ["--keep-node", "/merger/*"]
 QUANTIZER_RSS_LIMIT_MB = 18000   # the machine has 24 GB: an anchor past this is stopped, not the machine
 SMOOTH = "@smooth"   # a route that runs `qvl-surgery smooth --calibrate random:4` first
+ROTATE = "@rotate"   # a route that runs `qvl-surgery rotate` first
+ROTATE_SMOOTH = "@rotate+smooth"   # rotate, then smooth the rotated file
+SURGERY_CMD = {SMOOTH: ["smooth", "--calibrate", "random:4"], ROTATE: ["rotate"],
+               ROTATE_SMOOTH: ["smooth", "--calibrate", "random:4"]}
+SURGERY_BASE = {ROTATE_SMOOTH: ROTATE}   # what a chained surgery starts from
 # label, quantize options (None: the fp32 windowed file itself), runtime of scripts/ort_latency.py
 QUANT_ROUTES = [
     ("onnxruntime fp32 windowed (baseline)", None, "onnxruntime"),
@@ -552,7 +558,44 @@ def _windowed(work: Path, name: str, stand_in: str | None) -> Path:
     return win
 
 
-def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[str], list[Run]]:
+def _surgered(work: Path, win: Path, how: str, made: dict) -> tuple[Path, Run]:
+    """``win`` smoothed or rotated, made once per table (``made`` caches it; the caller clears)."""
+    if (win, how) not in made:
+        src, before = win, None
+        if how in SURGERY_BASE:
+            src, before = _surgered(work, win, SURGERY_BASE[how], made)
+        verb, *extra = SURGERY_CMD[how]
+        out = work / f"{src.stem}.{verb}.onnx"
+        clear(out, Path(str(out) + ".data"))
+        run = measure(f"{verb} {' '.join(extra)}", [QVL, verb, str(src), "-o", str(out), "-q", *extra])
+        if before is not None:
+            run = Run(run.label, run.cmd, before.wall_s + run.wall_s, max(before.peak_mb, run.peak_mb))
+        made[(win, how)] = (out, run)
+    return made[(win, how)]
+
+
+def _kept_note(path: Path) -> str:
+    """What a quantized file kept float and its share of the multiply-adds (from its metadata)."""
+    from qvl_surgery.signature import head_model
+    try:
+        rec = json.loads(head_model(path).metadata().get("qvl_surgery.quantize") or "{}")
+    except Exception:   # noqa: BLE001 - an anchor's file has no such metadata
+        return ""
+    b = rec.get("budget") or {}
+    if b:
+        return (f" (kept float: {', '.join(b['groups_kept']) or 'nothing'}, {100 * b['kept_share_of_multiply_adds']:.2f}% "
+                f"of the multiply-adds; budget's own measure {b['achieved']})")
+    return ""
+
+
+def _clear_surgered(made: dict) -> None:
+    for out, _ in made.values():
+        clear(out, Path(str(out) + ".data"))
+    made.clear()
+
+
+def _quant_table(work: Path, win: Path, routes, *, timed: bool, made: dict | None = None
+                 ) -> tuple[list[str], list[Run]]:
     import numpy as np
 
     from qvl_surgery.compare import centered_cosine, cosine
@@ -582,17 +625,21 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
                 extra = ["--calibrate", "random:4"] if verb == "smooth" else []
                 qrun = measure(f"{verb} (fp32)", [QVL, verb, str(win), "-o", str(target), "-q", *extra],
                                show=f"qvl-surgery {verb} windowed.onnx -o q.onnx {' '.join(extra)}")
-            elif opts[0] == SMOOTH:
-                sm = work / "smoothed.onnx"
-                clear(sm, Path(str(sm) + ".data"))
-                srun = measure("smooth --calibrate random:4", [QVL, "smooth", str(win), "-o", str(sm), "-q",
-                                                              "--calibrate", "random:4"])
+            elif opts[0] in SURGERY_CMD:
+                keep = made is not None
+                made = {} if made is None else made
+                sm, srun = _surgered(work, win, opts[0], made)
                 q = measure(f"quantize {' '.join(opts[1:])}", [QVL, "quantize", str(sm), "-o", str(target), "-q",
                                                                *opts[1:]])
-                clear(sm, Path(str(sm) + ".data"))
-                qrun = Run(q.label, f"qvl-surgery smooth windowed.onnx -o s.onnx --calibrate random:4 && qvl-surgery "
+                verb = " ".join(SURGERY_CMD[opts[0]])
+                if opts[0] in SURGERY_BASE:
+                    verb = " ".join(SURGERY_CMD[SURGERY_BASE[opts[0]]]) + " windowed.onnx -o r.onnx && qvl-surgery " + verb
+                qrun = Run(q.label, f"qvl-surgery {verb} windowed.onnx -o s.onnx && qvl-surgery "
                            f"quantize s.onnx -o q.onnx {' '.join(opts[1:])}", srun.wall_s + q.wall_s,
                            max(srun.peak_mb, q.peak_mb))
+                if not keep:
+                    _clear_surgered(made)
+                    made = None
             else:
                 qrun = measure(f"quantize {' '.join(opts)}", [QVL, "quantize", str(win), "-o", str(target), "-q", *opts],
                                show="qvl-surgery quantize windowed.onnx -o q.onnx " + " ".join(opts))
@@ -618,6 +665,7 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool) -> tuple[list[st
         lat = f"{median:.2f} | {median / base:.2f}" if timed else " | "
         q = f"{qrun.wall_s:.1f} | {qrun.peak_mb:.0f}" if qrun else " | "
         rel = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+        label += _kept_note(target) if opts is not None else ""
         rows.append(f"| {label} | {runtime} | {lat} | {rel:.1e} | {cosine(ref, y):.5f} | {centered_cosine(ref, y):.5f} | "
                     f"{mb:.0f} | {r.peak_mb:.0f} | {q} |")
         if opts is not None:
@@ -649,10 +697,72 @@ def section_quant(work: Path) -> list[str]:
     return out
 
 
+ORT_FMT, QDQ_FMT = ["--format", "onnxruntime"], ["--format", "qdq"]
+SURGERY_ROUTES = [
+    ("onnxruntime fp32 windowed (baseline)", None, "onnxruntime"),
+    ("OpenVINO fp32", None, "openvino"),
+    ("naive: w8a8 dynamic, nothing kept", W8A8 + ORT_FMT, "onnxruntime"),
+    ("smooth, then w8a8 dynamic, nothing kept", [SMOOTH] + W8A8 + ORT_FMT, "onnxruntime"),
+    ("rotate, then w8a8 dynamic, nothing kept", [ROTATE] + W8A8 + ORT_FMT, "onnxruntime"),
+    ("rotate, then smooth, then w8a8 dynamic, nothing kept", [ROTATE_SMOOTH] + W8A8 + ORT_FMT, "onnxruntime"),
+    ("smooth, then w8a8 dynamic, --budget 0.9995", [SMOOTH] + W8A8 + ORT_FMT + ["--budget", "0.9995"], "onnxruntime"),
+    ("naive: w8a8 qdq, nothing kept, in OpenVINO", W8A8 + QDQ_FMT + CAL, "openvino"),
+    ("smooth, then w8a8 qdq, nothing kept, in OpenVINO", [SMOOTH] + W8A8 + QDQ_FMT + CAL, "openvino"),
+    ("rotate, then w8a8 qdq, nothing kept, in OpenVINO", [ROTATE] + W8A8 + QDQ_FMT + CAL, "openvino"),
+    ("rotate, then smooth, then w8a8 qdq, nothing kept, in OpenVINO", [ROTATE_SMOOTH] + W8A8 + QDQ_FMT + CAL,
+     "openvino"),
+]
+
+
+def section_surgery(work: Path) -> list[str]:
+    """Issue 17 per stand-in: naive W8A8 / after smooth / after rotate / with the budget's allocation,
+    accuracy and latency (onnxruntime or OpenVINO) against onnxruntime fp32 of the same weights; and
+    the sensitivity per block before and after the surgery (outlier stand-in), as a plot."""
+    from qvl_surgery.config import PRESETS
+    from qvl_surgery.weights import STAND_INS
+    out = [f"## surgery ({QUANT_PRESET} windowed, 448x448, 2 threads; the two stand-ins)", "",
+           "Per stand-in, in one invocation: the fp32 file, W8A8 with every linear quantized on the file as it is "
+           "(naive), after `smooth --calibrate random:4` and after `rotate` (both exact in fp32), and `--budget "
+           "0.9995` after smooth (the fewest multiply-adds kept float to reach centered cosine 0.9995 on 4 random "
+           "inputs; its row's pass time includes the measurement). Each file runs in its own process (3 runs, median "
+           "of the last 2); cosines against the baseline's output on the same input. Pass s / MB: surgery plus "
+           "quantize. Goals (issue 17): after surgery, nothing kept, centered cosine >= 0.99 (moonshot 0.999); "
+           "with the budget, <= 5% of the linears' multiply-adds above 8 bits.", ""]
+    for stand_in in ("outlier", "overflow"):
+        win = _windowed(work, stand_in, stand_in)
+        made: dict = {}
+        rows, passes = _quant_table(work, win, SURGERY_ROUTES, timed=True, made=made)
+        out += [f"### {stand_in} stand-in: {STAND_INS[stand_in](PRESETS[QUANT_PRESET], 0).description}", "", *rows, ""]
+        if stand_in == "outlier":
+            sens = work / "sensitivity"
+            clear(sens)
+            models = [win, _surgered(work, win, SMOOTH, made)[0], _surgered(work, win, ROTATE, made)[0],
+                      _surgered(work, win, ROTATE_SMOOTH, made)[0]]
+            run = measure("sensitivity (outlier: as is, smoothed, rotated, rotated then smoothed)",
+                          [QVL, "sensitivity", *map(str, models), "--label", "as is", "--label", "smoothed",
+                           "--label", "rotated", "--label", "rotated, smoothed", "--inputs", "random:1", "-o",
+                           str(sens), "-q", "--force"],
+                          show="qvl-surgery sensitivity windowed.onnx smoothed.onnx rotated.onnx rotated-smoothed.onnx "
+                               "--inputs random:1")
+            png = ROOT / "benchmarks_sensitivity.png"
+            if (sens / "sensitivity.png").exists():
+                shutil.copyfile(sens / "sensitivity.png", png)
+                doc = json.loads((sens / "sensitivity.json").read_text())
+                out += [f"Sensitivity per block (w8a8 dynamic, one random input; {run.wall_s:.0f} s): the error "
+                        "quantizing each block alone adds, before and after the surgery. Every linear quantized: "
+                        + "; ".join(f"{m['label']} centered cosine {m['all_quantized_centered_cosine']:.5f}"
+                                    for m in doc["models"]) + ".", "",
+                        f"![sensitivity per block]({png.name})", ""]
+        _clear_surgered(made)
+        clear(win, Path(str(win) + ".data"))
+    return out
+
+
 SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
             "overflow": section_overflow,
             "simplify": section_simplify,
-            "attention": section_attention, "dynamic": section_dynamic, "quant": section_quant}
+            "attention": section_attention, "dynamic": section_dynamic, "quant": section_quant,
+            "surgery": section_surgery}
 
 
 MARK = "<!-- bench section: {} -->"
