@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "separated, or random:N (default: --calibrate's, else random:4; on a 3b each set costs one whole "
                     "run per block)")
     sv.add_argument("--per-linear", action="store_true", help="also each linear alone (one quantize-and-run each: "
-                    "7 per block)")
+                    "5 per block)")
     g = sv.add_argument_group("scheme (as quantize; default w8a8 dynamic, format onnxruntime)")
     for o in scheme_opts:
         o.add_to_parser(g)

@@ -11,7 +11,9 @@ Written into one folder (published whole: an interrupted write leaves nothing):
 
 - ``keep.json``: the allocation (linear -> why), its share of the linears' multiply-adds, where it came from;
 - ``onnxruntime.json``: ``{"nodes_to_exclude": [...]}`` for ``quantize_static`` / ``quantize_dynamic``
-  (``**json.load(f)``); onnxruntime matches node names;
+  (``**json.load(f)``). onnxruntime matches node names, but ``quantize_dynamic`` first rewrites every
+  Gemm into MatMul + Add named ``<gemm>_MatMul`` / ``<gemm>_Add`` and matches those (onnxruntime 1.32,
+  ``ONNXModel.replace_gemm_with_matmul``): each kept Gemm is listed under both names;
 - ``nncf_ignored_scope.json``: ``{"names": [...]}`` for ``nncf.IgnoredScope(**json.load(f))``; NNCF's
   ONNX backend matches node names;
 - ``rknn_hybrid.json``: rknn-toolkit2's hybrid quantization: the layers to set to float16 in the
@@ -190,12 +192,14 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
     inits = model.initializers()
     inputs = [i.name for i in model.graph.input if i.name not in inits]
     nodes = list(allocation.kept)
+    ops = {n.name or n.output[0]: n.op_type for n in model.graph.node}
+    ort_nodes = nodes + [f"{n}_MatMul" for n in nodes if ops.get(n) == "Gemm"]
     layers = rknn_layers(model, allocation.kept)
     model_ref = str(model_path.resolve())
     with staging(out) as tmp:
         files = {
             "keep.json": {"model": model_ref, **allocation.to_dict()},
-            "onnxruntime.json": {"nodes_to_exclude": nodes},
+            "onnxruntime.json": {"nodes_to_exclude": ort_nodes},
             "nncf_ignored_scope.json": {"names": nodes},
             "rknn_hybrid.json": {"model": model_ref, "custom_quantize_layers": {l: "float16" for l in layers},
                                  "how": "rknn.hybrid_quantization_step1(dataset=...), then set these layers in the "

@@ -1,0 +1,183 @@
+"""Issue 17's measurements and hand-offs on tiny stand-ins: the outlier report (inspect
+--activations), the sensitivity report (JSON + PNG), rotate then smooth, and one keep-list written
+for every toolchain (checked with onnxruntime's own quantizer, which reads nodes_to_exclude)."""
+import json
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import TINY, assert_one_line_error, check_written, run_cli
+from qvl_surgery.compare import centered_cosine
+from qvl_surgery.export import export
+from qvl_surgery.runners import run_model
+from qvl_surgery.toolchains import edit_rknn_cfg
+from qvl_surgery.weights import STAND_INS
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """The tiny outlier and overflow stand-ins, windowed, and the outlier one smoothed."""
+    d = tmp_path_factory.mktemp("standins")
+    out = {}
+    for name in ("outlier", "overflow"):
+        src = d / f"{name}.onnx"
+        export(STAND_INS[name](TINY, 0), src, (448, 448), progress=False)
+        win = d / f"{name}_win.onnx"
+        r = run_cli("attention", src, "-o", win, "-q")
+        assert r.returncode == 0, r.stderr
+        out[name] = win
+    sm = d / "outlier_smoothed.onnx"
+    r = run_cli("smooth", out["outlier"], "-o", sm, "-q", "--calibrate", "random:2")
+    assert r.returncode == 0, r.stderr
+    out["smoothed"] = sm
+    return out
+
+
+def _feeds(seed=0):
+    return {"pixel_values": np.random.default_rng(seed).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
+
+
+def test_activation_report_flags_the_outliers_and_clears_after_smooth(stand_ins):
+    r = run_cli("inspect", stand_ins["outlier"], "--activations", "--json")
+    assert r.returncode == 0, r.stderr
+    acts = json.loads(r.stdout)["activations"]
+    flagged = acts["flagged"]
+    # the massive channels start in block 1's residual: every normed linear input after it is crushed
+    assert {"blocks.2", "blocks.3", "merger"} <= set(flagged), flagged
+    assert all(any("int8 per-tensor rounds" in f for f in fl) for fl in flagged.values())
+    res = {g: next(t for t in ts if t["role"] == "residual") for g, ts in acts["blocks"].items() if g != "merger"}
+    assert res["blocks.2"]["max_abs"] > 100 * res["blocks.0"]["max_abs"]
+    qkv = next(t for t in acts["blocks"]["blocks.2"] if "qkv" in t["role"])
+    assert qkv["int8_per_tensor_zeroed"] > 0.5
+    # after smooth: the same fp32 function, no linear input left for int8 to crush
+    r = run_cli("inspect", stand_ins["smoothed"], "--activations", "--json")
+    after = json.loads(r.stdout)["activations"]
+    assert not after["flagged"], after["flagged"]
+    big = lambda a: max(t["max_abs"] for ts in a["blocks"].values() for t in ts if t["role"] != "residual")
+    assert big(acts) > 3 * big(after)
+    # the overflow stand-in: the last block's residual is flagged against fp16's limit
+    r = run_cli("inspect", stand_ins["overflow"], "--activations")
+    assert r.returncode == 0, r.stderr
+    last = next(l for l in r.stdout.splitlines() if l.strip().startswith(f"blocks.{TINY.depth - 1} "))
+    assert "fp16" in last, r.stdout
+
+
+def test_activation_report_refuses_a_missing_calibration_file(stand_ins, tmp_path):
+    r = run_cli("inspect", stand_ins["outlier"], "--activations", "--calibrate", str(tmp_path / "no.npz"))
+    assert_one_line_error(r, "no such file")
+
+
+def test_sensitivity_writes_json_and_png_and_sees_the_merger(stand_ins, tmp_path):
+    out = tmp_path / "sens"
+    r = run_cli("sensitivity", stand_ins["outlier"], stand_ins["smoothed"], "--label", "as is", "--label",
+                "smoothed", "--inputs", "random:1", "--per-linear", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "sensitivity.json").read_text())
+    assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before, after = doc["models"]
+    groups = [g["group"] for g in before["groups"]]
+    assert groups == ["patch_embed", *[f"blocks.{i}" for i in range(TINY.depth)], "merger"]
+    assert abs(sum(g["share"] for g in before["groups"]) - 1) < 1e-4
+    err = lambda m, g: next(x["alone_error"] for x in m["groups"] if x["group"] == g)
+    # on the outlier stand-in the merger's input is the one int8 crushes; smooth removes that
+    assert err(before, "merger") > 0.1 and err(after, "merger") < 1e-2, (before, after)
+    assert before["all_quantized_centered_cosine"] < 0.5 < 0.99 < after["all_quantized_centered_cosine"]
+    assert len(before["linears"]) == 5 * TINY.depth + 3
+    # per linear agrees with per group where a group has one linear
+    pe = next(x for x in before["linears"] if x["group"] == "patch_embed")
+    assert pe["alone_error"] == pytest.approx(err(before, "patch_embed"), rel=1e-3, abs=1e-9)
+    r = run_cli("sensitivity", stand_ins["outlier"], "-o", out, "-q")
+    assert_one_line_error(r, "exists")
+
+
+def test_rotate_then_smooth_is_exact_and_quantizes_like_smooth(stand_ins, tmp_path):
+    rot, rs = tmp_path / "rot.onnx", tmp_path / "rs.onnx"
+    assert run_cli("rotate", stand_ins["outlier"], "-o", rot, "-q").returncode == 0
+    r = run_cli("smooth", rot, "-o", rs, "-q", "--calibrate", "random:2")
+    assert r.returncode == 0, r.stderr
+    check_written(rs)
+    x = _feeds(3)
+    a, b = run_model(stand_ins["outlier"], x)["image_embeds"], run_model(rs, x)["image_embeds"]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    cos = {}
+    for name, path in (("rotated", rot), ("rotated+smoothed", rs)):
+        q = tmp_path / f"q_{name}.onnx"
+        assert run_cli("quantize", path, "-o", q, "-q", "--activations", "int8", "--format", "onnxruntime").returncode == 0
+        cos[name] = centered_cosine(a, run_model(q, x)["image_embeds"])
+    # a rotation keeps the constant channel offset (it needs smooth's shift): measured 0.43 vs 0.9998
+    assert cos["rotated"] < 0.9 and cos["rotated+smoothed"] > 0.999, cos
+
+
+def test_toolchain_configs_from_a_budget(stand_ins, tmp_path):
+    """quantize --budget records its keep-list; toolchains turns it into each quantizer's config. The
+    onnxruntime one is proven with onnxruntime's own quantize_dynamic: the named nodes stay float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src = stand_ins["outlier"]
+    q = tmp_path / "q.onnx"
+    r = run_cli("quantize", src, "-o", q, "-q", "--activations", "int8", "--format", "onnxruntime",
+                "--budget", "0.99")
+    assert r.returncode == 0, r.stderr
+    kept = _meta(q)["kept"]
+    assert kept and all(k.startswith("/merger/") for k in kept), kept
+    np.savez(tmp_path / "a.npz", **_feeds(1))
+    np.savez(tmp_path / "b.npz", **_feeds(2))
+    out = tmp_path / "configs"
+    r = run_cli("toolchains", src, "--keep-from", q, "--dataset", f"{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}",
+                "-o", out)
+    assert r.returncode == 0, r.stderr
+    ort_cfg = json.loads((out / "onnxruntime.json").read_text())
+    # quantize_dynamic renames each Gemm <name>_MatMul before it matches: both names are listed
+    assert sorted(ort_cfg["nodes_to_exclude"]) == sorted([*kept, *(k + "_MatMul" for k in kept)])
+    assert json.loads((out / "nncf_ignored_scope.json").read_text()) == {"names": list(kept)}
+    keep = json.loads((out / "keep.json").read_text())
+    assert 0 < keep["kept_share"] < 0.2 and keep["budget"]["target_centered_cosine"] == 0.99
+    p2 = json.loads((out / "pulsar2_config.json").read_text())
+    assert p2["quant"]["layer_configs"] == [{"layer_names": list(kept), "data_type": "U16"}]
+    assert p2["quant"]["input_configs"][0]["tensor_name"] == "pixel_values"
+    # calibration sets in the model's own layout
+    lines = (out / "calib" / "rknn" / "dataset.txt").read_text().split("\n")
+    assert [l for l in lines if l] == ["0000_pixel_values.npy", "0001_pixel_values.npy"]
+    arr = np.load(out / "calib" / "rknn" / "0001_pixel_values.npy")
+    assert arr.shape == (1024, TINY.patch_dim) and np.array_equal(arr, _feeds(2)["pixel_values"])
+    with tarfile.open(out / p2["quant"]["input_configs"][0]["calibration_dataset"]) as t:
+        assert sorted(t.getnames()) == ["0000.npy", "0001.npy"]
+    rk = json.loads((out / "rknn_hybrid.json").read_text())
+    assert len(rk["custom_quantize_layers"]) == len(kept)
+    # onnxruntime's own quantizer, given the config: the kept linears stay float (a MatMul, not MatMulInteger)
+    dq = tmp_path / "ort.onnx"
+    quantize_dynamic(str(src), str(dq), weight_type=QuantType.QInt8, **ort_cfg)
+    nodes = {n.name: n.op_type for n in onnx.load(str(dq)).graph.node}
+    assert all(nodes.get(k + "_MatMul") == "MatMul" for k in kept), {k: nodes.get(k + "_MatMul") for k in kept}
+    x = _feeds(0)
+    ref = run_model(src, x)["image_embeds"]
+    plain = tmp_path / "ort_plain.onnx"
+    quantize_dynamic(str(src), str(plain), weight_type=QuantType.QInt8)
+    with_cfg, without = (centered_cosine(ref, run_model(p, x)["image_embeds"]) for p in (dq, plain))
+    assert with_cfg > 0.99 > without, (with_cfg, without)
+
+
+def _meta(path) -> dict:
+    m = onnx.load(str(path), load_external_data=False)
+    return json.loads(next(p.value for p in m.metadata_props if p.key == "qvl_surgery.quantize"))
+
+
+def test_toolchains_refusals(stand_ins, tmp_path):
+    src = stand_ins["outlier"]
+    assert_one_line_error(run_cli("toolchains", src, "-o", tmp_path / "c"), "--keep-from")
+    assert_one_line_error(run_cli("toolchains", src, "--keep-node", "/nope/*", "-o", tmp_path / "c"), "/nope/*")
+    assert_one_line_error(run_cli("toolchains", src, "--keep-from", src, "-o", tmp_path / "c"),
+                          "qvl_surgery.quantize")
+    assert not (tmp_path / "c").exists()
+    r = run_cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "c" / "nncf_ignored_scope.json").read_text())["names"]) == 5
+    assert_one_line_error(run_cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c"), "--force")
+
+
+def test_edit_rknn_cfg_sets_the_layers_and_keeps_the_rest():
+    cfg = "custom_quantize_layers: {}\nquantize_parameters:\n    a:\n        dtype: asymmetric_quantized-8\n"
+    out = edit_rknn_cfg(cfg, ["x.out", "y/z"])
+    assert out.splitlines()[:3] == ["custom_quantize_layers:", '    "x.out": float16', '    "y/z": float16']
+    assert "quantize_parameters:" in out and "asymmetric_quantized-8" in out
