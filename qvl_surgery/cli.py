@@ -267,7 +267,8 @@ def cmd_toolchains(a: argparse.Namespace) -> int:
     if dataset_files:
         from .calibrate import calibration_inputs
         dataset = calibration_inputs(a.model, a.dataset)
-    report = write_toolchain_configs(a.model, a.output, alloc, dataset=dataset, overwrite=a.force)
+    report = write_toolchain_configs(a.model, a.output, alloc, dataset=dataset, rknn_step1=a.rknn_step1,
+                                     overwrite=a.force)
     print("\n".join(report.lines()))
     return 0
 
@@ -452,13 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "rotated)")
     way = tc.add_argument_group("where the keep-list comes from (one of)")
     way.add_argument("--keep-from", type=Path, metavar="QUANTIZED", help="a file written by qvl-surgery quantize "
-                     "(e.g. with --budget): what it kept")
+                     "(e.g. with --budget): what it kept; or a keep.json written here before")
     way.add_argument("--budget", type=float, metavar="COSINE", help="measure now: quantize --budget's allocation "
                      "with the scheme below")
     way.add_argument("--keep-node", action="append", metavar="GLOB", help="linears by node name (repeatable)")
     way.add_argument("--keep-block", action="append", metavar="N", help="every linear of block N (repeatable)")
     tc.add_argument("--dataset", metavar="FILES", help="image or .npz file(s), comma separated: written as rknn's "
                     "dataset.txt of .npy files and pulsar2's tar of .npy, in the model's input layout")
+    tc.add_argument("--rknn-step1", type=Path, metavar="DIR", help="the folder where rknn-toolkit2's "
+                    "hybrid_quantization_step1 ran on MODEL (its .model and .quantization.cfg): writes "
+                    "rknn.quantization.cfg with the kept layers in float16, for hybrid_quantization_step2")
     g = tc.add_argument_group("scheme for --budget (as quantize; default w8a8 dynamic, format onnxruntime)")
     for o in scheme_opts:
         o.add_to_parser(g)

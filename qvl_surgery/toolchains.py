@@ -14,8 +14,12 @@ Written into one folder (published whole: an interrupted write leaves nothing):
   (``**json.load(f)``). onnxruntime matches node names, but ``quantize_dynamic`` first rewrites every
   Gemm into MatMul + Add named ``<gemm>_MatMul`` / ``<gemm>_Add`` and matches those (onnxruntime 1.32,
   ``ONNXModel.replace_gemm_with_matmul``): each kept Gemm is listed under both names;
-- ``nncf_ignored_scope.json``: ``{"names": [...]}`` for ``nncf.IgnoredScope(**json.load(f))``; NNCF's
-  ONNX backend matches node names;
+- ``nncf_ignored_scope.json``: ``{"names": [...]}`` for ``nncf.IgnoredScope(**json.load(f))`` on the
+  ONNX model (NNCF's ONNX backend matches node names exactly, and refuses an unknown one);
+  ``nncf_ignored_scope_openvino.json`` for the model after ``ov.convert_model``, which splits a Gemm
+  ``X`` into a MatMul ``X/WithoutBiases`` and a bias Add ``X`` (nncf 3.4: the plain names match the
+  Adds and leave every MatMul quantized). Quantize with ``model_type=nncf.ModelType.TRANSFORMER``:
+  the default type also quantizes the residual and RMSNorm path, where the outliers live;
 - ``rknn_hybrid.json``: rknn-toolkit2's hybrid quantization: the layers to set to float16 in the
   ``custom_quantize_layers`` section of the ``.quantization.cfg`` its ``hybrid_quantization_step1``
   writes (:func:`edit_rknn_cfg` does that edit);
@@ -39,7 +43,7 @@ import numpy as np
 
 from .errors import BadInput
 from .linears import find_linears, kept_share
-from .modelfile import Model, load_model
+from .modelfile import Model, load_model, read_initializer
 
 PULSAR2_KEPT_DTYPE = "U16"
 
@@ -59,8 +63,16 @@ class Allocation:
 
 def allocation_from_quantized(path: str | Path, model: Model) -> Allocation:
     """The keep-list recorded by ``quantize`` (``--budget``, ``--keep-node``, ``--keep-block``) in
-    ``path``'s metadata, checked against ``model``'s linears."""
+    ``path``'s metadata, or in a ``keep.json`` this module wrote; checked against ``model``'s linears."""
     from .signature import head_model
+    if Path(path).suffix == ".json":
+        try:
+            rec = json.loads(Path(path).read_text())
+            kept = dict(rec["kept"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise BadInput(f"{path}: not a keep.json written by qvl-surgery toolchains (no 'kept' mapping)") from None
+        return _checked(model, kept, f"{rec.get('source', 'a keep-list')} (from {path})",
+                        {k: v for k, v in rec.items() if k == "budget"})
     raw = head_model(Path(path)).metadata().get("qvl_surgery.quantize")
     if not raw:
         raise BadInput(f"{path}: no qvl_surgery.quantize metadata; --keep-from takes a file written by "
@@ -98,12 +110,110 @@ def _checked(model: Model, kept: dict[str, str], source: str, extra: dict | None
 
 
 # ----------------------------------------------------------------------------- rknn-toolkit2
+# rknn-toolkit2 (2.5.0) names the layers of its hybrid config after the tensors of its own rewritten
+# graph, which hybrid_quantization_step1 writes as ``<stem>.model`` (an ONNX protobuf, weights inline):
+# a Gemm ``X`` becomes a Conv ``X#N`` whose output is ``<X's output>_mm``; the qkv Gemm of a
+# full-attention block is split into three Convs named after their input (their weights are row blocks
+# of ours, the norm's scale folded in per input channel). An unknown name in custom_quantize_layers
+# is an error there, so every name written here comes from that file.
 
-def rknn_layers(model: Model, kept: dict[str, str]) -> list[str]:
-    """rknn-toolkit2's names for the kept linears: measured with rknn-toolkit2 2.5.0, its layer of a
-    Gemm is named after the ONNX node's output tensor."""
-    by_name = {n.name or n.output[0]: n for n in model.graph.node}
-    return [by_name[k].output[0] for k in kept]
+MOVE_OPS = {"Reshape", "Transpose", "Gather", "exDataConvert", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def _same_up_to_input_scale(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a == b @ diag(g)`` for some ``g``: every input column of ``a`` parallel to ``b``'s."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0)
+    ok = (na > 0) & (nb > 0)
+    return bool(ok.any()) and bool((np.abs((a[:, ok] * b[:, ok]).sum(0)) / (na[ok] * nb[ok])).min() > 0.99999)
+
+
+def rknn_linear_tensors(rk, model: Model, kept: dict[str, str]) -> dict[str, list[str]]:
+    """For each kept linear (our node name), the output tensors of its layer(s) in rknn's graph ``rk``."""
+    from onnx import numpy_helper
+    ours = {n.name or n.output[0]: n for n in model.graph.node}
+    rk_inits = {t.name: t for t in rk.graph.initializer}
+    found: dict[str, list[str]] = {}
+    for name in kept:
+        n = ours[name]
+        hits = [r for r in rk.graph.node if r.name == name or r.name.startswith((name + "#", name + "_2"))]
+        if not hits:
+            hits = [r for r in rk.graph.node if n.input[1] in r.input]
+        if not hits:
+            lin = next(x for x in find_linears(model, []) if x.name == name)
+            w = read_initializer(model.initializers()[lin.weight], model.sources.get(lin.weight))
+            w = w if lin.out_in else w.T          # [out, in]
+            for r in rk.graph.node:
+                if r.op_type != "Conv" or len(r.input) < 2 or r.input[1] not in rk_inits:
+                    continue
+                rw = numpy_helper.to_array(rk_inits[r.input[1]])
+                rw = rw.reshape(rw.shape[0], -1)
+                if rw.shape[1] != w.shape[1] or w.shape[0] % rw.shape[0]:
+                    continue
+                if any(_same_up_to_input_scale(rw, w[k:k + rw.shape[0]]) for k in range(0, w.shape[0], rw.shape[0])):
+                    hits.append(r)
+        if not hits:
+            raise BadInput(f"rknn-toolkit2's graph has no layer for {name!r}; was step 1 run on this model?")
+        found[name] = [o for r in hits for o in r.output]
+    return found
+
+
+def _cfg_dtypes(cfg_text: str) -> dict[str, str]:
+    """quantize_parameters' tensor -> dtype in a step-1 cfg (YAML, read by its fixed layout)."""
+    out, key, inside = {}, None, False
+    for line in cfg_text.splitlines():
+        if not line.startswith(" "):
+            inside = line.strip() == "quantize_parameters:"
+            continue
+        if not inside:
+            continue
+        if line.startswith("    ") and not line.startswith("     ") and line.rstrip().endswith(":"):
+            key = line.strip()[:-1].strip("'\"")
+        elif key and line.strip().startswith("dtype:"):
+            out[key] = line.split(":", 1)[1].strip()
+    return out
+
+
+def rknn_output_tail(rk, dtypes: dict[str, str]) -> tuple[list[str], set[str]]:
+    """The int8 tensors between rknn's last compute layers and the graph outputs (data movement only),
+    and those last layers' outputs: a float16 last layer still hands its result to an int8 output
+    unless its tail is float16 too."""
+    prod = {o: n for n in rk.graph.node for o in n.output}
+    tail, heads, todo = [], set(), [o.name for o in rk.graph.output]
+    while todo:
+        t = todo.pop()
+        n = prod.get(t)
+        if n is None or n.op_type not in MOVE_OPS:
+            heads.add(t)
+            continue
+        if dtypes.get(t) == "int8":
+            tail.append(t)
+        todo.extend(n.input[:1])
+    return tail, heads
+
+
+def rknn_hybrid_cfg(step1_dir: str | Path, model: Model, kept: dict[str, str]) -> tuple[str, dict]:
+    """The step-1 cfg in ``step1_dir`` with the kept linears' layers (and the output tail after the
+    last one, when it is kept) set to float16; and what was set, per linear."""
+    import onnx
+    d = Path(step1_dir)
+    models, cfgs = sorted(d.glob("*.model")), sorted(d.glob("*.quantization.cfg"))
+    if len(models) != 1 or len(cfgs) != 1:
+        raise BadInput(f"{d}: expected one <name>.model and one <name>.quantization.cfg (rknn-toolkit2's "
+                       "hybrid_quantization_step1 writes them into its working directory)")
+    rk = onnx.load(str(models[0]))
+    cfg = cfgs[0].read_text()
+    dtypes = _cfg_dtypes(cfg)
+    by_linear = rknn_linear_tensors(rk, model, kept)
+    layers = [t for ts in by_linear.values() for t in ts]
+    tail, heads = rknn_output_tail(rk, dtypes)
+    tail = tail if heads & set(layers) else []
+    layers += tail
+    unknown = [t for t in layers if t not in dtypes]
+    if unknown:
+        raise BadInput(f"{cfgs[0]}: no entry for rknn tensor {unknown[0]!r}; the cfg and the .model come from "
+                       "different step-1 runs?")
+    return edit_rknn_cfg(cfg, list(dict.fromkeys(layers))), {"linears": by_linear, "output_tail": tail}
 
 
 def edit_rknn_cfg(cfg_text: str, layers: list[str], dtype: str = "float16") -> str:
@@ -114,7 +224,7 @@ def edit_rknn_cfg(cfg_text: str, layers: list[str], dtype: str = "float16") -> s
     for i, line in enumerate(lines):
         if line.strip().startswith("custom_quantize_layers:"):
             if line.strip() == "custom_quantize_layers: {}":
-                lines[i] = "custom_quantize_layers:"
+                lines[i] = "custom_quantize_layers:" if entries else line
             j = i + 1
             while j < len(lines) and lines[j].startswith((" ", "\t")) and lines[j].strip():
                 j += 1
@@ -182,8 +292,8 @@ class ToolchainReport:
 
 
 def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocation: Allocation, *,
-                            dataset: list[dict[str, np.ndarray]] | None = None, overwrite: bool = False
-                            ) -> ToolchainReport:
+                            dataset: list[dict[str, np.ndarray]] | None = None, rknn_step1: str | Path | None = None,
+                            overwrite: bool = False) -> ToolchainReport:
     from .publish import publish_dir, staging
     model_path, out = Path(model_path), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -194,17 +304,22 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
     nodes = list(allocation.kept)
     ops = {n.name or n.output[0]: n.op_type for n in model.graph.node}
     ort_nodes = nodes + [f"{n}_MatMul" for n in nodes if ops.get(n) == "Gemm"]
-    layers = rknn_layers(model, allocation.kept)
     model_ref = str(model_path.resolve())
+    rknn_cfg = rknn_set = None
+    if rknn_step1 is not None:
+        rknn_cfg, rknn_set = rknn_hybrid_cfg(rknn_step1, model, allocation.kept)
     with staging(out) as tmp:
         files = {
             "keep.json": {"model": model_ref, **allocation.to_dict()},
             "onnxruntime.json": {"nodes_to_exclude": ort_nodes},
             "nncf_ignored_scope.json": {"names": nodes},
-            "rknn_hybrid.json": {"model": model_ref, "custom_quantize_layers": {l: "float16" for l in layers},
-                                 "how": "rknn.hybrid_quantization_step1(dataset=...), then set these layers in the "
-                                        "written .quantization.cfg (qvl_surgery.toolchains.edit_rknn_cfg), then "
-                                        "hybrid_quantization_step2"},
+            "nncf_ignored_scope_openvino.json": {"names": [f"{n}/WithoutBiases" if ops.get(n) == "Gemm" else n
+                                                           for n in nodes]},
+            "rknn_hybrid.json": {"model": model_ref, "float16": nodes,
+                                 "how": "rknn's names for these layers exist only after its hybrid_quantization_step1: "
+                                        "run it (dataset: calib/rknn/dataset.txt), then qvl-surgery toolchains MODEL "
+                                        "--keep-from keep.json --rknn-step1 ITS_FOLDER -o DIR writes "
+                                        "DIR/rknn.quantization.cfg for hybrid_quantization_step2"},
         }
         written = {}
         if dataset:
@@ -219,6 +334,9 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
                                         "quant": quant}
         if dataset:
             files["rknn_hybrid.json"]["dataset"] = written["rknn"]
+        if rknn_cfg is not None:
+            files["rknn_hybrid.json"].update(rknn_set)
+            (tmp / "rknn.quantization.cfg").write_text(rknn_cfg)
         for name, doc in files.items():
             (tmp / name).write_text(json.dumps(doc, indent=1) + "\n")
         listed = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.suffix != ".npy")
