@@ -269,7 +269,7 @@ class _QuantEmitter:
             nb = quant.n_blocks(lin.k, p.block)
 
             def quantize(a: np.ndarray) -> dict[str, np.ndarray]:
-                q, s = quant.quantize_blocked(a, p.bits, p.block)
+                q, s = quant.quantize_blocked(a, p.bits, p.block, search=p.bits == 4)
                 if not lin.out_in:
                     q, s = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
                 return {"q": q, "s": s}
@@ -299,7 +299,7 @@ class _QuantEmitter:
         blob = block * bits // 8
 
         def quantize(a: np.ndarray) -> dict[str, np.ndarray]:
-            q, s = quant.quantize_blocked(a, bits, block)
+            q, s = quant.quantize_blocked(a, bits, block, search=bits == 4, signed_scale=bits == 4)
             return {"q": quant.pack_nbits(q, bits, block), "s": s}
         lazy = quant.LazyQuant(self._read_nk(lin), quantize)
         w = lin.weight

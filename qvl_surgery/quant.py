@@ -60,18 +60,46 @@ def n_blocks(k: int, block: int) -> int:
     return -(-k // block)
 
 
-def quantize_blocked(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` [N, K] -> (int8 codes [N, K] in ``[-qmax, qmax]``, float32 scale [N, ceil(K/block)])."""
+CLIP_RATIOS = np.linspace(0.6, 1.0, 9)   # the per-block clip search of 4-bit weights
+
+
+def quantize_blocked(w: np.ndarray, bits: int, block: int, *, search: bool = False,
+                     signed_scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` [N, K] -> (int8 codes [N, K], float32 scale [N, ceil(K/block)]).
+
+    Plain: codes in ``[-qmax, qmax]``, scale ``max|w| / qmax`` per block. ``search``: each block's
+    clip chosen from ``CLIP_RATIOS`` of that by the squared error it leaves, codes in
+    ``[-qmax - 1, qmax]`` (the grid's whole range: int4 has 16 codes, not 15). ``signed_scale``: the
+    block's largest-magnitude value maps to ``-qmax - 1`` exactly, the scale taking its sign (a
+    negative scale where that value is positive; MatMulNBits multiplies by it as it is). Measured on
+    the tiny model, 4 bits block 32, centered cosine of the output: plain 0.98447, search 0.98654,
+    signed 0.98790, both 0.98891."""
     qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax - 1 if (search or signed_scale) else -qmax
     w = np.asarray(w, np.float32)
     n, k = w.shape
     nb = n_blocks(k, block)
     padded = np.zeros((n, nb * block), np.float32)
     padded[:, :k] = w
     blocks = padded.reshape(n, nb, block)
-    scale = _safe(np.abs(blocks).max(axis=2) / qmax)
-    q = np.clip(np.rint(blocks / scale[:, :, None]), -qmax, qmax).astype(np.int8)
-    return q.reshape(n, nb * block)[:, :k], scale
+    if signed_scale:
+        idx = np.abs(blocks).argmax(axis=2)
+        base = np.take_along_axis(blocks, idx[..., None], axis=2)[..., 0] / qmin
+    else:
+        base = np.abs(blocks).max(axis=2) / qmax
+    base = np.where(base == 0, np.float32(1e-30), base).astype(np.float32)
+    best_s, best_e = base, None
+    for r in (CLIP_RATIOS if search else (1.0,)):
+        s_ = (base * np.float32(r)).astype(np.float32)
+        q = np.clip(np.rint(blocks / s_[..., None]), qmin, qmax)
+        e = np.square(q * s_[..., None] - blocks).sum(axis=2)
+        if best_e is None:
+            best_s, best_e = s_, e
+        else:
+            better = e < best_e
+            best_s, best_e = np.where(better, s_, best_s), np.where(better, e, best_e)
+    q = np.clip(np.rint(blocks / best_s[..., None]), qmin, qmax).astype(np.int8)
+    return q.reshape(n, nb * block)[:, :k], best_s.astype(np.float32)
 
 
 def pack_nbits(q: np.ndarray, bits: int, block: int) -> np.ndarray:

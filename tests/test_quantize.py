@@ -195,6 +195,24 @@ def test_nbits_packing_round_trips():
     assert pack_nibbles(np.array([1, -1, -8], np.int8)).tolist() == [0xF1, 0x08]
 
 
+def test_4_bit_clip_search_and_signed_scale_lower_the_weight_error():
+    """4-bit weights: the clip searched per block and the extreme mapped to code -8 (a signed scale)
+    leave less squared error than max/7, every code within int4's [-8, 7], and pack as before."""
+    w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
+
+    def err(**kw):
+        q, s = quant.quantize_blocked(w, 4, 32, **kw)
+        assert q.min() >= -8 and q.max() <= 7
+        back = q * np.repeat(s, 32, 1)
+        packed = quant.pack_nbits(q, 4, 32)
+        codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(64, -1).astype(np.int16) - 8
+        assert np.array_equal(codes, q)
+        return float(np.square(back - w).sum())
+    plain, search, signed, both = err(), err(search=True), err(signed_scale=True), err(search=True, signed_scale=True)
+    assert both < min(search, signed) and max(search, signed) < plain, (plain, search, signed, both)
+    assert both < 0.8 * plain
+
+
 @pytest.mark.parametrize("single_file", [False, True])
 def test_modelfile_writes_and_reads_4_bit_tensors_packed(tmp_path, single_file):
     """INT4 / UINT4 computed tensors go to disk two values a byte (ONNX's layout), onnxruntime reads
