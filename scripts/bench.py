@@ -755,7 +755,43 @@ def section_surgery(work: Path) -> list[str]:
                         f"![sensitivity per block]({png.name})", ""]
         _clear_surgered(made)
         clear(win, Path(str(win) + ".data"))
-    return out
+    return out + _surgery_exactness_dynamic(work)
+
+
+def _surgery_exactness_dynamic(work: Path) -> list[str]:
+    """smooth, rotate and both on the 3b dynamic export: fp32 output against the export's, in
+    onnxruntime and OpenVINO (one 448x448 random image; relative to the output's max)."""
+    import numpy as np
+    dyn = work / "dynamic.onnx"
+    clear(dyn, Path(str(dyn) + ".data"))
+    measure(f"(setup) export {QUANT_PRESET} --dynamic", [QVL, "export", "--random-init", QUANT_PRESET, "--seed", "0",
+                                                        "--dynamic", "-o", str(dyn), "-q"])
+    made: dict = {}
+    rows = ["| file | runtime | max abs diff / max abs of the export's output (onnxruntime) | pass s | pass peak MB |",
+            "|---|---|---:|---:|---:|"]
+    ref = None
+    for label, how in (("the dynamic export", None), ("smooth", SMOOTH), ("rotate", ROTATE),
+                       ("rotate, then smooth", ROTATE_SMOOTH)):
+        path, run = (dyn, None) if how is None else _surgered(work, dyn, how, made)
+        for runtime in ("onnxruntime", "openvino"):
+            out = work / "out.npy"
+            clear(out)
+            measure(f"{runtime}: {label} (dynamic)", [PY, str(ROOT / "scripts" / "ort_latency.py"), str(path), "1",
+                                                      "--runtime", runtime, "--save", str(out)], allow_fail=True)
+            if not out.exists():
+                rows.append(f"| {label} | {runtime} | failed | | |")
+                continue
+            y = np.load(out)
+            if ref is None:
+                ref = y
+            rel = float(np.abs(y - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+            passed = f"{run.wall_s:.1f} | {run.peak_mb:.0f}" if run else " | "
+            rows.append(f"| {label} | {runtime} | {rel:.1e} | {passed} |")
+    _clear_surgered(made)
+    clear(dyn, Path(str(dyn) + ".data"))
+    return [f"### exactness on the {QUANT_PRESET} dynamic export (random weights, one 448x448 image)", "",
+            "Goal (issue 17): within 1e-5 of the output's max, no dtype changed; every file runs in onnxruntime and "
+            "OpenVINO (whose own fp32 arithmetic differs from onnxruntime's by the export's row).", "", *rows, ""]
 
 
 SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
