@@ -268,7 +268,7 @@ def cmd_toolchains(a: argparse.Namespace) -> int:
         from .calibrate import calibration_inputs
         dataset = calibration_inputs(a.model, a.dataset)
     report = write_toolchain_configs(a.model, a.output, alloc, dataset=dataset, rknn_step1=a.rknn_step1,
-                                     overwrite=a.force)
+                                     rknn_residual=not a.rknn_residual_int8, overwrite=a.force)
     print("\n".join(report.lines()))
     return 0
 
@@ -462,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "dataset.txt of .npy files and pulsar2's tar of .npy, in the model's input layout")
     tc.add_argument("--rknn-step1", type=Path, metavar="DIR", help="the folder where rknn-toolkit2's "
                     "hybrid_quantization_step1 ran on MODEL (its .model and .quantization.cfg): writes "
-                    "rknn.quantization.cfg with the kept layers in float16, for hybrid_quantization_step2")
+                    "rknn.quantization.cfg with the kept layers and the residual stream (residual Adds, RMSNorms) in "
+                    "float16, for hybrid_quantization_step2")
+    tc.add_argument("--rknn-residual-int8", action="store_true", help="with --rknn-step1: leave the residual "
+                    "stream int8 (only the kept linears float16)")
     g = tc.add_argument_group("scheme for --budget (as quantize; default w8a8 dynamic, format onnxruntime)")
     for o in scheme_opts:
         o.add_to_parser(g)

@@ -20,9 +20,10 @@ Written into one folder (published whole: an interrupted write leaves nothing):
   ``X`` into a MatMul ``X/WithoutBiases`` and a bias Add ``X`` (nncf 3.4: the plain names match the
   Adds and leave every MatMul quantized). Quantize with ``model_type=nncf.ModelType.TRANSFORMER``:
   the default type also quantizes the residual and RMSNorm path, where the outliers live;
-- ``rknn_hybrid.json``: rknn-toolkit2's hybrid quantization: the layers to set to float16 in the
-  ``custom_quantize_layers`` section of the ``.quantization.cfg`` its ``hybrid_quantization_step1``
-  writes (:func:`edit_rknn_cfg` does that edit);
+- ``rknn_hybrid.json`` (and with ``rknn_step1``, ``rknn.quantization.cfg``): rknn-toolkit2's hybrid
+  quantization: the kept linears and the residual stream (residual Adds, RMSNorms: rknn quantizes
+  every activation) in float16, named as rknn's own step-1 graph names them, in the
+  ``custom_quantize_layers`` of the cfg its ``hybrid_quantization_step1`` wrote;
 - ``pulsar2_config.json``: a pulsar2 build config (``quant.layer_configs``: the kept layers at U16
   activations, every other layer the default U8; ``quant.input_configs``: the calibration tar);
 - with a dataset: ``calib/rknn/dataset.txt`` (one line per sample: the sample's .npy per model input,
@@ -144,7 +145,8 @@ def rknn_linear_tensors(rk, model: Model, kept: dict[str, str]) -> dict[str, lis
             w = read_initializer(model.initializers()[lin.weight], model.sources.get(lin.weight))
             w = w if lin.out_in else w.T          # [out, in]
             for r in rk.graph.node:
-                if r.op_type != "Conv" or len(r.input) < 2 or r.input[1] not in rk_inits:
+                t = rk_inits.get(r.input[1]) if r.op_type == "Conv" and len(r.input) > 1 else None
+                if t is None or not (t.raw_data or t.float_data):
                     continue
                 rw = numpy_helper.to_array(rk_inits[r.input[1]])
                 rw = rw.reshape(rw.shape[0], -1)
@@ -155,6 +157,29 @@ def rknn_linear_tensors(rk, model: Model, kept: dict[str, str]) -> dict[str, lis
         if not hits:
             raise BadInput(f"rknn-toolkit2's graph has no layer for {name!r}; was step 1 run on this model?")
         found[name] = [o for r in hits for o in r.output]
+    return found
+
+
+def rknn_residual_tensors(rk, model: Model) -> dict[str, list[str]]:
+    """The residual stream in rknn's graph ``rk``: the output of each residual Add (an Add whose
+    output an RMSNorm reads: rknn keeps our node's name) and of each RMSNorm (rknn fuses the pattern,
+    and smooth's Sub after it, into one exNorm named after our ReduceMean plus a suffix). Measured on
+    the tiny outlier stand-in (rknn-toolkit2 2.5.0): with these in float16 the residual's ~1e3
+    channels stop setting an int8 step of ~4 that erases everything else."""
+    from .inspection import rmsnorm_patterns
+    norms = rmsnorm_patterns(model)
+    rk_by_name = {r.name: r for r in rk.graph.node}
+    ours = {o: n for n in model.graph.node for o in n.output}
+    found: dict[str, list[str]] = {}
+    for nodes in norms:
+        x = nodes[0].input[0]
+        add = ours.get(x)
+        if add is not None and add.op_type == "Add" and add.name in rk_by_name:
+            found.setdefault(add.name, list(rk_by_name[add.name].output))
+        rm = next(n for n in nodes if n.op_type == "ReduceMean")
+        fused = [r for r in rk.graph.node if r.name.startswith(rm.name + "_") and r.op_type == "exNorm"]
+        if fused:
+            found[rm.name] = [o for r in fused for o in r.output]
     return found
 
 
@@ -192,9 +217,12 @@ def rknn_output_tail(rk, dtypes: dict[str, str]) -> tuple[list[str], set[str]]:
     return tail, heads
 
 
-def rknn_hybrid_cfg(step1_dir: str | Path, model: Model, kept: dict[str, str]) -> tuple[str, dict]:
+def rknn_hybrid_cfg(step1_dir: str | Path, model: Model, kept: dict[str, str], *, residual: bool = True
+                    ) -> tuple[str, dict]:
     """The step-1 cfg in ``step1_dir`` with the kept linears' layers (and the output tail after the
-    last one, when it is kept) set to float16; and what was set, per linear."""
+    last one, when it is kept) set to float16, and with ``residual`` the residual stream too (the
+    residual Adds and the RMSNorms: rknn quantizes every activation, not only the linears' inputs);
+    and what was set, per linear / residual node."""
     import onnx
     d = Path(step1_dir)
     models, cfgs = sorted(d.glob("*.model")), sorted(d.glob("*.quantization.cfg"))
@@ -205,7 +233,8 @@ def rknn_hybrid_cfg(step1_dir: str | Path, model: Model, kept: dict[str, str]) -
     cfg = cfgs[0].read_text()
     dtypes = _cfg_dtypes(cfg)
     by_linear = rknn_linear_tensors(rk, model, kept)
-    layers = [t for ts in by_linear.values() for t in ts]
+    by_residual = rknn_residual_tensors(rk, model) if residual else {}
+    layers = [t for ts in [*by_linear.values(), *by_residual.values()] for t in ts]
     tail, heads = rknn_output_tail(rk, dtypes)
     tail = tail if heads & set(layers) else []
     layers += tail
@@ -213,7 +242,8 @@ def rknn_hybrid_cfg(step1_dir: str | Path, model: Model, kept: dict[str, str]) -
     if unknown:
         raise BadInput(f"{cfgs[0]}: no entry for rknn tensor {unknown[0]!r}; the cfg and the .model come from "
                        "different step-1 runs?")
-    return edit_rknn_cfg(cfg, list(dict.fromkeys(layers))), {"linears": by_linear, "output_tail": tail}
+    return edit_rknn_cfg(cfg, list(dict.fromkeys(layers))), {"linears": by_linear, "residual": by_residual,
+                                                           "output_tail": tail}
 
 
 def edit_rknn_cfg(cfg_text: str, layers: list[str], dtype: str = "float16") -> str:
@@ -293,7 +323,7 @@ class ToolchainReport:
 
 def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocation: Allocation, *,
                             dataset: list[dict[str, np.ndarray]] | None = None, rknn_step1: str | Path | None = None,
-                            overwrite: bool = False) -> ToolchainReport:
+                            rknn_residual: bool = True, overwrite: bool = False) -> ToolchainReport:
     from .publish import publish_dir, staging
     model_path, out = Path(model_path), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -307,7 +337,7 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
     model_ref = str(model_path.resolve())
     rknn_cfg = rknn_set = None
     if rknn_step1 is not None:
-        rknn_cfg, rknn_set = rknn_hybrid_cfg(rknn_step1, model, allocation.kept)
+        rknn_cfg, rknn_set = rknn_hybrid_cfg(rknn_step1, model, allocation.kept, residual=rknn_residual)
     with staging(out) as tmp:
         files = {
             "keep.json": {"model": model_ref, **allocation.to_dict()},

@@ -60,7 +60,7 @@ def _rknn_job(job: dict) -> None:
     from rknn.api import RKNN
     os.chdir(job["dir"])   # step 1 writes its files into the working directory
     r = RKNN(verbose=False)
-    r.config(target_platform="rk3588")
+    r.config(target_platform="rk3588", **({"quantized_dtype": job["dtype"]} if job.get("dtype") else {}))
 
     def ok(ret, step):
         if ret != 0:
@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                 job = {"client": "rknn", "step": "w8a8", "dir": str(d), "model": str(m), "dataset": str(dataset),
                        "eval": str(WORK / "eval.npy"), "out": str(d / "out.npy")}
                 cells[("rknn", False)] = score(d / "out.npy", *run_job(clients["rknn"], job))
+                d = WORK / "jobs" / f"rknn-{model.stem}-w16"
+                m = copy_model(model, d / "in")
+                job = {"client": "rknn", "step": "w8a8", "dtype": "w16a16i_dfp", "dir": str(d), "model": str(m),
+                       "dataset": str(dataset), "eval": str(WORK / "eval.npy"), "out": str(d / "out.npy")}
+                cells[("rknn", "w16")] = score(d / "out.npy", *run_job(clients["rknn"], job))
                 d1 = WORK / "jobs" / f"rknn-{model.stem}-step1"
                 m = copy_model(model, d1 / "in")
                 ok, why, secs = run_job(clients["rknn"], {"client": "rknn", "step": "step1", "dir": str(d1),
@@ -228,14 +233,17 @@ def write_section(path: Path, rows, clients) -> None:
              "- **rknn-toolkit2** (" + CLIENTS["rknn"].pip[0][-1].split("==")[-1] + ", rk3588 simulator): without: "
              "`build(do_quantization=True, dataset=calib/rknn/dataset.txt)` (w8a8); with: `hybrid_quantization_step1` "
              "on the same dataset, the cfg edited by `qvl-surgery toolchains ... --rknn-step1 DIR`, "
-             "`hybrid_quantization_step2`.", "",
+             "`hybrid_quantization_step2` (the config: the kept linears and the residual stream, i.e. the residual "
+             "Adds and RMSNorms, in float16: rknn quantizes every activation, and a residual carrying ~1e3 gets an "
+             "int8 step of ~4); and `config(quantized_dtype='w16a16i_dfp')`, rk3588's 16-bit integer route "
+             "(w8a16 and w4a16 are refused for rk3588).", "",
              "| stand-in | file | keep-list (--budget " + BUDGET + ") | NNCF, none | NNCF, with config | rknn w8a8 | "
-             "rknn hybrid, with config |", "|---|---|---|---:|---:|---:|---:|"]
+             "rknn hybrid, with config | rknn w16a16i_dfp |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for stand_in, label, summary, keep, cells in rows:
         kept = ", ".join(sorted({k.split("/")[1] for k in keep["kept"]})) or "nothing"
         lines.append(f"| {stand_in} | {label} | {kept} ({100 * keep['kept_share']:.1f}% of the multiply-adds) | "
                      + " | ".join(cells.get(k, "not run") for k in (("nncf", False), ("nncf", True), ("rknn", False),
-                                                                  ("rknn", True))) + " |")
+                                                                  ("rknn", True), ("rknn", "w16"))) + " |")
     lines += ["", MARK_END]
     text = path.read_text() if path.exists() else ""
     if MARK_BEGIN in text:

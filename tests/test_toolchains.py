@@ -3,6 +3,7 @@
 for every toolchain (checked with onnxruntime's own quantizer, which reads nodes_to_exclude)."""
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -174,6 +175,38 @@ def test_toolchains_refusals(stand_ins, tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(json.loads((tmp_path / "c" / "nncf_ignored_scope.json").read_text())["names"]) == 5
     assert_one_line_error(run_cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c"), "--force")
+
+
+def test_rknn_hybrid_cfg_names_rknns_own_layers(stand_ins, tmp_path):
+    """rknn-toolkit2 2.5.0's hybrid_quantization_step1 output for this very file, kept in
+    tests/data/rknn_step1 (its graph, with every weight stripped but the three Convs it splits each
+    full-attention qkv into, and its cfg): the kept linears and the residual stream map onto rknn's
+    own tensor names, every one an entry of its cfg (rknn refuses unknown names)."""
+    import shutil
+    step1 = tmp_path / "step1"
+    shutil.copytree(Path(__file__).parent / "data" / "rknn_step1", step1)
+    original = (step1 / "outlier_windowed.quantization.cfg").read_text()
+
+    def layers(*extra):
+        out = tmp_path / f"c{len(extra)}"
+        r = run_cli("toolchains", stand_ins["outlier"], "--keep-node", "/merger/*", "--keep-node",
+                    "/blocks.1/attn/qkv/*", "--rknn-step1", step1, "-o", out, *extra)
+        assert r.returncode == 0, r.stderr
+        cfg = (out / "rknn.quantization.cfg").read_text()
+        head, rest = cfg.split("quantize_parameters:", 1)
+        assert rest == original.split("quantize_parameters:", 1)[1]   # only custom_quantize_layers changed
+        return {line.split('"')[1] for line in head.splitlines() if line.endswith(": float16")}
+    got = layers()
+    linears = {"/merger/mlp.0/Gemm_output_0_mm", "merger.output_mm", "/blocks.1/norm1/Div_output_0_tp_rs_mm",
+               "/blocks.1/norm1/Div_output_0_tp_rs_mm#1", "/blocks.1/norm1/Div_output_0_tp_rs_mm#2"}
+    tail = {"image_embeds_int8", "image_embeds-rs", "merger.output_rs_sw"}
+    adds = {f"/blocks.{i}/Add_attn_output_0-rs" for i in range(TINY.depth)} | {
+        f"blocks.{i}.output-rs" for i in range(TINY.depth)}
+    norms = {f"/blocks.{i}/norm1/Div_output_0_tp_rs" for i in range(TINY.depth)} | {
+        f"/blocks.{i}/norm2/Mul_output_0_tp#1-rs" for i in range(TINY.depth)} | {"blocks.3.output_tp_rs_sw"}
+    assert got == linears | tail | adds | norms, got ^ (linears | tail | adds | norms)
+    assert layers("--rknn-residual-int8") == linears | tail
+    assert all(f"    {name}:" in original for name in got)
 
 
 def test_edit_rknn_cfg_sets_the_layers_and_keeps_the_rest():
