@@ -186,6 +186,17 @@ def cmd_package(a: argparse.Namespace) -> int:
 QUANT_SCHEME_OPTIONS = ("weights", "activations", "format", "block_size", "calibrate", "calibrate_method")
 
 
+def add_scheme_options(p: argparse.ArgumentParser, title: str) -> None:
+    """quantize's scheme options on a subcommand that measures with them (sensitivity, toolchains);
+    their default there is w8a8 dynamic in onnxruntime format."""
+    from passes.quantize import QuantizePass
+    g = p.add_argument_group(title)
+    for o in QuantizePass.options:
+        if o.name in QUANT_SCHEME_OPTIONS:
+            o.add_to_parser(g)
+    p.set_defaults(activations="int8", format="onnxruntime")
+
+
 def _scheme(a: argparse.Namespace) -> dict:
     """quantize's scheme options from a subcommand that shares them (sensitivity, toolchains)."""
     from passes.quantize import QuantizePass
@@ -200,9 +211,9 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
     labels = a.label or []
     if labels and len(labels) != len(a.models):
         raise BadInput(f"--label: give one per model ({len(a.models)}), or none")
+    from .publish import check_new_dir
     out = Path(a.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
-        raise BadInput(f"{out}: exists and is not empty; pass " + "{overwrite} to replace it", overwrite=True)
+    check_new_dir(out, overwrite=a.force)
     for m in a.models:
         if not m.is_file():
             raise BadInput(f"{m}: no such model file")
@@ -427,8 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_write_options(pk, what="output folder", model=False)
     pk.set_defaults(func=cmd_package)
 
-    from passes.quantize import QuantizePass
-    scheme_opts = [o for o in QuantizePass.options if o.name in QUANT_SCHEME_OPTIONS]
     sv = sub.add_parser("sensitivity", help="per block (and per linear): the error quantizing it alone adds, as "
                         "JSON and a plot; several models side by side (e.g. before and after smooth / rotate)",
                         formatter_class=fmt, epilog=_epilog(EXAMPLES["sensitivity"]))
@@ -439,10 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "run per block)")
     sv.add_argument("--per-linear", action="store_true", help="also each linear alone (one quantize-and-run each: "
                     "5 per block)")
-    g = sv.add_argument_group("scheme (as quantize; default w8a8 dynamic, format onnxruntime)")
-    for o in scheme_opts:
-        o.add_to_parser(g)
-    sv.set_defaults(activations="int8", format="onnxruntime")
+    add_scheme_options(sv, "scheme (as quantize; default w8a8 dynamic, format onnxruntime)")
     add_write_options(sv, what="output folder (sensitivity.json, sensitivity.png)", model=False)
     sv.set_defaults(func=cmd_sensitivity)
 
@@ -466,10 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "float16, for hybrid_quantization_step2")
     tc.add_argument("--rknn-residual-int8", action="store_true", help="with --rknn-step1: leave the residual "
                     "stream int8 (only the kept linears float16)")
-    g = tc.add_argument_group("scheme for --budget (as quantize; default w8a8 dynamic, format onnxruntime)")
-    for o in scheme_opts:
-        o.add_to_parser(g)
-    tc.set_defaults(activations="int8", format="onnxruntime")
+    add_scheme_options(tc, "scheme for --budget (as quantize; default w8a8 dynamic, format onnxruntime)")
     add_write_options(tc, what="output folder", model=False)
     tc.set_defaults(func=cmd_toolchains)
 

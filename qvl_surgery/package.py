@@ -59,7 +59,7 @@ from . import __version__
 from .errors import BadInput, QvlError
 from .modelfile import Computed, FileRange, Model
 from .values import write_value
-from .publish import publish_dir, staging
+from .publish import check_new_dir, publish_dir, staging
 
 log = logging.getLogger(__name__)
 
@@ -501,8 +501,7 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise BadInput(f"{out}: the package folder must lie outside the checkpoint folder {src} (it is only read)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInput(f"{out}: exists and is not empty; pass " + "{overwrite} to replace it", overwrite=True)
+    check_new_dir(out, overwrite=overwrite)
     specs = _vision_passes(passes)
     weights = CheckpointWeights(src)
     if weights.cfg.out_hidden_size != ckpt.hidden_size:

@@ -43,6 +43,13 @@ def check_new_output(out: Path, *, inputs: Iterable[Path] = (), overwrite: bool 
                        overwrite=True)
 
 
+def check_new_dir(out: Path, *, overwrite: bool = False) -> None:
+    """An output folder: absent, empty, or replaced only with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise BadInput(f"{out}: exists and is not empty; pass " + "{overwrite} to replace it", overwrite=True)
+
+
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``out`` (same filesystem, so renames publish), removed on exit.

@@ -324,10 +324,9 @@ class ToolchainReport:
 def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocation: Allocation, *,
                             dataset: list[dict[str, np.ndarray]] | None = None, rknn_step1: str | Path | None = None,
                             rknn_residual: bool = True, overwrite: bool = False) -> ToolchainReport:
-    from .publish import publish_dir, staging
+    from .publish import check_new_dir, publish_dir, staging
     model_path, out = Path(model_path), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInput(f"{out}: exists and is not empty; pass " + "{overwrite} to replace it", overwrite=True)
+    check_new_dir(out, overwrite=overwrite)
     model = load_model(model_path)
     inits = model.initializers()
     inputs = [i.name for i in model.graph.input if i.name not in inits]
