@@ -1,7 +1,8 @@
-"""Window order, its inverse, window ids and rotary tables for one image of a fixed size.
+"""Window order, its inverse and window ids for one image of a fixed size (the windowed
+attention's layout metadata; the tables the export bakes in come from grid.py).
 
-Computed in numpy outside any traced graph and baked into the export as constants; the tests
-check them against transformers' own ``get_window_index`` and ``rot_pos_emb``.
+Computed in numpy outside any traced graph; the tests check them against transformers' own
+``get_window_index``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ class WindowLayout:
     reverse_index: np.ndarray     # argsort(window_index)
     cu_window_seqlens: np.ndarray  # patch boundaries of the windows (unique, starts at 0)
     window_id: np.ndarray         # [S] window of each patch, in window order
-    cos: np.ndarray               # [S, head_dim] float32, window order
-    sin: np.ndarray
 
     @property
     def seq_len(self) -> int:
@@ -71,17 +70,6 @@ def window_layout(cfg: VisionConfig, image_size: tuple[int, int], grid_t: int = 
     cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     window_id = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
-    # Rotary: (row, col) position of every patch in the processor's merge-unit order.
-    hpos = np.broadcast_to(np.arange(gh)[:, None], (gh, gw)).reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
-    wpos = np.broadcast_to(np.arange(gw)[None, :], (gh, gw)).reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
-    pos = np.tile(np.stack([hpos, wpos], axis=-1), (grid_t, 1))
-    dim = cfg.head_dim // 2
-    inv_freq = (1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
-    freqs = np.outer(np.arange(max(gh, gw), dtype=np.float32), inv_freq).astype(np.float32)
-    rot = freqs[pos].reshape(len(pos), -1)  # [S, head_dim/2]
-    mu = cfg.merge_unit
-    rot = rot.reshape(-1, mu, rot.shape[-1])[window_index].reshape(len(pos), -1)
-    emb = np.concatenate([rot, rot], axis=-1)
     return WindowLayout(grid_t=grid_t, grid_h=gh, grid_w=gw, window_index=window_index,
                         reverse_index=np.argsort(window_index, kind="stable"), cu_window_seqlens=cu,
-                        window_id=window_id, cos=np.cos(emb).astype(np.float32), sin=np.sin(emb).astype(np.float32))
+                        window_id=window_id)
