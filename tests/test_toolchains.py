@@ -204,8 +204,13 @@ def test_rknn_hybrid_cfg_names_rknns_own_layers(stand_ins, tmp_path):
         f"blocks.{i}.output-rs" for i in range(TINY.depth)}
     norms = {f"/blocks.{i}/norm1/Div_output_0_tp_rs" for i in range(TINY.depth)} | {
         f"/blocks.{i}/norm2/Mul_output_0_tp#1-rs" for i in range(TINY.depth)} | {"blocks.3.output_tp_rs_sw"}
-    assert got == linears | tail | adds | norms, got ^ (linears | tail | adds | norms)
-    assert layers("--rknn-residual-int8") == linears | tail
+    # what carries a kept linear's input from the last compute layer (else it is rounded to int8 first)
+    inputs = {"/merger/ln_q/Div_output_0_sw_sw", "/merger/Reshape_output_0_rs", "/merger/Reshape_output_0_tp_rs",
+              "/merger/gelu/Mul_half_output_0-rs_sw_sw"}
+    assert got == linears | tail | adds | norms | inputs, got ^ (linears | tail | adds | norms | inputs)
+    # without the residual stream the kept linears' own inputs stay float16 (the norms feeding them)
+    assert layers("--rknn-residual-int8") == linears | tail | inputs | {
+        "/blocks.1/norm1/Div_output_0_tp_rs", "blocks.3.output_tp_rs_sw"}
     assert all(f"    {name}:" in original for name in got)
 
 
