@@ -145,7 +145,7 @@ def test_toolchain_configs_from_a_budget(stand_ins, tmp_path):
     with tarfile.open(out / p2["quant"]["input_configs"][0]["calibration_dataset"]) as t:
         assert sorted(t.getnames()) == ["0000.npy", "0001.npy"]
     rk = json.loads((out / "rknn_hybrid.json").read_text())
-    assert len(rk["custom_quantize_layers"]) == len(kept)
+    assert rk["float16"] == list(kept) and rk["dataset"] == "calib/rknn/dataset.txt"
     # onnxruntime's own quantizer, given the config: the kept linears stay float (a MatMul, not MatMulInteger)
     dq = tmp_path / "ort.onnx"
     quantize_dynamic(str(src), str(dq), weight_type=QuantType.QInt8, **ort_cfg)
