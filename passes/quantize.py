@@ -37,7 +37,8 @@ from qvl_surgery.graphinfo import with_graph
 from qvl_surgery.modelfile import Model, read_initializer
 from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 from qvl_surgery import quant
-from qvl_surgery.linears import Linear, find_linears, group_of, kept_share, linear_macs, select_kept  # noqa: F401
+from qvl_surgery.linears import (Linear, block_numbers, find_linears, group_of, kept_share,  # noqa: F401
+                                 linear_macs, select_kept)
 
 log = logging.getLogger(__name__)
 
@@ -426,12 +427,7 @@ def _prepare(model: Model, context: Context, *, weights: str, activations: str, 
              keep_block: list[str]) -> _Prepared:
     """match (find_linears, select_kept) -> calibrate."""
     block = check_scheme(weights=weights, activations=activations, format=format, block_size=block_size)
-    blocks = []
-    for b in keep_block:
-        try:
-            blocks.append(int(b))
-        except ValueError:
-            raise BadInput("{keep_block}: not a block number", keep_block=b) from None
+    blocks = block_numbers(keep_block)
     calibrate_method = calibrate_method or DEFAULT_METHOD.get(activations, "percentile")
     report = QuantizeReport(format=format, method=calibrate_method)
     linears = find_linears(model, report.misses)

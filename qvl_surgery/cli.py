@@ -241,7 +241,7 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
 
 def cmd_toolchains(a: argparse.Namespace) -> int:
     from .modelfile import load_model
-    from .toolchains import allocation_by_hand, allocation_from_quantized, write_toolchain_configs, Allocation
+    from .toolchains import allocation_by_hand, allocation_from_quantized, allocation_of, write_toolchain_configs
     ways = [x for x in (a.keep_from, a.budget, a.keep_node or a.keep_block or None) if x is not None]
     if len(ways) != 1:
         raise BadInput("toolchains: give one of --keep-from QUANTIZED.onnx, --budget COSINE, or --keep-node / "
@@ -262,18 +262,10 @@ def cmd_toolchains(a: argparse.Namespace) -> int:
             check_calibration_source(a.calibrate, random_ok=True)
         _, report = quantize_model(model, budget=a.budget, progress=not a.quiet, **_scheme(a))
         kept = {n: why for why, names in report.kept.items() for n in names}
-        from .toolchains import _checked
-        alloc = _checked(model, kept, f"quantize --budget {a.budget} ({report.scheme}, {report.format})",
+        alloc = allocation_of(model, kept, f"quantize --budget {a.budget} ({report.scheme}, {report.format})",
                          {"budget": report.budget})
     else:
-        blocks = []
-        for b in a.keep_block or []:
-            try:
-                blocks.append(int(b))
-            except ValueError:
-                raise BadInput("{keep_block}: not a block number", keep_block=b) from None
-        alloc = allocation_by_hand(model, a.keep_node or [], blocks)
-    assert isinstance(alloc, Allocation)
+        alloc = allocation_by_hand(model, a.keep_node or [], a.keep_block or [])
     dataset = None
     if dataset_files:
         from .calibrate import calibration_inputs

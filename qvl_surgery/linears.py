@@ -78,6 +78,17 @@ def find_linears(model: Model, misses: list[str]) -> list[Linear]:
     return found
 
 
+def block_numbers(keep_block) -> list[int]:
+    """``--keep-block`` values as block numbers; one line for one that is not."""
+    blocks = []
+    for b in keep_block:
+        try:
+            blocks.append(int(b))
+        except ValueError:
+            raise BadInput("{keep_block}: not a block number", keep_block=b) from None
+    return blocks
+
+
 def select_kept(linears: list[Linear], *, keep_nodes: list[str], keep_blocks: list[int]) -> dict[str, str]:
     """Linear name -> why it stays float."""
     kept: dict[str, str] = {}

@@ -103,14 +103,6 @@ class ActivationReport:
         return out
 
 
-def _p999(h: AbsHistogram) -> float:
-    if not h.n:
-        return 0.0
-    cum = np.cumsum(h.counts)
-    k = int(np.searchsorted(cum, cum[-1] * 0.999))
-    return float(min(h.edges()[min(k, h.COUNT - 1)], h.amax))
-
-
 def _zeroed(h: AbsHistogram) -> float:
     """Share of the values under half an int8 step of the per-tensor scale ``max / 127``."""
     if not h.n or h.amax == 0.0:
@@ -137,7 +129,7 @@ def activation_report(path: str | Path, *, calibrate: str = "random:2") -> Activ
 
     def stats(t: str, role: str) -> TensorStats:
         h = hists[t]
-        return TensorStats(t, role, float(h.amax), _p999(h), _zeroed(h))
+        return TensorStats(t, role, float(h.amax), h.quantile(0.999), _zeroed(h))
 
     for i, t in enumerate(blocks):   # patch_embed.output, blocks.0.output, ...
         g = "patch_embed" if i == 0 else f"blocks.{i - 1}"

@@ -182,17 +182,23 @@ class AbsHistogram:
         k = (np.arange(1, self.COUNT + 1, dtype=np.int64) + self.FIRST) << self.SHIFT
         return np.minimum(k, 0x7F7FFFFF).astype(np.int32).view(np.float32).astype(np.float64)
 
+    def quantile(self, q: float) -> float:
+        """The upper edge of the bucket holding the ``q`` quantile of ``|x|`` (at most the max)."""
+        if not self.n:
+            return 0.0
+        cum = np.cumsum(self.counts)
+        k = int(np.searchsorted(cum, cum[-1] * q))
+        return float(np.minimum(self.edges(), self.amax)[min(k, self.COUNT - 1)])
+
     def clip(self, method: str, qmax: int) -> float:
         """The clip value ``c`` (scale ``c / qmax``) chosen by ``method``."""
         if self.amax == 0.0:
             return 0.0
         if method == "minmax":
             return self.amax
-        upper = np.minimum(self.edges(), self.amax)
         if method == "percentile":
-            cum = np.cumsum(self.counts)
-            k = int(np.searchsorted(cum, cum[-1] * PERCENTILE / 100.0))
-            return float(upper[min(k, self.COUNT - 1)])
+            return self.quantile(PERCENTILE / 100.0)
+        upper = np.minimum(self.edges(), self.amax)
         if method == "mse":
             used = self.counts > 0
             counts, top = self.counts[used], upper[used]

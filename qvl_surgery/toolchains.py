@@ -32,7 +32,6 @@ Written into one folder (published whole: an interrupted write leaves nothing):
 """
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
 import re
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
-from .linears import find_linears, kept_share
+from .linears import block_numbers, find_linears, kept_share, select_kept
 from .modelfile import Model, load_model, read_initializer
 
 PULSAR2_KEPT_DTYPE = "U16"
@@ -72,34 +71,25 @@ def allocation_from_quantized(path: str | Path, model: Model) -> Allocation:
             kept = dict(rec["kept"])
         except (OSError, ValueError, KeyError, TypeError):
             raise BadInput(f"{path}: not a keep.json written by qvl-surgery toolchains (no 'kept' mapping)") from None
-        return _checked(model, kept, f"{rec.get('source', 'a keep-list')} (from {path})",
+        return allocation_of(model, kept, f"{rec.get('source', 'a keep-list')} (from {path})",
                         {k: v for k, v in rec.items() if k == "budget"})
     raw = head_model(Path(path)).metadata().get("qvl_surgery.quantize")
     if not raw:
         raise BadInput(f"{path}: no qvl_surgery.quantize metadata; --keep-from takes a file written by "
                        "qvl-surgery quantize")
     rec = json.loads(raw)
-    return _checked(model, dict(rec.get("kept") or {}), f"kept by quantize in {path} ({rec.get('scheme')})",
+    return allocation_of(model, dict(rec.get("kept") or {}), f"kept by quantize in {path} ({rec.get('scheme')})",
                     {"budget": rec["budget"]} if rec.get("budget") else {})
 
 
-def allocation_by_hand(model: Model, keep_node: list[str], keep_block: list[int]) -> Allocation:
-    linears = find_linears(model, [])
-    kept: dict[str, str] = {}
-    for pat in keep_node:
-        hits = [lin.name for lin in linears if fnmatch.fnmatchcase(lin.name, pat)]
-        if not hits:
-            raise BadInput("{keep_node}: matches no linear layer", keep_node=pat)
-        kept.update({h: f"node {pat}" for h in hits if h not in kept})
-    for b in keep_block:
-        hits = [lin.name for lin in linears if re.match(rf"^/?blocks\.{b}/", lin.name)]
-        if not hits:
-            raise BadInput("{keep_block}: no linear layer in block " + str(b), keep_block=b)
-        kept.update({h: f"block {b}" for h in hits if h not in kept})
-    return _checked(model, kept, "given by hand")
+def allocation_by_hand(model: Model, keep_node: list[str], keep_block: list[str]) -> Allocation:
+    """The linears matching ``keep_node`` globs or in ``keep_block`` blocks (as quantize selects them)."""
+    kept = select_kept(find_linears(model, []), keep_nodes=keep_node, keep_blocks=block_numbers(keep_block))
+    return allocation_of(model, kept, "given by hand")
 
 
-def _checked(model: Model, kept: dict[str, str], source: str, extra: dict | None = None) -> Allocation:
+def allocation_of(model: Model, kept: dict[str, str], source: str, extra: dict | None = None) -> Allocation:
+    """``kept`` (linear -> why) checked against ``model``'s linears, with its share of their work."""
     linears = find_linears(model, [])
     names = {lin.name for lin in linears}
     missing = [n for n in kept if n not in names]
@@ -133,6 +123,7 @@ def rknn_linear_tensors(rk, model: Model, kept: dict[str, str]) -> dict[str, lis
     """For each kept linear (our node name), the output tensors of its layer(s) in rknn's graph ``rk``."""
     from onnx import numpy_helper
     ours = {n.name or n.output[0]: n for n in model.graph.node}
+    linears = {lin.name: lin for lin in find_linears(model, [])}
     rk_inits = {t.name: t for t in rk.graph.initializer}
     found: dict[str, list[str]] = {}
     for name in kept:
@@ -141,14 +132,14 @@ def rknn_linear_tensors(rk, model: Model, kept: dict[str, str]) -> dict[str, lis
         if not hits:
             hits = [r for r in rk.graph.node if n.input[1] in r.input]
         if not hits:
-            lin = next(x for x in find_linears(model, []) if x.name == name)
+            lin = linears[name]
             w = read_initializer(model.initializers()[lin.weight], model.sources.get(lin.weight))
             w = w if lin.out_in else w.T          # [out, in]
             for r in rk.graph.node:
                 t = rk_inits.get(r.input[1]) if r.op_type == "Conv" and len(r.input) > 1 else None
                 if t is None or not (t.raw_data or t.float_data):
                     continue
-                rw = numpy_helper.to_array(rk_inits[r.input[1]])
+                rw = numpy_helper.to_array(t)
                 rw = rw.reshape(rw.shape[0], -1)
                 if rw.shape[1] != w.shape[1] or w.shape[0] % rw.shape[0]:
                     continue
@@ -206,11 +197,10 @@ def rknn_input_chains(rk, dtypes: dict[str, str], layers: dict[str, list[str]]) 
     stand-in's merger kept float16 behind an int8 Reshape stays at 0.10 centered; with its input
     chain float16, 0.46)."""
     prod = {o: n for n in rk.graph.node for o in n.output}
-    by_output = {o: n for n in rk.graph.node for o in n.output}
     chain: list[str] = []
     for outs in layers.values():
         for o in outs:
-            node = by_output.get(o)
+            node = prod.get(o)
             todo = [node.input[0]] if node is not None and node.input else []
             while todo:
                 t = todo.pop()
