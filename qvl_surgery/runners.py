@@ -57,7 +57,7 @@ OPENVINO_MISSING = ("OpenVINO is not installed: pip install 'qvl-surgery[clients
 
 
 def openvino_compiled(path: str | Path, extra_outputs: list[str] | None = None, precision: str = "f32",
-                      threads: int | None = None):
+                      threads: int | None = None, profile: bool = False):
     """OpenVINO's CPU plugin on a model file (its ONNX frontend reads the file; nothing is written).
     ``precision`` is the inference precision hint: f32 by default, since OpenVINO's CPU default is
     bf16 where the CPU has it, which would hide or add error; "bf16" asks for it."""
@@ -74,6 +74,8 @@ def openvino_compiled(path: str | Path, extra_outputs: list[str] | None = None, 
     config = {"INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if profile:
+        config["PERF_COUNT"] = True   # per-node counters, read from an infer request's profiling_info
     return core.compile_model(model, "CPU", config)
 
 

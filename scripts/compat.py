@@ -112,6 +112,10 @@ CLIENTS: dict[str, Client] = {c.name: c for c in (
                   "opset-17 ones only --single-file, the opset-21 ones with external data too); no "
                   "DynamicQuantizeMatMul or MatMulNBits."),
 )}
+# NNCF is no client of the matrix: scripts/toolchains-proof gives it the toolkit's ignored scopes and
+# scripts/bench --only quant runs its quantizers as anchors (OpenVINO beside it for its OpenVINO backend)
+NNCF = Client("nncf", (("nncf==3.4.0", "openvino==2026.4.1", "openvino-telemetry==2025.2.0", "onnx==1.23.2",
+                        "onnxruntime==1.32.0", "numpy==2.4.6"),), ())
 
 ROUTE_LABELS = {"onnxruntime:cpu": "onnxruntime (the file itself)", "openvino:onnx": "OpenVINO compile_model(onnx)",
                 "openvino:ir": "OpenVINO convert_model -> IR", "rknn:rk3588": "rknn-toolkit2 rk3588 (simulator)",

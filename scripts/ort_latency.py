@@ -4,7 +4,11 @@ process so that its peak RSS is the model's own. A dynamic export gets one rando
 IMAGE_SIZE (HxW, default 448x448) with its grid (host-inputs kind: the grid tensors).
 
     python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE] [--runtime onnxruntime|openvino|openvino-bf16]
-                                  [--threads N] [--save OUT.npy]
+                                  [--threads N] [--save OUT.npy] [--inputs-of MODEL.onnx]
+
+--inputs-of: the ONNX file whose inputs MODEL has (for an OpenVINO IR, MODEL.xml, made from it).
+--profile (OpenVINO): also print 'linears_s <seconds> linear_kernels <kinds>', the FullyConnected
+nodes' time in the last run and their kernels, from OpenVINO's own per-node counters (PERF_COUNT).
 
 --save writes the first output of the last run (float32), for accuracy against another run's.
 """
@@ -23,18 +27,21 @@ ap.add_argument("image_size", nargs="?")
 ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino", "openvino-bf16"))
 ap.add_argument("--threads", type=int, default=None)
 ap.add_argument("--save")
+ap.add_argument("--inputs-of")
+ap.add_argument("--profile", action="store_true")
 a = ap.parse_args()
-kind = ModelKind.of(a.model)
+kind = ModelKind.of(a.inputs_of or a.model)
 feeds = random_feeds(kind, seed=0, image_sizes=parse_sizes(a.image_size) if a.image_size else None)
-x = cast_feeds(a.model, feeds)
+x = cast_feeds(a.inputs_of or a.model, feeds)
 t0 = time.perf_counter()
 if a.runtime == "onnxruntime":
     sess = ort_session(a.model, threads=a.threads)
     run = lambda: sess.run(None, x)[0]  # noqa: E731
 else:
     compiled = openvino_compiled(a.model, precision="bf16" if a.runtime == "openvino-bf16" else "f32",
-                                 threads=a.threads)
-    run = lambda: compiled(x)[compiled.outputs[0]]  # noqa: E731
+                                 threads=a.threads, profile=a.profile)
+    request = compiled.create_infer_request()
+    run = lambda: request.infer(x)[compiled.outputs[0]]  # noqa: E731
 t1 = time.perf_counter()
 times = []
 for _ in range(a.runs):
@@ -45,3 +52,7 @@ if a.save:
     np.save(a.save, np.asarray(y, np.float32))
 print(f"median_s {float(np.median(times[1:] if len(times) > 1 else times)):.4f} first_s {times[0]:.4f} "
       f"session_s {t1 - t0:.4f}")
+if a.profile and a.runtime != "onnxruntime":
+    linears = [p for p in request.profiling_info if p.node_type.startswith("FullyConnected")]
+    kinds = sorted({f"{p.node_type}:{p.exec_type}" for p in linears})
+    print(f"linears_s {sum(p.real_time.total_seconds() for p in linears):.4f} linear_kernels {','.join(kinds)}")

@@ -93,9 +93,8 @@ def worker(job_path: Path) -> int:
 
 def _clients():
     sys.path.insert(0, str(ROOT / "scripts"))
-    from compat import CLIENTS, Client
-    nncf = Client("nncf", (("nncf==3.4.0", "onnx==1.23.2", "onnxruntime==1.32.0", "numpy==2.4.6"),), ())
-    return {"nncf": nncf, "rknn": CLIENTS["rknn"]}
+    from compat import CLIENTS, NNCF
+    return {"nncf": NNCF, "rknn": CLIENTS["rknn"]}
 
 
 def qvl(*args) -> str:
