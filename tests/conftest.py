@@ -1,4 +1,5 @@
 import importlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,13 @@ def hf_forward(model, pixels, size):
     gh, gw = size[0] // 14, size[1] // 14
     with torch.no_grad():
         return model(torch.from_numpy(pixels), torch.tensor([[1, gh, gw]])).numpy()
+
+
+@pytest.fixture
+def big_dir(tmp_path):
+    """A test's own folder for multi-GB files, deleted as soon as the test ends."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

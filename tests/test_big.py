@@ -2,7 +2,6 @@
 full-size 3b export is tests/test_big_3b.py, a file of its own so that the two run on different
 workers). Multi-GB files are deleted afterwards."""
 import json
-import shutil
 import textwrap
 
 import onnx
@@ -38,12 +37,6 @@ def _build_synthetic(path):
         save_model(Model(m, srcs), {str(path)!r})
     """)
     return peak_rss_mb_of(code)
-
-
-@pytest.fixture
-def big_dir(tmp_path):
-    yield tmp_path
-    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_synthetic_over_2gb_round_trip_split_merge_and_the_reference_failure(big_dir):

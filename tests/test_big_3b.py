@@ -1,7 +1,6 @@
 """The > 2 GB path on the full-size 3b: export, split into parts under 2 GB, the chain and the merge
 equal to the whole. Multi-GB files are deleted afterwards."""
 import json
-import shutil
 import textwrap
 
 import onnx
@@ -12,12 +11,6 @@ from conftest import peak_rss_mb_of, run_cli
 pytestmark = pytest.mark.big
 
 GB2 = 2**31
-
-
-@pytest.fixture
-def big_dir(tmp_path):
-    yield tmp_path
-    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_3b_export_split_chain_merge(big_dir):
