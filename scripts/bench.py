@@ -531,6 +531,9 @@ STAND_IN_ROUTES = [r for r in QUANT_ROUTES if r[0].startswith(("onnxruntime fp32
                                                                "rotate", "w8a16", "w8 weight",
                                                                "anchor: onnxruntime quantize_dynamic",
                                                                "anchor: NNCF"))]
+# the 8 calibration input sets every calibrating anchor gets (code for its own interpreter)
+CALIB_SETS = ('[{"pixel_values": np.random.default_rng(s).standard_normal((1024, 1176)).astype(np.float32)} '
+              'for s in range(8)]')
 ORT_STATIC = """
 import numpy as np, sys
 import onnxruntime
@@ -561,13 +564,12 @@ def _session(path, sess_options=None, **kw):
 onnxruntime.InferenceSession = _session
 class Random(CalibrationDataReader):
     def __init__(self):
-        self.sets = iter([{"pixel_values": np.random.default_rng(s).standard_normal((1024, 1176)).astype(np.float32)}
-                          for s in range(8)])
+        self.sets = iter(CALIB_SETS)
     def get_next(self):
         return next(self.sets, None)
 quantize_static(sys.argv[1], sys.argv[2], Random(), quant_format=QuantFormat.QDQ, per_channel=True,
                 weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, use_external_data_format=True)
-"""
+""".replace("CALIB_SETS", CALIB_SETS)
 # run in the NNCF venv (scripts/compat.py's NNCF): its OpenVINO backend on the windowed file, saved as IR
 NNCF_ANCHOR = """
 import sys
@@ -577,11 +579,9 @@ model = ov.Core().read_model(src)
 if mode == "weights":
     model = nncf.compress_weights(model)   # its default: int8 asymmetric weights, per output channel
 else:
-    data = [{"pixel_values": np.random.default_rng(s).standard_normal((1024, 1176)).astype(np.float32)}
-            for s in range(8)]
-    model = nncf.quantize(model, nncf.Dataset(data), subset_size=8, model_type=nncf.ModelType.TRANSFORMER)
+    model = nncf.quantize(model, nncf.Dataset(CALIB_SETS), subset_size=8, model_type=nncf.ModelType.TRANSFORMER)
 ov.save_model(model, dst, compress_to_fp16=False)
-"""
+""".replace("CALIB_SETS", CALIB_SETS)
 NNCF_SHOW = {"weights": "nncf.compress_weights(ov.Core().read_model(windowed.onnx)) -> ov.save_model(q.xml, "
                         "compress_to_fp16=False)",
              "quantize": "nncf.quantize(ov.Core().read_model(windowed.onnx), 8 random inputs, subset_size=8, "
@@ -661,15 +661,14 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool, made: dict | Non
     for label, opts, runtime in routes:
         target, qrun = win, None
         if opts is not None:
-            target = work / ("q.xml" if opts in ("nncf-weights", "nncf-quantize") else "q.onnx")
+            nncf_mode = opts[len("nncf-"):] if isinstance(opts, str) and opts.startswith("nncf-") else None
+            target = work / ("q.xml" if nncf_mode else "q.onnx")   # NNCF's anchors write OpenVINO IR
             clear(*_files_of(target))
-            if opts in ("nncf-weights", "nncf-quantize"):
-                sys.path.insert(0, str(ROOT / "scripts"))
-                from compat import NNCF, setup_client, venv_python
+            if nncf_mode:
+                from compat import NNCF, setup_client, venv_python   # scripts/ is this script's own folder
                 setup_client(NNCF)
-                mode = opts.split("-")[1]
-                qrun = measure(f"quantize: {label}", [str(venv_python(NNCF)), "-c", NNCF_ANCHOR, mode, str(win),
-                                                      str(target)], show=NNCF_SHOW[mode], allow_fail=True,
+                qrun = measure(f"quantize: {label}", [str(venv_python(NNCF)), "-c", NNCF_ANCHOR, nncf_mode, str(win),
+                                                      str(target)], show=NNCF_SHOW[nncf_mode], allow_fail=True,
                                rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
             elif opts == "ort-dynamic":
                 qrun = measure(f"quantize: {label}", py(
