@@ -157,10 +157,16 @@ def block_outputs(model: Model) -> list[str]:
     return json.loads(raw) if raw else []
 
 
+# contrib ops whose output type is not their first input's: the input whose type they give
+# (MatMulIntegerToFloat reads uint8 / int8 and gives its scale's float type)
+_OUTPUT_TYPE_OF_INPUT = {"MatMulIntegerToFloat": 2}
+
+
 def infer_graph(model: Model) -> onnx.GraphProto:
     """Shape inference on the weightless proto (small). Outputs of ops that onnx cannot infer
-    (com.microsoft.MultiHeadAttention, ...) take the element type of the node's first input, and
-    inference runs again from there, so tensors after them get types too."""
+    (com.microsoft.MultiHeadAttention, ...) take the element type of the node's first input (or the
+    input :data:`_OUTPUT_TYPE_OF_INPUT` names), and inference runs again from there, so tensors after
+    them get types too."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     for _ in range(8):
@@ -171,7 +177,8 @@ def infer_graph(model: Model) -> onnx.GraphProto:
         types.update({t.name: t.data_type for t in g.initializer})
         added = False
         for n in g.node:
-            first = n.input[0] if n.input else ""
+            k = _OUTPUT_TYPE_OF_INPUT.get(n.op_type, 0)
+            first = n.input[k] if len(n.input) > k else ""
             if n.domain in ("", "ai.onnx") or first not in types:
                 continue
             for o in n.output:

@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import BadInput
 from .modelfile import Computed, Model
-from .segments import DEFAULT_SEGMENT_BYTES, run_segments
+from .segments import run_segments
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class Recording:
 
 
 def record_ranges(model: Model, feeds_list: Iterable[Mapping[str, np.ndarray]], tensors: Iterable[str], *,
-                  progress: bool = False, max_segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Recording:
+                  progress: bool = False, max_segment_bytes: int | None = None) -> Recording:
     """Run the fp32 ``model`` on every input set, a segment at a time in onnxruntime
     (:func:`segments.run_segments`), and keep a running ``|x|`` histogram of each named tensor."""
     wanted = list(dict.fromkeys(tensors))

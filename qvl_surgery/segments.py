@@ -57,7 +57,9 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return [i for i in node.input if i] + sorted(_subgraph_inputs(node))
 
 
-def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> list[Segment]:
+def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int | None = None) -> list[Segment]:
+    if max_segment_bytes is None:   # read at call time: a test makes segments small to cut a tiny model
+        max_segment_bytes = DEFAULT_SEGMENT_BYTES
     inits = model.initializers()
     nodes = list(model.graph.node)
     reads = [_reads(n) for n in nodes]
@@ -144,7 +146,7 @@ def _segment_session(model: Model, seg: Segment, types: dict[str, int], threads:
 
 
 def run_segments(model: Model, feeds_list: Iterable[Mapping[str, np.ndarray]], watch: Iterable[str],
-                 on_value: Callable[[str, np.ndarray], None], *, max_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 on_value: Callable[[str, np.ndarray], None], *, max_segment_bytes: int | None = None,
                  threads: int | None = None, progress: bool = False) -> int:
     """Run every input set through the model, segment by segment, handing each watched tensor to
     ``on_value``; returns the number of input sets."""
