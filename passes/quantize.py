@@ -444,6 +444,9 @@ def _prepare(model: Model, context: Context, *, weights: str, activations: str, 
     static = activations != "none" and (format == "qdq" or calibrate)
     ranges: dict[str, quant.ActivationRange] = {}
     todo = [lin for lin in linears if lin.name not in kept]
+    if not todo:
+        raise BadInput(f"quantize: every one of the {len(linears)} linear layers is kept float "
+                       "({keep_node} / {keep_block}); nothing would be quantized", keep_node="GLOB", keep_block="N")
     if static:
         if not calibrate:
             raise BadInput("quantize: --activations " + activations + " in qdq format needs --calibrate (an .npz, "
@@ -497,10 +500,10 @@ class _Evaluator:
     the merger, the patch embed; :func:`~qvl_surgery.linears.group_of`) quantized. Every measurement
     emits the model and runs it whole (onnxruntime segments): nothing is estimated."""
 
-    def __init__(self, prep: _Prepared, context: Context, inputs: str | None):
+    def __init__(self, prep: _Prepared, context: Context, inputs: str | None, option: str = "calibrate"):
         from qvl_surgery.calibrate import calibration_sets
         self.prep = prep
-        self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", context.reference, 4)
+        self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", context.reference, 4, option=option)
         self.outputs = [o.name for o in prep.model.graph.output]
         self.ref = self._outputs_of(prep.model, self.feeds)
         self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
@@ -586,7 +589,7 @@ def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8
     context = Context(reference=Path(reference) if reference else None, progress=progress)
     prep = _prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
                     calibrate=calibrate, calibrate_method=calibrate_method, keep_node=[], keep_block=[])
-    ev = _Evaluator(prep, context, inputs or calibrate)
+    ev = _Evaluator(prep, context, inputs or calibrate, "inputs" if inputs else "calibrate")
     out = {"scheme": prep.plan(prep.kept).scheme, "format": format, "calibration": ev.what,
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
            "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}
@@ -602,6 +605,24 @@ def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8
                                    "share": round(ev.share[lin.name], 6), "alone_centered_cosine": round(c, 7),
                                    "alone_error": float(f"{1.0 - c:.3e}")})
     return out
+
+
+def check_budget_and_method(v: dict) -> None:
+    """Refuse, before any work, a budget outside (0, 1] and options the scheme would ignore."""
+    import math
+    b = v.get("budget")
+    if b is not None and not (math.isfinite(b) and 0.0 < b <= 1.0):
+        raise BadInput("{budget}: a token-centered cosine in (0, 1], e.g. 0.9995", budget=b)
+    static = v["activations"] != "none" and (v["format"] == "qdq" or v["calibrate"])
+    if v["calibrate"] and v["activations"] == "none":
+        raise BadInput("{calibrate}: weight-only quantization records no activation ranges; drop it, or give "
+                       "{activations}", calibrate=v["calibrate"], activations="int8")
+    if v["calibrate_method"] and not static:
+        raise BadInput("{calibrate_method}: applies to static activation ranges (activations int8 / int16 with "
+                       "{calibrate}); drop it", calibrate_method=v["calibrate_method"], calibrate="SRC")
+    for pat in v.get("keep_node") or []:
+        if not pat.strip():
+            raise BadInput("{keep_node}: an empty pattern; give a node-name glob such as '/merger/*'", keep_node=pat)
 
 
 class QuantizePass(Pass):
@@ -636,6 +657,7 @@ class QuantizePass(Pass):
         v = {o.name: self.values.get(o.name, o.default) for o in self.options}
         check_scheme(weights=v["weights"], activations=v["activations"], format=v["format"],
                      block_size=v["block_size"])
+        check_budget_and_method(v)
         if v["calibrate"]:
             from qvl_surgery.calibrate import check_calibration_source
             check_calibration_source(v["calibrate"], random_ok=True)

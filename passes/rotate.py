@@ -33,7 +33,8 @@ from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import constant_value, with_graph
 from qvl_surgery.inspection import consumers, producers, rmsnorm_patterns
 from qvl_surgery.modelfile import Computed, Model, read_initializer
-from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
+                                  run_pass)
 
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,14 @@ def rotate_model(model: Model, *, seed: int = 0, kind: str = "hadamard", explain
     return run_pass(RotatePass, model, Context(explain=explain), seed=seed, kind=kind)
 
 
+def _check_seed(seed: int) -> None:
+    if seed is not None and seed < 0:
+        raise BadInput("{seed}: a seed is a whole number >= 0", seed=seed)
+
+
 def _rotate(model: Model, *, seed: int, kind: str) -> tuple[Model, RotateReport]:
+    _check_seed(seed)
+    refuse_split_part(model, "rotate")
     norms, c = hidden_norms(model, "rotate")
     inits = model.initializers()
     plan = plan_rotation(model, norms, c)
@@ -356,6 +364,9 @@ class RotatePass(Pass):
         Option("kind", str, "hadamard", "hadamard: randomized Hadamard (random orthogonal where no construction "
                "fits the hidden size); random: a random orthogonal matrix", choices=("hadamard", "random")),
     )
+
+    def preflight(self, facts: dict) -> None:
+        _check_seed(self.values.get("seed"))
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:
         out, report = _rotate(model, **kw)

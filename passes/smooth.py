@@ -30,7 +30,8 @@ from qvl_surgery.errors import BadInput
 from qvl_surgery.graphinfo import with_graph
 from qvl_surgery.inspection import consumers
 from qvl_surgery.modelfile import Model, read_initializer
-from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
+                                  run_pass)
 
 from .rotate import _Linear, _linear, _Norm, hidden_norms, norm_readers, refolded
 
@@ -128,13 +129,18 @@ def smooth_model(model: Model, *, calibrate: str | None = None, alpha: float | N
                     calibrate=calibrate, alpha=alpha)
 
 
+def _check_alpha(alpha: float | None) -> None:
+    if alpha is not None and not 0.0 <= alpha <= 1.0:   # NaN fails this too
+        raise BadInput("{alpha}: between 0 and 1 (0: only the shift; 1: all of the range moves into the weights)",
+                       alpha=alpha)
+
+
 def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: float | None
             ) -> tuple[Model, SmoothReport]:
     from qvl_surgery.calibrate import calibration_sets
     from qvl_surgery.segments import run_segments
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise BadInput("{alpha}: between 0 and 1 (0: only the shift; 1: all of the range moves into the weights)",
-                       alpha=alpha)
+    _check_alpha(alpha)
+    refuse_split_part(model, "smooth")
     norms, c = hidden_norms(model, "smooth")
     inits = model.initializers()
     sites = _sites(model, norms, c)
@@ -277,6 +283,7 @@ class SmoothPass(Pass):
     )
 
     def preflight(self, facts: dict) -> None:
+        _check_alpha(self.values.get("alpha"))
         if self.values.get("calibrate"):
             from qvl_surgery.calibrate import check_calibration_source
             check_calibration_source(self.values["calibrate"], random_ok=True)

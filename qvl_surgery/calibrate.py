@@ -20,7 +20,7 @@ import onnx
 
 from .errors import BadInput
 from .modelfile import load_model, sibling_model
-from .runners import load_npz, ort_session
+from .runners import ort_session
 from .signature import model_signature
 
 log = logging.getLogger(__name__)
@@ -124,78 +124,29 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
 
 
 def is_random_source(source: str) -> bool:
-    return source == "random" or source.startswith("random:")
+    return str(source).partition(":")[0].strip() == "random"
 
 
-def check_calibration_source(source: str, *, random_ok: bool = False) -> list[str]:
-    """The files of a calibration source (comma separated .npz and/or image files), each checked to
-    exist, before any work is done; with ``random_ok``, ``random[:N]`` (no files) is accepted too."""
-    if random_ok and is_random_source(source):
-        return []
-    files = [f for f in str(source).split(",") if f.strip()]
-    if not files:
-        raise BadInput("{calibrate}: give .npz or image file(s), comma separated", calibrate=source)
-    for f in files:
-        if not Path(f).is_file():
-            raise BadInput("{calibrate}: " + f"{f}: no such file (calibration takes .npz files of the model's "
-                           "inputs or image files)", calibrate=source)
-    return files
+def check_calibration_source(source: str, *, random_ok: bool = False, option: str = "calibrate") -> list[str]:
+    """The files of a calibration source, checked for form before any work (:class:`InputSource`);
+    with ``random_ok``, ``random[:N]`` (no files) is accepted too."""
+    from .inputs import InputSource
+    return list(InputSource.parse(source, option, random_ok=random_ok).files)
 
 
-def calibration_inputs(model_path: Path, source: str) -> list[dict[str, np.ndarray]]:
+def calibration_inputs(model_path: Path, source: str, option: str = "calibrate") -> list[dict[str, np.ndarray]]:
     """Input sets from comma-separated files: each .npz is one set of the model's inputs (a dynamic
     export's: ``pixel_values`` + ``image_grid_thw``, several images in one call), each image file
-    one set, at the export size (static) or its own size (dynamic)."""
-    from .inputs import ModelKind, check_feeds, dynamic_feeds, image_feeds, GRID, PIXELS
-    kind = ModelKind.of(model_path)
-    sets = []
-    for f in check_calibration_source(source):
-        if f.endswith(".npz"):
-            feeds = load_npz(f)
-            if kind.dynamic == "host" and GRID in feeds and PIXELS in feeds:
-                feeds = dynamic_feeds(kind, feeds[PIXELS], feeds[GRID])
-            check_feeds(kind, feeds)
-            sets.append(feeds)
-        else:
-            sets.append(image_feeds(kind, [f]))
-    return sets
+    one set, at the export size (static) or its own size (dynamic). Each set checked."""
+    from .inputs import InputSource
+    return InputSource.parse(source, option, random_ok=False).sets(model_path)
 
 
-def calibration_sets(model, source: str, reference: Path | None, default_count: int = 8
-                     ) -> tuple[list[dict[str, np.ndarray]], str]:
+def calibration_sets(model, source: str, reference: Path | None = None, default_count: int = 8,
+                     option: str = "calibrate") -> tuple[list[dict[str, np.ndarray]], str]:
     """Input sets for calibrating ``model`` (a :class:`~qvl_surgery.modelfile.Model`) and how they
-    were made: ``random[:N]`` (N sets of normal pixels, default ``default_count``; a dynamic model gets
-    448x448 images with their grid), or comma-separated .npz files (one set each) and image files
-    (one set each, at its own size on a dynamic model). Files need the model's path (or
-    ``reference``) to read its input layout."""
-    path = model.path or reference
-    if is_random_source(source):
-        try:
-            count = int(source.split(":", 1)[1]) if ":" in source else default_count
-        except ValueError:
-            raise BadInput("{calibrate}: write random or random:N", calibrate=source) from None
-        if model.metadata().get("qvl_surgery.dynamic"):
-            if path is None:
-                raise BadInput("{calibrate}: random calibration of a dynamic model needs the model's file",
-                               calibrate=source)
-            from .inputs import ModelKind, random_feeds
-            kind = ModelKind.of(path)
-            return [random_feeds(kind, seed=s) for s in range(count)], f"{count} random input sets (normal pixels)"
-        inits = {t.name for t in model.graph.initializer}
-        sets = []
-        for s in range(count):
-            rng = np.random.default_rng(s)
-            feeds = {}
-            for i in model.graph.input:
-                if i.name in inits:
-                    continue
-                t = i.type.tensor_type
-                shape = [d.dim_value or 1 for d in t.shape.dim]
-                feeds[i.name] = rng.standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-            sets.append(feeds)
-        return sets, f"{count} random input sets (normal pixels)"
-    if path is None:
-        raise BadInput("{calibrate}: calibrating on files needs the model's file (load the model from a file, or "
-                       "give reference=)", calibrate=source)
-    files = [s for s in source.split(",") if s]
-    return calibration_inputs(Path(path), source), f"{len(files)} file(s) ({source})"
+    were made (:class:`~qvl_surgery.inputs.InputSource`): ``random[:N]`` (default
+    ``default_count``), or comma-separated .npz and image files. Each set is checked against the model."""
+    from .inputs import InputSource
+    src = InputSource.parse(source, option, default_count=default_count)
+    return src.sets(model), src.describe()

@@ -104,6 +104,15 @@ def run_pass_command(a: argparse.Namespace) -> int:
 
 # Subcommands -----------------------------------------------------------------------------------
 
+def check_model_file(path: Path) -> None:
+    """A model file given as an argument: there, and a file (a folder is not 'no such file')."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder; this command takes a model file (.onnx)")
+    if not path.is_file():
+        raise BadInput(f"{path}: no such model file")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .config import check_image_size, parse_image_size, preset
     from .export import export
@@ -211,12 +220,12 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
     labels = a.label or []
     if labels and len(labels) != len(a.models):
         raise BadInput(f"--label: give one per model ({len(a.models)}), or none")
-    from .publish import check_new_dir
+    from .publish import check_new_dir, new_dir
     out = Path(a.output)
-    check_new_dir(out, overwrite=a.force)
     for m in a.models:
-        if not m.is_file():
-            raise BadInput(f"{m}: no such model file")
+        check_model_file(m)
+    guard = [p for m in a.models for p in (m, *sorted(load_model(m).data_files()))]
+    check_new_dir(out, overwrite=a.force, inputs=guard)
     from .calibrate import check_calibration_source
     for src in (a.calibrate, a.inputs):
         if src:
@@ -229,11 +238,9 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
         print(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "
               f"{r['all_quantized_centered_cosine']:.6f}; worst alone: "
               + ", ".join(f"{g['group']} {g['alone_error']:.2e}" for g in worst))
-    from .publish import publish_dir, staging
-    with staging(out) as tmp:
-        (tmp / "sensitivity.json").write_text(json.dumps({"models": results}, indent=1) + "\n")
+    with new_dir(out, overwrite=a.force, inputs=guard, command="sensitivity") as tmp:
+        (tmp / "sensitivity.json").write_text(json.dumps({"models": results}, indent=1, allow_nan=False) + "\n")
         png = plot_sensitivity(results, tmp / "sensitivity.png")
-        publish_dir(tmp, out)
     print(f"wrote {out}/sensitivity.json" + (f" and {out}/sensitivity.png" if png else
                                              " (no plot: matplotlib is not installed; pip install matplotlib)"))
     return 0
@@ -246,8 +253,10 @@ def cmd_toolchains(a: argparse.Namespace) -> int:
     if len(ways) != 1:
         raise BadInput("toolchains: give one of --keep-from QUANTIZED.onnx, --budget COSINE, or --keep-node / "
                        "--keep-block")
-    if not a.model.is_file():
-        raise BadInput(f"{a.model}: no such model file")
+    check_model_file(a.model)
+    from .publish import check_new_dir
+    guard = [a.model, *sorted(load_model(a.model).data_files())] + ([a.keep_from] if a.keep_from else [])
+    check_new_dir(a.output, overwrite=a.force, inputs=guard + ([a.rknn_step1] if a.rknn_step1 else []))
     dataset_files = None
     if a.dataset:
         from .calibrate import check_calibration_source
@@ -271,7 +280,7 @@ def cmd_toolchains(a: argparse.Namespace) -> int:
         from .calibrate import calibration_inputs
         dataset = calibration_inputs(a.model, a.dataset)
     report = write_toolchain_configs(a.model, a.output, alloc, dataset=dataset, rknn_step1=a.rknn_step1,
-                                     rknn_residual=not a.rknn_residual_int8, overwrite=a.force)
+                                     rknn_residual=not a.rknn_residual_int8, overwrite=a.force, inputs=guard)
     print("\n".join(report.lines()))
     return 0
 
@@ -341,7 +350,8 @@ def add_pass_command(sub, cls) -> None:
 CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--random-init", "image_size": "--image-size",
              "inputs": "--inputs", "image": "--image", "video": "--video", "per_block": "--per-block",
              "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes", "single_file": "--single-file",
-             "dynamic": "--dynamic"}
+             "dynamic": "--dynamic", "dataset": "--dataset", "keep_from": "--keep-from", "rknn_step1": "--rknn-step1",
+             "label": "--label", "calibrate": "--calibrate", "output": "-o"}
 
 
 def flag_of(name: str) -> str | None:
@@ -488,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from .publish import Terminated
+    restore = _on_sigterm_raise(Terminated)
     try:
         return a.func(a)
     except BadInput as e:
@@ -503,6 +515,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # every output is staged in a hidden folder and published by rename at the end
         print(f"qvl-surgery {a.command}: interrupted; no output was left behind", file=sys.stderr)
         return 130
+    except Terminated:   # SIGTERM: the same way out as SIGINT (staging removed by the finally blocks)
+        print(f"qvl-surgery {a.command}: terminated; no output was left behind", file=sys.stderr)
+        return 143
+    finally:
+        restore()
+
+
+def _on_sigterm_raise(exc: type[BaseException]):
+    """SIGTERM raises ``exc`` in the main thread (as SIGINT raises KeyboardInterrupt), so staging
+    folders are removed on the way out; returns what restores the previous handler."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise exc()
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -501,7 +501,7 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise BadInput(f"{out}: the package folder must lie outside the checkpoint folder {src} (it is only read)")
-    check_new_dir(out, overwrite=overwrite)
+    check_new_dir(out, overwrite=overwrite, inputs=[src])
     specs = _vision_passes(passes)
     weights = CheckpointWeights(src)
     if weights.cfg.out_hidden_size != ckpt.hidden_size:
@@ -541,7 +541,7 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the package is an ordinary folder
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, "package")
     return PackageReport(out_dir=out, runtime=runtime, files=files, vision_passes=applied,
                          vision_nodes=vision_nodes,
                          token_ids={"image": ckpt.image_token_id, "video": ckpt.video_token_id,

@@ -117,7 +117,7 @@ class Option:
     def from_namespace(self, a: argparse.Namespace) -> Any:
         v = getattr(a, self.name, None)
         if self.type is list and v:
-            v = [x for item in v for x in str(item).split(",") if x]
+            v = [x for item in v for x in str(item).split(",")]   # an empty item is refused by the pass, not dropped
         return v
 
 
@@ -339,3 +339,14 @@ def check_chain(passes: list[Pass], *, first: str = "model") -> None:
                                "last pass (it writes the parts), or be followed by merge")
             raise BadInput(f"pass {p.name} takes a split; put split (or nothing) before it")
         kind, prev = p.gives, p
+
+
+def refuse_split_part(model, what: str) -> None:
+    """A pass that rewrites the whole residual stream (smooth, rotate) refuses one part of a split:
+    the rest of the chain would not match it."""
+    import json
+    part = model.metadata().get("qvl_surgery.part")
+    if part:
+        p = json.loads(part)
+        raise BadInput(f"{what}: the model is part {p.get('index')} of a split of {p.get('of')}; {what} the whole "
+                       f"model (qvl-surgery merge the parts first), then split")

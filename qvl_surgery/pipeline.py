@@ -180,22 +180,8 @@ def _latency(path: Path, feeds: dict) -> float | None:
 
 
 def _check_run_dir(out_dir: Path, force: bool, source_files: list[Path]) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise BadInput(f"{out_dir}: exists and is not a folder")
-    entries = list(out_dir.iterdir())
-    if not entries:
-        return
-    if not force:
-        raise BadInput(f"{out_dir}: exists and is not empty; pass " + "{overwrite} to replace an earlier run's folder",
-                       overwrite=True)
-    if not any((out_dir / f).exists() for f in RUN_FILES):
-        raise BadInput(f"{out_dir}: holds files that 'run' did not write; " + "{overwrite} replaces only an earlier "
-                       "run's folder: choose a new folder", overwrite=True)
-    inside = [p for p in source_files if out_dir.resolve() in Path(p).resolve().parents]
-    if inside:
-        raise BadInput(f"{out_dir}: holds the source {inside[0]}; write the run to another folder")
+    from .publish import check_new_dir
+    check_new_dir(out_dir, overwrite=force, inputs=source_files, own_files=RUN_FILES)
 
 
 def _preflight(specs: list[Pass], facts: dict) -> None:
@@ -292,5 +278,5 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
         (stage / "compare.json").write_text(json.dumps(cmp.to_dict(), indent=1))
         (stage / "summary.json").write_text(json.dumps({"table": table, "compare": cmp.to_dict(),
                                                         "passes": [s.text() for s in specs]}, indent=1))
-        publish_dir(stage, out_dir)
+        publish_dir(stage, out_dir, "run")
     return RunResult(out_dir, final_reference, out_dir / name, reports, cmp.to_dict(), table)

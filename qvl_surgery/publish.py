@@ -1,16 +1,37 @@
-"""Atomic outputs (DESIGN.md, principle 3), in one place: the exists-check before any work, a
-temporary sibling to write into, and the rename that publishes. Used by modelfile.save_model,
-split's save_split and simplify."""
+"""The one output publisher (DESIGN.md, principle 3): every command that writes a model file or a
+folder goes through here, so a check made once holds for all of them.
+
+- **Before any work** (:func:`check_new_output` for a model, :func:`check_new_dir` for a folder): the
+  output is never an input, its ``.data``, inside an input folder, or a folder holding an input; an
+  existing output is replaced only with ``overwrite`` (the CLI's ``--force``), and an existing folder
+  only when this toolkit wrote it (its :data:`MARKER` file, or an older run's or split's own files):
+  ``--force`` never removes a user's folder.
+- **While working**: a hidden staging folder beside the output (:func:`staging`), named with this
+  process's id, removed on success, error, SIGINT and SIGTERM alike (the CLI turns SIGTERM into
+  :class:`Terminated`, so ``finally`` blocks run). Staging left by a process that was killed
+  outright (SIGKILL, power loss) is removed by the next run that stages beside it.
+- **Publishing** (:func:`publish_dir`, and :func:`~qvl_surgery.modelfile.save_model` for a model):
+  renames only, the old output removed after the new one is in place.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import BadInput
+
+MARKER = ".qvl-surgery"   # in every folder this toolkit publishes: what --force may replace
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (like KeyboardInterrupt for SIGINT) so that every staging
+    folder is removed on the way out."""
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -20,34 +41,125 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _guarded(inputs: Iterable[Path]) -> list[Path]:
+    """Each input, its data file (a model's ``.onnx.data``) and, for a split named by its
+    manifest, its folder."""
+    out = []
+    for p in inputs:
+        p = Path(p)
+        out.append(p)
+        if p.suffix == ".onnx":
+            out.append(p.with_name(p.name + ".data"))
+        if p.name == "manifest.json":
+            out.append(p.parent)
+    return out
+
+
+def check_not_over_inputs(out: Path, inputs: Iterable[Path], *, folder: bool) -> None:
+    """Refuse an output that is an input (or its data file), lies inside an input folder, or (a
+    folder output) holds an input."""
+    out = Path(out)
+    targets = [out] if folder else [out, out.with_name(out.name + ".data")]
+    for p in _guarded(inputs):
+        rp = p.resolve()
+        for t in targets:
+            rt = t.resolve()
+            if rt == rp or _same_file(t, p):
+                raise BadInput(f"{out}: would overwrite the input {p}; choose another output path")
+            if p.is_dir() and rp in rt.parents:
+                raise BadInput(f"{out}: is inside the input folder {p}; choose an output outside it")
+            if folder and rt in rp.parents:
+                raise BadInput(f"{out}: holds the input {p}; write to another folder")
+
+
+def _check_writable_name(out: Path, what: str) -> None:
+    rp = Path(out).resolve()
+    if rp == Path(rp.anchor) or rp == Path.cwd().resolve() or rp in Path.cwd().resolve().parents:
+        raise BadInput(f"{out}: is the current folder or above it; name a new {what}")
+
+
 def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an output that would overwrite one of the inputs (model or data file)."""
+    """A model output's name and place: ``.onnx``, not a folder, not over an input."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise BadInput(f"{out}: output must end in .onnx (its weights go to {out.name}.data beside it)")
-    data = out.with_name(out.name + ".data")
-    for p in inputs:
-        p = Path(p)
-        if out.resolve() == p.resolve() or _same_file(out, p) or data.resolve() == p.resolve() or _same_file(data, p):
-            raise BadInput(f"{out}: output would overwrite the input {p}; choose another output path")
     if out.is_dir():
-        raise BadInput(f"{out}: is a directory; pass a file name ending in .onnx")
+        raise BadInput(f"{out}: is a folder; pass a file name ending in .onnx")
+    check_not_over_inputs(out, inputs, folder=False)
 
 
 def check_new_output(out: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False) -> None:
     """A model output (``out`` + ``out.data``): not an input, and not there yet unless ``overwrite``."""
     out = Path(out)
     check_output_path(out, inputs)
-    if not overwrite and (out.exists() or out.with_name(out.name + ".data").exists()):
+    data = out.with_name(out.name + ".data")
+    if data.is_dir():
+        raise BadInput(f"{data}: is a folder where the output's weights would go; choose another output path")
+    if not overwrite and (out.exists() or data.exists()):
         raise BadInput(f"{out}: already exists; pass " + "{overwrite} to replace it or choose another path",
                        overwrite=True)
 
 
-def check_new_dir(out: Path, *, overwrite: bool = False) -> None:
-    """An output folder: absent, empty, or replaced only with ``overwrite``."""
+def written_by_toolkit(folder: Path, own_files: Iterable[str] = ()) -> bool:
+    """The folder holds this toolkit's marker (or one of ``own_files``: what a command wrote before
+    the marker existed, such as a split's manifest.json)."""
+    return any((Path(folder) / n).is_file() for n in (MARKER, *own_files))
+
+
+def check_new_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (),
+                  own_files: Iterable[str] = ()) -> None:
+    """An output folder: absent or empty; or, with ``overwrite``, one this toolkit wrote (its
+    :data:`MARKER`, or ``own_files``) that holds no input. Never a file, an input, or the current folder."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInput(f"{out}: exists and is not empty; pass " + "{overwrite} to replace it", overwrite=True)
+    _check_writable_name(out, "folder")
+    check_not_over_inputs(out, inputs, folder=True)
+    if not out.exists():
+        if out.is_symlink():
+            raise BadInput(f"{out}: is a broken link; choose a new folder")
+        return
+    if not out.is_dir():
+        raise BadInput(f"{out}: exists and is not a folder; choose a new folder")
+    if not any(out.iterdir()):
+        return
+    if not written_by_toolkit(out, own_files):
+        raise BadInput(f"{out}: holds files qvl-surgery did not write; " + "{overwrite} replaces only a folder it "
+                       "wrote: choose a new or empty folder", overwrite=True)
+    if not overwrite:
+        raise BadInput(f"{out}: already holds an earlier output; pass " + "{overwrite} to replace it",
+                       overwrite=True)
+
+
+# ------------------------------------------------------------------------------ staging
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove staging and old outputs beside ``out`` left by processes that no longer run."""
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _STAGING.match(p.name)
+        if m and m["name"] == out.name and not _alive(int(m["pid"])):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 @contextlib.contextmanager
@@ -56,9 +168,12 @@ def staging(out: Path) -> Iterator[Path]:
     Folders made here to hold it are removed too when nothing was published into them (a failed or
     interrupted write leaves no trace)."""
     out = Path(out)
+    if not out.name:
+        raise BadInput(f"{out}: name a file or a folder to write")
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _sweep_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     finally:
@@ -70,8 +185,12 @@ def staging(out: Path) -> Iterator[Path]:
                 break
 
 
-def publish_dir(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames only; an old output is removed after the new one is in place."""
+def publish_dir(tmp: Path, out_dir: Path, command: str = "") -> None:
+    """Replace out_dir by tmp with renames only, the toolkit's :data:`MARKER` inside; an old output
+    is removed after the new one is in place."""
+    from . import __version__
+    (tmp / MARKER).write_text(json.dumps({"written_by": f"qvl-surgery {__version__}", "command": command,
+                                          "note": "qvl-surgery --force may replace this folder"}) + "\n")
     # a folder made by mkdtemp is 0700: give it the mode a new folder gets, like the files in it
     umask = os.umask(0)
     os.umask(umask)
@@ -83,3 +202,15 @@ def publish_dir(tmp: Path, out_dir: Path) -> None:
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), own_files: Iterable[str] = (),
+            command: str = "") -> Iterator[Path]:
+    """Write a folder: checked (:func:`check_new_dir`), staged, and published when the block ends
+    without an error. Yields the staging folder to write into."""
+    out = Path(out)
+    check_new_dir(out, overwrite=overwrite, inputs=inputs, own_files=own_files)
+    with staging(out) as tmp:
+        yield tmp
+        publish_dir(tmp, out, command)

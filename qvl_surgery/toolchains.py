@@ -38,6 +38,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -338,11 +339,14 @@ class ToolchainReport:
 
 def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocation: Allocation, *,
                             dataset: list[dict[str, np.ndarray]] | None = None, rknn_step1: str | Path | None = None,
-                            rknn_residual: bool = True, overwrite: bool = False) -> ToolchainReport:
-    from .publish import check_new_dir, publish_dir, staging
+                            rknn_residual: bool = True, overwrite: bool = False,
+                            inputs: Iterable[Path] = ()) -> ToolchainReport:
+    """``inputs``: files the command read besides the model (never overwritten or enclosed)."""
+    from .publish import check_new_dir, new_dir
     model_path, out = Path(model_path), Path(out_dir)
-    check_new_dir(out, overwrite=overwrite)
     model = load_model(model_path)
+    guard = [model_path, *sorted(model.data_files()), *inputs] + ([Path(rknn_step1)] if rknn_step1 else [])
+    check_new_dir(out, overwrite=overwrite, inputs=guard)
     inits = model.initializers()
     inputs = [i.name for i in model.graph.input if i.name not in inits]
     nodes = list(allocation.kept)
@@ -352,7 +356,7 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
     rknn_cfg = rknn_set = None
     if rknn_step1 is not None:
         rknn_cfg, rknn_set = rknn_hybrid_cfg(rknn_step1, model, allocation.kept, residual=rknn_residual)
-    with staging(out) as tmp:
+    with new_dir(out, overwrite=overwrite, inputs=guard, command="toolchains") as tmp:
         files = {
             "keep.json": {"model": model_ref, **allocation.to_dict()},
             "onnxruntime.json": {"nodes_to_exclude": ort_nodes},
@@ -387,5 +391,4 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
         npys = sum(1 for _ in tmp.rglob("*.npy"))
         if npys:
             listed.append(f"calib/rknn/*.npy ({npys} arrays)")
-        publish_dir(tmp, out)
     return ToolchainReport(out, allocation, listed, len(dataset or []))

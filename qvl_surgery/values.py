@@ -21,7 +21,7 @@ from .graphinfo import describe_value, value_types
 from .manifest import MANIFEST, Manifest, file_hash_record, hash_checks, is_manifest_path, read_manifest, \
     verify_files, write_manifest
 from .modelfile import Model, check_model_path, load_model, save_model, write_parts
-from .publish import check_new_output, publish_dir, staging
+from .publish import check_new_dir, check_new_output, publish_dir, staging
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +142,7 @@ def check_output(kind: str, out: str | Path, *, overwrite: bool = False, inputs:
     if single_file:
         raise BadInput("{single_file}: a split writes each part with its .onnx.data file; drop it, or merge "
                        "the parts and write the merged model with it", single_file=True)
-    out_dir = split_dir_of(out)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise BadInput(f"{out_dir}: exists and is not a folder; choose a new folder for the parts")
-        if (out_dir / MANIFEST).exists():
-            if not overwrite:
-                raise BadInput(f"{out_dir}: already holds a split ({MANIFEST}); pass " + "{overwrite} to replace it",
-                               overwrite=True)
-            guarded = {Path(p).resolve() for p in inputs}
-            if any(p.resolve() in guarded for p in out_dir.iterdir()):
-                raise BadInput(f"{out_dir}: holds this command's input; choose another folder for the parts")
-        elif any(out_dir.iterdir()):
-            raise BadInput(f"{out_dir}: exists and holds other files; choose a new or empty folder")
+    check_new_dir(split_dir_of(out), overwrite=overwrite, inputs=inputs, own_files=(MANIFEST,))
 
 
 def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, progress: bool = False,
@@ -182,7 +170,7 @@ def save_split(value: Split, out_dir: str | Path, *, overwrite: bool = False, pr
         write_manifest(tmp, entries, source=value.source, cuts=value.cuts, inputs=value.inputs or None)
         if before_publish is not None:
             before_publish()
-        publish_dir(tmp, out_dir)
+        publish_dir(tmp, out_dir, "split")
     return entries
 
 
