@@ -47,17 +47,45 @@ def get_pass(name: str | None, where: str = "passes") -> type[Pass]:
     return PASSES[name]
 
 
+def _is_option_of(name: str, segment: str) -> bool:
+    cls = PASSES.get(name)
+    return cls is not None and segment.partition("=")[0].strip() in {o.name for o in cls.options}
+
+
 def _pass_items(text: str) -> list[str]:
-    """``--passes`` text cut into one item per pass. A comma starts a new pass only where a pass
-    name follows; elsewhere it belongs to the option before it (``fp16:calibrate=a.png,b.png``)."""
+    """``--passes`` text cut into one item per pass. A comma starts a new pass where a pass name
+    follows; before another option of the same pass it separates options
+    (``quantize:activations=int8,format=onnxruntime``); elsewhere it belongs to the value before it
+    (``fp16:calibrate=a.png,b.png``)."""
     items: list[str] = []
     for piece in text.split(","):
-        head = piece.strip().partition(":")[0]
-        if head in PASSES or not items:
-            items.append(piece.strip())
+        piece = piece.strip()
+        head = piece.partition(":")[0]
+        current = items[-1].partition(":")[0] if items else ""
+        if not items or head in PASSES:
+            items.append(piece)
+        elif _is_option_of(current, piece):
+            items[-1] += ("+" if ":" in items[-1] else ":") + piece
         else:
             items[-1] += "," + piece
     return [i for i in items if i]
+
+
+def _option_items(name: str, rest: str) -> list[str]:
+    """A pass's option text cut into options: ``+`` separates them, and ``:`` where an option name
+    follows (elsewhere a colon is part of the value: ``calibrate=random:8``)."""
+    out: list[str] = []
+    for chunk in rest.split("+"):
+        segments = chunk.split(":")
+        current = segments[0]
+        for seg in segments[1:]:
+            if _is_option_of(name, seg):
+                out.append(current)
+                current = seg
+            else:
+                current += ":" + seg
+        out.append(current)
+    return [o for o in out if o]
 
 
 def parse_spec(text: str) -> list[Pass]:
@@ -67,7 +95,7 @@ def parse_spec(text: str) -> list[Pass]:
         name, _, rest = item.partition(":")
         cls = get_pass(name, "--passes")
         opts: dict[str, Any] = {}
-        for o in [o for o in rest.replace(":", "+").split("+") if o]:
+        for o in _option_items(name, rest):
             k, eq, v = o.partition("=")
             opts[k] = v if eq else True
         out.append(cls(**cls.check_options(opts, where=f"pass {name}")))

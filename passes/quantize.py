@@ -129,11 +129,11 @@ class QuantPlan:
 def check_scheme(*, weights: str, activations: str, format: str, block_size: int | None) -> int | None:
     """The block size the scheme uses (None: per channel), or a one-line refusal."""
     if weights == "int4" and activations != "none":
-        raise BadInput("quantize: int4 weights are weight-only; give --activations none (onnxruntime's MatMulNBits "
-                       "with accuracy_level 4 quantizes activations to int8 itself)")
+        raise BadInput("{weights}: int4 weights are weight-only; give {activations} (onnxruntime's MatMulNBits "
+                       "with accuracy_level 4 quantizes activations to int8 itself)", weights="int4", activations="none")
     if format == "onnxruntime" and activations == "int16":
-        raise BadInput("quantize: onnxruntime's CPU provider has no 16-bit integer matmul; use --format qdq for "
-                       "--activations int16")
+        raise BadInput("{format}: onnxruntime's CPU provider has no 16-bit integer matmul; use format qdq for "
+                       "int16 activations", format=format)
     block = block_size
     if weights == "int4" and block is None:
         block = DEFAULT_INT4_BLOCK
@@ -141,13 +141,12 @@ def check_scheme(*, weights: str, activations: str, format: str, block_size: int
         block = DEFAULT_NBITS_INT8_BLOCK   # MatMulNBits is blockwise only
     if block is not None:
         if format == "onnxruntime" and activations != "none":
-            raise BadInput("quantize: --block-size: DynamicQuantizeMatMul / MatMulIntegerToFloat take per-channel "
-                           "weight scales only; leave --block-size out, or use --activations none")
+            raise BadInput("{block_size}: DynamicQuantizeMatMul / MatMulIntegerToFloat take per-channel "
+                           "weight scales only; leave it out, or quantize weights only", block_size=block)
         if format == "onnxruntime" and block not in NBITS_BLOCKS:
-            raise BadInput(f"quantize: --block-size {block}: MatMulNBits takes "
-                           f"{', '.join(map(str, NBITS_BLOCKS))}")
+            raise BadInput("{block_size}: MatMulNBits takes " + ", ".join(map(str, NBITS_BLOCKS)), block_size=block)
         if block < 2 or block & (block - 1):
-            raise BadInput(f"quantize: --block-size {block} is not a power of two (32, 64, 128)")
+            raise BadInput("{block_size}: not a power of two (e.g. 32, 64, 128)", block_size=block)
     return block
 
 
@@ -449,8 +448,8 @@ def _prepare(model: Model, context: Context, *, weights: str, activations: str, 
                        "({keep_node} / {keep_block}); nothing would be quantized", keep_node="GLOB", keep_block="N")
     if static:
         if not calibrate:
-            raise BadInput("quantize: --activations " + activations + " in qdq format needs --calibrate (an .npz, "
-                           "image files, or random:N for random inputs)")
+            raise BadInput("{activations}: static ranges in qdq format need {calibrate} (an .npz, image files, or "
+                           "random:N for random inputs)", activations=activations, calibrate="SRC")
         tensors = list(dict.fromkeys(lin.x for lin in todo))
         ranges = calibrate_ranges(model, tensors, source=calibrate, method=calibrate_method,
                                   dtype=activations, reference=context.reference, progress=context.progress,
@@ -640,8 +639,9 @@ class QuantizePass(Pass):
                "--calibrate: dynamic per tensor)", choices=("int8", "int16", "none")),
         Option("format", str, "qdq", "qdq: QuantizeLinear/DequantizeLinear (OpenVINO, TensorRT, NPUs); "
                "onnxruntime: its integer contrib ops", choices=("qdq", "onnxruntime")),
-        Option("block_size", int, None, "weights in blocks of N input values (int4: default 32; "
-               "onnxruntime weight-only int8: default 128)", metavar="N"),
+        Option("block_size", int, None, "weights in blocks of N input values, a power of two (MatMulNBits, "
+               f"format onnxruntime: {', '.join(map(str, NBITS_BLOCKS))}; int4: default 32; onnxruntime weight-only "
+               "int8: default 128)", metavar="N"),
         Option("calibrate", str, None, "activation ranges from an .npz, image file(s) (comma separated) or "
                "random:N", metavar="SRC"),
         Option("calibrate_method", str, None, "activation clip value from the |x| histogram (default: "

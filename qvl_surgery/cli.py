@@ -141,13 +141,18 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .inspection import inspect_model
+    from .values import read_value
+    read_value(a.model)   # a missing path, a folder without a split, an unreadable file: one line
     r = inspect_model(a.model)
     acts = None
+    if a.calibrate is not None and not a.activations:
+        raise BadInput("{calibrate}: the inputs of --activations; add --activations or drop it", calibrate=a.calibrate)
     if a.activations:
         from .calibrate import check_calibration_source
         from .outliers import activation_report
-        check_calibration_source(a.calibrate, random_ok=True)
-        acts = activation_report(a.model, calibrate=a.calibrate)
+        calibrate = a.calibrate or "random:2"
+        check_calibration_source(calibrate, random_ok=True)
+        acts = activation_report(a.model, calibrate=calibrate)
     if a.json:
         d = r.to_dict()
         if acts:
@@ -159,8 +164,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import compare
+    from .compare import check_tolerances, compare
     from .inputs import load_inputs
+    from .publish import check_new_file
+    check_tolerances(atol=a.atol or 0.0, rtol=a.rtol or 0.0, min_cosine=a.min_cosine,
+                     min_centered_cosine=a.min_centered_cosine)
+    models = [a.ref, a.cand]
+    for name in ("json", "save_outputs", "save_inputs"):
+        if getattr(a, name):
+            check_new_file(Path(getattr(a, name)), inputs=models, option=name)
     feeds = load_inputs(a.ref, inputs=a.inputs, image=a.image, video=a.video, image_size=a.image_size, seed=a.seed)
     judged = judgement_of(a.cand)   # what CAND's passes declared: int8 is not judged at fp32's tolerances
     report = compare(a.ref, a.cand, feeds=feeds, emulate_fp16=a.emulate_fp16, runtime=a.runtime,
@@ -173,7 +185,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
                      save_inputs=a.save_inputs, verbose=a.verbose)
     print("\n".join(report.lines()))
     if a.json:
-        Path(a.json).write_text(json.dumps(report.to_dict(), indent=1))
+        from .publish import write_text
+        write_text(Path(a.json), json.dumps(report.to_dict(), indent=1))
     return 0 if report.passed else 1
 
 
@@ -193,51 +206,74 @@ def cmd_package(a: argparse.Namespace) -> int:
 
 
 QUANT_SCHEME_OPTIONS = ("weights", "activations", "format", "block_size", "calibrate", "calibrate_method")
+# where a command measures with quantize's scheme (sensitivity, toolchains), the default is w8a8 dynamic in
+# onnxruntime format (weight-only with int4 weights)
+SCHEME_DEFAULTS = {"activations": "int8", "format": "onnxruntime"}
+
+
+def _scheme_options():
+    import dataclasses
+    from passes.quantize import QuantizePass
+    return [dataclasses.replace(o, default=SCHEME_DEFAULTS.get(o.name, o.default),
+                                help=o.help + ("; none with --weights int4" if o.name == "activations" else ""))
+            for o in QuantizePass.options if o.name in QUANT_SCHEME_OPTIONS]
 
 
 def add_scheme_options(p: argparse.ArgumentParser, title: str) -> None:
-    """quantize's scheme options on a subcommand that measures with them (sensitivity, toolchains);
-    their default there is w8a8 dynamic in onnxruntime format."""
-    from passes.quantize import QuantizePass
+    """quantize's scheme options on a subcommand that measures with them (sensitivity, toolchains)."""
     g = p.add_argument_group(title)
-    for o in QuantizePass.options:
-        if o.name in QUANT_SCHEME_OPTIONS:
-            o.add_to_parser(g)
-    p.set_defaults(activations="int8", format="onnxruntime")
+    for o in _scheme_options():
+        o.add_to_parser(g)
 
 
-def _scheme(a: argparse.Namespace) -> dict:
-    """quantize's scheme options from a subcommand that shares them (sensitivity, toolchains)."""
-    from passes.quantize import QuantizePass
-    return {o.name: o.default if getattr(a, o.name, None) is None else getattr(a, o.name)
-            for o in QuantizePass.options if o.name in QUANT_SCHEME_OPTIONS}
+def _scheme(a: argparse.Namespace, budget: float | None = None) -> dict:
+    """quantize's scheme options from a subcommand that shares them (sensitivity, toolchains), checked
+    as quantize checks them, before any work."""
+    from passes.quantize import check_budget_and_method, check_scheme
+    given = {o.name: getattr(a, o.name, None) for o in _scheme_options()}
+    out = {o.name: o.default if given[o.name] is None else given[o.name] for o in _scheme_options()}
+    if out["weights"] == "int4" and given["activations"] is None:
+        out["activations"] = "none"
+    check_scheme(weights=out["weights"], activations=out["activations"], format=out["format"],
+                 block_size=out["block_size"])
+    check_budget_and_method({**out, "budget": budget})
+    return out
+
+
+def _model_and_data(paths: list[Path]) -> list[Path]:
+    """Model files given as arguments, checked, with their data files: what an output must not touch."""
+    from .modelfile import load_model
+    out: list[Path] = []
+    for m in paths:
+        check_model_file(m)
+        out += [m, *sorted(load_model(m).data_files())]
+    return out
 
 
 def cmd_sensitivity(a: argparse.Namespace) -> int:
     from passes.quantize import sensitivity
+    from .inputs import InputSource
     from .modelfile import load_model
     from .plots import plot_sensitivity
+    from .publish import check_new_dir, new_dir
     labels = a.label or []
     if labels and len(labels) != len(a.models):
         raise BadInput(f"--label: give one per model ({len(a.models)}), or none")
-    from .publish import check_new_dir, new_dir
-    out = Path(a.output)
-    for m in a.models:
-        check_model_file(m)
-    guard = [p for m in a.models for p in (m, *sorted(load_model(m).data_files()))]
-    check_new_dir(out, overwrite=a.force, inputs=guard)
-    from .calibrate import check_calibration_source
-    for src in (a.calibrate, a.inputs):
-        if src:
-            check_calibration_source(src, random_ok=True)
+    guard = _model_and_data(a.models)
+    scheme = _scheme(a)
+    for option, text in (("calibrate", a.calibrate), ("inputs", a.inputs)):
+        if text:
+            guard += [Path(f) for f in InputSource.parse(text, option).files]
+    check_new_dir(a.output, overwrite=a.force, inputs=guard)
     results = []
     for i, m in enumerate(a.models):
-        r = sensitivity(load_model(m), inputs=a.inputs, per_linear=a.per_linear, progress=not a.quiet, **_scheme(a))
+        r = sensitivity(load_model(m), inputs=a.inputs, per_linear=a.per_linear, progress=not a.quiet, **scheme)
         results.append({"model": str(m), "label": labels[i] if labels else m.stem, **r})
         worst = sorted(r["groups"], key=lambda g: -g["alone_error"])[:4]
         print(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "
               f"{r['all_quantized_centered_cosine']:.6f}; worst alone: "
               + ", ".join(f"{g['group']} {g['alone_error']:.2e}" for g in worst))
+    out = Path(a.output)
     with new_dir(out, overwrite=a.force, inputs=guard, command="sensitivity") as tmp:
         (tmp / "sensitivity.json").write_text(json.dumps({"models": results}, indent=1, allow_nan=False) + "\n")
         png = plot_sensitivity(results, tmp / "sensitivity.png")
@@ -247,38 +283,42 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
 
 
 def cmd_toolchains(a: argparse.Namespace) -> int:
+    from .inputs import InputSource
     from .modelfile import load_model
+    from .publish import check_new_dir
     from .toolchains import allocation_by_hand, allocation_from_quantized, allocation_of, write_toolchain_configs
     ways = [x for x in (a.keep_from, a.budget, a.keep_node or a.keep_block or None) if x is not None]
     if len(ways) != 1:
         raise BadInput("toolchains: give one of --keep-from QUANTIZED.onnx, --budget COSINE, or --keep-node / "
                        "--keep-block")
-    check_model_file(a.model)
-    from .publish import check_new_dir
-    guard = [a.model, *sorted(load_model(a.model).data_files())] + ([a.keep_from] if a.keep_from else [])
-    check_new_dir(a.output, overwrite=a.force, inputs=guard + ([a.rknn_step1] if a.rknn_step1 else []))
-    dataset_files = None
-    if a.dataset:
-        from .calibrate import check_calibration_source
-        dataset_files = check_calibration_source(a.dataset)
+    if a.rknn_residual_int8 and a.rknn_step1 is None:
+        raise BadInput("--rknn-residual-int8: applies to the cfg written with --rknn-step1 DIR; add it or drop this")
+    scheme_given = [o.cli_flag for o in _scheme_options() if getattr(a, o.name, None) is not None]
+    if scheme_given and a.budget is None:
+        raise BadInput(f"{scheme_given[0]}: the scheme options apply to --budget (the measurement); drop them")
+    for flag, path in (("--keep-from", a.keep_from), ("--rknn-step1", a.rknn_step1)):
+        if path is not None and not path.exists():
+            raise BadInput(f"{flag} {path}: no such file or folder")
+    guard = _model_and_data([a.model]) + [p for p in (a.keep_from, a.rknn_step1) if p is not None]
+    scheme = _scheme(a, a.budget) if a.budget is not None else None
+    dataset_source = InputSource.parse(a.dataset, "dataset", random_ok=False) if a.dataset else None
+    if dataset_source:
+        guard += [Path(f) for f in dataset_source.files]
+    if scheme and scheme["calibrate"]:
+        guard += [Path(f) for f in InputSource.parse(scheme["calibrate"], "calibrate").files]
+    check_new_dir(a.output, overwrite=a.force, inputs=guard)
     model = load_model(a.model)
+    dataset = dataset_source.sets(a.model) if dataset_source else None   # checked before the measurement
     if a.keep_from is not None:
         alloc = allocation_from_quantized(a.keep_from, model)
     elif a.budget is not None:
         from passes.quantize import quantize_model
-        if a.calibrate:
-            from .calibrate import check_calibration_source
-            check_calibration_source(a.calibrate, random_ok=True)
-        _, report = quantize_model(model, budget=a.budget, progress=not a.quiet, **_scheme(a))
+        _, report = quantize_model(model, budget=a.budget, progress=not a.quiet, **scheme)
         kept = {n: why for why, names in report.kept.items() for n in names}
         alloc = allocation_of(model, kept, f"quantize --budget {a.budget} ({report.scheme}, {report.format})",
-                         {"budget": report.budget})
+                              {"budget": report.budget})
     else:
         alloc = allocation_by_hand(model, a.keep_node or [], a.keep_block or [])
-    dataset = None
-    if dataset_files:
-        from .calibrate import calibration_inputs
-        dataset = calibration_inputs(a.model, a.dataset)
     report = write_toolchain_configs(a.model, a.output, alloc, dataset=dataset, rknn_step1=a.rknn_step1,
                                      rknn_residual=not a.rknn_residual_int8, overwrite=a.force, inputs=guard)
     print("\n".join(report.lines()))
@@ -351,7 +391,9 @@ CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--rando
              "inputs": "--inputs", "image": "--image", "video": "--video", "per_block": "--per-block",
              "runtime": "--runtime", "fp16": "--fp16", "passes": "--passes", "single_file": "--single-file",
              "dynamic": "--dynamic", "dataset": "--dataset", "keep_from": "--keep-from", "rknn_step1": "--rknn-step1",
-             "label": "--label", "calibrate": "--calibrate", "output": "-o"}
+             "label": "--label", "calibrate": "--calibrate", "output": "-o", "atol": "--atol", "rtol": "--rtol",
+             "min_cosine": "--min-cosine", "min_centered_cosine": "--min-centered-cosine", "json": "--json",
+             "save_outputs": "--save-outputs", "save_inputs": "--save-inputs"}
 
 
 def flag_of(name: str) -> str | None:
@@ -382,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the fp32 model (one segment at a time) and report, per block, max |x| of the "
                    "residual and of the linear layers' inputs, fp16 headroom, and the share of values a per-tensor "
                    "int8 scale rounds to zero; flags what would overflow fp16 or be crushed by int8")
-    i.add_argument("--calibrate", default="random:2", metavar="SRC",
+    i.add_argument("--calibrate", default=None, metavar="SRC",
                    help="inputs for --activations: .npz or image file(s), comma separated, or random:N "
                    "(default random:2)")
     i.set_defaults(func=cmd_inspect)
@@ -417,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-cosine", type=float, default=None, help="floor of the plain cosine (default 0.999, or "
                    "CAND's declared floor)")
     c.add_argument("--min-centered-cosine", type=float, default=None,
-                   help="floor of the token-centered cosine (each output row minus the mean row; reported always, "
-                        "judged only when given): a constant component keeps the plain cosine near 1 when the "
-                        "content is gone")
+                   help="floor of the token-centered cosine (each output row minus the mean row; reported always; "
+                        "default: the floor CAND's passes declare, e.g. 0.95 for a quantized file, else not judged): "
+                        "a constant component keeps the plain cosine near 1 when the content is gone")
     c.add_argument("--per-block", action="store_true", help="also compare the hidden state after each block")
     c.add_argument("--save-outputs", metavar="FILE",
                    help="save both runs as polygraphy RunResults (use with polygraphy run --load-outputs FILE)")

@@ -208,6 +208,17 @@ def block_output_names(path: Path) -> list[str]:
     return json.loads(raw)[1:]
 
 
+def check_tolerances(*, atol: float, rtol: float, min_cosine: float, min_centered_cosine: float | None) -> None:
+    """Refuse a tolerance no comparison can mean (before anything runs)."""
+    import math
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if not (math.isfinite(v) and v >= 0):
+            raise BadInput("{" + name + "}: a tolerance is a finite number >= 0", **{name: v})
+    for name, v in (("min_cosine", min_cosine), ("min_centered_cosine", min_centered_cosine)):
+        if v is not None and not (math.isfinite(v) and -1.0 <= v <= 1.0):
+            raise BadInput("{" + name + "}: a cosine floor lies in [-1, 1], e.g. 0.999", **{name: v})
+
+
 def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], emulate_fp16: bool = False,
             runtime: str = "onnxruntime",
             atol: float = 1e-3, rtol: float = 1e-3, min_cosine: float = 0.999,
@@ -220,8 +231,13 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
     # polygraphy's own log is long (histograms per tensor); this command prints a summary instead.
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL
     ref, cand = Path(ref), Path(cand)
+    check_tolerances(atol=atol, rtol=rtol, min_cosine=min_cosine, min_centered_cosine=min_centered_cosine)
     from .inputs import ModelKind, check_feeds
     check_feeds(ModelKind.of(ref), feeds)
+    r_out, c_out = signature(ref).output_names, signature(cand).output_names
+    if r_out != c_out:
+        raise BadInput(f"{ref} gives {r_out}, {cand} gives {c_out}: compare two models of one kind (both static "
+                       "exports, or both dynamic)")
     for path, role in ((ref, "REF"), (cand, "CAND")):
         signature(path).check_feeds(feeds, f"{role} {path}")   # one line, before polygraphy runs anything
         if is_manifest_path(path):
@@ -257,6 +273,12 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
         report.notes.append(f"per block: {len(extra) - len(report.per_block)} of {len(extra)} hidden states are not "
                             "visible in CAND (a split in onnxruntime shows those at its cuts only; merge it, or "
                             "compare with --emulate-fp16, to see every block)")
+    if per_block:
+        from .signature import head_model
+        rotated = [p for p in (ref, cand) if "qvl_surgery.rotate" in head_model(p).metadata()]
+        if len(rotated) == 1:
+            report.notes.append(f"per block: {rotated[0]} is rotated, so its hidden states are in the rotated basis "
+                                "and their cosines against the other model mean nothing; only the outputs compare")
     if not bool(accuracy):
         report.passed = False
         report.reasons.append(f"polygraphy: outside atol {atol} / rtol {rtol}")

@@ -119,10 +119,10 @@ class Emulator:
         _bf16_casts_to_fp32(proto.graph)
         try:
             self.ref = ReferenceEvaluator(proto, new_ops=CUSTOM_OPS)
-        except NotImplementedError as e:
+        except (NotImplementedError, RuntimeError) as e:   # an op (or opset of one) onnx.reference lacks
             raise BadInput(f"{path}: emulation cannot run this model ({str(e).split(',')[0]}); "
                            "compare it without --emulate-fp16, or emulate the model before that rewrite "
-                           "(e.g. attention --mode windowed)") from None
+                           "(e.g. attention --mode windowed; a quantized file runs exactly in onnxruntime)") from None
         del proto
         if self.bf16 and any(n.need_context() for n in self.ref.rt_nodes_):
             raise BadInput(f"{path}: bf16 emulation runs a graph node by node; this one has subgraphs (If/Loop)")

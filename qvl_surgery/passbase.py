@@ -349,4 +349,4 @@ def refuse_split_part(model, what: str) -> None:
     if part:
         p = json.loads(part)
         raise BadInput(f"{what}: the model is part {p.get('index')} of a split of {p.get('of')}; {what} the whole "
-                       f"model (qvl-surgery merge the parts first), then split")
+                       f"model, then split (qvl-surgery merge joins the parts)")

@@ -28,11 +28,16 @@ from passes import parse_spec, spec_from_dict
 
 from .errors import BadInput
 from .passbase import Context, Judgement, Pass, Sequential
+from .publish import MARKER
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("summary.json", "compare.json")   # a folder holding one of these was written by run
 DYNAMIC_COMPARE_SIZES = "448x448,252x364"
+
+
+RECIPE_KEYS = {"source", "image_size", "passes"}
+RECIPE_SOURCE_KEYS = {"checkpoint", "model", "random_init", "seed", "dynamic"}
 
 
 def parse_passes(text: str) -> list[Pass]:
@@ -48,6 +53,14 @@ def read_recipe(path: str | Path) -> dict:
         raise BadInput(f"{path}: not a readable JSON recipe ({e})") from None
     if not isinstance(doc, dict):
         raise BadInput(f"{path}: a recipe is a JSON object with source, image_size and passes")
+    unknown = sorted(set(doc) - RECIPE_KEYS)
+    if unknown:
+        raise BadInput(f"{path}: unknown recipe key {unknown[0]!r} (known: {', '.join(sorted(RECIPE_KEYS))})")
+    source = doc.get("source", {})
+    if not isinstance(source, dict) or set(source) - RECIPE_SOURCE_KEYS:
+        bad = sorted(set(source) - RECIPE_SOURCE_KEYS) if isinstance(source, dict) else [str(source)]
+        raise BadInput(f"{path}: unknown source key {bad[0]!r} (a source is an object with one of "
+                       f"{', '.join(sorted(RECIPE_SOURCE_KEYS))})")
     doc["passes"] = spec_from_dict(doc.get("passes", []), str(path))
     return doc
 
@@ -151,7 +164,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 def _files(path: Path) -> tuple[int, int]:
     if path.is_dir():
-        fs = [p for p in path.iterdir() if p.is_file()]
+        fs = [p for p in path.iterdir() if p.is_file() and p.name != MARKER]
     else:
         fs = [path, path.with_name(path.name + ".data")]
     fs = [f for f in fs if f.exists()]

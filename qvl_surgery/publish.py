@@ -129,6 +129,33 @@ def check_new_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[Path] 
                        overwrite=True)
 
 
+def check_new_file(out: Path, *, inputs: Iterable[Path] = (), option: str = "output") -> None:
+    """A plain output file (a JSON report, saved inputs): its folder exists, it is not a folder and
+    not an input. Checked before the measurement that fills it runs."""
+    out = Path(out)
+    if out.is_dir():
+        raise BadInput("{" + option + "}: is a folder; name a file", **{option: str(out)})
+    if not out.parent.is_dir():
+        raise BadInput("{" + option + f"}}: the folder {out.parent} does not exist; create it or name another file",
+                       **{option: str(out)})
+    try:
+        check_not_over_inputs(out, inputs, folder=False)
+    except BadInput as e:
+        raise BadInput("{" + option + "}: " + e.template, **{**e.params, option: str(out)}) from None
+
+
+def write_text(out: Path, text: str) -> None:
+    """A small text file written whole or not at all (a temporary sibling renamed)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 # ------------------------------------------------------------------------------ staging
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")

@@ -244,7 +244,11 @@ def rknn_hybrid_cfg(step1_dir: str | Path, model: Model, kept: dict[str, str], *
     if len(models) != 1 or len(cfgs) != 1:
         raise BadInput(f"{d}: expected one <name>.model and one <name>.quantization.cfg (rknn-toolkit2's "
                        "hybrid_quantization_step1 writes them into its working directory)")
-    rk = onnx.load(str(models[0]))
+    try:
+        rk = onnx.load(str(models[0]))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: not rknn's step-1 graph
+        raise BadInput(f"{models[0]}: not a readable rknn step-1 model ({type(e).__name__}); run "
+                       "hybrid_quantization_step1 on MODEL again") from None
     cfg = cfgs[0].read_text()
     dtypes = _cfg_dtypes(cfg)
     by_linear = rknn_linear_tensors(rk, model, kept)

@@ -247,4 +247,4 @@ def test_image_inputs_for_compare_and_calibrate(tiny_448, tmp_path):
     r = run_cli("compare", tiny_448, tmp_path / "h.onnx", "--image", img, "--emulate-fp16")
     assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
     r = run_cli("compare", tiny_448, tmp_path / "h.onnx", "--image", tmp_path / "missing.png")
-    assert_one_line_error(r, "not a readable image")
+    assert_one_line_error(r, "no such image file")

@@ -181,7 +181,7 @@ def test_refusals(packaged, tmp_path):
         package(src, tmp_path / "a", fp16=True)
     with pytest.raises(BadInput, match="outside the checkpoint"):
         package(src, src / "pkg")
-    with pytest.raises(BadInput, match="exists and is not empty"):
+    with pytest.raises(BadInput, match="already holds an earlier output"):
         package(src, pkg)
     with pytest.raises(BadInput, match="unknown runtime"):
         package(src, tmp_path / "a", runtime="mnn")

@@ -31,7 +31,7 @@ def test_run_export_to_split_parts_compared(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [row["files"] for row in summary["table"]] == [2, 7]
     # no intermediate model files besides the reference and the result
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "model.fp32.onnx", "model.fp32.onnx.data",
+    assert sorted(p.name for p in out.iterdir()) == [".qvl-surgery", "compare.json", "model.fp32.onnx", "model.fp32.onnx.data",
                                                      "parts", "summary.json"]
 
 
@@ -103,7 +103,7 @@ def test_run_force_replaces_the_previous_run_whole(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("run", "--random-init", "tiny", "-o", out, "--passes", "fp16", "--force", "-q")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "model.fp32.onnx", "model.fp32.onnx.data",
+    assert sorted(p.name for p in out.iterdir()) == [".qvl-surgery", "compare.json", "model.fp32.onnx", "model.fp32.onnx.data",
                                                      "model.onnx", "model.onnx.data", "summary.json"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     (tmp_path / "mine").mkdir()

@@ -112,14 +112,14 @@ def test_split_bad_input(tiny_448, tmp_path):
     assert not out.exists()
     assert run_cli("split", tiny_448, "--parts", "2", "-o", out, "-q").returncode == 0
     before = sorted(os.listdir(out))
-    assert "already holds a split" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "3", "-o", out))
+    assert "already holds an earlier output" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "3", "-o", out))
     assert sorted(os.listdir(out)) == before
     assert run_cli("split", tiny_448, "--parts", "3", "-o", out, "-q", "--force").returncode == 0
     assert len(read_manifest(out).parts) == 3
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("user file")
-    assert "holds other files" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "2", "-o", other, "--force"))
+    assert "did not write" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "2", "-o", other, "--force"))
     assert (other / "keep.txt").read_text() == "user file"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 

@@ -90,7 +90,7 @@ def test_sensitivity_writes_json_and_png_and_sees_the_merger(stand_ins, tmp_path
     pe = next(x for x in before["linears"] if x["group"] == "patch_embed")
     assert pe["alone_error"] == pytest.approx(err(before, "patch_embed"), rel=1e-3, abs=1e-9)
     r = run_cli("sensitivity", stand_ins["outlier"], "-o", out, "-q")
-    assert_one_line_error(r, "exists")
+    assert_one_line_error(r, "already holds an earlier output")
 
 
 def test_rotate_then_smooth_is_exact_and_quantizes_like_smooth(stand_ins, tmp_path):

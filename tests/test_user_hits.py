@@ -78,7 +78,7 @@ def test_split_output_folder_named_either_way_and_readable(small, tmp_path, caps
     r = cli(capsys, "split", small, "--parts", "2", "-o", tmp_path / name, "-q")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "X"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part0.onnx", "part0.onnx.data", "part1.onnx",
+    assert sorted(p.name for p in out.iterdir()) == [".qvl-surgery", "manifest.json", "part0.onnx", "part0.onnx.data", "part1.onnx",
                                                      "part1.onnx.data"]
     assert [p.name for p in tmp_path.iterdir()] == ["X"]   # no staging folder left beside it
     check_written(out / "part1.onnx")
