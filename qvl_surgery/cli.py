@@ -402,8 +402,16 @@ def flag_of(name: str) -> str | None:
     return CLI_FLAGS.get(name) or option_flag(name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals as every other refusal here: one line naming the problem, exit 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
+    p = _Parser(prog="qvl-surgery", description="Export the Qwen2.5-VL vision encoder to ONNX once "
                                 "and run graph passes on that file.")
     p.add_argument("--version", action="version", version=f"qvl-surgery {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug log (passes explain what did not match)")
@@ -538,7 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qvl-surgery: error: cannot build the command line ({type(e).__name__}: {e}); a pass's spec is "
               "broken", file=sys.stderr)
         return 2
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:   # --help, --version, or argparse's one-line refusal (_Parser.error)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from .publish import Terminated
     restore = _on_sigterm_raise(Terminated)
