@@ -28,7 +28,7 @@ EXAMPLES = {
                   "  qvl-surgery toolchains out/smoothed.onnx --keep-from out/q.onnx --dataset a.jpg,b.jpg -o out/configs\n"
                   "  qvl-surgery toolchains out/model.onnx --keep-node '/merger/*' -o out/configs",
     "run": "qvl-surgery run --random-init 3b -o out/run --passes attention,fp16:keep_silu_fp32,split:parts=3\n"
-           "  qvl-surgery run ~/Qwen2.5-VL-3B-Instruct -o out/run --recipe recipe.json",
+           "  qvl-surgery run -o out/run --recipe recipe.json   # source, image size and passes from the recipe",
     "package": "qvl-surgery package ~/Qwen2.5-VL-3B-Instruct --runtime onnxruntime-genai -o out/genai",
     "compare": "qvl-surgery compare out/model.onnx out/fp16.onnx --emulate-fp16 --per-block\n"
                "  qvl-surgery compare out/model.onnx out/parts --image cat.jpg --save-outputs ref.json",
