@@ -224,8 +224,8 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
         raise BadInput("run: give exactly one source: a checkpoint directory, {random_init}, or an .onnx export",
                        random_init="PRESET")
     chain = Sequential(specs)
-    if specs[-1].gives == "split":
-        check_output("split", out_dir / "parts", single_file=single_file)
+    if specs[-1].gives == "split" and single_file:
+        check_output("split", out_dir / "parts", single_file=single_file)   # refuses --single-file
     judge = judgement_of(specs)
     source_files: list[Path] = []
     loaded = None
