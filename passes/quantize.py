@@ -527,7 +527,7 @@ class _Evaluator:
 
     def cosine(self, quantized: list[Linear], sets: int | None = None) -> float:
         """The worst centered cosine over the input sets with exactly ``quantized`` quantized."""
-        from qvl_surgery.compare import centered_cosine
+        from qvl_surgery.metrics import centered_cosine
         names = {lin.name for lin in quantized}
         keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
         use = self.feeds if sets is None else self.feeds[:sets]

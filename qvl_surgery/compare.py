@@ -22,6 +22,7 @@ from polygraphy.datatype import DataType
 
 from .errors import BadInput
 from .manifest import is_manifest_path, read_manifest
+from .metrics import centered_cosine, cosine  # noqa: F401  (re-exported: compare.cosine is public API)
 from .modelfile import sibling_model
 from .signature import head_model, signature
 
@@ -138,24 +139,6 @@ class OutputStats:
         return (f"{self.name:<28} max abs {self.max_abs:11.4e}  mean abs {self.mean_abs:11.4e}  "
                 f"cosine {self.cosine:.6f} (centered {self.centered_cosine:.6f})  (ref max {self.ref_max:.3g})"
                 f"{'' if self.finite else '  NON-FINITE'}")
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    with np.errstate(invalid="ignore", over="ignore"):
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        return float(a @ b / denom) if denom > 0 and np.isfinite(denom) else float("nan")
-
-
-def centered_cosine(ref: np.ndarray, cand: np.ndarray) -> float:
-    """Cosine of the token-centered outputs: each row (token) minus the mean row. A large constant
-    component (massive activations act as biases in trained ViTs) keeps the plain cosine near 1
-    while the content is gone; this one sees it. 1-D outputs are centered as one row."""
-    def centered(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
-        return x - x.mean(axis=0, keepdims=True) if x.shape[0] > 1 else x
-    return cosine(centered(ref), centered(cand))
 
 
 def _digits(value: float, floor: float) -> int:

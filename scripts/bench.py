@@ -652,7 +652,7 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool, made: dict | Non
                  ) -> tuple[list[str], list[Run]]:
     import numpy as np
 
-    from qvl_surgery.compare import centered_cosine, cosine
+    from qvl_surgery.metrics import centered_cosine, cosine
     rows = ["| route | runtime | latency s | x ORT fp32 | max abs diff / max abs ref | cosine | centered cosine | "
             "file MB | peak RSS MB | pass s | pass peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     passes: list[Run] = []

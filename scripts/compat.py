@@ -503,10 +503,8 @@ def run_onnxruntime(path: Path, feeds: dict) -> dict[str, np.ndarray]:
 
 
 def metrics(got: np.ndarray, ref: np.ndarray) -> dict:
-    got, ref = np.asarray(got, np.float64).reshape(-1), np.asarray(ref, np.float64).reshape(-1)
-    cos = float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-300))
-    rel = float(np.linalg.norm(got - ref) / (np.linalg.norm(ref) + 1e-300))
-    return {"max_abs": float(np.abs(got - ref).max()), "cosine": cos, "rel_l2": rel,
+    from qvl_surgery.metrics import cosine, max_abs, relative_l2
+    return {"max_abs": max_abs(ref, got), "cosine": cosine(got, ref), "rel_l2": relative_l2(ref, got),
             "finite": bool(np.isfinite(got).all())}
 
 

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(a.worker)
     clients = {k: v for k, v in _clients().items() if k in a.clients.split(",")}
     from compat import setup_client
-    from qvl_surgery.compare import centered_cosine, cosine
+    from qvl_surgery.metrics import centered_cosine, cosine
     from qvl_surgery.config import PRESETS
     from qvl_surgery.export import export
     from qvl_surgery.runners import run_model
