@@ -167,11 +167,11 @@ def plan_quantize(model: Model, linears: list[Linear], kept: dict[str, str], *, 
 # ----------------------------------------------------------------------------- calibration
 
 def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: str, dtype: str,
-                     reference: Path | None, progress: bool, report: QuantizeReport) -> dict[str, quant.ActivationRange]:
+                     progress: bool, report: QuantizeReport) -> dict[str, quant.ActivationRange]:
     import time
     t0 = time.perf_counter()
     from qvl_surgery.calibrate import calibration_sets
-    feeds, what = calibration_sets(model, source, reference, DEFAULT_CALIB_COUNT)
+    feeds, what = calibration_sets(model, source, DEFAULT_CALIB_COUNT)
     rec = quant.record_ranges(model, feeds, tensors, progress=progress)
     ranges = {}
     for t in tensors:
@@ -440,7 +440,7 @@ def _prepare(model: Model, context: Context, *, weights: str, activations: str, 
         for lin in linears:
             if lin.k % block and lin.name not in kept:
                 kept[lin.name] = f"input dim not a multiple of block {block}"
-    static = activations != "none" and (format == "qdq" or calibrate)
+    static = static_ranges(activations, format, calibrate)
     ranges: dict[str, quant.ActivationRange] = {}
     todo = [lin for lin in linears if lin.name not in kept]
     if not todo:
@@ -452,7 +452,7 @@ def _prepare(model: Model, context: Context, *, weights: str, activations: str, 
                            "random:N for random inputs)", activations=activations, calibrate="SRC")
         tensors = list(dict.fromkeys(lin.x for lin in todo))
         ranges = calibrate_ranges(model, tensors, source=calibrate, method=calibrate_method,
-                                  dtype=activations, reference=context.reference, progress=context.progress,
+                                  dtype=activations, progress=context.progress,
                                   report=report)
     elif calibrate:
         report.skipped.append(f"calibrate={calibrate}: no static activations in this scheme")
@@ -502,7 +502,7 @@ class _Evaluator:
     def __init__(self, prep: _Prepared, context: Context, inputs: str | None, option: str = "calibrate"):
         from qvl_surgery.calibrate import calibration_sets
         self.prep = prep
-        self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", context.reference, 4, option=option)
+        self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", 4, option=option)
         self.outputs = [o.name for o in prep.model.graph.output]
         self.ref = self._outputs_of(prep.model, self.feeds)
         self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
@@ -606,13 +606,19 @@ def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8
     return out
 
 
+def static_ranges(activations: str, format: str, calibrate: str | None) -> bool:
+    """Whether a scheme records static activation ranges: qdq always quantizes activations statically,
+    onnxruntime format does when calibrated (else DynamicQuantizeMatMul scales them per run)."""
+    return activations != "none" and (format == "qdq" or bool(calibrate))
+
+
 def check_budget_and_method(v: dict) -> None:
     """Refuse, before any work, a budget outside (0, 1] and options the scheme would ignore."""
     import math
     b = v.get("budget")
     if b is not None and not (math.isfinite(b) and 0.0 < b <= 1.0):
         raise BadInput("{budget}: a token-centered cosine in (0, 1], e.g. 0.9995", budget=b)
-    static = v["activations"] != "none" and (v["format"] == "qdq" or v["calibrate"])
+    static = static_ranges(v["activations"], v["format"], v["calibrate"])
     if v["calibrate"] and v["activations"] == "none":
         raise BadInput("{calibrate}: weight-only quantization records no activation ranges; drop it, or give "
                        "{activations}", calibrate=v["calibrate"], activations="int8")

@@ -147,7 +147,7 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
     if not sites:
         raise BadInput("smooth: no RMSNorm whose output only linears read")
     source = calibrate or DEFAULT_CALIB
-    feeds, what = calibration_sets(model, source, context.reference, 4)
+    feeds, what = calibration_sets(model, source, 4)
     stats = {s.tensor: _Stats(np.full(s.width, np.inf, np.float32), np.full(s.width, -np.inf, np.float32))
              for s in sites}
     widths = {s.tensor: s.width for s in sites}

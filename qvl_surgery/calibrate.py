@@ -123,10 +123,6 @@ def calibrate(model_path: str | Path, feeds_list: list[Mapping[str, np.ndarray]]
     return Calibration(tmax, keep, margin)
 
 
-def is_random_source(source: str) -> bool:
-    return str(source).partition(":")[0].strip() == "random"
-
-
 def check_calibration_source(source: str, *, random_ok: bool = False, option: str = "calibrate") -> list[str]:
     """The files of a calibration source, checked for form before any work (:class:`InputSource`);
     with ``random_ok``, ``random[:N]`` (no files) is accepted too."""
@@ -142,8 +138,7 @@ def calibration_inputs(model_path: Path, source: str, option: str = "calibrate")
     return InputSource.parse(source, option, random_ok=False).sets(model_path)
 
 
-def calibration_sets(model, source: str, reference: Path | None = None, default_count: int = 8,
-                     option: str = "calibrate") -> tuple[list[dict[str, np.ndarray]], str]:
+def calibration_sets(model, source: str, default_count: int = 8, option: str = "calibrate") -> tuple[list[dict[str, np.ndarray]], str]:
     """Input sets for calibrating ``model`` (a :class:`~qvl_surgery.modelfile.Model`) and how they
     were made (:class:`~qvl_surgery.inputs.InputSource`): ``random[:N]`` (default
     ``default_count``), or comma-separated .npz and image files. Each set is checked against the model."""

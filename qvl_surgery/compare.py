@@ -221,8 +221,8 @@ def compare(ref: str | Path, cand: str | Path, *, feeds: dict[str, np.ndarray], 
     if r_out != c_out:
         raise BadInput(f"{ref} gives {r_out}, {cand} gives {c_out}: compare two models of one kind (both static "
                        "exports, or both dynamic)")
-    for path, role in ((ref, "REF"), (cand, "CAND")):
-        signature(path).check_feeds(feeds, f"{role} {path}")   # one line, before polygraphy runs anything
+    signature(cand).check_feeds(feeds, f"CAND {cand}")   # one line, before polygraphy runs anything (REF: above)
+    for path in (ref, cand):
         if is_manifest_path(path):
             read_manifest(path, verify_hashes=True)   # a damaged part is a hash mismatch, not a wrong number
     extra = block_output_names(ref) if per_block else []

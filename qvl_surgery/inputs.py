@@ -149,19 +149,16 @@ def check_feeds(kind: ModelKind, feeds: dict[str, np.ndarray]) -> None:
     shape error, or return wrong numbers without one): a missing input, a rank or fixed dimension the
     graph does not take, an integer array where it takes floats (or the reverse), a value that is not
     finite, a dynamic export's grid that does not describe its pixel rows."""
+    kind.signature.check_feeds(feeds, where=None)
     for t in kind.inputs:
-        if t.name not in feeds:
-            raise BadInput(f"no array named {t.name!r} (the model takes {kind.signature.input_names})")
-        why = t.mismatch(feeds[t.name])
-        if why:
-            raise BadInput(why)
         a = np.asarray(feeds[t.name])
         want_int = np.dtype(t.dtype).kind in "iub"
         got_int = a.dtype.kind in "iub"
         if want_int != got_int or a.dtype.kind not in "iubf" and a.dtype.name != "bfloat16":
             raise BadInput(f"{t.name!r} has dtype {a.dtype}, the model takes {np.dtype(t.dtype).name}")
-        if not got_int and a.size and not np.isfinite(a.astype(np.float32, copy=False)).all():
-            bad = int(np.size(a) - np.isfinite(a.astype(np.float32, copy=False)).sum())
+        finite = None if got_int else np.isfinite(a.astype(np.float32, copy=False))
+        if finite is not None and not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
             raise BadInput(f"{t.name!r} holds {bad} values that are NaN or infinite; give finite inputs")
     if kind.dynamic == "self" and PIXELS in feeds and GRID in feeds:
         from .dynamic import check_grid

@@ -122,7 +122,7 @@ def activation_report(path: str | Path, *, calibrate: str = "random:2") -> Activ
     readers: dict[str, list[str]] = {}
     for lin in linears:
         readers.setdefault(lin.x, []).append(lin.name)
-    feeds, what = calibration_sets(model, calibrate, None, 2)
+    feeds, what = calibration_sets(model, calibrate, 2)
     hists = {t: AbsHistogram() for t in [*blocks, *readers]}
     run_segments(model, feeds, hists, lambda name, v: hists[name].add(np.asarray(v, np.float32)))
     report = ActivationReport(Path(path), what)

@@ -538,10 +538,7 @@ def package(src_dir: str | Path, out_dir: str | Path, *, runtime: str = "onnxrun
         if "chat_template.jinja" not in copied and "chat_template.json" not in copied:
             notes.append("no chat template file in the checkpoint (tokenizer_config.json may carry one)")
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the package is an ordinary folder
-        publish_dir(tmp, out, "package")
+        publish_dir(tmp, out, "package")   # which gives the staged folder an ordinary folder's mode
     return PackageReport(out_dir=out, runtime=runtime, files=files, vision_passes=applied,
                          vision_nodes=vision_nodes,
                          token_ids={"image": ckpt.image_token_id, "video": ckpt.video_token_id,

@@ -28,7 +28,7 @@ from passes import parse_spec, spec_from_dict
 
 from .errors import BadInput
 from .passbase import Context, Judgement, Pass, Sequential
-from .publish import MARKER
+from .publish import MARKER, check_new_dir
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,6 @@ def _latency(path: Path, feeds: dict) -> float | None:
     return time.perf_counter() - t
 
 
-def _check_run_dir(out_dir: Path, force: bool, source_files: list[Path]) -> None:
-    from .publish import check_new_dir
-    check_new_dir(out_dir, overwrite=force, inputs=source_files, own_files=RUN_FILES)
-
-
 def _preflight(specs: list[Pass], facts: dict) -> None:
     for p in specs:
         p.preflight(facts)
@@ -246,7 +241,7 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
         facts = {"dynamic": dynamic}
         if checkpoint is not None:
             source_files = [Path(checkpoint)]
-    _check_run_dir(out_dir, force, source_files)
+    check_new_dir(out_dir, overwrite=force, inputs=source_files, own_files=RUN_FILES)
     _preflight(specs, facts)   # what the passes can refuse before the export runs
     reports: list[tuple[str, list[str]]] = []
     with staging(out_dir) as stage:

@@ -46,14 +46,15 @@ class Signature:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def check_feeds(self, feeds, where: str = "inputs") -> None:
-        """One line for a missing input or a shape the graph cannot take."""
+    def check_feeds(self, feeds, where: str | None = "inputs") -> None:
+        """One line for a missing input or a shape the graph cannot take (prefixed ``where:`` unless None)."""
+        prefix = f"{where}: " if where else ""
         for t in self.inputs:
             if t.name not in feeds:
-                raise BadInput(f"{where}: no array named {t.name!r} (the model takes {self.input_names})")
+                raise BadInput(f"{prefix}no array named {t.name!r} (the model takes {self.input_names})")
             why = t.mismatch(feeds[t.name])
             if why:
-                raise BadInput(f"{where}: {why}")
+                raise BadInput(prefix + why)
 
     def cast(self, feeds) -> dict[str, np.ndarray]:
         """The model's inputs from ``feeds``, each cast to the dtype the graph declares (an fp16 model

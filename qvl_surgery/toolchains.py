@@ -346,7 +346,7 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
                             rknn_residual: bool = True, overwrite: bool = False,
                             inputs: Iterable[Path] = ()) -> ToolchainReport:
     """``inputs``: files the command read besides the model (never overwritten or enclosed)."""
-    from .publish import check_new_dir, new_dir
+    from .publish import check_new_dir, publish_dir, staging
     model_path, out = Path(model_path), Path(out_dir)
     model = load_model(model_path)
     guard = [model_path, *sorted(model.data_files()), *inputs] + ([Path(rknn_step1)] if rknn_step1 else [])
@@ -360,7 +360,7 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
     rknn_cfg = rknn_set = None
     if rknn_step1 is not None:
         rknn_cfg, rknn_set = rknn_hybrid_cfg(rknn_step1, model, allocation.kept, residual=rknn_residual)
-    with new_dir(out, overwrite=overwrite, inputs=guard, command="toolchains") as tmp:
+    with staging(out) as tmp:
         files = {
             "keep.json": {"model": model_ref, **allocation.to_dict()},
             "onnxruntime.json": {"nodes_to_exclude": ort_nodes},
@@ -395,4 +395,5 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
         npys = sum(1 for _ in tmp.rglob("*.npy"))
         if npys:
             listed.append(f"calib/rknn/*.npy ({npys} arrays)")
+        publish_dir(tmp, out, "toolchains")
     return ToolchainReport(out, allocation, listed, len(dataset or []))
