@@ -209,7 +209,12 @@ def load_model(path: str | os.PathLike) -> Model:
     if not path.exists():
         raise BadInput(f"{path}: no such file")
     if path.is_dir():
-        raise BadInput(f"{path}: is a directory; pass an .onnx file (for a split, pass DIR/manifest.json)")
+        if (path / "manifest.json").is_file():
+            parts = sorted(p.name for p in path.glob("part*.onnx"))
+            one = f"{path / parts[0]}" if parts else f"{path}/partK.onnx"
+            raise BadInput(f"{path}: is a split folder; this command takes one model: pass one part ({one}) "
+                           f"or merge the folder first (qvl-surgery merge {path} -o merged.onnx)")
+        raise BadInput(f"{path}: is a directory; pass an .onnx file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, onnx raises others

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import onnx
+
 from .errors import BadInput
 
 MARKER = ".qvl-surgery"   # in every folder this toolkit publishes: what --force may replace
@@ -98,6 +100,22 @@ def check_new_output(out: Path, *, inputs: Iterable[Path] = (), overwrite: bool 
     if not overwrite and (out.exists() or data.exists()):
         raise BadInput(f"{out}: already exists; pass " + "{overwrite} to replace it or choose another path",
                        overwrite=True)
+    if overwrite and (out.exists() or data.exists()) and not model_written_by_toolkit(out):
+        raise BadInput(f"{out}: exists and was not written by qvl-surgery (no qvl_surgery.* metadata); "
+                       "{overwrite} replaces only the toolkit's own outputs: move it away or choose another path",
+                       overwrite=True)
+
+
+def model_written_by_toolkit(path: Path) -> bool:
+    """An existing model file carries the ``qvl_surgery.*`` metadata every command writes (its
+    weights are not read)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all: certainly not ours
+        return False
+    return any(p.key.startswith("qvl_surgery.") for p in proto.metadata_props)
 
 
 def written_by_toolkit(folder: Path, own_files: Iterable[str] = ()) -> bool:

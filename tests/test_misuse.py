@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import TINY
@@ -31,6 +32,11 @@ def home(tmp_path_factory) -> Path:
     split(load_model(h / "model.onnx"), h / "parts", parts=2)
     (h / "user").mkdir()
     (h / "user" / "notes.txt").write_text("the user's own file")
+    (h / "user" / "garbage.onnx").write_bytes(b"the user's own bytes")
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), h / "user" / "plain.onnx")
     (h / "garbage.onnx").write_bytes(os.urandom(512))
     rows = SIZE[0] // 14 * SIZE[1] // 14
     np.savez(h / "rows.npz", pixel_values=np.zeros((rows + 4, 1176), np.float32))
@@ -186,6 +192,23 @@ def test_force_never_replaces_a_users_folder(cmd, home, capsys):
 @pytest.mark.parametrize("cmd", [c for c in ALL if c not in FOLDER_OUT | {"inspect", "compare", "export"}])
 def test_a_folder_where_a_model_file_goes(cmd, home, capsys):
     refused(capsys, home, calls(home)[cmd](source_of(home, cmd), home / "user") + ["--force"])
+
+
+MODEL_FILE_OUT = [c for c in ALL if c not in FOLDER_OUT | {"inspect", "compare", "export"}]
+
+
+@pytest.mark.parametrize("cmd", MODEL_FILE_OUT)
+def test_force_never_replaces_a_users_model_file(cmd, home, capsys):
+    """A file the toolkit did not write (no qvl_surgery.* metadata: here the user's garbage.onnx and a
+    plain ONNX model of their own) is not replaced by --force."""
+    for name in ("garbage.onnx", "plain.onnx"):
+        err = refused(capsys, home, calls(home)[cmd](source_of(home, cmd), home / "user" / name) + ["--force"])
+        assert "not written by qvl-surgery" in err
+
+
+def test_inspect_of_a_split_folder_names_a_part(home, capsys):
+    err = refused(capsys, home, ["inspect", home / "parts"])
+    assert "part0.onnx" in err and "merge" in err
 
 
 SIGNALLED = ["fp16", "attention", "quantize", "smooth", "rotate", "split", "merge", "simplify", "sensitivity",
