@@ -1,4 +1,4 @@
-"""The graph passes and their registry: one module per pass, each a :class:`qvl_surgery.passbase.Pass`.
+"""The graph passes and their registry: one module per pass, each a :class:`qvl_surgery.core.passbase.Pass`.
 
 Adding a pass: write its module with a Pass subclass (name, help, example, takes/gives, options,
 apply) and list it in ``PASSES`` below; its CLI subcommand, ``--passes``/recipe parsing,
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.passbase import Pass, check_chain
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.passbase import Pass, check_chain
 
 from .attention import AttentionPass
 from .fp16 import Fp16Pass

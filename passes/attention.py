@@ -36,11 +36,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import cleanup, constant_value
-from qvl_surgery.inspection import FUSED_ATTENTION, consumers, producers
-from qvl_surgery.modelfile import Model
-from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.graphinfo import cleanup, constant_value
+from qvl_surgery.core.patterns import FUSED_ATTENTION, consumers, producers
+from qvl_surgery.core.modelfile import Model
+from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
 
 log = logging.getLogger(__name__)
 

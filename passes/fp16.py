@@ -7,7 +7,7 @@ Rules:
   Reciprocal/Mul) and the scale Mul), by op type (``keep_op``), by node-name glob
   (``keep_node``), or by calibration (``calibrate``: inputs, an .npz or image files, run through
   the fp32 model; every node whose values come within ``calibrate_margin`` of fp16's range is
-  kept, see :mod:`qvl_surgery.calibrate`).
+  kept, see :mod:`qvl_surgery.core.calibrate`).
 - Casts are inserted only where precision changes, once per tensor and direction, so an island
   reads each input through one Cast, has no Cast inside, and adjacent islands merge into one.
   A tensor already available in the wanted precision (an fp32 graph input under
@@ -22,7 +22,7 @@ Rules:
   rounded to nearest even by ml_dtypes (numpy has no bfloat16). bfloat16 has float32's range, so
   nothing is clamped and ``calibrate`` (which keeps what comes near fp16's 65504) is not run: the
   report says so. onnxruntime's CPU provider has no bfloat16 arithmetic; such files run in OpenVINO
-  or under emulation (:mod:`qvl_surgery.emulate`).
+  or under emulation (:mod:`qvl_surgery.core.emulate`).
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import elem_types, side_inputs, static_tensors, with_graph
-from qvl_surgery.inspection import rmsnorm_patterns, sigmoid_mul_patterns
-from qvl_surgery.modelfile import Computed, Model, read_initializer
-from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.graphinfo import elem_types, side_inputs, static_tensors, with_graph
+from qvl_surgery.core.patterns import rmsnorm_patterns, sigmoid_mul_patterns
+from qvl_surgery.core.modelfile import Computed, Model, read_initializer
+from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def _convert_fp16(model: Model, *, dtype: str, keep_silu_fp32: bool, keep_rmsnor
 
 def _calibrate(model: Model, source: str, margin: float, reference: str | Path | None,
                report: Fp16Report) -> dict[str, str]:
-    from qvl_surgery.calibrate import calibrate, calibration_inputs
+    from qvl_surgery.core.calibrate import calibrate, calibration_inputs
     ref = Path(reference) if reference is not None else model.path
     if ref is None:
         raise BadInput("{calibrate} needs the fp32 model as a file: give reference= (the fp32 export) or load "
@@ -429,7 +429,7 @@ class Fp16Pass(Pass):
 
     def preflight(self, facts: dict) -> None:
         if self.values.get("calibrate"):
-            from qvl_surgery.calibrate import check_calibration_source
+            from qvl_surgery.core.calibrate import check_calibration_source
             check_calibration_source(self.values["calibrate"])
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:

@@ -34,12 +34,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import with_graph
-from qvl_surgery.modelfile import Model, read_initializer
-from qvl_surgery.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery import quant
-from qvl_surgery.linears import (Linear, block_numbers, find_linears, group_of, kept_share,  # noqa: F401
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.graphinfo import with_graph
+from qvl_surgery.core.modelfile import Model, read_initializer
+from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core import quant
+from qvl_surgery.core.linears import (Linear, block_numbers, find_linears, group_of, kept_share,  # noqa: F401
                                  linear_macs, select_kept)
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: s
                      progress: bool, report: QuantizeReport) -> dict[str, quant.ActivationRange]:
     import time
     t0 = time.perf_counter()
-    from qvl_surgery.calibrate import calibration_sets
+    from qvl_surgery.core.calibrate import calibration_sets
     feeds, what = calibration_sets(model, source, DEFAULT_CALIB_COUNT)
     rec = quant.record_ranges(model, feeds, tensors, progress=progress)
     ranges = {}
@@ -190,7 +190,7 @@ def calibrate_ranges(model: Model, tensors: list[str], *, source: str, method: s
 
 class _QuantEmitter:
     """Rebuilds the graph under a plan; every new weight tensor is a Computed source of one
-    :class:`~qvl_surgery.quant.LazyQuant` per linear."""
+    :class:`~qvl_surgery.core.quant.LazyQuant` per linear."""
 
     def __init__(self, model: Model, plan: QuantPlan, report: QuantizeReport):
         self.model, self.plan, self.report = model, plan, report
@@ -396,7 +396,7 @@ def quantize_model(model: Model, *, weights: str = "int8", activations: str = "n
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """What a quantization of ``model`` is made from: the scheme checked, the linears found, the ones
     kept float and why, the calibrated activation ranges; ``build(kept)`` emits the quantized model
     in memory (weights computed when read) for measurements."""
@@ -420,9 +420,9 @@ class _Prepared:
         return _QuantEmitter(self.model, self.plan(kept), QuantizeReport()).emit()
 
 
-def _prepare(model: Model, context: Context, *, weights: str, activations: str, format: str,
+def prepare(model: Model, context: Context, *, weights: str, activations: str, format: str,
              block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
-             keep_block: list[str]) -> _Prepared:
+             keep_block: list[str]) -> Prepared:
     """match (find_linears, select_kept) -> calibrate."""
     block = check_scheme(weights=weights, activations=activations, format=format, block_size=block_size)
     blocks = block_numbers(keep_block)
@@ -456,15 +456,15 @@ def _prepare(model: Model, context: Context, *, weights: str, activations: str, 
                                   report=report)
     elif calibrate:
         report.skipped.append(f"calibrate={calibrate}: no static activations in this scheme")
-    return _Prepared(model, weights, activations, format, block, calibrate_method, linears, kept, ranges,
+    return Prepared(model, weights, activations, format, block, calibrate_method, linears, kept, ranges,
                      bool(static), report)
 
 
 def _quantize(model: Model, context: Context, *, weights: str, activations: str, format: str,
               block_size: int | None, calibrate: str | None, calibrate_method: str | None, keep_node: list[str],
               keep_block: list[str], budget: float | None = None) -> tuple[Model, QuantizeReport]:
-    """prepare (_prepare) -> allocate (allocate_budget) -> plan (plan_quantize) -> emit (_QuantEmitter)."""
-    prep = _prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
+    """prepare (prepare) -> allocate (allocate_budget) -> plan (plan_quantize) -> emit (_QuantEmitter)."""
+    prep = prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
                     calibrate=calibrate, calibrate_method=calibrate_method, keep_node=keep_node,
                     keep_block=keep_block)
     linears, kept, report, static, block = prep.linears, prep.kept, prep.report, prep.static, prep.block
@@ -493,14 +493,14 @@ def _quantize(model: Model, context: Context, *, weights: str, activations: str,
 
 # ----------------------------------------------------------------------------- budget
 
-class _Evaluator:
+class Evaluator:
     """Quantize-and-run measurements of one prepared quantization: the token-centered cosine of the
     outputs against fp32 on the calibration inputs, with a chosen set of linear groups (each block,
-    the merger, the patch embed; :func:`~qvl_surgery.linears.group_of`) quantized. Every measurement
+    the merger, the patch embed; :func:`~qvl_surgery.core.linears.group_of`) quantized. Every measurement
     emits the model and runs it whole (onnxruntime segments): nothing is estimated."""
 
-    def __init__(self, prep: _Prepared, context: Context, inputs: str | None, option: str = "calibrate"):
-        from qvl_surgery.calibrate import calibration_sets
+    def __init__(self, prep: Prepared, context: Context, inputs: str | None, option: str = "calibrate"):
+        from qvl_surgery.core.calibrate import calibration_sets
         self.prep = prep
         self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", 4, option=option)
         self.outputs = [o.name for o in prep.model.graph.output]
@@ -515,7 +515,7 @@ class _Evaluator:
         self.group_share = {g: sum(self.share[lin.name] for lin in ls) for g, ls in self.groups.items()}
 
     def _outputs_of(self, m: Model, sets) -> list[dict[str, np.ndarray]]:
-        from qvl_surgery.segments import run_segments
+        from qvl_surgery.core.segments import run_segments
         got: list[dict[str, np.ndarray]] = [{} for _ in sets]
         idx = {o: 0 for o in self.outputs}
 
@@ -527,7 +527,7 @@ class _Evaluator:
 
     def cosine(self, quantized: list[Linear], sets: int | None = None) -> float:
         """The worst centered cosine over the input sets with exactly ``quantized`` quantized."""
-        from qvl_surgery.metrics import centered_cosine
+        from qvl_surgery.core.metrics import centered_cosine
         names = {lin.name for lin in quantized}
         keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
         use = self.feeds if sets is None else self.feeds[:sets]
@@ -539,7 +539,7 @@ class _Evaluator:
         return self.cosine([lin for lin in self.todo if group_of(lin.name) not in keep], sets)
 
 
-def allocate_budget(prep: _Prepared, context: Context, *, budget: float, calibrate: str | None) -> dict[str, str]:
+def allocate_budget(prep: Prepared, context: Context, *, budget: float, calibrate: str | None) -> dict[str, str]:
     """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
     fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
     merger, the patch embed): the cosine gained on the first input set when everything but that group
@@ -547,7 +547,7 @@ def allocate_budget(prep: _Prepared, context: Context, *, budget: float, calibra
     that meets the budget on every input set is found by bisection."""
     if not 0.0 < budget < 1.0:
         raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
-    ev = _Evaluator(prep, context, calibrate)
+    ev = Evaluator(prep, context, calibrate)
     groups, share = ev.groups, ev.group_share
     base = ev.all_but([], 1)
     gain = {g: ev.all_but([g], 1) - base for g in groups}
@@ -572,38 +572,6 @@ def allocate_budget(prep: _Prepared, context: Context, *, budget: float, calibra
                         for g in sorted(groups, key=lambda g: -gain[g])],
     }
     return chosen
-
-
-def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8", format: str = "onnxruntime",
-                block_size: int | None = None, calibrate: str | None = None, calibrate_method: str | None = None,
-                inputs: str | None = None, per_linear: bool = False, reference: str | Path | None = None,
-                progress: bool = False) -> dict:
-    """Per group of linears (each block, the merger, the patch embed) and, with ``per_linear``, per
-    linear: the error (1 - token-centered cosine of the outputs against fp32, worst over the
-    calibration inputs) that quantizing it alone adds, beside its share of the linears'
-    multiply-adds; and the cosine with every linear quantized. Each figure quantizes and runs the
-    whole model (one run per group: a 3b's 34 groups are 34 runs per input set). ``inputs``: the
-    measurement's input sets (default: ``calibrate``'s, else ``random:4``); ``calibrate`` makes the
-    activation ranges of a static scheme, as in quantize."""
-    context = Context(reference=Path(reference) if reference else None, progress=progress)
-    prep = _prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
-                    calibrate=calibrate, calibrate_method=calibrate_method, keep_node=[], keep_block=[])
-    ev = _Evaluator(prep, context, inputs or calibrate, "inputs" if inputs else "calibrate")
-    out = {"scheme": prep.plan(prep.kept).scheme, "format": format, "calibration": ev.what,
-           "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
-           "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}
-    for g, ls in ev.groups.items():
-        c = ev.cosine(ls)
-        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6), "alone_centered_cosine": round(c, 7),
-                              "alone_error": float(f"{1.0 - c:.3e}")})
-    if per_linear:
-        out["linears"] = []
-        for lin in ev.todo:
-            c = ev.cosine([lin])
-            out["linears"].append({"linear": lin.name, "group": group_of(lin.name),
-                                   "share": round(ev.share[lin.name], 6), "alone_centered_cosine": round(c, 7),
-                                   "alone_error": float(f"{1.0 - c:.3e}")})
-    return out
 
 
 def static_ranges(activations: str, format: str, calibrate: str | None) -> bool:
@@ -665,7 +633,7 @@ class QuantizePass(Pass):
                      block_size=v["block_size"])
         check_budget_and_method(v)
         if v["calibrate"]:
-            from qvl_surgery.calibrate import check_calibration_source
+            from qvl_surgery.core.calibrate import check_calibration_source
             check_calibration_source(v["calibrate"], random_ok=True)
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import constant_value, with_graph
-from qvl_surgery.inspection import consumers, producers, rmsnorm_patterns
-from qvl_surgery.modelfile import Computed, Model, read_initializer
-from qvl_surgery.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.graphinfo import constant_value, with_graph
+from qvl_surgery.core.patterns import consumers, producers
+from qvl_surgery.core.residual import Norm, StreamLinear, hidden_norms, is_token_gather, norm_readers, refolded, stream_linear
+from qvl_surgery.core.modelfile import Model
+from qvl_surgery.core.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
                                   run_pass)
 
 
@@ -94,113 +95,15 @@ def rotation(n: int, seed: int = 0, kind: str = "hadamard") -> tuple[np.ndarray,
     return q, f"random orthogonal {n}x{n} (seed {seed}{why})"
 
 
-# ----------------------------------------------------------------------------- the stream
-
-@dataclass
-class _Linear:
-    node: onnx.NodeProto
-    weight: str
-    bias: str
-    out_in: bool   # weight [N, K] (Gemm transB=1)
-
-    def k_dim(self, model: Model) -> int:
-        dims = model.initializers()[self.weight].dims
-        return int(dims[1] if self.out_in else dims[0])
-
-
-def _linear(model: Model, n: onnx.NodeProto) -> _Linear | None:
-    inits = model.initializers()
-    if n.op_type not in ("Gemm", "MatMul") or len(n.input) < 2 or n.input[1] not in inits:
-        return None
-    w = inits[n.input[1]]
-    if w.data_type != TensorProto.FLOAT or len(w.dims) != 2:
-        return None
-    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-    if n.op_type == "Gemm" and (a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0):
-        return None
-    bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 else ""
-    if bias and bias not in inits:
-        return None
-    return _Linear(n, n.input[1], bias, bool(a.get("transB", 0)))
-
-
-def _is_token_gather(model: Model, n: onnx.NodeProto) -> bool:
-    axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
-    return n.op_type == "Gather" and axis == 0
-
-
-@dataclass
-class _Norm:
-    x: str
-    out: str          # the tensor the readers read (the scale Mul's output, or the core's)
-    core_out: str     # x / rms(x)
-    scale: str | None
-    scale_node: onnx.NodeProto | None
-    nodes: list[onnx.NodeProto]
-
-
-def _norms(model: Model) -> list[_Norm]:
-    found = []
-    for nodes in rmsnorm_patterns(model):
-        x = nodes[0].input[0]
-        core = [n for n in nodes if (n.op_type == "Div" and n.input[0] == x)
-                or (n.op_type == "Mul" and x in n.input and any(m.op_type == "Reciprocal" for m in nodes))]
-        core_out = core[0].output[0]
-        sm = next((n for n in nodes if n.op_type == "Mul" and core_out in n.input), None)
-        scale = next((i for i in sm.input if i != core_out), None) if sm is not None else None
-        found.append(_Norm(x, sm.output[0] if sm is not None else core_out, core_out, scale, sm, nodes))
-    return found
-
-
-def hidden_norms(model: Model, verb: str) -> tuple[list[_Norm], int]:
-    """The model's RMSNorms and the hidden size their scales give; one line where there are none."""
-    norms = _norms(model)
-    inits = model.initializers()
-    scale_t = next((inits[n.scale] for n in norms if n.scale in inits), None)
-    if scale_t is not None:
-        return norms, int(np.prod(scale_t.dims))
-    # scales already folded away (a rotated model): the width a linear reading a norm takes
-    cons = consumers(model.graph)
-    for norm in norms:
-        for n in cons.get(norm.out, []):
-            lin = _linear(model, n)
-            if lin is not None and n.input[0] == norm.out:
-                return norms, lin.k_dim(model)
-    raise BadInput(f"{verb}: no RMSNorm (Pow 2 -> ReduceMean -> Add -> Sqrt -> Div [-> scale]) read by a linear in the "
-                   "model; is it the encoder, before quantize?")
-
-
-def norm_readers(model: Model, cons: dict, norm: _Norm, c: int) -> tuple[list[tuple[_Linear, int]], onnx.NodeProto | None]:
-    """The linears reading a norm's output, each with the tokens one of its rows holds (1, or 4 for the
-    merger's Reshape to [T/4, 4C]); or the first reader that is neither (then the list is partial)."""
-    readers: list[tuple[_Linear, int]] = []
-    for n in cons.get(norm.out, []):
-        lin = _linear(model, n)
-        if lin is not None and n.input[0] == norm.out:
-            readers.append((lin, 1))
-            continue
-        if n.op_type == "Reshape":
-            shape = constant_value(model, n.input[1], max_size=8)
-            last = int(shape.reshape(-1)[-1]) if shape is not None else 0
-            after = cons.get(n.output[0], [])
-            lins = [_linear(model, m) for m in after]
-            if last > 0 and last % c == 0 and after and all(
-                    lin is not None and m.input[0] == n.output[0] for lin, m in zip(lins, after)):
-                readers += [(lin, last // c) for lin in lins]
-                continue
-        return readers, n
-    return readers, None
-
-
 @dataclass
 class _Plan:
-    norms: list[_Norm]
-    writers: list[_Linear]
-    readers: list[tuple[_Linear, _Norm, int]]   # linear, the norm it reads, how many tokens a row holds
+    norms: list[Norm]
+    writers: list[StreamLinear]
+    readers: list[tuple[StreamLinear, Norm, int]]   # linear, the norm it reads, how many tokens a row holds
     removed: set[int]                           # id() of the scale Muls to drop
 
 
-def plan_rotation(model: Model, norms: list[_Norm], c: int) -> _Plan:
+def plan_rotation(model: Model, norms: list[Norm], c: int) -> _Plan:
     g = model.graph
     cons, prod = consumers(g), producers(g)
     outputs = {o.name for o in g.output}
@@ -208,7 +111,7 @@ def plan_rotation(model: Model, norms: list[_Norm], c: int) -> _Plan:
     norm_nodes = {id(n) for norm in norms for n in norm.nodes}
     stream: set[str] = set()
     todo = [n.x for n in norms]
-    writers: dict[str, _Linear] = {}
+    writers: dict[str, StreamLinear] = {}
 
     def where(t: str) -> str:
         return f"tensor {t!r} of the residual stream"
@@ -227,10 +130,10 @@ def plan_rotation(model: Model, norms: list[_Norm], c: int) -> _Plan:
             raise BadInput(f"rotate: {where(t)} is a constant")
         if p.op_type == "Add":
             todo += [i for i in p.input if i not in stream]
-        elif _is_token_gather(model, p):
+        elif is_token_gather(model, p):
             todo.append(p.input[0])
         else:
-            lin = _linear(model, p)
+            lin = stream_linear(model, p)
             if lin is None:
                 raise BadInput(f"rotate: {where(t)} is made by {p.op_type} {p.name!r}, which a rotation cannot "
                                "be folded into (only linears, residual Adds and token Gathers)")
@@ -238,13 +141,13 @@ def plan_rotation(model: Model, norms: list[_Norm], c: int) -> _Plan:
         for n in cons.get(t, []):
             if id(n) in norm_nodes:
                 continue
-            if n.op_type == "Add" or (_is_token_gather(model, n) and n.input[0] == t):
+            if n.op_type == "Add" or (is_token_gather(model, n) and n.input[0] == t):
                 todo += [o for o in n.output if o not in stream]
                 todo += [i for i in n.input if i not in stream and n.op_type == "Add"]
             else:
                 raise BadInput(f"rotate: {where(t)} is read by {n.op_type} {n.name!r}, which does not commute with "
                                "a rotation")
-    readers: list[tuple[_Linear, _Norm, int]] = []
+    readers: list[tuple[StreamLinear, Norm, int]] = []
     for norm in norms:
         found, other = norm_readers(model, cons, norm, c)
         if other is not None:
@@ -263,24 +166,6 @@ def plan_rotation(model: Model, norms: list[_Norm], c: int) -> _Plan:
 
 
 # ----------------------------------------------------------------------------- fold
-
-def refolded(model: Model, like: TensorProto, fn, name: str | None = None) -> tuple[TensorProto, Computed]:
-    """A float32 weight recomputed from ``like``'s values by ``fn`` (in float64) while the output is
-    written: its tensor entry (named ``name``, default ``like``'s) and its source. rotate and smooth
-    fold their matrices into weights this way."""
-    t = TensorProto()
-    t.CopyFrom(like)
-    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-        t.ClearField(f)
-    del t.external_data[:]
-    t.data_location = TensorProto.EXTERNAL
-    t.name = name or like.name
-    src = model.sources.get(like.name)
-
-    def make() -> np.ndarray:
-        return fn(np.asarray(read_initializer(like, src), np.float64)).astype(np.float32)
-    return t, Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 4)
-
 
 def rotate_model(model: Model, *, seed: int = 0, kind: str = "hadamard", explain: bool = False
                  ) -> tuple[Model, RotateReport]:
@@ -303,7 +188,7 @@ def _rotate(model: Model, *, seed: int, kind: str) -> tuple[Model, RotateReport]
     sources = dict(model.sources)
     new_inits = {t.name: t for t in model.graph.initializer}
 
-    def scale_of(norm: _Norm) -> np.ndarray:
+    def scale_of(norm: Norm) -> np.ndarray:
         if norm.scale is None:
             return np.ones(c)
         v = constant_value(model, norm.scale)

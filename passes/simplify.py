@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import static_tensors
-from qvl_surgery.modelfile import Model, load_model, sibling_model, write_model_files
-from qvl_surgery.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.publish import staging
-from qvl_surgery.values import check_output, read_value, write_value
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.cutting import cut_model, join_parts
+from qvl_surgery.core.graphinfo import static_tensors
+from qvl_surgery.core.modelfile import Model, load_model, sibling_model, write_model_files
+from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core.publish import staging
+from qvl_surgery.core.values import check_output, read_value, write_value
 
-from .merge import merge_models
-from .split import _split_model
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Mode
     original_names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     # split and merge here are steps of simplify, not passes of their own: the output records
     # "simplify" alone in qvl_surgery.passes
-    value, _ = _split_model(model, parts=None, at=None, max_part_bytes=max_part_bytes)
+    value = cut_model(model, parts=None, at=None, max_part_bytes=max_part_bytes)
     simplified, protected = [], []
     for k, p in enumerate(value.parts):
         part = p.model
@@ -193,7 +192,7 @@ def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Mode
         _restore(part_out, lifted, part)
         _prefix_new_names(part_out, k, original_names)
         simplified.append(part_out)
-    merged, _ = merge_models(simplified)
+    merged, _ = join_parts(simplified)
     return merged, protected, len(simplified)
 
 
@@ -251,7 +250,7 @@ def _simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float,
 
 def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: float = 1.5e9, method: str = "auto",
              overwrite: bool = False) -> SimplifyReport:
-    """Read, simplify, write (:func:`qvl_surgery.values.write_value`), recorded like every pass."""
+    """Read, simplify, write (:func:`qvl_surgery.core.values.write_value`), recorded like every pass."""
     src = read_value(model_path, "model")
     check_output("model", out, overwrite=overwrite, inputs=src.files)
     with staging(Path(out)) as work:

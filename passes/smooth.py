@@ -26,14 +26,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qvl_surgery.errors import BadInput
-from qvl_surgery.graphinfo import with_graph
-from qvl_surgery.inspection import consumers
-from qvl_surgery.modelfile import Model, read_initializer
-from qvl_surgery.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.graphinfo import with_graph
+from qvl_surgery.core.patterns import consumers
+from qvl_surgery.core.modelfile import Model, read_initializer
+from qvl_surgery.core.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
                                   run_pass)
 
-from .rotate import _Linear, _linear, _Norm, hidden_norms, norm_readers, refolded
+from qvl_surgery.core.residual import Norm, StreamLinear, hidden_norms, norm_readers, refolded, stream_linear
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ class SmoothReport(PassReport):
 class _Site:
     tensor: str                          # what the readers read (before any Reshape)
     width: int                           # channels of that tensor
-    norm: _Norm | None                   # an RMSNorm's output: the scale folds into its weight
-    readers: list[tuple[_Linear, int]]   # linear, tokens per row (merger: 4)
+    norm: Norm | None                   # an RMSNorm's output: the scale folds into its weight
+    readers: list[tuple[StreamLinear, int]]   # linear, tokens per row (merger: 4)
 
 
-def _sites(model: Model, norms: list[_Norm], c: int) -> list[_Site]:
+def _sites(model: Model, norms: list[Norm], c: int) -> list[_Site]:
     """Every linear input that only linears read: RMSNorm outputs (qkv, gate/up, the merger through
     its Reshape) and the rest (attention output into proj, the MLP's hidden state into down_proj,
     the merger's GELU into its second linear)."""
@@ -86,12 +86,12 @@ def _sites(model: Model, norms: list[_Norm], c: int) -> list[_Site]:
     reshaped = {n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in norm_outs}
     seen = set(norm_outs) | reshaped
     for n in model.graph.node:
-        lin = _linear(model, n)
+        lin = stream_linear(model, n)
         x = n.input[0] if lin is not None else None
         if x is None or x in seen:
             continue
         seen.add(x)
-        readers = [(_linear(model, m), 1) for m in cons.get(x, [])]
+        readers = [(stream_linear(model, m), 1) for m in cons.get(x, [])]
         if all(r is not None and m.input[0] == x for (r, _), m in zip(readers, cons.get(x, []))):
             sites.append(_Site(x, readers[0][0].k_dim(model), None, readers))
     return sites
@@ -137,8 +137,8 @@ def _check_alpha(alpha: float | None) -> None:
 
 def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: float | None
             ) -> tuple[Model, SmoothReport]:
-    from qvl_surgery.calibrate import calibration_sets
-    from qvl_surgery.segments import run_segments
+    from qvl_surgery.core.calibrate import calibration_sets
+    from qvl_surgery.core.segments import run_segments
     _check_alpha(alpha)
     refuse_split_part(model, "smooth")
     norms, c = hidden_norms(model, "smooth")
@@ -165,7 +165,7 @@ def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: flo
     rename: dict[str, str] = {}
     add_bias: dict[int, str] = {}                         # id(Gemm without bias) -> its new bias
 
-    def weight_of(lin: _Linear) -> np.ndarray:
+    def weight_of(lin: StreamLinear) -> np.ndarray:
         w = np.asarray(read_initializer(inits[lin.weight], model.sources.get(lin.weight)), np.float64)
         return w if lin.out_in else w.T   # [N, K]
 
@@ -285,7 +285,7 @@ class SmoothPass(Pass):
     def preflight(self, facts: dict) -> None:
         _check_alpha(self.values.get("alpha"))
         if self.values.get("calibrate"):
-            from qvl_surgery.calibrate import check_calibration_source
+            from qvl_surgery.core.calibrate import check_calibration_source
             check_calibration_source(self.values["calibrate"], random_ok=True)
 
     def apply(self, model: Model, context: Context, **kw) -> PassResult:

@@ -114,7 +114,7 @@ def section_export(work: Path) -> list[str]:
     init = measure("baseline: transformers init of the 3b vision tower", py(
         "from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel as M;"
         "from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig as C;"
-        "from qvl_surgery.config import PRESETS; import torch; torch.manual_seed(0);"
+        "from qvl_surgery.core.config import PRESETS; import torch; torch.manual_seed(0);"
         "m = M(C(**PRESETS['3b'].to_dict())); print(sum(p.numel() for p in m.parameters()))"),
         show="python -c 'Qwen2_5_VisionTransformerPretrainedModel(3b config)'")
     cp = measure("baseline: cp of the .onnx.data", ["cp", str(model) + ".data", str(work / "cp.data")])
@@ -201,7 +201,7 @@ def section_split(work: Path) -> list[str]:
     goal = ", ".join(f"{k} {fastest[k] / fastest['cp']:.2f}x {'(met)' if fastest[k] / fastest['cp'] <= 1.2 else '(not met)'}"
                      f" and {peak[k]:.0f} MB {'(met)' if peak[k] <= 300 else '(not met)'}" for k in ("split", "merge"))
     hashes = [measure(f"hash the .onnx.data: {algo} (one thread, from the page cache)", _realtime(py(
-        f"from qvl_surgery.modelfile import hash_file; hash_file({data!r}, {algo!r})"))[0],
+        f"from qvl_surgery.core.modelfile import hash_file; hash_file({data!r}, {algo!r})"))[0],
         show=f'python -c "hash_file(model.onnx.data, {algo!r})"') for algo in ("sha256", "xxh3_128")]
     rows_cold = []
     clear(parts)
@@ -321,8 +321,8 @@ def section_overflow(work: Path) -> list[str]:
     model = work / "hot.onnx"
     clear(model, Path(str(model) + ".data"))
     measure("(setup) export 3b with a hot block-31 down_proj", py(
-        "from qvl_surgery.config import PRESETS; from qvl_surgery.weights import RandomWeights;"
-        "from qvl_surgery.export import export\n"
+        "from qvl_surgery.core.config import PRESETS; from qvl_surgery.core.weights import RandomWeights;"
+        "from qvl_surgery.core.export import export\n"
         "class Hot(RandomWeights):\n"
         "    def array(self, name):\n"
         "        a = super().array(name)\n"
@@ -600,8 +600,8 @@ def _windowed(work: Path, name: str, stand_in: str | None) -> Path:
     if not win.exists():
         if stand_in:
             measure(f"(setup) export {QUANT_PRESET} {stand_in} stand-in", py(
-                "from qvl_surgery.config import PRESETS; from qvl_surgery.export import export; "
-                "from qvl_surgery.weights import STAND_INS; "
+                "from qvl_surgery.core.config import PRESETS; from qvl_surgery.core.export import export; "
+                "from qvl_surgery.core.weights import STAND_INS; "
                 f"export(STAND_INS[{stand_in!r}](PRESETS[{QUANT_PRESET!r}], 0), {str(src)!r}, (448, 448), progress=False, overwrite=True)"))
         elif not src.exists():
             measure(f"(setup) export {QUANT_PRESET}", [QVL, "export", "--random-init", QUANT_PRESET, "--seed", "0",
@@ -630,7 +630,7 @@ def _surgered(work: Path, win: Path, how: str, made: dict) -> tuple[Path, Run]:
 
 def _kept_note(path: Path) -> str:
     """What a quantized file kept float and its share of the multiply-adds (from its metadata)."""
-    from qvl_surgery.signature import head_model
+    from qvl_surgery.core.signature import head_model
     try:
         rec = json.loads(head_model(path).metadata().get("qvl_surgery.quantize") or "{}")
     except Exception:   # noqa: BLE001 - an anchor's file has no such metadata
@@ -652,7 +652,7 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool, made: dict | Non
                  ) -> tuple[list[str], list[Run]]:
     import numpy as np
 
-    from qvl_surgery.metrics import centered_cosine, cosine
+    from qvl_surgery.core.metrics import centered_cosine, cosine
     rows = ["| route | runtime | latency s | x ORT fp32 | max abs diff / max abs ref | cosine | centered cosine | "
             "file MB | peak RSS MB | pass s | pass peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     passes: list[Run] = []
@@ -781,8 +781,8 @@ def section_quant(work: Path) -> list[str]:
     for stand_in in ("outlier", "overflow"):
         win = _windowed(work, stand_in, stand_in)
         srows, _ = _quant_table(work, win, STAND_IN_ROUTES, timed=False)
-        from qvl_surgery.weights import STAND_INS
-        from qvl_surgery.config import PRESETS
+        from qvl_surgery.core.weights import STAND_INS
+        from qvl_surgery.core.config import PRESETS
         out += [f"### {stand_in} stand-in: {STAND_INS[stand_in](PRESETS[QUANT_PRESET], 0).description}", "",
                 "Accuracy only (one run each; the latency of a route does not depend on the weights' values).", "",
                 *srows, ""]
@@ -811,8 +811,8 @@ def section_surgery(work: Path) -> list[str]:
     """Issue 17 per stand-in: naive W8A8 / after smooth / after rotate / with the budget's allocation,
     accuracy and latency (onnxruntime or OpenVINO) against onnxruntime fp32 of the same weights; and
     the sensitivity per block before and after the surgery (outlier stand-in), as a plot."""
-    from qvl_surgery.config import PRESETS
-    from qvl_surgery.weights import STAND_INS
+    from qvl_surgery.core.config import PRESETS
+    from qvl_surgery.core.weights import STAND_INS
     out = [f"## surgery ({QUANT_PRESET} windowed, 448x448, 2 threads; the two stand-ins)", "",
            "Per stand-in, in one invocation: the fp32 file, W8A8 with every linear quantized on the file as it is "
            "(naive), after `smooth --calibrate random:4` and after `rotate` (both exact in fp32), and `--budget "

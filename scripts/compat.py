@@ -453,7 +453,7 @@ def make_files(preset: str, size: str, kinds: list[Kind], reuse: bool) -> tuple[
 def parts_of(path: Path) -> list[dict]:
     """Parts in chain order with their inputs (name, dtype), outputs and output shapes (-1: not fixed),
     read by the toolkit's one signature reader."""
-    from qvl_surgery.signature import signature
+    from qvl_surgery.core.signature import signature
 
     def io(p: Path) -> dict:
         sig = signature(p)
@@ -498,12 +498,12 @@ def feeds_for(path: Path, size: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run_onnxruntime(path: Path, feeds: dict) -> dict[str, np.ndarray]:
-    from qvl_surgery.runners import run_chain, run_model
+    from qvl_surgery.core.runners import run_chain, run_model
     return run_chain(path, feeds) if path.is_dir() else run_model(path, feeds)
 
 
 def metrics(got: np.ndarray, ref: np.ndarray) -> dict:
-    from qvl_surgery.metrics import cosine, max_abs, relative_l2
+    from qvl_surgery.core.metrics import cosine, max_abs, relative_l2
     return {"max_abs": max_abs(ref, got), "cosine": cosine(got, ref), "rel_l2": relative_l2(ref, got),
             "finite": bool(np.isfinite(got).all())}
 

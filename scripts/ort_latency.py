@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from qvl_surgery.inputs import ModelKind, parse_sizes, random_feeds
-from qvl_surgery.runners import cast_feeds, openvino_compiled, ort_session
+from qvl_surgery.core.inputs import ModelKind, parse_sizes, random_feeds
+from qvl_surgery.core.runners import cast_feeds, openvino_compiled, ort_session
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")

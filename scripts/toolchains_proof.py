@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         return worker(a.worker)
     clients = {k: v for k, v in _clients().items() if k in a.clients.split(",")}
     from compat import setup_client
-    from qvl_surgery.metrics import centered_cosine, cosine
-    from qvl_surgery.config import PRESETS
-    from qvl_surgery.export import export
-    from qvl_surgery.runners import run_model
-    from qvl_surgery.weights import STAND_INS
+    from qvl_surgery.core.metrics import centered_cosine, cosine
+    from qvl_surgery.core.config import PRESETS
+    from qvl_surgery.core.export import export
+    from qvl_surgery.core.runners import run_model
+    from qvl_surgery.core.weights import STAND_INS
     for c in clients.values():
         setup_client(c)
     if WORK.exists():

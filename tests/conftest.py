@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from qvl_surgery.config import PRESETS
-from qvl_surgery.export import export
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.config import PRESETS
+from qvl_surgery.core.export import export
+from qvl_surgery.core.weights import RandomWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]

@@ -6,10 +6,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, run_cli, tiny_pixels
 from passes.attention import find_attention
-from qvl_surgery.emulate import emulate
-from qvl_surgery.modelfile import load_model, save_model
-from qvl_surgery.runners import run_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.emulate import emulate
+from qvl_surgery.core.modelfile import load_model, save_model
+from qvl_surgery.core.runners import run_model
+from qvl_surgery.core.weights import RandomWeights
 
 CASES = [("tiny_448", (448, 448), 0), ("tiny_uneven", (252, 364), 1)]
 

@@ -16,10 +16,10 @@ from onnx import TensorProto
 from conftest import TINY, assert_one_line_error, import_client, run_cli, tiny_pixels
 from passes import parse_spec
 from passes.fp16 import JUDGEMENTS, Fp16Pass, convert_fp16
-from qvl_surgery.compare import compare
-from qvl_surgery.emulate import emulate
-from qvl_surgery.modelfile import load_model, read_initializer, save_model
-from qvl_surgery.runners import openvino_compiled, run_openvino
+from qvl_surgery.analysis.compare import compare
+from qvl_surgery.core.emulate import emulate
+from qvl_surgery.core.modelfile import load_model, read_initializer, save_model
+from qvl_surgery.core.runners import openvino_compiled, run_openvino
 
 BF16, F32, F16 = TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.FLOAT16
 JUDGED = JUDGEMENTS["bfloat16"]
@@ -29,7 +29,7 @@ sys.modules.setdefault("openvino_telemetry", None)
 def _writer_takes_bf16() -> bool:
     """The model writer takes the bytes of a computed tensor from a buffer of its array, which an
     ml_dtypes array cannot export ("cannot include dtype 'E' in a buffer") unless it is viewed as bytes."""
-    from qvl_surgery.modelfile import Computed, _tensor_bytes
+    from qvl_surgery.core.modelfile import Computed, _tensor_bytes
     t = onnx.helper.make_tensor("w", BF16, [2], np.zeros(2, np.uint16).tobytes(), raw=True)
     try:
         _tensor_bytes(t, Computed(lambda: np.zeros(2, ml_dtypes.bfloat16), 4))
@@ -116,7 +116,7 @@ def test_emulated_and_openvino_accuracy_against_fp32(tiny_448, bf16_model):
     # OpenVINO computes the same file much as the emulation rounds it
     emulated = emulate(out, feeds)["image_embeds"].astype(np.float32)
     ran = run_openvino(out, feeds)["image_embeds"]
-    from qvl_surgery.compare import centered_cosine, cosine
+    from qvl_surgery.analysis.compare import centered_cosine, cosine
     print(f"openvino vs emulation: cosine {cosine(emulated, ran):.6f}, centered {centered_cosine(emulated, ran):.6f}")
     assert centered_cosine(emulated, ran) > 0.999
 

@@ -20,7 +20,7 @@ def _build_synthetic(path):
     code = textwrap.dedent(f"""
         import numpy as np
         from onnx import TensorProto, helper
-        from qvl_surgery.modelfile import Computed, Model, save_model
+        from qvl_surgery.core.modelfile import Computed, Model, save_model
         N = {N}
         ws, nodes, cur = [], [], "x"
         for k, op in enumerate(["Add", "Mul", "Add"]):
@@ -48,7 +48,7 @@ def test_synthetic_over_2gb_round_trip_split_merge_and_the_reference_failure(big
 
     # load + save streams bytes: peak RSS far below the model size
     peak, _ = peak_rss_mb_of(textwrap.dedent(f"""
-        from qvl_surgery.modelfile import load_model, save_model
+        from qvl_surgery.core.modelfile import load_model, save_model
         save_model(load_model({str(src)!r}), {str(big_dir / 'copy.onnx')!r})
     """))
     print(f"round trip of a {size / 1e9:.2f} GB model: peak RSS {peak:.0f} MB (build: {build_peak:.0f} MB)")

@@ -31,7 +31,7 @@ def test_3b_export_split_chain_merge(big_dir):
     # numerics in a child process, one session at a time
     _, out = peak_rss_mb_of(textwrap.dedent(f"""
         import numpy as np
-        from qvl_surgery.runners import run_chain, run_model
+        from qvl_surgery.core.runners import run_chain, run_model
         px = np.random.default_rng(0).standard_normal((1024, 1176)).astype(np.float32)
         whole = run_model({str(model)!r}, {{"pixel_values": px}})["image_embeds"]
         chain = run_chain({str(big_dir / 'parts')!r}, {{"pixel_values": px}})["image_embeds"]

@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import TINY, assert_one_line_error, check_written, run_cli
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.weights import RandomWeights
 
 
 

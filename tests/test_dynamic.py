@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import TINY, check_written, hf_vision_model
-from qvl_surgery.dynamic import (GRID_TENSORS, build_dynamic_encoder, check_grid, export_dynamic)
-from qvl_surgery.errors import BadInput
-from qvl_surgery.hostinputs import host_inputs
-from qvl_surgery.modelfile import load_model, save_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.dynamic import (GRID_TENSORS, build_dynamic_encoder, check_grid, export_dynamic)
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.hostinputs import host_inputs
+from qvl_surgery.core.modelfile import load_model, save_model
+from qvl_surgery.core.weights import RandomWeights
 
 # grid rows (t, h, w) in patches; 14 px per patch
 CASES = {
@@ -94,7 +94,7 @@ def test_host_inputs_kind_equals_transformers(dyn, case_ref, case):
 
 
 def test_host_inputs_equal_the_in_graph_tensors(dyn):
-    """numpy and the graph's own computation (qvl_surgery.grid's two forms) give the same grid tensors."""
+    """numpy and the graph's own computation (qvl_surgery.core.grid's two forms) give the same grid tensors."""
     import onnxruntime as ort
     m = onnx.load(str(dyn["dir"] / "self.onnx"), load_external_data=False)
     m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in GRID_TENSORS)

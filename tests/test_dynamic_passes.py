@@ -10,11 +10,11 @@ from conftest import TINY, assert_one_line_error, check_written, hf_vision_model
 from passes.fp16 import convert_fp16
 from passes.merge import merge_to_file
 from passes.split import split
-from qvl_surgery.dynamic import export_dynamic
-from qvl_surgery.emulate import emulate
-from qvl_surgery.modelfile import load_model, save_model
-from qvl_surgery.runners import run_chain, run_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.dynamic import export_dynamic
+from qvl_surgery.core.emulate import emulate
+from qvl_surgery.core.modelfile import load_model, save_model
+from qvl_surgery.core.runners import run_chain, run_model
+from qvl_surgery.core.weights import RandomWeights
 
 SEED = 4
 # one call each: a single uneven image, two sizes, image + video

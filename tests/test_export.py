@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import TINY, check_written, hf_forward, hf_vision_model, ort_run, run_cli, tiny_pixels
-from qvl_surgery.config import PRESETS, VisionConfig
-from qvl_surgery.export import export
-from qvl_surgery.layout import window_layout
-from qvl_surgery.modelfile import load_model
-from qvl_surgery.weights import CheckpointWeights, RandomWeights, StateDictWeights, parameter_count
+from qvl_surgery.core.config import PRESETS, VisionConfig
+from qvl_surgery.core.export import export
+from qvl_surgery.core.layout import window_layout
+from qvl_surgery.core.modelfile import load_model
+from qvl_surgery.core.weights import CheckpointWeights, RandomWeights, StateDictWeights, parameter_count
 
 
 def test_3b_parameter_count_matches_published_figure():

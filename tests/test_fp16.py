@@ -11,11 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import assert_one_line_error, TINY, check_written, run_cli, tiny_pixels
 from passes.fp16 import convert_fp16
-from qvl_surgery.emulate import emulate
-from qvl_surgery.export import export
-from qvl_surgery.modelfile import load_model, save_model
-from qvl_surgery.runners import run_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.emulate import emulate
+from qvl_surgery.core.export import export
+from qvl_surgery.core.modelfile import load_model, save_model
+from qvl_surgery.core.runners import run_model
+from qvl_surgery.core.weights import RandomWeights
 
 F16, F32 = TensorProto.FLOAT16, TensorProto.FLOAT
 SIZE = (448, 448)
@@ -239,7 +239,7 @@ def test_image_inputs_for_compare_and_calibrate(tiny_448, tmp_path):
     from PIL import Image
     img = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(img)
-    from qvl_surgery.inputs import ModelKind, image_feeds
+    from qvl_surgery.core.inputs import ModelKind, image_feeds
     px = image_feeds(ModelKind.of(tiny_448), [str(img)])["pixel_values"]
     assert px.shape == (1024, 1176) and px.dtype == np.float32
     r = run_cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--calibrate", img, "-q")

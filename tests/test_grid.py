@@ -1,4 +1,4 @@
-"""The grid tables (qvl_surgery.grid): the graph form alone in onnxruntime equals the numpy form,
+"""The grid tables (qvl_surgery.core.grid): the graph form alone in onnxruntime equals the numpy form,
 and the numpy form equals transformers' get_window_index, rot_pos_emb and cu_seqlens."""
 import numpy as np
 import onnx
@@ -7,9 +7,9 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import TINY, check_written, hf_vision_model
-from qvl_surgery.export import OPSET, GraphBuilder
-from qvl_surgery.grid import GRID_TENSORS, grid_tables_graph, grid_tables_numpy, table_shapes
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.export import OPSET, GraphBuilder
+from qvl_surgery.core.grid import GRID_TENSORS, grid_tables_graph, grid_tables_numpy, table_shapes
+from qvl_surgery.core.weights import RandomWeights
 
 # rows (t, h, w) in patches: merged sides 9x13 and 1x32 are not multiples of the 4-token window
 GRIDS = {

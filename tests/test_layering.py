@@ -11,7 +11,18 @@ import pytest
 
 from conftest import ROOT, assert_one_line_error, check_written, run_cli
 
-APP = {"qvl_surgery.cli", "qvl_surgery.pipeline", "qvl_surgery.package", "qvl_surgery.polygraphy_plugin"}
+# the layers, lowest first: a module may import its own layer and the ones below, never one above;
+# a pass never imports another pass (what two passes share lives in the core)
+LAYERS = ("qvl_surgery.core", "passes", "qvl_surgery.analysis", "qvl_surgery.app")
+
+
+def layer_of(module: str) -> int:
+    for k, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return k
+    if module == "qvl_surgery":       # the package itself: its version string, nothing else
+        return 0
+    raise AssertionError(f"{module}: in no layer; put it under one of {', '.join(LAYERS)}")
 
 
 def _module_name(path: Path) -> str:
@@ -48,16 +59,18 @@ def _imports() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycles_and_the_core_never_imports_passes():
+def test_imports_follow_the_folders_and_no_pass_imports_another():
     graph = _imports()
-    assert "qvl_surgery.values" in graph and "passes.split" in graph
-    core = {m for m in graph if m.startswith("qvl_surgery") and m not in APP}
-    for m in core:
-        bad = [i for i in graph[m] if i.startswith("passes") or i in APP]
-        assert not bad, f"core module {m} imports {bad}"
-    for m in graph:
-        if m.startswith("passes"):
-            assert not [i for i in graph[m] if i in APP], m
+    assert "qvl_surgery.core.values" in graph and "passes.split" in graph and "qvl_surgery.app.cli" in graph
+    for m, imported in graph.items():
+        for i in imported:
+            assert layer_of(i) <= layer_of(m), f"{m} ({LAYERS[layer_of(m)]}) imports {i} ({LAYERS[layer_of(i)]})"
+        if m.startswith("passes.") and m.count(".") >= 1:
+            own = ".".join(m.split(".")[:2])          # a pass module, or a pass package and its modules
+            others = [i for i in imported if i.startswith("passes.") and not (i == own or i.startswith(own + "."))]
+            assert not others, f"pass {m} imports another pass: {others}"
+    loose = sorted(p.name for p in (ROOT / "qvl_surgery").glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules outside the layer folders: {loose}"
     # no cycle anywhere (depth-first search)
     state: dict[str, int] = {}
 
@@ -77,8 +90,8 @@ def test_no_import_cycles_and_the_core_never_imports_passes():
 
 DUMMY = textwrap.dedent('''
     from dataclasses import dataclass
-    from qvl_surgery.passbase import Option, Pass, PassReport, PassResult
-    from qvl_surgery.modelfile import Model
+    from qvl_surgery.core.passbase import Option, Pass, PassReport, PassResult
+    from qvl_surgery.core.modelfile import Model
 
 
     @dataclass
@@ -113,7 +126,7 @@ RUNNER = textwrap.dedent('''
     import passes
     from dummy_pass import RenamePass
     passes.register(RenamePass)     # the one place a new pass is listed
-    from qvl_surgery.cli import main
+    from qvl_surgery.app.cli import main
     sys.exit(main(sys.argv[2:]))
 ''')
 
@@ -135,7 +148,7 @@ def test_a_new_pass_is_one_class_and_one_registry_line(tiny_448, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "nodes renamed" in r.stdout
     check_written(tmp_path / "r.onnx")
-    from qvl_surgery.modelfile import load_model
+    from qvl_surgery.core.modelfile import load_model
     m = load_model(tmp_path / "r.onnx")
     assert json.loads(m.metadata()["qvl_surgery.passes"])[-1] == "rename:prefix=p/+only_op=Gemm"
     assert all(n.name.startswith("p/") for n in m.graph.node if n.op_type == "Gemm")
@@ -167,7 +180,7 @@ def test_passes_text_keeps_commas_inside_an_option():
 
 def test_library_function_takes_the_option_names(tiny_448):
     from passes.fp16 import convert_fp16
-    from qvl_surgery.modelfile import load_model
+    from qvl_surgery.core.modelfile import load_model
     model, report = convert_fp16(load_model(tiny_448), keep_silu_fp32=True, keep_node=["/blocks.0/*"])
     assert report.kept["silu"] and report.kept["node /blocks.0/*"]
 
@@ -176,7 +189,7 @@ def test_quantized_weights_never_inline(tmp_path):
     """An int8 weight computed by a pass goes to the data file; an int64 table stays inline."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from qvl_surgery.modelfile import Computed, Model, save_model
+    from qvl_surgery.core.modelfile import Computed, Model, save_model
     w = np.arange(64 * 64, dtype=np.int8).reshape(64, 64)
     table = numpy_helper.from_array(np.arange(300, dtype=np.int64), "table")
     wt = TensorProto(name="w", data_type=TensorProto.INT8, dims=[64, 64], data_location=TensorProto.EXTERNAL)
@@ -208,7 +221,7 @@ def test_compare_judges_a_file_as_its_passes_declared(tiny_448, tmp_path):
     r = run_cli("quantize", tiny_448, "-o", tmp_path / "q.onnx", "--activations", "int8", "--format", "onnxruntime",
                 "-q")
     assert r.returncode == 0, r.stderr
-    from qvl_surgery.modelfile import load_model
+    from qvl_surgery.core.modelfile import load_model
     assert "qvl_surgery.judgement" in load_model(tmp_path / "q.onnx").metadata()
     r = run_cli("compare", tiny_448, tmp_path / "q.onnx")
     assert r.returncode == 0 and "PASSED" in r.stdout and "centered" in r.stdout, r.stdout + r.stderr

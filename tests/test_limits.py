@@ -8,11 +8,11 @@ import pytest
 
 from conftest import TINY, assert_one_line_error, run_cli
 from passes.attention import rewrite_attention
-from qvl_surgery.dynamic import build_dynamic_encoder
-from qvl_surgery.errors import BadInput
-from qvl_surgery.export import build_encoder
-from qvl_surgery.modelfile import load_model, save_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.dynamic import build_dynamic_encoder
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.export import build_encoder
+from qvl_surgery.core.modelfile import load_model, save_model
+from qvl_surgery.core.weights import RandomWeights
 
 
 def _chunk_scores(model) -> list[str]:

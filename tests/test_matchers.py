@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import check_written, ort_run
 from passes.attention import find_attention, rewrite_attention
 from passes.fp16 import convert_fp16
-from qvl_surgery.inspection import rmsnorm_patterns
-from qvl_surgery.modelfile import load_model, save_model
+from qvl_surgery.core.patterns import rmsnorm_patterns
+from qvl_surgery.core.modelfile import load_model, save_model
 
 F32 = TensorProto.FLOAT
 RNG = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Issue 23: every subcommand misused the ways a new user misuses it. Each refusal is one line and
 exit 2 (130 / 143 for SIGINT / SIGTERM), the inputs' bytes are unchanged, and nothing is left at
 the output or beside it (no staging, no folder, no half-written file). In this process
-(``qvl_surgery.cli.main``): the signals are real (SIGTERM is sent to this process while the command
+(``qvl_surgery.app.cli.main``): the signals are real (SIGTERM is sent to this process while the command
 publishes; SIGINT is Python's KeyboardInterrupt raised at the same point)."""
 import hashlib
 import os
@@ -16,10 +16,10 @@ import pytest
 
 from conftest import TINY
 from passes.split import split
-from qvl_surgery.cli import main
-from qvl_surgery.export import export
-from qvl_surgery.modelfile import load_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.app.cli import main
+from qvl_surgery.core.export import export
+from qvl_surgery.core.modelfile import load_model
+from qvl_surgery.core.weights import RandomWeights
 
 SIZE = (112, 168)
 
@@ -268,7 +268,7 @@ def test_force_replaces_what_the_toolkit_wrote(home, tmp_path, capsys):
 def test_static_budget_on_a_model_run_in_segments(home, tmp_path, capsys, monkeypatch):
     """The 3b (> 256 MB of weights) runs in segments; a static-activation budget failed there with
     'Type (tensor(uint8)) of output arg ...': the tiny model cut into 20 kB segments reproduces it."""
-    import qvl_surgery.segments as segments
+    import qvl_surgery.core.segments as segments
     monkeypatch.setattr(segments, "DEFAULT_SEGMENT_BYTES", 20_000)
     r = cli(capsys, "quantize", home / "model.onnx", "-o", tmp_path / "q.onnx", "--activations", "int8", "--format",
             "onnxruntime", "--calibrate", "random:2", "--budget", "0.99", "-q")
@@ -283,14 +283,14 @@ def test_static_budget_on_a_model_run_in_segments(home, tmp_path, capsys, monkey
     ("attention,fp16:keep_silu_fp32,split:parts=3", ["attention", "fp16:keep_silu_fp32", "split:parts=3"]),
 ])
 def test_passes_text_in_the_readme_forms(text, want):
-    from qvl_surgery.pipeline import parse_passes
+    from qvl_surgery.app.pipeline import parse_passes
     got = [p.text() for p in parse_passes(text)]
     assert got == want
     assert [p.text() for p in parse_passes(",".join(got))] == want   # the text a pass records parses back
 
 
 def test_compare_refuses_models_of_two_kinds_either_way(home, tmp_path, capsys):
-    from qvl_surgery.dynamic import export_dynamic
+    from qvl_surgery.core.dynamic import export_dynamic
     dyn = tmp_path / "dyn.onnx"
     export_dynamic(RandomWeights(TINY, seed=0), dyn, progress=False)
     for a, b in ((dyn, home / "model.onnx"), (home / "model.onnx", dyn)):
@@ -314,7 +314,7 @@ def test_per_block_on_a_rotated_model_says_why_blocks_differ(home, tmp_path, cap
 
 def test_small_image_for_a_dynamic_model(tmp_path, capsys):
     from PIL import Image
-    from qvl_surgery.dynamic import export_dynamic
+    from qvl_surgery.core.dynamic import export_dynamic
     dyn = tmp_path / "dyn.onnx"
     export_dynamic(RandomWeights(TINY, seed=0), dyn, progress=False)
     Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "small.png")

@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import check_written, ort_run, tiny_pixels
-from qvl_surgery.errors import BadInput
-from qvl_surgery.modelfile import Computed, FileRange, Model, load_model, save_model, single_file_size
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.modelfile import Computed, FileRange, Model, load_model, save_model, single_file_size
 
 
 def _small_external_model(d, n=3, size=4096):
@@ -113,7 +113,7 @@ def test_failed_save_leaves_nothing(tmp_path, tiny_448):
 
 def test_copy_falls_back_to_chunks_where_the_kernel_cannot(tiny_448, tmp_path, monkeypatch):
     import errno
-    import qvl_surgery.modelfile as mf
+    import qvl_surgery.core.modelfile as mf
 
     def no_kernel_copy(*a, **k):
         raise OSError(errno.EXDEV, "cross-device")
@@ -220,7 +220,7 @@ def test_single_file_write_streams(tmp_path):
     code = textwrap.dedent(f"""
         import numpy as np, os
         from onnx import TensorProto, helper
-        from qvl_surgery.modelfile import Computed, Model, load_model, save_model
+        from qvl_surgery.core.modelfile import Computed, Model, load_model, save_model
         N, K = 5 << 18, 64      # floats per weight (5 MB), weights
         ws, nodes, cur = [], [], "x"
         for k in range(K):
@@ -253,7 +253,7 @@ def test_single_file_write_streams(tmp_path):
 # ----------------------------------------------------------------------------- integrity hashes
 
 def test_streamed_digest_equals_file_hash_for_each_algorithm(tiny_448, tmp_path):
-    from qvl_surgery.modelfile import HASH_ALGORITHMS, StreamDigest, hash_file, sha256_file, write_model_files
+    from qvl_surgery.core.modelfile import HASH_ALGORITHMS, StreamDigest, hash_file, sha256_file, write_model_files
     import hashlib
     for algo in HASH_ALGORITHMS:
         d = StreamDigest(algo)
@@ -267,7 +267,7 @@ def test_streamed_digest_equals_file_hash_for_each_algorithm(tiny_448, tmp_path)
 def _old_style(manifest):
     """Rewrite a manifest as splits written before the hash change were: sha256 fields."""
     import json
-    from qvl_surgery.modelfile import sha256_file
+    from qvl_surgery.core.modelfile import sha256_file
     doc = json.loads(manifest.read_text())
     for p in doc["parts"]:
         del p["data_hash"], p["onnx_hash"]
@@ -280,7 +280,7 @@ def _old_style(manifest):
 def test_manifests_with_sha256_are_still_verified(tiny_448, tmp_path):
     from conftest import assert_one_line_error, run_cli
     from passes.split import split
-    from qvl_surgery.manifest import hash_checks, read_manifest
+    from qvl_surgery.core.manifest import hash_checks, read_manifest
     split(load_model(tiny_448), tmp_path / "p", parts=2)
     man = tmp_path / "p" / "manifest.json"
     assert {algo for _, algo, _ in hash_checks(read_manifest(man))} == {"xxh3_128"}
@@ -302,7 +302,7 @@ def test_manifests_with_sha256_are_still_verified(tiny_448, tmp_path):
 def test_manifest_with_only_unknown_hashes_is_refused(tiny_448, tmp_path):
     import json
     from passes.split import split
-    from qvl_surgery.manifest import read_manifest
+    from qvl_surgery.core.manifest import read_manifest
     split(load_model(tiny_448), tmp_path / "p", parts=2)
     man = tmp_path / "p" / "manifest.json"
     doc = json.loads(man.read_text())
@@ -343,7 +343,7 @@ def test_data_layout_gathers_copies_page_congruent(tmp_path):
     streamed hash must hash the source's padding, here 0xAB); a copy of >= 1 MB starts at its
     source's offset within a page, in the first page of a 64 KB block; every weight stays 64-byte
     aligned and byte-identical; holes between copies are not copied."""
-    from qvl_surgery.modelfile import StreamDigest, _DataLayout, hash_file, write_model_files
+    from qvl_surgery.core.modelfile import StreamDigest, _DataLayout, hash_file, write_model_files
     mb = 1 << 20
     layout = [(64 * 7, mb - 40), (64 * 7 + mb, 3000 * 4),         # one run (40 bytes of padding), 1 MB+
               (3 * mb + 128, 256),                                # a hole: a new, short run

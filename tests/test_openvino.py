@@ -21,9 +21,9 @@ import onnx
 import pytest
 
 from conftest import TINY, import_client, run_cli, tiny_pixels
-from qvl_surgery.export import export
-from qvl_surgery.runners import run_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.export import export
+from qvl_surgery.core.runners import run_model
+from qvl_surgery.core.weights import RandomWeights
 
 # convert_model sends usage statistics through openvino_telemetry unless a consent file says no;
 # without the module it falls back to its own no-op stub.

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import import_client
-from qvl_surgery.errors import BadInput, QvlError
-from qvl_surgery.package import build_embedding_model, builder_env, Checkpoint, package, write_vision_model
-from qvl_surgery.weights import CheckpointWeights
-from qvl_surgery.testing import make_tiny_checkpoint
+from qvl_surgery.core.errors import BadInput, QvlError
+from qvl_surgery.app.package import build_embedding_model, builder_env, Checkpoint, package, write_vision_model
+from qvl_surgery.core.weights import CheckpointWeights
+from qvl_surgery.app.testing import make_tiny_checkpoint
 
 og = import_client("onnxruntime_genai")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_one_line_error, check_written, run_cli, tiny_pixels
-from qvl_surgery.emulate import emulate
-from qvl_surgery.manifest import read_manifest
-from qvl_surgery.runners import run_model
+from qvl_surgery.core.emulate import emulate
+from qvl_surgery.core.manifest import read_manifest
+from qvl_surgery.core.runners import run_model
 
 
 def test_run_export_to_split_parts_compared(tmp_path):

@@ -11,12 +11,12 @@ import pytest
 from conftest import TINY, assert_one_line_error, check_written, run_cli, tiny_pixels
 from passes import PASSES
 from passes.split import split_model
-from qvl_surgery.errors import BadInput
-from qvl_surgery.modelfile import load_model
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.modelfile import load_model
 from passes import parse_spec, spec_from_dict
-from qvl_surgery.passbase import Context, Sequential
-from qvl_surgery.pipeline import read_recipe
-from qvl_surgery.runners import run_chain, run_model
+from qvl_surgery.core.passbase import Context, Sequential
+from qvl_surgery.app.pipeline import read_recipe
+from qvl_surgery.core.runners import run_chain, run_model
 
 
 def _passes_of(path):

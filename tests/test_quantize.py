@@ -11,10 +11,10 @@ from onnx import TensorProto
 
 from conftest import TINY, check_written
 from passes.quantize import quantize_model
-from qvl_surgery import quant
-from qvl_surgery.compare import centered_cosine, cosine
-from qvl_surgery.errors import BadInput
-from qvl_surgery.modelfile import load_model, pack_nibbles, save_model
+from qvl_surgery.core import quant
+from qvl_surgery.analysis.compare import centered_cosine, cosine
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.modelfile import load_model, pack_nibbles, save_model
 
 N_LINEARS = 1 + 5 * TINY.depth + 2   # patch embed, qkv/proj/gate/up/down per block, merger's two
 N_ACT = 1 + 4 * TINY.depth + 2       # distinct linear inputs (gate and up share theirs)
@@ -135,8 +135,8 @@ def test_as_accurate_as_onnxruntime_quantize_dynamic(tiny_448, reference, tmp_pa
 
 
 def test_dynamic_export_keeps_symbolic_dims(tmp_path_factory):
-    from qvl_surgery.dynamic import export_dynamic
-    from qvl_surgery.weights import RandomWeights
+    from qvl_surgery.core.dynamic import export_dynamic
+    from qvl_surgery.core.weights import RandomWeights
     d = tmp_path_factory.mktemp("qdyn")
     export_dynamic(RandomWeights(TINY, seed=4), d / "m.onnx", progress=False)
     fp32 = _session(d / "m.onnx")
@@ -223,7 +223,7 @@ def test_modelfile_writes_and_reads_4_bit_tensors_packed(tmp_path, single_file):
     """INT4 / UINT4 computed tensors go to disk two values a byte (ONNX's layout), onnxruntime reads
     them (a DequantizeLinear model), and load_model + read_initializer give the values back."""
     from onnx import helper
-    from qvl_surgery.modelfile import Computed, Model, read_initializer
+    from qvl_surgery.core.modelfile import Computed, Model, read_initializer
     rng = np.random.default_rng(0)
     codes = {"s4": rng.integers(-8, 8, size=(7, 5)).astype(np.int8), "u4": rng.integers(0, 16, size=(7, 5)).astype(np.uint8)}
     inits, sources, nodes, outs = [], {}, [], []
@@ -270,7 +270,7 @@ def test_calibration_records_only_what_it_is_asked(tiny_448):
     rec = quant.record_ranges(model, [{"pixel_values": x}], names)
     assert set(rec.histograms) == set(names) and rec.inputs == 1
     # the recorded tensor is exactly onnxruntime's
-    from qvl_surgery.modelfile import sibling_model
+    from qvl_surgery.core.modelfile import sibling_model
     proto = onnx.load(str(tiny_448), load_external_data=False)
     proto.graph.output.append(onnx.helper.make_tensor_value_info(names[1], TensorProto.FLOAT, None))
     with sibling_model(tiny_448, proto) as tmp:
@@ -282,8 +282,8 @@ def test_calibration_records_only_what_it_is_asked(tiny_448):
 def stand_ins(tmp_path_factory):
     """The two stand-ins of a trained encoder (tiny, 448x448): massive residual channels, and the
     overflowing last block."""
-    from qvl_surgery.export import export
-    from qvl_surgery.weights import STAND_INS
+    from qvl_surgery.core.export import export
+    from qvl_surgery.core.weights import STAND_INS
     d = tmp_path_factory.mktemp("stand_ins")
     out = {}
     for kind in ("outlier", "overflow"):
@@ -303,7 +303,7 @@ def test_stand_ins_defeat_naive_w8a8_and_the_merger_is_where(stand_ins, kind, tm
     src = stand_ins[kind]
     ref = _session(src).run(None, {"pixel_values": x})[0]
     if kind == "outlier":   # the residual carries ~1e3 in the chosen channels from block 1 on
-        from qvl_surgery.compare import block_output_names
+        from qvl_surgery.analysis.compare import block_output_names
         after = block_output_names(src)
         rec = quant.record_ranges(load_model(src), [{"pixel_values": x}], after)
         assert rec.histograms[after[0]].amax < 50 and all(rec.histograms[n].amax > 500 for n in after[1:])

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY
-from qvl_surgery.cli import EXAMPLES, build_parser, main
-from qvl_surgery.export import export
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.app.cli import EXAMPLES, build_parser, main
+from qvl_surgery.core.export import export
+from qvl_surgery.core.weights import RandomWeights
 
 CHECKPOINTS = ("~/Qwen2.5-VL-3B-Instruct", "path/to/Qwen2.5-VL-3B-Instruct")
 # the 3b's 32 blocks in the examples, the tiny config's 4 here
@@ -69,7 +69,7 @@ def test_the_readme_has_its_commands():
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     from PIL import Image
-    from qvl_surgery.testing import make_tiny_checkpoint
+    from qvl_surgery.app.testing import make_tiny_checkpoint
     d = tmp_path_factory.mktemp("readme")
     (d / "out").mkdir()
     export(RandomWeights(TINY, seed=0), d / "out" / "model.onnx", (448, 448), progress=False)

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, run_cli, tiny_pixels
 from passes.split import split
-from qvl_surgery.manifest import read_manifest
-from qvl_surgery.modelfile import load_model
-from qvl_surgery.runners import run_chain, run_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.core.manifest import read_manifest
+from qvl_surgery.core.modelfile import load_model
+from qvl_surgery.core.runners import run_chain, run_model
+from qvl_surgery.core.weights import RandomWeights
 
 SIZE = (448, 448)
 
@@ -193,7 +193,7 @@ def test_each_part_runs_under_polygraphy(tiny_448, tmp_path):
 
 def test_streamed_hash_matches_the_written_files(tiny_448, tmp_path):
     from passes.fp16 import convert_fp16
-    from qvl_surgery.modelfile import hash_file
+    from qvl_surgery.core.modelfile import hash_file
     # computed sources (fp16 conversion while writing), file ranges and alignment gaps all hashed in stream
     for name, model in (("fp32", load_model(tiny_448)), ("fp16", convert_fp16(load_model(tiny_448))[0])):
         r = split(model, tmp_path / name, parts=3)

@@ -6,12 +6,12 @@ import pytest
 
 from conftest import TINY, check_written, run_cli
 from passes.rotate import hadamard, rotate_model, rotation
-from qvl_surgery.compare import centered_cosine
-from qvl_surgery.export import export
-from qvl_surgery.inputs import ModelKind, random_feeds
-from qvl_surgery.modelfile import load_model, save_model
-from qvl_surgery.runners import run_model
-from qvl_surgery.weights import STAND_INS
+from qvl_surgery.analysis.compare import centered_cosine
+from qvl_surgery.core.export import export
+from qvl_surgery.core.inputs import ModelKind, random_feeds
+from qvl_surgery.core.modelfile import load_model, save_model
+from qvl_surgery.core.runners import run_model
+from qvl_surgery.core.weights import STAND_INS
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def tiny_windowed(tiny_448, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_dynamic(tmp_path_factory):
-    from qvl_surgery.dynamic import export_dynamic
-    from qvl_surgery.weights import RandomWeights
+    from qvl_surgery.core.dynamic import export_dynamic
+    from qvl_surgery.core.weights import RandomWeights
     out = tmp_path_factory.mktemp("surgery_dyn") / "dynamic.onnx"
     export_dynamic(RandomWeights(TINY, seed=3), out, progress=False)
     return out
@@ -74,14 +74,14 @@ def test_rotate_spreads_massive_channels(tmp_path):
     energy; after rotation no channel carries much more than its share (the fp32 output unchanged).
     Spreading alone does not make per-tensor int8 work there: the massive part is nearly constant
     over tokens, which a rotation keeps (it needs a shift: smooth)."""
-    from qvl_surgery.segments import run_segments
+    from qvl_surgery.core.segments import run_segments
     src = tmp_path / "outlier.onnx"
     export(STAND_INS["outlier"](TINY, 0), src, (448, 448), progress=False)
     rot = save_model(rotate_model(load_model(src))[0], tmp_path / "rot.onnx")
     x = {"pixel_values": np.random.default_rng(0).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
 
     def top_share(path):
-        from qvl_surgery.linears import find_linears
+        from qvl_surgery.core.linears import find_linears
         m = load_model(path)
         name = next(lin.x for lin in find_linears(m, []) if lin.name.startswith("/blocks.2/attn/qkv"))
         got = {}

@@ -10,11 +10,11 @@ import onnx
 import pytest
 
 from conftest import TINY, assert_one_line_error, check_written, run_cli
-from qvl_surgery.compare import centered_cosine
-from qvl_surgery.export import export
-from qvl_surgery.runners import run_model
-from qvl_surgery.toolchains import edit_rknn_cfg
-from qvl_surgery.weights import STAND_INS
+from qvl_surgery.analysis.compare import centered_cosine
+from qvl_surgery.core.export import export
+from qvl_surgery.core.runners import run_model
+from qvl_surgery.analysis.toolchains import edit_rknn_cfg
+from qvl_surgery.core.weights import STAND_INS
 
 
 @pytest.fixture(scope="module")

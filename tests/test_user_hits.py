@@ -1,5 +1,5 @@
 """What a new user hit (issue 15), one short test each, on tiny models through the CLI
-(``qvl_surgery.cli.main`` in this process, or the console scripts where the tool is another one)."""
+(``qvl_surgery.app.cli.main`` in this process, or the console scripts where the tool is another one)."""
 import json
 import os
 import shutil
@@ -15,11 +15,11 @@ import pytest
 from conftest import TINY, assert_one_line_error, check_written, import_client
 from passes.fp16 import Fp16Pass
 from passes.split import split
-from qvl_surgery.cli import main
-from qvl_surgery.dynamic import export_dynamic
-from qvl_surgery.export import export
-from qvl_surgery.modelfile import load_model
-from qvl_surgery.weights import RandomWeights
+from qvl_surgery.app.cli import main
+from qvl_surgery.core.dynamic import export_dynamic
+from qvl_surgery.core.export import export
+from qvl_surgery.core.modelfile import load_model
+from qvl_surgery.core.weights import RandomWeights
 
 SIZE = (112, 168)   # 8x12 patches: two windows of uneven size, so the attention pass has work
 
@@ -160,7 +160,7 @@ def test_no_module_shadows_the_standard_library():
 def test_vision_config_defaults_are_transformers_defaults():
     """A field a checkpoint's config.json leaves out reads as transformers reads it."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from qvl_surgery.config import VisionConfig
+    from qvl_surgery.core.config import VisionConfig
     theirs = Qwen2_5_VLVisionConfig().to_dict()
     ours = {k: v for k, v in VisionConfig().to_dict().items() if k in theirs}
     assert len(ours) >= 12 and ours == {k: theirs[k] for k in ours}
@@ -172,7 +172,7 @@ def test_a_missing_client_fails_instead_of_skipping():
 
 
 def test_builder_env_is_one_cached_folder_per_set_of_pins(tmp_path, monkeypatch):
-    from qvl_surgery import package
+    from qvl_surgery.app import package
     monkeypatch.delenv(package.BUILDER_ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     where = package.builder_env_dir()

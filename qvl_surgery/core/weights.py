@@ -1,0 +1,212 @@
+"""Where the encoder's weights come from: a local checkpoint, random init, or a state dict.
+
+Each source hands out one tensor at a time as float32 numpy, so the export streams weights into
+its data file without ever holding the model. Names are the vision tower's own
+(``blocks.0.attn.qkv.weight``), without the checkpoint's ``visual.`` prefix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from qvl_surgery.core.config import VisionConfig, read_checkpoint_config
+from qvl_surgery.core.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIXES = ("visual.", "model.visual.")
+
+
+def expected_weights(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Every vision-tower parameter and its shape, in transformers' layout."""
+    c, i, o = cfg.hidden_size, cfg.intermediate_size, cfg.out_hidden_size
+    m = c * cfg.merge_unit
+    w: dict[str, tuple[int, ...]] = {
+        "patch_embed.proj.weight": (c, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)}
+    for b in range(cfg.depth):
+        p = f"blocks.{b}."
+        w.update({
+            p + "norm1.weight": (c,), p + "norm2.weight": (c,),
+            p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,),
+            p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
+            p + "mlp.gate_proj.weight": (i, c), p + "mlp.gate_proj.bias": (i,),
+            p + "mlp.up_proj.weight": (i, c), p + "mlp.up_proj.bias": (i,),
+            p + "mlp.down_proj.weight": (c, i), p + "mlp.down_proj.bias": (c,),
+        })
+    w.update({"merger.ln_q.weight": (c,), "merger.mlp.0.weight": (m, m), "merger.mlp.0.bias": (m,),
+              "merger.mlp.2.weight": (o, m), "merger.mlp.2.bias": (o,)})
+    return w
+
+
+def parameter_count(cfg: VisionConfig) -> int:
+    return sum(int(np.prod(s)) for s in expected_weights(cfg).values())
+
+
+class WeightSource:
+    """Base: ``array(name)`` returns one float32 tensor in transformers' layout."""
+
+    description = ""
+
+    def __init__(self, cfg: VisionConfig):
+        self.cfg = cfg
+        self.shapes = expected_weights(cfg)
+
+    def array(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+
+class RandomWeights(WeightSource):
+    """Deterministic random weights, tensor by tensor: seed and name fix every value.
+
+    Linear and conv weights are N(0, initializer_range) as in transformers' init; biases get the
+    same small noise and norm scales 1 + N(0, 0.1), so that every parameter reaches the output.
+    """
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0):
+        super().__init__(cfg)
+        self.seed = seed
+        self.description = f"random init, seed {seed}"
+
+    def array(self, name: str) -> np.ndarray:
+        shape = self.shapes[name]
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        a = rng.standard_normal(size=shape, dtype=np.float32)
+        if "norm" in name or "ln_q" in name:
+            return 1.0 + np.float32(0.1) * a
+        a *= np.float32(self.cfg.initializer_range)
+        return a
+
+    def state_dict(self) -> dict:
+        """All weights as torch tensors (small configs and tests only)."""
+        import torch
+        return {k: torch.from_numpy(self.array(k).copy()) for k in self.shapes}
+
+
+class OverflowWeights(RandomWeights):
+    """Stand-in for the real 3B checkpoint's fp16 trouble: random weights, except 16 channels of the
+    last block's ``mlp.down_proj.bias`` set to 4.9e4, which pushes the residual (and the merger's
+    RMSNorm input) to ~4.9e4, as reported for ``blocks.31`` of Qwen2.5-VL-3B."""
+
+    VALUE = 4.9e4
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.description = f"overflow stand-in (random init, seed {seed}; blocks.{cfg.depth - 1} down_proj bias 4.9e4)"
+
+    def array(self, name: str) -> np.ndarray:
+        a = super().array(name)
+        if name == f"blocks.{self.cfg.depth - 1}.mlp.down_proj.bias":
+            a[:16] = self.VALUE
+        return a
+
+
+class OutlierWeights(RandomWeights):
+    """Stand-in for a trained ViT's massive activations: from block 1 on, a few fixed residual
+    channels carry ~1e3 (block 1's ``mlp.down_proj`` bias, plus its rows scaled up so the channels
+    also vary with the image). After RMSNorm those channels set every per-tensor int8 scale, and
+    the other channels fall below one step: the failure of naive W8A8 on trained encoders."""
+
+    CHANNELS = (7, 211, 643, 1109)
+    VALUE = 1.0e3
+    ROW_SCALE = 40.0
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.channels = sorted({c % cfg.hidden_size for c in self.CHANNELS})
+        self.description = (f"outlier stand-in (random init, seed {seed}; residual channels {self.channels} "
+                            f"~{self.VALUE:g} from block 1 on)")
+
+    def array(self, name: str) -> np.ndarray:
+        a = super().array(name)
+        block = min(1, self.cfg.depth - 1)
+        if name == f"blocks.{block}.mlp.down_proj.bias":
+            a[self.channels] = self.VALUE
+        elif name == f"blocks.{block}.mlp.down_proj.weight":
+            a[self.channels] *= np.float32(self.ROW_SCALE)
+        return a
+
+
+STAND_INS = {"random": RandomWeights, "overflow": OverflowWeights, "outlier": OutlierWeights}
+
+
+class StateDictWeights(WeightSource):
+    """A transformers vision model's state dict (tests; small models)."""
+
+    def __init__(self, cfg: VisionConfig, state_dict: Mapping):
+        super().__init__(cfg)
+        self.sd = state_dict
+        self.description = "state dict"
+
+    def array(self, name: str) -> np.ndarray:
+        t = self.sd[name]
+        return t.detach().to("cpu").float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+
+
+class CheckpointWeights(WeightSource):
+    """``visual.*`` tensors of a local transformers checkpoint (safetensors, sharded or not).
+
+    Only the safetensors headers and the vision tensors are read; the language model is
+    neither built nor loaded.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path):
+        checkpoint_dir = Path(checkpoint_dir)
+        super().__init__(read_checkpoint_config(checkpoint_dir))
+        self.dir = checkpoint_dir
+        self.description = f"checkpoint {checkpoint_dir}"
+        self.location: dict[str, tuple[Path, str]] = {}
+        files = self._shard_files()
+        from safetensors import safe_open
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    keys = list(h.keys())
+            except Exception as e:
+                raise BadInput(f"{f}: not a readable safetensors file ({str(e)[:100]})") from None
+            for k in keys:
+                for p in CHECKPOINT_PREFIXES:
+                    if k.startswith(p):
+                        self.location[k[len(p):]] = (f, k)
+        missing = [k for k in self.shapes if k not in self.location]
+        if len(missing) == len(self.shapes):
+            raise BadInput(f"{checkpoint_dir}: no vision-tower weights (visual.*) in its safetensors files; "
+                           "pass a Qwen2.5-VL checkpoint directory")
+        if missing:
+            raise BadInput(f"{checkpoint_dir}: {len(missing)} vision weights are missing, e.g. visual.{missing[0]}; "
+                           "the checkpoint is incomplete or of another architecture")
+        self._handles: dict[Path, object] = {}
+
+    def _shard_files(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise BadInput(f"{index}: not a valid safetensors index ({e})") from None
+            names = sorted({v for k, v in wm.items() if k.startswith(CHECKPOINT_PREFIXES)})
+            files = [self.dir / n for n in names]
+            for f in files:
+                if not f.is_file():
+                    raise BadInput(f"{f}: shard named in the index is missing")
+            if files:
+                return files
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise BadInput(f"{self.dir}: no *.safetensors files; save the checkpoint with safe_serialization=True")
+        return files
+
+    def array(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+        f, key = self.location[name]
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = safe_open(str(f), framework="pt")
+        t = h.get_tensor(key)
+        if tuple(t.shape) != self.shapes[name]:
+            raise BadInput(f"{f}: {key} has shape {tuple(t.shape)}, the config says {self.shapes[name]}")
+        return t.float().numpy()
