@@ -40,7 +40,7 @@ from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.graphinfo import cleanup, constant_value
 from qvl_surgery.core.patterns import FUSED_ATTENTION, consumers, producers
 from qvl_surgery.core.modelfile import Model
-from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -561,15 +561,6 @@ def _upgrade_to_23(model: Model) -> None:
     model.proto.ir_version = max(model.proto.ir_version, 10)
 
 
-def rewrite_attention(model: Model, *, mode: str = "windowed", upgrade_opset: bool = False,
-                      full_chunk_mb: float = 256) -> tuple[Model, AttentionReport]:
-    """The :class:`AttentionPass`: ``mode`` windowed, mha or onnx-attention. ``full_chunk_mb``: in
-    windowed mode, a ceiling in MB (1e6 bytes) on one chunk of full-attention scores ``[1, H, rows,
-    S]``: layers whose ``[H, S, S]`` scores exceed it compute their queries in chunks under it (at
-    least one row each; 0: never chunk), as the dynamic export's ``full_chunk_mb``."""
-    return run_pass(AttentionPass, model, mode=mode, upgrade_opset=upgrade_opset, full_chunk_mb=full_chunk_mb)
-
-
 DYNAMIC_REFUSAL = ("this is a dynamic export: its attention is already per window (padded windows [windows, heads, "
                    "64, head_dim] with a key mask, full attention per frame) and has no S x S mask to drop; the "
                    "attention pass rewrites static exports (fused modes included)")
@@ -578,7 +569,7 @@ DYNAMIC_REFUSAL = ("this is a dynamic export: its attention is already per windo
 def _rewrite_attention(model: Model, *, mode: str, upgrade_opset: bool, full_chunk_mb: float
                        ) -> tuple[Model, AttentionReport]:
     """match (find_attention) -> plan (plan_attention) -> emit (one emitter per mode);
-    ``full_chunk_mb`` as in :func:`rewrite_attention` (a ceiling)."""
+    ``full_chunk_mb``: the option's help (a ceiling)."""
     if mode not in MODES:
         raise BadInput("{mode}: choose one of " + ", ".join(MODES), mode=mode)
     if model.metadata().get("qvl_surgery.dynamic"):
@@ -658,7 +649,6 @@ def _apply_edit(model: Model, e: _Edit) -> None:
 class AttentionPass(Pass):
     name = "attention"
     help = "rewrite attention: windowed blocks without dense masks, or fused ops"
-    function = ("passes.attention", "rewrite_attention")
     example = ("qvl-surgery attention out/model.onnx -o out/windowed.onnx\n"
                "  qvl-surgery attention out/model.onnx -o out/mha.onnx --mode mha")
     options = (
@@ -675,6 +665,9 @@ class AttentionPass(Pass):
         if facts.get("dynamic"):
             raise BadInput(DYNAMIC_REFUSAL)
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        out, report = _rewrite_attention(model, **kw)
+    def apply(self, model: Model, context: Context) -> PassResult:
+        out, report = _rewrite_attention(model, **vars(self.o))
         return PassResult(out, report)
+
+
+rewrite_attention = AttentionPass.function("rewrite_attention")

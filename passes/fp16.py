@@ -42,7 +42,7 @@ from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.graphinfo import elem_types, side_inputs, static_tensors, with_graph
 from qvl_surgery.core.patterns import rmsnorm_patterns, sigmoid_mul_patterns
 from qvl_surgery.core.modelfile import Computed, Model, read_initializer
-from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -343,37 +343,6 @@ class _Fp16Emitter:
         return with_graph(self.model, ng, self.sources)
 
 
-def convert_fp16(model: Model, *, reference: str | Path | None = None, explain: bool = False,
-                 **options) -> tuple[Model, Fp16Report]:
-    """The fp16 model and its report: the :class:`Fp16Pass` with ``options`` (its ``options``
-    specs: keep_silu_fp32, keep_rmsnorm_fp32, keep_op, keep_node, keep_io_types, calibrate,
-    calibrate_margin). ``calibrate`` runs an .npz or image file(s) through the fp32 ``reference``
-    file (default: the file ``model`` was loaded from)."""
-    return run_pass(Fp16Pass, model, Context(reference=Path(reference) if reference else None, explain=explain),
-                    **options)
-
-
-def _convert_fp16(model: Model, *, dtype: str, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str],
-                  keep_node: list[str], keep_io_types: bool, calibrate: str | None, calibrate_margin: float,
-                  reference: Path | None, explain: bool) -> tuple[Model, Fp16Report]:
-    """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
-    keep_op, keep_node = list(keep_op), list(keep_node)
-    _check_keep_ops(keep_op)
-    report = Fp16Report(dtype=dtype)
-    if calibrate and dtype == "bfloat16":
-        report.skipped.append("calibrate: not run; bfloat16 has float32's range (max 3.4e38), so no value comes "
-                              "near an overflow (calibration keeps what comes near fp16's 65504)")
-        calibrate = None
-    keep_calibrated = _calibrate(model, calibrate, calibrate_margin, reference, report) if calibrate else None
-    kept = select_kept(model, report, keep_silu_fp32=keep_silu_fp32, keep_rmsnorm_fp32=keep_rmsnorm_fp32, keep_op=keep_op,
-                       keep_node=keep_node, keep_calibrated=keep_calibrated, explain=explain)
-    plan = plan_fp16(model, kept, keep_io_types=keep_io_types, low=report.low)
-    out = _Fp16Emitter(model, plan, report).emit()
-    out.set_metadata("qvl_surgery.dtype", dtype)
-    out.set_metadata("qvl_surgery.fp16_kept", json.dumps({r: len(v) for r, v in report.kept.items()}))
-    return out, report
-
-
 def _calibrate(model: Model, source: str, margin: float, reference: str | Path | None,
                report: Fp16Report) -> dict[str, str]:
     from qvl_surgery.core.calibrate import calibrate, calibration_inputs
@@ -398,7 +367,6 @@ JUDGEMENTS = {
 class Fp16Pass(Pass):
     name = "fp16"
     help = "convert to fp16 (or bf16: --dtype bfloat16) with whole-pattern fp32 islands"
-    function = ("passes.fp16", "convert_fp16")
     example = ("qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-silu-fp32\n"
                "  qvl-surgery fp16 out/model.onnx -o out/fp16.onnx --keep-rmsnorm-fp32 --keep-node "
                "'/blocks.31/mlp/down_proj/*'\n"
@@ -432,8 +400,25 @@ class Fp16Pass(Pass):
             from qvl_surgery.core.calibrate import check_calibration_source
             check_calibration_source(self.values["calibrate"])
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        kw["keep_op"] = kw["keep_op"] or []
-        kw["keep_node"] = kw["keep_node"] or []
-        out, report = _convert_fp16(model, reference=context.reference, explain=context.explain, **kw)
+    def apply(self, model: Model, context: Context) -> PassResult:
+        """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
+        o = self.o
+        keep_op, keep_node, calibrate = list(o.keep_op), list(o.keep_node), o.calibrate
+        _check_keep_ops(keep_op)
+        report = Fp16Report(dtype=o.dtype)
+        if calibrate and o.dtype == "bfloat16":
+            report.skipped.append("calibrate: not run; bfloat16 has float32's range (max 3.4e38), so no value comes "
+                                  "near an overflow (calibration keeps what comes near fp16's 65504)")
+            calibrate = None
+        keep_calibrated = (_calibrate(model, calibrate, o.calibrate_margin, context.reference, report)
+                           if calibrate else None)
+        kept = select_kept(model, report, keep_silu_fp32=o.keep_silu_fp32, keep_rmsnorm_fp32=o.keep_rmsnorm_fp32,
+                           keep_op=keep_op, keep_node=keep_node, keep_calibrated=keep_calibrated, explain=context.explain)
+        plan = plan_fp16(model, kept, keep_io_types=o.keep_io_types, low=report.low)
+        out = _Fp16Emitter(model, plan, report).emit()
+        out.set_metadata("qvl_surgery.dtype", o.dtype)
+        out.set_metadata("qvl_surgery.fp16_kept", json.dumps({r: len(v) for r, v in report.kept.items()}))
         return PassResult(out, report)
+
+
+convert_fp16 = Fp16Pass.function("convert_fp16")

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvl_surgery.core.cutting import join_parts
-from qvl_surgery.core.modelfile import Model
-from qvl_surgery.core.passbase import Context, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.core.values import Split, load_split, read_value, write_value
+from qvl_surgery.core.passbase import Context, Pass, PassReport, PassResult
+from qvl_surgery.core.values import Split, read_value, write_value
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +23,6 @@ class MergeReport(PassReport):
     def summary(self) -> list[str]:
         return [f"merged {self.parts} parts: {self.nodes} nodes ({self.dropped_nodes} repeated constant nodes "
                 f"kept once), {self.shared_initializers} repeated initializers stored once"]
-
-
-def merge_split(value: Split) -> tuple[Model, MergeReport]:
-    """The :class:`MergePass` on a split value."""
-    return run_pass(MergePass, value)
-
-
-def merge(split_dir: str | Path) -> tuple[Model, MergeReport]:
-    """Read and verify a split (sizes and hashes), and join it into one weightless Model (the :class:`MergePass`)."""
-    return run_pass(MergePass, load_split(split_dir))
 
 
 def merge_to_file(split_dir: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -51,9 +40,11 @@ class MergePass(Pass):
     name = "merge"
     help = "join a split back into one model with external data"
     takes = "split"
-    function = ("passes.merge", "merge_split")
     example = "qvl-surgery merge out/parts -o out/merged.onnx"
 
-    def apply(self, value: Split, context: Context, **kw) -> PassResult:
+    def apply(self, value: Split, context: Context) -> PassResult:
         model, stats = join_parts([p.model for p in value.parts], value.inputs)
         return PassResult(model, MergeReport(**vars(stats)))
+
+
+merge_split = MergePass.function("merge_split")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.graphinfo import with_graph
 from qvl_surgery.core.modelfile import Model, read_initializer
-from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, run_pass
+from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult
 from qvl_surgery.core import quant
 from qvl_surgery.core.linears import (Linear, block_numbers, find_linears, group_of, kept_share,  # noqa: F401
                                  linear_macs, select_kept)
@@ -380,21 +379,6 @@ def _set_opsets(model: Model, plan: QuantPlan) -> None:
 
 # ----------------------------------------------------------------------------- entry points
 
-def quantize_model(model: Model, *, weights: str = "int8", activations: str = "none", format: str = "qdq",
-                   block_size: int | None = None, calibrate: str | None = None,
-                   calibrate_method: str | None = None, keep_node=(), keep_block=(), budget: float | None = None,
-                   reference: str | Path | None = None, progress: bool = False,
-                   explain: bool = False) -> tuple[Model, QuantizeReport]:
-    """The quantized model and its report (the :class:`QuantizePass`). ``calibrate`` (an .npz, image
-    files, or ``random[:N]``) gives static activation scales; it is needed for ``activations`` int8 /
-    int16 in ``qdq`` format, and turns onnxruntime's dynamic int8 activations into static ones."""
-    return run_pass(QuantizePass, model, Context(reference=Path(reference) if reference else None,
-                                                 progress=progress, explain=explain),
-                    weights=weights, activations=activations, format=format, block_size=block_size,
-                    calibrate=calibrate, calibrate_method=calibrate_method, keep_node=list(keep_node),
-                    keep_block=[str(b) for b in keep_block], budget=budget)
-
-
 @dataclass
 class Prepared:
     """What a quantization of ``model`` is made from: the scheme checked, the linears found, the ones
@@ -601,7 +585,6 @@ def check_budget_and_method(v: dict) -> None:
 class QuantizePass(Pass):
     name = "quantize"
     help = "int8 / int4 weights (int8 / int16 activations) for the linear layers, as QDQ or onnxruntime ops"
-    function = ("passes.quantize", "quantize_model")
     example = ("qvl-surgery quantize model.onnx -o w8a8.onnx --weights int8 --activations int8 --format onnxruntime\n"
                "  qvl-surgery quantize model.onnx -o w4.onnx --weights int4 --block-size 32 --format onnxruntime\n"
                "  qvl-surgery quantize model.onnx -o w8a16.onnx --activations int16 --calibrate a.jpg,b.jpg\n"
@@ -636,8 +619,9 @@ class QuantizePass(Pass):
             from qvl_surgery.core.calibrate import check_calibration_source
             check_calibration_source(v["calibrate"], random_ok=True)
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        kw["keep_node"] = kw["keep_node"] or []
-        kw["keep_block"] = kw["keep_block"] or []
-        out, report = _quantize(model, context, **kw)
+    def apply(self, model: Model, context: Context) -> PassResult:
+        out, report = _quantize(model, context, **vars(self.o))
         return PassResult(out, report)
+
+
+quantize_model = QuantizePass.function("quantize_model")

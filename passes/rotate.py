@@ -34,8 +34,7 @@ from qvl_surgery.core.graphinfo import constant_value, with_graph
 from qvl_surgery.core.patterns import consumers, producers
 from qvl_surgery.core.residual import Norm, StreamLinear, hidden_norms, is_token_gather, norm_readers, refolded, stream_linear
 from qvl_surgery.core.modelfile import Model
-from qvl_surgery.core.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
-                                  run_pass)
+from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part
 
 
 log = logging.getLogger(__name__)
@@ -167,18 +166,13 @@ def plan_rotation(model: Model, norms: list[Norm], c: int) -> _Plan:
 
 # ----------------------------------------------------------------------------- fold
 
-def rotate_model(model: Model, *, seed: int = 0, kind: str = "hadamard", explain: bool = False
-                 ) -> tuple[Model, RotateReport]:
-    """The rotated model and its report (the :class:`RotatePass` with these options)."""
-    return run_pass(RotatePass, model, Context(explain=explain), seed=seed, kind=kind)
-
-
 def _check_seed(seed: int) -> None:
     if seed is not None and seed < 0:
         raise BadInput("{seed}: a seed is a whole number >= 0", seed=seed)
 
 
-def _rotate(model: Model, *, seed: int, kind: str) -> tuple[Model, RotateReport]:
+def _rotate(model: Model, o) -> tuple[Model, RotateReport]:
+    seed, kind = o.seed, o.kind
     _check_seed(seed)
     refuse_split_part(model, "rotate")
     norms, c = hidden_norms(model, "rotate")
@@ -240,7 +234,6 @@ def _rotate(model: Model, *, seed: int, kind: str) -> tuple[Model, RotateReport]
 class RotatePass(Pass):
     name = "rotate"
     help = "rotate the residual stream by an orthogonal matrix folded into the weights (exact; spreads outliers)"
-    function = ("passes.rotate", "rotate_model")
     example = ("qvl-surgery rotate out/model.onnx -o out/rotated.onnx\n"
                "  qvl-surgery run out/model.onnx -o out/w8a8 --passes rotate,quantize:activations=int8,format=onnxruntime")
     judgement = Judgement(atol=1e-4, rtol=1e-3, min_cosine=0.99999, label="fp32 (rotated)")
@@ -253,6 +246,9 @@ class RotatePass(Pass):
     def preflight(self, facts: dict) -> None:
         _check_seed(self.values.get("seed"))
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        out, report = _rotate(model, **kw)
+    def apply(self, model: Model, context: Context) -> PassResult:
+        out, report = _rotate(model, self.o)
         return PassResult(out, report)
+
+
+rotate_model = RotatePass.function("rotate_model")

@@ -28,9 +28,7 @@ from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.cutting import cut_model, join_parts
 from qvl_surgery.core.graphinfo import static_tensors
 from qvl_surgery.core.modelfile import Model, load_model, sibling_model, write_model_files
-from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.core.publish import staging
-from qvl_surgery.core.values import check_output, read_value, write_value
+from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult
 
 
 log = logging.getLogger(__name__)
@@ -211,25 +209,17 @@ def _on_disk(model: Model, work: Path, progress: bool) -> Path:
     return write_model_files(model, d, "model.onnx", progress="simplify-input" if progress else None)
 
 
-def simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float = 1.5e9, method: str = "auto",
-                   progress: bool = False) -> tuple[Model, SimplifyReport]:
-    """The :class:`SimplifyPass`: onnxsim on ``model``; its result's weights live in ``workdir``
-    (keep it until the result is saved)."""
-    return run_pass(SimplifyPass, model, Context(workdir=Path(workdir), progress=progress),
-                    max_part_bytes=max_part_bytes, method=method)
-
-
-def _simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float, method: str,
-                    progress: bool) -> tuple[Model, SimplifyReport]:
+def _simplify_model(model: Model, context: Context, o) -> tuple[Model, SimplifyReport]:
     """onnxsim on ``model``. ``method``: ``whole`` (onnxsim's path API on the whole model), ``parts``
     (part by part under ``max_part_bytes``), or ``auto`` (whole, and parts if onnxsim fails on the
     whole). The result's weights live in ``workdir``, which the caller keeps until the result is
     saved and removes afterwards."""
     import onnxsim
+    method, workdir, progress = o.method, context.workdir, context.progress
     if method not in METHODS:
         raise BadInput("{method}: choose auto, whole or parts", method=method)
     work = Path(workdir)
-    max_part_bytes = int(max_part_bytes)
+    max_part_bytes = int(o.max_part_bytes)
     result, parts, note = None, 1, ""
     if method in ("auto", "whole"):
         try:
@@ -248,24 +238,12 @@ def _simplify_model(model: Model, *, workdir: str | Path, max_part_bytes: float,
                                  protected=protected, how=note)
 
 
-def simplify(model_path: str | Path, out: str | Path, *, max_part_bytes: float = 1.5e9, method: str = "auto",
-             overwrite: bool = False) -> SimplifyReport:
-    """Read, simplify, write (:func:`qvl_surgery.core.values.write_value`), recorded like every pass."""
-    src = read_value(model_path, "model")
-    check_output("model", out, overwrite=overwrite, inputs=src.files)
-    with staging(Path(out)) as work:
-        result = SimplifyPass(max_part_bytes=max_part_bytes, method=method)(src.value, Context(workdir=work))
-        result.report.written = write_value(result.value, out, overwrite=overwrite, inputs=src.files)
-    return result.report
-
-
 METHODS = ("auto", "whole", "parts")
 
 
 class SimplifyPass(Pass):
     name = "simplify"
     help = "onnxsim on a model of any size, part by part"
-    function = ("passes.simplify", "simplify_model")
     example = "qvl-surgery simplify out/model.onnx -o out/model.sim.onnx"
     options = (
         Option("method", str, "auto", "whole: onnxsim's path API on the whole model; parts: part by part; auto: "
@@ -273,9 +251,12 @@ class SimplifyPass(Pass):
         Option("max_part_bytes", float, 1.5e9, "largest part handed to onnxsim", metavar="BYTES"),
     )
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
+    def apply(self, model: Model, context: Context) -> PassResult:
         if context.workdir is None:
             raise BadInput("simplify needs a work folder that outlives the pass (Context(workdir=...)): its result's "
                            "weights are written there")
-        out, report = _simplify_model(model, workdir=context.workdir, progress=context.progress, **kw)
+        out, report = _simplify_model(model, context, self.o)
         return PassResult(out, report)
+
+
+simplify_model = SimplifyPass.function("simplify_model")

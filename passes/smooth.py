@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,8 +29,7 @@ from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.graphinfo import with_graph
 from qvl_surgery.core.patterns import consumers
 from qvl_surgery.core.modelfile import Model, read_initializer
-from qvl_surgery.core.passbase import (Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part,
-                                  run_pass)
+from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part
 
 from qvl_surgery.core.residual import Norm, StreamLinear, hidden_norms, norm_readers, refolded, stream_linear
 
@@ -122,21 +120,14 @@ def _int8_error(x: np.ndarray, w: np.ndarray, amax: float) -> float:
     return float(np.linalg.norm(xq @ wq.T - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def smooth_model(model: Model, *, calibrate: str | None = None, alpha: float | None = None,
-                 reference: str | Path | None = None, explain: bool = False) -> tuple[Model, SmoothReport]:
-    """The smoothed model and its report (the :class:`SmoothPass` with these options)."""
-    return run_pass(SmoothPass, model, Context(reference=Path(reference) if reference else None, explain=explain),
-                    calibrate=calibrate, alpha=alpha)
-
-
 def _check_alpha(alpha: float | None) -> None:
     if alpha is not None and not 0.0 <= alpha <= 1.0:   # NaN fails this too
         raise BadInput("{alpha}: between 0 and 1 (0: only the shift; 1: all of the range moves into the weights)",
                        alpha=alpha)
 
 
-def _smooth(model: Model, context: Context, *, calibrate: str | None, alpha: float | None
-            ) -> tuple[Model, SmoothReport]:
+def _smooth(model: Model, context: Context, o) -> tuple[Model, SmoothReport]:
+    calibrate, alpha = o.calibrate, o.alpha
     from qvl_surgery.core.calibrate import calibration_sets
     from qvl_surgery.core.segments import run_segments
     _check_alpha(alpha)
@@ -271,7 +262,6 @@ def _plain_error(ws, sample: np.ndarray, c: int, st: _Stats) -> float:
 class SmoothPass(Pass):
     name = "smooth"
     help = "shift and scale each RMSNorm output per channel into its readers (exact; removes outlier offsets)"
-    function = ("passes.smooth", "smooth_model")
     example = ("qvl-surgery smooth out/model.onnx -o out/smoothed.onnx --calibrate a.jpg,b.jpg\n"
                "  qvl-surgery run out/model.onnx -o out/w8a8 --passes smooth,quantize:activations=int8,format=onnxruntime")
     judgement = Judgement(atol=1e-4, rtol=1e-3, min_cosine=0.99999, label="fp32 (smoothed)")
@@ -288,6 +278,9 @@ class SmoothPass(Pass):
             from qvl_surgery.core.calibrate import check_calibration_source
             check_calibration_source(self.values["calibrate"], random_ok=True)
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        out, report = _smooth(model, context, **kw)
+    def apply(self, model: Model, context: Context) -> PassResult:
+        out, report = _smooth(model, context, self.o)
         return PassResult(out, report)
+
+
+smooth_model = SmoothPass.function("smooth_model")

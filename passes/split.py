@@ -13,8 +13,8 @@ from pathlib import Path
 from qvl_surgery.core.cutting import cut_model
 from qvl_surgery.core.manifest import read_manifest
 from qvl_surgery.core.modelfile import Model
-from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult, run_pass
-from qvl_surgery.core.values import Split, check_output, split_dir_of, write_value
+from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult
+from qvl_surgery.core.values import check_output, split_dir_of, write_value
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,6 @@ class SplitReport(PassReport):
         return out + self.written
 
 
-def split_model(model: Model, *, parts: int | None = None, at: list[str] | None = None,
-                max_part_bytes: float | None = None) -> tuple[Split, SplitReport]:
-    """Cut ``model`` (exactly one of ``parts``, ``at``, ``max_part_bytes``) into a :class:`Split`
-    value; nothing is written (:func:`save_split` does). The :class:`SplitPass`."""
-    return run_pass(SplitPass, model, parts=parts, at=at, max_part_bytes=max_part_bytes)
-
-
 def split(model: Model, out_dir: str | Path, *, parts: int | None = None, at: list[str] | None = None,
           max_part_bytes: float | None = None, force: bool = False, progress: bool = False) -> SplitReport:
     """:func:`split_model`, then the parts written to ``out_dir`` (:func:`qvl_surgery.core.values.write_value`)."""
@@ -57,7 +50,6 @@ class SplitPass(Pass):
     name = "split"
     help = "cut a model into N self-contained parts (< 2 GB each) + manifest.json"
     gives = "split"
-    function = ("passes.split", "split_model")
     example = ("qvl-surgery split out/model.onnx --parts 3 -o out/parts\n"
                "  qvl-surgery split out/model.onnx --at 16,merger -o out/parts\n"
                "  qvl-surgery split out/model.onnx --max-part-bytes 1e9 -o out/parts")
@@ -69,8 +61,11 @@ class SplitPass(Pass):
                metavar="BYTES"),
     )
 
-    def apply(self, model: Model, context: Context, **kw) -> PassResult:
-        value = cut_model(model, **kw)
+    def apply(self, model: Model, context: Context) -> PassResult:
+        value = cut_model(model, parts=self.o.parts, at=self.o.at or None, max_part_bytes=self.o.max_part_bytes)
         parts = [{"nodes": len(p.model.graph.node), "weight_bytes": p.model.weight_bytes(), "inputs": p.inputs,
                   "outputs": p.outputs} for p in value.parts]
         return PassResult(value, SplitReport(cuts=value.cuts, candidates=value.candidates, parts=parts))
+
+
+split_model = SplitPass.function("split_model")

@@ -107,15 +107,16 @@ DUMMY = textwrap.dedent('''
         name = "rename"
         help = "prefix every node name"
         example = "qvl-surgery rename out/model.onnx -o out/renamed.onnx --prefix x/"
-        options = (Option("prefix", str, "renamed/", "text put before each node name"),
-                   Option("only_op", list, None, "rename nodes of these op types only", metavar="TYPE"))
+        options = (
+            Option("prefix", str, "renamed/", "text put before each node name"),
+            Option("only_op", list, None, "rename nodes of these op types only", metavar="TYPE"),
+        )
 
-        def apply(self, model: Model, context, *, prefix: str, only_op: list | None) -> PassResult:
-            out = model.copy()
-            n = 0
+        def apply(self, model: Model, context) -> PassResult:
+            out, o, n = model.copy(), self.o, 0
             for node in out.graph.node:
-                if not only_op or node.op_type in only_op:
-                    node.name = prefix + node.name
+                if not o.only_op or node.op_type in o.only_op:
+                    node.name = o.prefix + node.name + getattr(o, "suffix", "")
                     n += 1
             return PassResult(out, RenameReport(renamed=n))
 ''')
@@ -129,6 +130,40 @@ RUNNER = textwrap.dedent('''
     from qvl_surgery.app.cli import main
     sys.exit(main(sys.argv[2:]))
 ''')
+
+
+ONE_MORE_OPTION = 'Option("suffix", str, "", "text put after each node name"),\n'
+
+
+def test_an_option_added_in_one_line_is_a_flag_passes_text_recipe_key_script_and_metadata(tiny_448, tmp_path):
+    lines = DUMMY.splitlines(keepends=True)
+    at = next(k for k, line in enumerate(lines) if line.strip().startswith("Option(\"only_op\""))
+    indent = lines[at][:len(lines[at]) - len(lines[at].lstrip())]
+    (tmp_path / "dummy_pass.py").write_text("".join(lines[:at + 1] + [indent + ONE_MORE_OPTION] + lines[at + 1:]))
+    (tmp_path / "cli.py").write_text(RUNNER)
+
+    def cli(*args):
+        import subprocess
+        return subprocess.run([sys.executable, str(tmp_path / "cli.py"), str(tmp_path), *map(str, args)],
+                              capture_output=True, text=True)
+    from qvl_surgery.core.modelfile import load_model
+    r = cli("rename", "--help")
+    assert r.returncode == 0 and "--suffix" in r.stdout
+    r = cli("rename", tiny_448, "-o", tmp_path / "r.onnx", "--suffix", "_s", "-q")
+    assert r.returncode == 0, r.stderr
+    m = load_model(tmp_path / "r.onnx")
+    assert json.loads(m.metadata()["qvl_surgery.passes"])[-1] == "rename:suffix=_s"
+    assert all(n.name.startswith("renamed/") and n.name.endswith("_s") for n in m.graph.node)
+    r = cli("run", tiny_448, "-o", tmp_path / "run", "--passes", "rename:suffix=_t", "-q")
+    assert r.returncode == 0, r.stderr
+    assert load_model(tmp_path / "run" / "model.onnx").graph.node[0].name.endswith("_t")
+    (tmp_path / "recipe.json").write_text(json.dumps({"passes": [{"pass": "rename", "suffix": "_u"}]}))
+    r = cli("run", tiny_448, "-o", tmp_path / "run2", "--recipe", tmp_path / "recipe.json", "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(load_model(tmp_path / "run2" / "model.onnx").metadata()["qvl_surgery.passes"])[-1] == \
+        "rename:suffix=_u"
+    r = cli("rename", tiny_448, "-o", tmp_path / "g.onnx", "--suffix", "_g", "--gen-script")
+    assert r.returncode == 0 and "RenamePass(suffix='_g')" in r.stdout
 
 
 def test_a_new_pass_is_one_class_and_one_registry_line(tiny_448, tmp_path):

@@ -6,7 +6,8 @@ A pass is a class in ``passes/`` with
 - ``takes`` / ``gives``: ``"model"`` (a weightless :class:`~qvl_surgery.core.modelfile.Model`) or
   ``"split"`` (a :class:`~qvl_surgery.splitvalue.Split`: parts plus what the manifest records),
 - ``options``: a tuple of :class:`Option` (name, type, default, choices, help),
-- ``apply(value, **options) -> PassResult`` (the value and a :class:`PassReport`).
+- ``apply(value, context) -> PassResult`` (the value and a :class:`PassReport`); the options are
+  ``self.o``.
 
 Calling a pass instance (``Fp16(keep_silu_fp32=True)(model)``) checks and coerces the options,
 runs ``apply``, and records the pass in the result's ``qvl_surgery.passes`` metadata, so every
@@ -16,8 +17,11 @@ before it (as onnx-ir's passes do).
 Everything else is derived from the option specs: the subcommand's CLI flags
 (:meth:`Option.add_to_parser`), ``--passes``/recipe parsing (``passes.parse_spec``,
 ``passes.spec_from_dict``: the registry lives with the passes, this core module never imports
-them) and ``--gen-script`` (:meth:`Pass.call_source`). Adding a pass or an option touches one
-place: the pass's class (and its line in ``passes.PASSES``).
+them), ``--gen-script`` (:meth:`Pass.call_source`), the library function
+(:meth:`Pass.function`: ``convert_fp16 = Fp16Pass.function("convert_fp16")``) and the values
+``apply`` reads (``self.o.keep_silu_fp32``: every option, defaults filled in). The spec is the only
+place an option and its default exist: adding a pass is its module and its line in
+``passes.PASSES``; adding an option is its ``Option(...)`` line.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar
 
 from qvl_surgery.core.errors import BadInput, QvlError
 
@@ -203,8 +208,6 @@ class Pass:
     example: ClassVar[str] = ""
     # how the result is judged against the input (lossless passes: EXACT)
     judgement: ClassVar[Judgement] = EXACT
-    # the library function that runs this pass: (module, function name), for the docs
-    function: ClassVar[tuple[str, str]] = ("", "")
 
     def __init__(self, **options: Any):
         self.values = self.check_options(options, where=f"pass {self.name}")
@@ -238,6 +241,13 @@ class Pass:
         kw.update(self.values)
         return kw
 
+    @property
+    def o(self) -> SimpleNamespace:
+        """Every option as an attribute, defaults filled in (list options default to ``[]``): what
+        ``apply`` reads."""
+        return SimpleNamespace(**{k: ([] if v is None and self.option(k).type is list else v)
+                                  for k, v in self.kwargs().items()})
+
     def text(self) -> str:
         """This pass as ``--passes`` text: ``fp16:keep_silu_fp32+keep_op=Softmax|Pow``."""
         if not self.values:
@@ -252,11 +262,11 @@ class Pass:
         """Refuse, before anything runs (``run`` checks every pass before it exports), what this pass
         will refuse anyway. ``facts``: what the input will be (``dynamic``: None, "self" or "host")."""
 
-    def apply(self, value: Any, context: Context, **kw: Any) -> PassResult:
+    def apply(self, value: Any, context: Context) -> PassResult:
         raise NotImplementedError
 
     def __call__(self, value: Any, context: Context | None = None) -> PassResult:
-        result = self.apply(value, context or Context(), **self.kwargs())
+        result = self.apply(value, context or Context())
         result.report.pass_name = self.name
         record_pass(result.value, self.text(), self.judgement)
         return result
@@ -267,12 +277,22 @@ class Pass:
         args = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
         return f"from {cls.__module__} import {cls.__name__}", f"{cls.__name__}({args})"
 
-
-def run_pass(cls: type[Pass], value: Any, context: Context | None = None, **keywords: Any) -> tuple[Any, PassReport]:
-    """The library functions (``convert_fp16``, ``rewrite_attention``, ...) are this: the pass with
-    these options (by name), so they check options and record themselves alike."""
-    r = cls(**keywords)(value, context)
-    return r.value, r.report
+    @classmethod
+    def function(cls, name: str) -> Callable[..., tuple[Any, PassReport]]:
+        """The pass as a library function ``name(value, *, reference=None, progress=False,
+        explain=False, workdir=None, **options) -> (value, report)``: the :class:`Context` fields
+        and this pass's options by name (``convert_fp16(model, keep_silu_fp32=True)``)."""
+        def run(value: Any, *, reference: str | Path | None = None, progress: bool = False, explain: bool = False,
+                workdir: str | Path | None = None, **options: Any) -> tuple[Any, PassReport]:
+            context = Context(reference=Path(reference) if reference else None, progress=progress, explain=explain,
+                              workdir=Path(workdir) if workdir else None)
+            r = cls(**options)(value, context)
+            return r.value, r.report
+        run.__name__ = run.__qualname__ = name
+        run.__module__ = cls.__module__
+        run.__doc__ = (f"The {cls.name} pass ({cls.__name__}) as a function: {cls.help}. Options (default):\n"
+                       + "\n".join(f"    {o.name} ({o.default!r}): {o.help}" for o in cls.options))
+        return run
 
 
 def record_pass(value: Any, text: str, judgement: Judgement = EXACT) -> None:
