@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery.core.errors import BadInput
-from qvl_surgery.core.graphinfo import elem_types, side_inputs, static_tensors, with_graph
+from qvl_surgery.core.graphinfo import elem_types, side_inputs, constant_tensors, with_graph
 from qvl_surgery.core.patterns import rmsnorm_patterns, sigmoid_mul_patterns
 from qvl_surgery.core.modelfile import Computed, Model, read_initializer
 from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult
@@ -146,7 +146,7 @@ def _low_source(t: TensorProto, src, report: Fp16Report) -> Computed:
 
 # ----------------------------------------------------------------------------- match: which nodes stay fp32
 
-def select_kept(model: Model, report: Fp16Report, *, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str],
+def select_fp32_nodes(model: Model, report: Fp16Report, *, keep_silu_fp32: bool, keep_rmsnorm_fp32: bool, keep_op: list[str],
                 keep_node: list[str], keep_calibrated: dict[str, str] | None, explain: bool) -> dict[str, str]:
     """Nodes kept in fp32, by first output (unique in SSA form; protobuf wrappers have no stable
     id()), with the reason; the report lists them by name."""
@@ -193,7 +193,7 @@ def select_kept(model: Model, report: Fp16Report, *, keep_silu_fp32: bool, keep_
     # in fp32; their readers get them through one Cast.
     side = side_inputs(model)
     if side:
-        tables = static_tensors(g, side) - static_tensors(g)
+        tables = constant_tensors(g, side) - constant_tensors(g)
         floats = {name for name, t in _float_types(model).items() if t == F32}
         keep([n for n in g.node if n.output[0] in tables and any(o in floats for o in n.output)], "grid tables")
     return kept
@@ -401,7 +401,7 @@ class Fp16Pass(Pass):
             check_calibration_source(self.values["calibrate"])
 
     def apply(self, model: Model, context: Context) -> PassResult:
-        """match (select_kept) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
+        """match (select_fp32_nodes) -> plan (plan_fp16) -> emit (_Fp16Emitter)."""
         o = self.o
         keep_op, keep_node, calibrate = list(o.keep_op), list(o.keep_node), o.calibrate
         _check_keep_ops(keep_op)
@@ -412,7 +412,7 @@ class Fp16Pass(Pass):
             calibrate = None
         keep_calibrated = (_calibrate(model, calibrate, o.calibrate_margin, context.reference, report)
                            if calibrate else None)
-        kept = select_kept(model, report, keep_silu_fp32=o.keep_silu_fp32, keep_rmsnorm_fp32=o.keep_rmsnorm_fp32,
+        kept = select_fp32_nodes(model, report, keep_silu_fp32=o.keep_silu_fp32, keep_rmsnorm_fp32=o.keep_rmsnorm_fp32,
                            keep_op=keep_op, keep_node=keep_node, keep_calibrated=keep_calibrated, explain=context.explain)
         plan = plan_fp16(model, kept, keep_io_types=o.keep_io_types, low=report.low)
         out = _Fp16Emitter(model, plan, report).emit()

@@ -26,7 +26,7 @@ import onnx
 
 from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.cutting import cut_model, join_parts
-from qvl_surgery.core.graphinfo import static_tensors
+from qvl_surgery.core.graphinfo import constant_tensors
 from qvl_surgery.core.modelfile import Model, load_model, sibling_model, write_model_files
 from qvl_surgery.core.passbase import Context, Option, Pass, PassReport, PassResult
 
@@ -53,10 +53,10 @@ class SimplifyReport(PassReport):
         return out + self.written
 
 
-def _large_static_roots(model: Model) -> list[str]:
+def _large_constant_roots(model: Model) -> list[str]:
     """Small initializer tables that feed a constant subgraph whose result is large."""
     g = model.graph
-    static = static_tensors(g)
+    constant = constant_tensors(g)
     inferred = onnx.shape_inference.infer_shapes(model.proto)
     sizes = {}
     for v in inferred.graph.value_info:
@@ -68,7 +68,7 @@ def _large_static_roots(model: Model) -> list[str]:
     inits = {t.name: t for t in g.initializer}
     roots: set[str] = set()
     for n in g.node:
-        if all(i in static for i in n.input) and any(sizes.get(o, 0) > LARGE_FOLD_BYTES for o in n.output):
+        if all(i in constant for i in n.input) and any(sizes.get(o, 0) > LARGE_FOLD_BYTES for o in n.output):
             stack = list(n.input)
             while stack:
                 t = stack.pop()
@@ -159,7 +159,7 @@ def _save_sim(proto: onnx.ModelProto, d: Path) -> Model:
 def _simplify_whole(model: Model, model_path: Path, work: Path) -> tuple[Model, list[str]]:
     """onnxsim's path API on the whole model, with the mask tables lifted to inputs. The lifted
     graph is a hidden temporary .onnx beside the model that reads the model's own data file."""
-    roots = _large_static_roots(model)
+    roots = _large_constant_roots(model)
     # the file's own proto, whose external-data entries still point at the model's data file
     raw = Model(onnx.load(str(model_path), load_external_data=False))
     lifted = _lift(raw, roots)
@@ -179,7 +179,7 @@ def _simplify_parts(model: Model, work: Path, max_part_bytes: int) -> tuple[Mode
     simplified, protected = [], []
     for k, p in enumerate(value.parts):
         part = p.model
-        roots = _large_static_roots(part)
+        roots = _large_constant_roots(part)
         protected += [r for r in roots if r not in protected]
         lifted = _lift(part, roots)
         d = work / f"lift{k}"

@@ -135,10 +135,10 @@ def plan_cuts(model: Model, *, parts: int | None = None, at: list[str] | None = 
 
 def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list["Part"]:
     g = model.graph
-    bounds = [0] + [c.position for c in cuts] + [len(plan.dynamic)]
+    bounds = [0] + [c.position for c in cuts] + [len(plan.live)]
     # nodes are identified by their first output (protobuf wrappers have no stable id())
-    dyn_keys = {n.output[0] for n in plan.dynamic}
-    static_producer = {o: n for n in g.node if n.output[0] not in dyn_keys for o in n.output}
+    live_keys = {n.output[0] for n in plan.live}
+    constant_producer = {o: n for n in g.node if n.output[0] not in live_keys for o in n.output}
     inits = {t.name: t for t in g.initializer}
     graph_inputs = [i for i in g.input if i.name not in inits]
     side = [i for i in graph_inputs if i.name in set(side_inputs(model))]
@@ -147,12 +147,12 @@ def _part_models(model: Model, plan: Plan, cuts: list[CutPoint]) -> list["Part"]
     result = []
     for k in range(len(bounds) - 1):
         lo, hi = bounds[k], bounds[k + 1]
-        chosen = {n.output[0] for n in plan.dynamic[lo:hi]}
-        # static closure
-        stack = [i for n in plan.dynamic[lo:hi] for i in n.input]
+        chosen = {n.output[0] for n in plan.live[lo:hi]}
+        # the constant-only nodes it needs
+        stack = [i for n in plan.live[lo:hi] for i in n.input]
         while stack:
             t = stack.pop()
-            p = static_producer.get(t)
+            p = constant_producer.get(t)
             if p is not None and p.output[0] not in chosen:
                 chosen.add(p.output[0])
                 stack.extend(p.input)

@@ -1,4 +1,5 @@
-"""One small exception hierarchy. The CLI maps BadInput -> exit 2, ToleranceFailed -> exit 1.
+"""One small exception hierarchy. The CLI maps a QvlError to its ``exit_code`` (BadInput: 2; a failed
+comparison is a report with exit 1, not an exception).
 
 Library errors speak of the library's parameters: a message names an option as ``{parts}``
 in its template and the option's value goes beside it, so ``str(error)`` reads
@@ -46,9 +47,3 @@ class BadInput(QvlError):
         for name, word in words.items():  # only the named parameters: other braces stay as they are
             text = text.replace("{" + name + "}", word)
         return text
-
-
-class ToleranceFailed(QvlError):
-    """A comparison ran and its result is outside the tolerance."""
-
-    exit_code = 1

@@ -1,4 +1,4 @@
-"""Facts about a graph that several passes need: static (constant-only) nodes, single-tensor cut
+"""Facts about a graph that several passes need: constant-only nodes, single-tensor cut
 points, value types. Works on the weightless proto; never reads weight bytes."""
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def constant_value(model: Model, name: str, *, max_size: int | None = None) -> n
     return None if max_size is not None and value.size > max_size else value
 
 
-def static_tensors(graph: onnx.GraphProto, side: Iterable[str] = ()) -> set[str]:
+def constant_tensors(graph: onnx.GraphProto, side: Iterable[str] = ()) -> set[str]:
     """Initializers, the ``side`` inputs, and every tensor computed from those only (e.g. the
     window mask; in the dynamic export, everything derived from image_grid_thw)."""
     known = {t.name for t in graph.initializer} | {""} | set(side)
@@ -58,8 +58,8 @@ def static_tensors(graph: onnx.GraphProto, side: Iterable[str] = ()) -> set[str]
     return known
 
 
-def is_static(node: onnx.NodeProto, static: set[str]) -> bool:
-    return all(i in static for i in node.input)
+def is_constant(node: onnx.NodeProto, constant: set[str]) -> bool:
+    return all(i in constant for i in node.input)
 
 
 def check_topological(graph: onnx.GraphProto) -> None:
@@ -74,15 +74,15 @@ def check_topological(graph: onnx.GraphProto) -> None:
 
 @dataclass(frozen=True)
 class CutPoint:
-    position: int        # index into the dynamic-node list: the cut is before dynamic node `position`
+    position: int        # index into the live nodes (those not constant-only): the cut is before live node `position`
     tensor: str          # the one activation crossing the cut
-    bytes_before: int    # weight bytes used by dynamic nodes before the cut
+    bytes_before: int    # weight bytes used by live nodes before the cut
 
 
 @dataclass
 class Plan:
-    dynamic: list[onnx.NodeProto]
-    static: set[str]
+    live: list[onnx.NodeProto]
+    constant: set[str]
     cut_points: list[CutPoint]
     total_bytes: int
     node_bytes: list[int]
@@ -93,38 +93,38 @@ def analyse(model: Model) -> Plan:
     g = model.graph
     check_topological(g)
     side = side_inputs(model)
-    static = static_tensors(g, side)
-    dynamic = [n for n in g.node if not is_static(n, static)]
+    constant = constant_tensors(g, side)
+    live = [n for n in g.node if not is_constant(n, constant)]
     init_bytes = {t.name: model.tensor_nbytes(t) for t in g.initializer}
     produced_at: dict[str, int] = {i.name: -1 for i in g.input if i.name not in init_bytes and i.name not in side}
     last_use: dict[str, int] = {}
     node_bytes = []
     counted: set[str] = set()
-    # Initializers reached through static nodes (e.g. window_id) count where first used.
-    static_producer = {o: n for n in g.node if is_static(n, static) for o in n.output}
+    # Initializers reached through constant nodes (e.g. window_id) count where first used.
+    constant_producer = {o: n for n in g.node if is_constant(n, constant) for o in n.output}
 
     def weight_inputs(name: str, acc: set[str]) -> None:
         if name in init_bytes:
             acc.add(name)
-        elif name in static_producer:
-            for i in static_producer[name].input:
+        elif name in constant_producer:
+            for i in constant_producer[name].input:
                 weight_inputs(i, acc)
 
-    for k, n in enumerate(dynamic):
+    for k, n in enumerate(live):
         acc: set[str] = set()
         for i in n.input:
             if i in produced_at:
                 last_use[i] = k
-            elif i in static:
+            elif i in constant:
                 weight_inputs(i, acc)
         node_bytes.append(sum(init_bytes[a] for a in acc - counted))
         counted |= acc
         for o in n.output:
             produced_at[o] = k
     for o in g.output:
-        last_use[o.name] = len(dynamic)
+        last_use[o.name] = len(live)
     # crossing[p] = tensors with produced_at < p <= last_use
-    delta = [0] * (len(dynamic) + 2)
+    delta = [0] * (len(live) + 2)
     for t, a in produced_at.items():
         b = last_use.get(t)
         if b is None or b <= a:
@@ -132,7 +132,7 @@ def analyse(model: Model) -> Plan:
         delta[a + 1] += 1
         delta[b + 1] -= 1
     crossing_count, run = [], 0
-    for p in range(len(dynamic) + 1):
+    for p in range(len(live) + 1):
         run += delta[p]
         crossing_count.append(run)
     cuts = []
@@ -140,16 +140,16 @@ def analyse(model: Model) -> Plan:
     by_producer: dict[int, list[str]] = {}
     for t, a in produced_at.items():
         by_producer.setdefault(a, []).append(t)
-    for p in range(1, len(dynamic)):
+    for p in range(1, len(live)):
         cum += node_bytes[p - 1]
         if crossing_count[p] != 1:
             continue
         # the crossing tensor is one produced before p and used at or after p
-        cand = [t for t in dynamic[p - 1].output if last_use.get(t, -1) >= p]
+        cand = [t for t in live[p - 1].output if last_use.get(t, -1) >= p]
         if not cand:
             cand = [t for t, a in produced_at.items() if a < p <= last_use.get(t, -1)]
         cuts.append(CutPoint(p, cand[0], cum))
-    return Plan(dynamic, static, cuts, sum(node_bytes), node_bytes)
+    return Plan(live, constant, cuts, sum(node_bytes), node_bytes)
 
 
 def block_outputs(model: Model) -> list[str]:

@@ -39,10 +39,6 @@ class WindowLayout:
     def uniform(self) -> bool:
         return len(set(self.window_sizes)) == 1
 
-    def patch_order(self, merge_unit: int) -> np.ndarray:
-        """Row order of pixel_values (patches) that puts them in window order."""
-        return (self.window_index[:, None] * merge_unit + np.arange(merge_unit)[None, :]).reshape(-1)
-
     def to_metadata(self) -> dict:
         sizes = self.window_sizes
         return {"grid": [self.grid_t, self.grid_h, self.grid_w], "num_windows": self.num_windows,

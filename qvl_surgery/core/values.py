@@ -49,10 +49,6 @@ class Split:
 Value = Union[Model, Split]
 
 
-def kind_of(value: Value) -> str:
-    return "split" if isinstance(value, Split) else "model"
-
-
 # ----------------------------------------------------------------------------- reading
 
 @dataclass
