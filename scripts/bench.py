@@ -665,9 +665,10 @@ def _quant_table(work: Path, win: Path, routes, *, timed: bool, made: dict | Non
             target = work / ("q.xml" if nncf_mode else "q.onnx")   # NNCF's anchors write OpenVINO IR
             clear(*_files_of(target))
             if nncf_mode:
-                from compat import NNCF, setup_client, venv_python   # scripts/ is this script's own folder
-                setup_client(NNCF)
-                qrun = measure(f"quantize: {label}", [str(venv_python(NNCF)), "-c", NNCF_ANCHOR, nncf_mode, str(win),
+                from compat_catalog import NNCF   # scripts/ is this script's own folder
+                from harness.venv import make_venv
+                make_venv(NNCF.venv, NNCF.name)
+                qrun = measure(f"quantize: {label}", [str(NNCF.venv.interpreter), "-c", NNCF_ANCHOR, nncf_mode, str(win),
                                                       str(target)], show=NNCF_SHOW[nncf_mode], allow_fail=True,
                                rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
             elif opts == "ort-dynamic":

@@ -92,8 +92,7 @@ def worker(job_path: Path) -> int:
 # ============================================================================ parent (main venv)
 
 def _clients():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from compat import CLIENTS, NNCF
+    from compat_catalog import CLIENTS, NNCF
     return {"nncf": NNCF, "rknn": CLIENTS["rknn"]}
 
 
@@ -107,13 +106,12 @@ def qvl(*args) -> str:
 
 def run_job(client, job: dict, timeout: int = 900) -> tuple[bool, str, float]:
     """Run one job in the client's venv; (ok, the client's last error line, seconds)."""
-    from compat import venv_python
     d = Path(job["dir"])
     d.mkdir(parents=True, exist_ok=True)
     (d / "job.json").write_text(json.dumps(job))
     t0 = time.perf_counter()
     with open(d / "log.txt", "w") as log:
-        p = subprocess.run([str(venv_python(client)), str(Path(__file__).resolve()), "--worker", str(d / "job.json")],
+        p = subprocess.run([str(client.venv.interpreter), str(Path(__file__).resolve()), "--worker", str(d / "job.json")],
                            stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     text = (d / "log.txt").read_text(errors="replace").strip().splitlines()
     why = next((l for l in reversed(text) if "Error" in l or l.startswith("E ")), text[-1] if text else "")
@@ -136,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         return worker(a.worker)
     clients = {k: v for k, v in _clients().items() if k in a.clients.split(",")}
-    from compat import setup_client
+    from harness.venv import make_venv
     from qvl_surgery.core.metrics import centered_cosine, cosine
     from qvl_surgery.core.config import PRESETS
     from qvl_surgery.core.export import export
     from qvl_surgery.core.runners import run_model
     from qvl_surgery.core.weights import STAND_INS
     for c in clients.values():
-        setup_client(c)
+        make_venv(c.venv, c.name)
     if WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True)
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_section(path: Path, rows, clients) -> None:
-    from compat import CLIENTS
+    from compat_catalog import CLIENTS
     lines = [MARK_BEGIN, "## Toolchain configs (issue 17): with and without the toolkit's keep-list", "",
              "Written by `scripts/toolchains-proof` (do not edit by hand). The tiny stand-ins (outlier: four residual "
              "channels ~1e3 from block 1 on; random weights), each as the plain windowed export and after `smooth "
