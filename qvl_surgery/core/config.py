@@ -91,8 +91,9 @@ def preset(name: str) -> VisionConfig:
         raise BadInput(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
-def read_checkpoint_config(checkpoint_dir: Path) -> VisionConfig:
-    """The vision_config of a transformers Qwen2.5-VL checkpoint directory (or a bare vision config)."""
+def read_config_json(checkpoint_dir: Path) -> dict:
+    """The config.json of a local checkpoint directory, as it is (the one reader of it: the vision
+    config below and the package's text config and token ids both come from here)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise BadInput(f"{checkpoint_dir}: no such checkpoint directory; pass a local directory with config.json and *.safetensors")
@@ -100,13 +101,18 @@ def read_checkpoint_config(checkpoint_dir: Path) -> VisionConfig:
     if not cfg_path.is_file():
         raise BadInput(f"{checkpoint_dir}: no config.json; pass a transformers Qwen2.5-VL checkpoint directory")
     try:
-        d = json.loads(cfg_path.read_text())
+        return json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise BadInput(f"{cfg_path}: not readable JSON ({e})") from None
+
+
+def read_checkpoint_config(checkpoint_dir: Path) -> VisionConfig:
+    """The vision_config of a transformers Qwen2.5-VL checkpoint directory (or a bare vision config)."""
+    d = read_config_json(checkpoint_dir)
     if "vision_config" in d:
         d = d["vision_config"]
     elif d.get("model_type") not in ("qwen2_5_vl", "qwen2_5_vl_vision", None):
-        raise BadInput(f"{cfg_path}: model_type {d.get('model_type')!r} is not Qwen2.5-VL")
+        raise BadInput(f"{Path(checkpoint_dir) / 'config.json'}: model_type {d.get('model_type')!r} is not Qwen2.5-VL")
     return VisionConfig.from_dict(d)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import zlib
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +17,7 @@ import numpy as np
 
 from qvl_surgery.core.config import VisionConfig, read_checkpoint_config
 from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.modelfile import Computed, FileRange
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,107 @@ class StateDictWeights(WeightSource):
         return t.detach().to("cpu").float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
 
 
+# Bytes per element of each safetensors dtype (the format's own table).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+class SafetensorsCheckpoint:
+    """The safetensors files of a local checkpoint folder (sharded or not): the one reader of them.
+
+    Headers are parsed here (so a tensor's byte range is known without loading it) and checked
+    as the safetensors library checks them; a tensor is loaded with the library, one at a time.
+    The encoder export reads the ``visual.*`` tensors through it (:class:`CheckpointWeights`),
+    the package its token-embedding table."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.dir = Path(checkpoint_dir)
+        self._headers: dict[Path, tuple[dict, int]] = {}
+        self._handles: dict[Path, object] = {}
+
+    def files(self, prefixes: tuple[str, ...] = ()) -> list[Path]:
+        """The files holding tensors whose names start with one of ``prefixes`` (all when none),
+        as the index names them, else every ``*.safetensors`` file."""
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise BadInput(f"{index}: not a valid safetensors index ({e})") from None
+            names = sorted({v for k, v in wm.items() if k.startswith(prefixes)})
+            files = [self.dir / n for n in names]
+            for f in files:
+                if not f.is_file():
+                    raise BadInput(f"{f}: shard named in the index is missing")
+            if files:
+                return files
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise BadInput(f"{self.dir}: no *.safetensors files; save the checkpoint with safe_serialization=True")
+        return files
+
+    def header(self, path: Path) -> tuple[dict, int]:
+        """A file's tensor entries (name -> dtype, shape, data_offsets) and the offset its data starts at."""
+        if path not in self._headers:
+            try:
+                self._headers[path] = _read_header(path)
+            except (OSError, ValueError, TypeError, KeyError, struct.error) as e:
+                raise BadInput(f"{path}: not a readable safetensors file ({str(e)[:100]})") from None
+        return self._headers[path]
+
+    def find(self, keys: tuple[str, ...]) -> tuple[Path, str] | None:
+        """The first file, and the first of ``keys`` in it, holding one of ``keys``."""
+        for f in self.files():
+            header = self.header(f)[0]
+            for key in keys:
+                if key in header:
+                    return f, key
+        return None
+
+    def tensor(self, path: Path, key: str):
+        """One tensor, as the torch tensor the safetensors library loads."""
+        from safetensors import safe_open
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = safe_open(str(path), framework="pt")
+        return h.get_tensor(key)
+
+    def fp32_source(self, path: Path, key: str) -> FileRange | Computed:
+        """Where a tensor's bytes come from as float32: an F32 tensor is referenced where it lies
+        in the file (no copy in memory); another float dtype is converted when it is written."""
+        header, base = self.header(path)
+        entry = header[key]
+        start, end = (int(x) for x in entry["data_offsets"])
+        if entry["dtype"] == "F32":
+            return FileRange(path, base + start, end - start)
+        nbytes = 4 * int(np.prod(entry["shape"], dtype=np.int64))
+        return Computed(lambda: self.tensor(path, key).float().numpy(), nbytes)
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file without ``__metadata__``, and its data offset;
+    ValueError unless the entries tile the data exactly, each the size its shape and dtype give."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > 100 << 20:
+            raise ValueError(f"header length {n}")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = path.stat().st_size - 8 - n
+    at = 0
+    for key, e in sorted(header.items(), key=lambda kv: list(kv[1]["data_offsets"])):
+        start, end = (int(x) for x in e["data_offsets"])
+        size = _DTYPE_BYTES.get(e["dtype"])
+        if start != at or (size is not None and end - start != size * int(np.prod(e["shape"], dtype=np.int64))):
+            raise ValueError(f"{key}: data_offsets {[start, end]} do not fit its dtype and shape")
+        at = end
+    if at != data_size:
+        raise ValueError(f"the tensors take {at} bytes, the file holds {data_size}")
+    return header, 8 + n
+
+
 class CheckpointWeights(WeightSource):
     """``visual.*`` tensors of a local transformers checkpoint (safetensors, sharded or not).
 
@@ -159,16 +262,10 @@ class CheckpointWeights(WeightSource):
         super().__init__(read_checkpoint_config(checkpoint_dir))
         self.dir = checkpoint_dir
         self.description = f"checkpoint {checkpoint_dir}"
+        self.checkpoint = SafetensorsCheckpoint(checkpoint_dir)
         self.location: dict[str, tuple[Path, str]] = {}
-        files = self._shard_files()
-        from safetensors import safe_open
-        for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    keys = list(h.keys())
-            except Exception as e:
-                raise BadInput(f"{f}: not a readable safetensors file ({str(e)[:100]})") from None
-            for k in keys:
+        for f in self.checkpoint.files(CHECKPOINT_PREFIXES):
+            for k in self.checkpoint.header(f)[0]:
                 for p in CHECKPOINT_PREFIXES:
                     if k.startswith(p):
                         self.location[k[len(p):]] = (f, k)
@@ -179,34 +276,10 @@ class CheckpointWeights(WeightSource):
         if missing:
             raise BadInput(f"{checkpoint_dir}: {len(missing)} vision weights are missing, e.g. visual.{missing[0]}; "
                            "the checkpoint is incomplete or of another architecture")
-        self._handles: dict[Path, object] = {}
-
-    def _shard_files(self) -> list[Path]:
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise BadInput(f"{index}: not a valid safetensors index ({e})") from None
-            names = sorted({v for k, v in wm.items() if k.startswith(CHECKPOINT_PREFIXES)})
-            files = [self.dir / n for n in names]
-            for f in files:
-                if not f.is_file():
-                    raise BadInput(f"{f}: shard named in the index is missing")
-            if files:
-                return files
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not files:
-            raise BadInput(f"{self.dir}: no *.safetensors files; save the checkpoint with safe_serialization=True")
-        return files
 
     def array(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
         f, key = self.location[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt")
-        t = h.get_tensor(key)
+        t = self.checkpoint.tensor(f, key)
         if tuple(t.shape) != self.shapes[name]:
             raise BadInput(f"{f}: {key} has shape {tuple(t.shape)}, the config says {self.shapes[name]}")
         return t.float().numpy()
