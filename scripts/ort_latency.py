@@ -1,13 +1,13 @@
 """Time one model in one runtime: session (compile) creation, then RUNS inferences on a random input.
-Prints 'median_s <seconds> first_s <seconds> session_s <seconds>'. Used by scripts/bench in a child
-process so that its peak RSS is the model's own. A dynamic export gets one random image of
+Answers one JSON result line (scripts/harness/results.py): {"median_s", "first_s", "session_s"} in seconds.
+Used by scripts/bench in a child process so that its peak RSS is the model's own. A dynamic export gets one random image of
 IMAGE_SIZE (HxW, default 448x448) with its grid (host-inputs kind: the grid tensors).
 
     python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE] [--runtime onnxruntime|openvino|openvino-bf16]
                                   [--threads N] [--save OUT.npy] [--inputs-of MODEL.onnx]
 
 --inputs-of: the ONNX file whose inputs MODEL has (for an OpenVINO IR, MODEL.xml, made from it).
---profile (OpenVINO): also print 'linears_s <seconds> linear_kernels <kinds>', the FullyConnected
+--profile (OpenVINO): the result also has "linears_s" and "linear_kernels" (a list), the FullyConnected
 nodes' time in the last run and their kernels, from OpenVINO's own per-node counters (PERF_COUNT).
 
 --save writes the first output of the last run (float32), for accuracy against another run's.
@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from harness.results import emit
 from qvl_surgery.core.inputs import ModelKind, parse_sizes, random_feeds
 from qvl_surgery.core.runners import cast_feeds, openvino_compiled, ort_session
 
@@ -50,9 +51,10 @@ for _ in range(a.runs):
     times.append(time.perf_counter() - s)
 if a.save:
     np.save(a.save, np.asarray(y, np.float32))
-print(f"median_s {float(np.median(times[1:] if len(times) > 1 else times)):.4f} first_s {times[0]:.4f} "
-      f"session_s {t1 - t0:.4f}")
+result = {"median_s": round(float(np.median(times[1:] if len(times) > 1 else times)), 4),
+          "first_s": round(times[0], 4), "session_s": round(t1 - t0, 4)}
 if a.profile and a.runtime != "onnxruntime":
     linears = [p for p in request.profiling_info if p.node_type.startswith("FullyConnected")]
-    kinds = sorted({f"{p.node_type}:{p.exec_type}" for p in linears})
-    print(f"linears_s {sum(p.real_time.total_seconds() for p in linears):.4f} linear_kernels {','.join(kinds)}")
+    result["linears_s"] = round(sum(p.real_time.total_seconds() for p in linears), 4)
+    result["linear_kernels"] = sorted({f"{p.node_type}:{p.exec_type}" for p in linears})
+emit(result)
