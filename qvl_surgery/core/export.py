@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_surgery import __version__
+from qvl_surgery.core import imagein
 from qvl_surgery.core.config import VisionConfig, check_image_size
 from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.grid import grid_tables_numpy
@@ -184,8 +185,9 @@ def encoder_block(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, b: in
 
 
 def merger(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, merged_shape: np.ndarray,
-           reverse_index: str, output: str) -> str:
-    """ln_q -> 2x2 merge (Reshape to ``merged_shape``) -> MLP with exact GELU -> back to input order."""
+           reverse_index: str | None, output: str) -> str:
+    """ln_q -> 2x2 merge (Reshape to ``merged_shape``) -> MLP with exact GELU -> back to input order
+    (a Gather of ``reverse_index``; None: left in window order, as ``merger.output``)."""
     n = _rms_norm(g, h, w("merger.ln_q.weight"), "/merger/ln_q", eps)
     n = g.op("Reshape", [n, g.const("merger_shape", np.asarray(merged_shape, np.int64))], "/merger/Reshape")
     y = linear(g, n, w("merger.mlp.0.weight"), w("merger.mlp.0.bias"), "/merger/mlp.0/Gemm")
@@ -196,6 +198,8 @@ def merger(g: GraphBuilder, cfg: VisionConfig, w, eps: str, h: str, merged_shape
     y = g.op("Mul", [g.op("Mul", [y, e], "/merger/gelu/Mul"), g.const("half", np.array(0.5, np.float32))],
              "/merger/gelu/Mul_half")
     y = linear(g, y, w("merger.mlp.2.weight"), w("merger.mlp.2.bias"), "/merger/mlp.2/Gemm", output="merger.output")
+    if reverse_index is None:
+        return y
     return g.op("Gather", [y, reverse_index], "/merger/Gather_reverse", axis=0, outputs=[output])
 
 
@@ -220,10 +224,15 @@ def check_processor_size(cfg: VisionConfig, size: tuple[int, int], min_pixels: i
                    f"{up_h}x{up_w}); export at {up_h}x{up_w}, or use --dynamic")
 
 
-def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[int, int]) -> Model:
+def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[int, int], *,
+                  image_input: str | None = None) -> Model:
     """The patched encoder for one image of ``image_size`` as a weightless Model (weights computed on save).
-    Sizes transformers' image processor cannot return are refused (:func:`check_processor_size`)."""
+    Sizes transformers' image processor cannot return are refused (:func:`check_processor_size`).
+    ``image_input`` ``"nhwc"`` or ``"nchw"``: the input is the resized image, not ``pixel_values``
+    (:mod:`qvl_surgery.core.imagein`)."""
     image_size = check_processor_size(cfg, check_image_size(cfg, image_size))
+    if image_input is not None:
+        imagein.check_layout(image_input)
     lay = window_layout(cfg, image_size)
     S, C, H, D = lay.seq_len, cfg.hidden_size, cfg.num_heads, cfg.head_dim
     mu = cfg.merge_unit
@@ -234,8 +243,8 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
     # Shared per-image constants: the grid tables of this one image, in numpy (grid.py, the same
     # computation the dynamic export runs in its graph).
     tables = grid_tables_numpy(cfg, np.array([[lay.grid_t, lay.grid_h, lay.grid_w]], np.int64))
-    patch_order = g.const("window_patch_order", tables["patch_order"])
-    reverse_index = g.const("window_reverse_index", tables["reverse_index"])
+    tiled = image_input is not None and imagein.windows_tile(cfg, image_size)
+    reverse_index = None if tiled else g.const("window_reverse_index", tables["reverse_index"])
     cos = g.const("rotary_cos", tables["rotary_cos"])
     sin = g.const("rotary_sin", tables["rotary_sin"])
     window_blocks = [b for b in range(cfg.depth) if b not in cfg.fullatt_block_indexes]
@@ -249,7 +258,11 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
                               g.const("mask_min", np.array(np.finfo(np.float32).min, np.float32))],
                     "/window_mask/Where", outputs=["window_attention_mask"])
 
-    h = patch_embed(g, cfg, w, patch_order)
+    if image_input is None:
+        h = patch_embed(g, cfg, w, g.const("window_patch_order", tables["patch_order"]))
+    else:
+        h = imagein.image_patch_embed(g, cfg, weights, image_size, image_input,
+                                      imagein.row_patch_order(cfg, image_size, tables["patch_order"]))
     block_outputs = [h]
 
     qkv_shape = g.const("qkv_shape", np.array([S, 3, H, D], np.int64))
@@ -271,11 +284,14 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
         h = encoder_block(g, cfg, w, eps, h, b, attend)
         block_outputs.append(h)
 
-    merger(g, cfg, w, eps, h, np.array([S // mu, C * mu], np.int64), reverse_index, OUTPUT_NAME)
+    y = merger(g, cfg, w, eps, h, np.array([S // mu, C * mu], np.int64), reverse_index, OUTPUT_NAME)
+    if tiled:
+        imagein.merged_to_row_order(g, cfg, image_size, y, OUTPUT_NAME)
 
     graph = helper.make_graph(
         g.nodes, "qwen2_5_vl_vision_encoder",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [S, cfg.patch_dim])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [S, cfg.patch_dim]) if image_input is None
+         else imagein.input_info(image_input, image_size)],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [S // mu, cfg.out_hidden_size])],
         initializer=g.initializers,
         value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, [S, C]) for n in block_outputs],
@@ -284,6 +300,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
         "image_size": f"{image_size[0]}x{image_size[1]}",
         "grid": json.dumps([lay.grid_t, lay.grid_h, lay.grid_w]),
         "window_layout": json.dumps(lay.to_metadata()),
+        **({"input": f"image-{image_input}"} if image_input else {}),
     })
 
 
@@ -311,11 +328,13 @@ def encoder_model(graph: onnx.GraphProto, g: GraphBuilder, cfg: VisionConfig, we
 
 
 def export(weights: WeightSource, out: str | Path, image_size: tuple[int, int], *, progress: bool = True,
-           check: bool = True, overwrite: bool = False, single_file: bool = False) -> ExportReport:
+           check: bool = True, overwrite: bool = False, single_file: bool = False,
+           image_input: str | None = None) -> ExportReport:
     """Build the graph and stream every weight into ``out.data`` (or into ``out`` itself with
-    ``single_file``, for models under 2 GB); returns what was written."""
+    ``single_file``, for models under 2 GB); returns what was written. ``image_input``: as in
+    :func:`build_encoder`."""
     out = Path(out)
-    model = build_encoder(weights.cfg, weights, image_size)
+    model = build_encoder(weights.cfg, weights, image_size, image_input=image_input)
     save_model(model, out, check=check, progress="export" if progress else None, overwrite=overwrite,
                single_file=single_file)
     lay_grid = json.loads(model.metadata()[META + "grid"])
