@@ -1,11 +1,13 @@
 """What to feed a model: the inputs of a static export (one image of the export size), of a
 dynamic export (``pixel_values`` + ``image_grid_thw``: several images of any size, video frames),
-or of its host-inputs kind (``pixel_values`` + the grid tensors computed on the host).
+or of its host-inputs kind (``pixel_values`` + the grid tensors computed on the host), or of an
+image-in export (``image``: the resized photo itself, uint8 NHWC or float NCHW).
 
 Sources, for any kind: an ``.npz`` holding the model's inputs by name (a dynamic one: at least
 ``pixel_values`` and ``image_grid_thw``), image files run through transformers'
 ``Qwen2VLImageProcessor``, video frames (a dynamic model only), or random pixels with a fixed
-seed (``image_sizes`` for a dynamic model, one image per size). Feeds for a dynamic model are
+seed (``image_sizes`` for a dynamic model, one image per size; uniform uint8 pixels for an
+image-in one). Feeds for a dynamic model are
 checked (:func:`check_feeds`): a grid that does not match the pixel rows, odd sides, zero or
 negative entries are refused in one line, before onnxruntime sees them.
 """
@@ -19,6 +21,7 @@ import numpy as np
 
 from qvl_surgery.core.config import VisionConfig, check_image_size, parse_image_size
 from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.imagein import IMAGE_NAME, image_feed
 from qvl_surgery.core.manifest import is_manifest_path
 from qvl_surgery.core.modelfile import Model
 from qvl_surgery.core.signature import Signature, head_model, signature
@@ -35,6 +38,7 @@ class ModelKind:
     cfg: VisionConfig | None
     image_size: tuple[int, int] | None
     signature: Signature
+    image_input: str | None = None  # an image-in export's layout ("nhwc", "nchw"); None: pixel_values
 
     @property
     def inputs(self):
@@ -55,8 +59,10 @@ class ModelKind:
         if "qvl_surgery.vision_config" in meta:
             cfg = VisionConfig.from_dict(json.loads(meta["qvl_surgery.vision_config"]))
         size = meta.get("qvl_surgery.image_size")
+        form = meta.get("qvl_surgery.input", "")
         return cls(meta.get("qvl_surgery.dynamic"), cfg,
-                   tuple(int(x) for x in size.split("x")) if size else None, sig)
+                   tuple(int(x) for x in size.split("x")) if size else None, sig,
+                   form.removeprefix("image-") if form.startswith("image-") else None)
 
 
 def _processor(kind: ModelKind, fixed: tuple[int, int] | None):
@@ -104,8 +110,11 @@ def image_feeds(kind: ModelKind, images: list[str], video: list[str] | None = No
         if len(images) != 1:
             raise BadInput("{image}: a static export takes one image; export with --dynamic for several",
                            image=",".join(images))
+        image = _open_image(images[0], kind.image_size)
+        if kind.image_input:
+            return {IMAGE_NAME: image_feed(np.asarray(image, np.uint8), kind.image_input)}
         proc = _processor(kind, kind.image_size)
-        px = proc(images=[_open_image(images[0], kind.image_size)], return_tensors="np")["pixel_values"]
+        px = proc(images=[image], return_tensors="np")["pixel_values"]
         return {PIXELS: px.astype(np.float32)}
     proc = _processor(kind, None)
     pixels, grids = [], []
@@ -123,6 +132,8 @@ def image_feeds(kind: ModelKind, images: list[str], video: list[str] | None = No
 def random_feeds(kind: ModelKind, *, seed: int = 0, image_sizes: list[tuple[int, int]] | None = None
                  ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
+    if kind.image_input and kind.image_size:
+        return {IMAGE_NAME: image_feed(rng.integers(0, 256, (*kind.image_size, 3), dtype=np.uint8), kind.image_input)}
     if kind.dynamic is None:
         return {t.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in t.shape]).astype(
                     np.float32 if np.dtype(t.dtype).kind in "iub" else t.dtype) for t in kind.inputs}
@@ -170,12 +181,21 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def load_inputs(ref_path: str | Path, *, inputs: str | None = None, image: str | None = None,
-                video: str | None = None, image_size: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                video: str | None = None, image_size: str | None = None, seed: int = 0,
+                also_for: str | Path | None = None) -> dict[str, np.ndarray]:
     """One set of feeds for ``ref_path`` (a model or a split): an .npz (``inputs``), images (comma
     separated) and/or video frames (comma separated), random pixels at ``image_size``
     ("HxW[,HxW...]", dynamic models), or random pixels of the static export's size. Checked as every
-    input set is (:func:`check_feeds`); a refusal names the option it came from."""
+    input set is (:func:`check_feeds`); a refusal names the option it came from.
+
+    ``also_for``: a second model to feed the same picture to (compare). Where it takes another input
+    form (an image-in export beside a ``pixel_values`` one of the same size), the feeds hold both
+    forms of one image: the image file given, or one random uint8 image."""
     kind = ModelKind.of(ref_path)
+    if also_for is not None and not inputs and not video:
+        other = ModelKind.of(also_for)
+        if other.signature.input_names != kind.signature.input_names and (kind.image_input or other.image_input):
+            return _one_picture_for_both(kind, other, image, seed)
     if inputs:
         if image or video:
             raise BadInput("{inputs}: give an .npz or images, not both", inputs=inputs)
@@ -198,6 +218,35 @@ def load_inputs(ref_path: str | Path, *, inputs: str | None = None, image: str |
                        image_size=image_size)
     feeds = random_feeds(kind, seed=seed, image_sizes=parse_sizes(image_size) if image_size else None)
     check_feeds(kind, feeds)
+    return feeds
+
+
+def _one_picture_for_both(a: ModelKind, b: ModelKind, image: str | None, seed: int) -> dict[str, np.ndarray]:
+    """The feeds of two static models of one size, one taking the image and one ``pixel_values``,
+    made from one picture (the processor makes the other's ``pixel_values`` from the same uint8 image)."""
+    if a.dynamic or b.dynamic or a.image_size != b.image_size:
+        raise BadInput(f"an image-in export compares with a static pixel_values export of its size "
+                       f"({a.image_size} vs {b.image_size}{', dynamic' if a.dynamic or b.dynamic else ''})")
+    option, text = ("image", image) if image else ("inputs", "random")
+    try:
+        if image:
+            if "," in image:
+                raise BadInput("{image}: a static export takes one image", image=image)
+            picture = np.asarray(_open_image(image, a.image_size), np.uint8)
+        else:
+            picture = np.random.default_rng(seed).integers(0, 256, (*a.image_size, 3), dtype=np.uint8)
+        feeds = {}
+        for kind in (a, b):
+            if kind.image_input:
+                feeds[IMAGE_NAME] = image_feed(picture, kind.image_input)
+            else:
+                from PIL import Image
+                proc = _processor(kind, kind.image_size)
+                feeds[PIXELS] = proc(images=[Image.fromarray(picture)], return_tensors="np")["pixel_values"].astype(
+                    np.float32)
+            check_feeds(kind, feeds)
+    except BadInput as e:
+        raise _flagged(e, option, text) from None
     return feeds
 
 
