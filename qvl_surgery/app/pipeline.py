@@ -65,6 +65,62 @@ def read_recipe(path: str | Path) -> dict:
     return doc
 
 
+def resolve_run(*, recipe: str | Path | None = None, passes: str | None = None, source: Path | None = None,
+                random_init: str | None = None, seed: int = 0, image_size: str | None = None,
+                dynamic: str | None = None) -> tuple[dict, str | None, list[Pass]]:
+    """``run``'s source, image size and passes, from a recipe and/or the command line (each given
+    once): the source as a dict (``checkpoint``, ``model``, or ``random_init`` and ``seed``, and
+    ``dynamic``), the image size, the passes."""
+    src: dict = {}
+    specs = None
+    if recipe:
+        doc = read_recipe(recipe)
+        src = dict(doc.get("source", {}))
+        if image_size is not None and "image_size" in doc:
+            raise BadInput("{image_size}: the recipe sets image_size too; give it once", image_size=image_size)
+        image_size = doc.get("image_size", image_size)
+        specs = doc["passes"]
+    if passes:
+        if specs:
+            raise BadInput("{passes}: the recipe lists passes too; give them once", passes=passes)
+        specs = parse_passes(passes)
+    if not specs:
+        raise BadInput("run: give --passes or --recipe")
+    given = [x for x in (random_init, source) if x is not None]
+    if given and src:
+        raise BadInput(f"run: the recipe names its source ({json.dumps(src)}) and the command line another; "
+                       "give the source once")
+    if len(given) > 1:
+        raise BadInput("run: give a SOURCE or {random_init}, not both", random_init="PRESET")
+    if random_init:
+        src = {"random_init": random_init, "seed": seed}
+    elif source is not None:
+        src = {"model": source} if Path(source).suffix == ".onnx" else {"checkpoint": source}
+    if dynamic:
+        src["dynamic"] = dynamic
+    if not src:
+        raise BadInput("run: give a SOURCE (checkpoint directory or .onnx export) or --random-init PRESET")
+    return src, image_size, specs
+
+
+def weights_of(source: dict):
+    """The weights of a source dict (``checkpoint``, or ``random_init`` and ``seed``)."""
+    from qvl_surgery.core.config import preset
+    from qvl_surgery.core.weights import CheckpointWeights, RandomWeights
+    if source.get("checkpoint") is not None:
+        return CheckpointWeights(source["checkpoint"])
+    return RandomWeights(preset(source["random_init"]), int(source.get("seed", 0)))
+
+
+def weights_script(source: dict) -> list[str]:
+    """:func:`weights_of` in Python (``--gen-script``): ``weights = ...``."""
+    if source.get("checkpoint"):
+        return ["from qvl_surgery.core.weights import CheckpointWeights",
+                f"weights = CheckpointWeights({str(source['checkpoint'])!r})"]
+    return ["from qvl_surgery.core.config import preset", "from qvl_surgery.core.weights import RandomWeights",
+            f"weights = RandomWeights(preset({source['random_init']!r}), seed={int(source.get('seed', 0))})"]
+
+
 def judgement_of(specs: list[Pass]) -> Judgement:
     """How the chain's result is judged: its loosest pass."""
     return Judgement.loosest([p.judgement for p in specs])
@@ -89,12 +145,7 @@ def gen_script(*, source: dict, specs: list[Pass], output: Path, image_size: str
         lines.append(f"value = read_value({str(src)!r}).value")
     else:
         reference = Path(output) / "model.fp32.onnx"
-        if source.get("checkpoint"):
-            lines += ["from qvl_surgery.core.weights import CheckpointWeights",
-                      f"weights = CheckpointWeights({str(source['checkpoint'])!r})"]
-        else:
-            lines += ["from qvl_surgery.core.config import preset", "from qvl_surgery.core.weights import RandomWeights",
-                      f"weights = RandomWeights(preset({source['random_init']!r}), seed={int(source.get('seed', 0))})"]
+        lines += weights_script(source)
         if source.get("dynamic"):
             lines += ["from qvl_surgery.core.dynamic import build_dynamic_encoder",
                       f"value = build_dynamic_encoder(weights.cfg, weights, host_inputs={source['dynamic'] == 'host'})"]
@@ -206,12 +257,11 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
     lists the sizes of the comparison's images (one call, default 448x448,252x364). ``single_file``:
     the result as one self-contained .onnx (not with split)."""
     from qvl_surgery.analysis.compare import compare
-    from qvl_surgery.core.config import check_image_size, parse_image_size, preset
+    from qvl_surgery.core.config import check_image_size, parse_image_size
     from qvl_surgery.core.export import build_encoder
     from qvl_surgery.core.inputs import load_inputs
     from qvl_surgery.core.publish import publish_dir, staging
     from qvl_surgery.core.values import check_output, read_value, write_value
-    from qvl_surgery.core.weights import CheckpointWeights, RandomWeights
 
     out_dir = Path(out_dir)
     given = sum(x is not None for x in (checkpoint, random_init, model))
@@ -250,7 +300,7 @@ def run_pipeline(*, out_dir: str | Path, specs: list[Pass], checkpoint: str | Pa
             current = loaded.value
             final_reference = reference
         else:
-            weights = CheckpointWeights(checkpoint) if checkpoint is not None else RandomWeights(preset(random_init), seed)
+            weights = weights_of({"checkpoint": checkpoint, "random_init": random_init, "seed": seed})
             if dynamic:
                 from qvl_surgery.core.dynamic import build_dynamic_encoder
                 exported = build_dynamic_encoder(weights.cfg, weights, host_inputs=dynamic == "host")
