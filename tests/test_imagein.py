@@ -1,0 +1,132 @@
+"""Image-in exports (issue 25): the resized photo in, normalization and patchify folded into the
+graph. Judged by transformers' processor + model.visual on real photographs (scikit-image's)."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from conftest import TINY, check_written, hf_forward, hf_vision_model, ort_run
+from qvl_surgery.core import imagein
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.export import export
+from qvl_surgery.core.inputs import ModelKind, load_inputs
+from qvl_surgery.core.modelfile import load_model
+from qvl_surgery.core.weights import RandomWeights
+
+TILED = [(448, 448), (448, 672)]   # both sides multiples of 112: the windows tile the grid
+UNEVEN = (252, 364)                # partial windows on the last row and column
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from skimage import data
+    d = tmp_path_factory.mktemp("photos")
+    out = {}
+    for name in ("astronaut", "coffee", "chelsea"):
+        out[name] = d / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).save(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf():
+    w = RandomWeights(TINY, seed=0)
+    return w, hf_vision_model(TINY, w.state_dict())
+
+
+def processor_pixels(pixels_uint8: np.ndarray) -> np.ndarray:
+    from transformers import Qwen2VLImageProcessor
+    h, w = pixels_uint8.shape[:2]
+    proc = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w)
+    return proc(images=[Image.fromarray(pixels_uint8)], return_tensors="np")["pixel_values"].astype(np.float32)
+
+
+@pytest.mark.parametrize("size", TILED + [UNEVEN])
+@pytest.mark.parametrize("layout", imagein.LAYOUTS)
+def test_image_in_equals_processor_and_transformers_on_photos(size, layout, hf, photos, tmp_path):
+    weights, model = hf
+    out = tmp_path / "m.onnx"
+    export(weights, out, size, progress=False, image_input=layout)
+    check_written(out)
+    proto = onnx.load(str(out), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Conv") == 1 and "MatMul" not in [n.op_type for n in proto.graph.node[:6]]
+    assert ("Gather" in ops) == (size == UNEVEN)       # a Gather only where windows are partial
+    x = proto.graph.input[0]
+    assert x.name == "image" and x.type.tensor_type.elem_type == (onnx.TensorProto.UINT8 if layout == "nhwc"
+                                                                    else onnx.TensorProto.FLOAT)
+    for path in photos.values():
+        px = imagein.resize_image(path, size)
+        ref = hf_forward(model, processor_pixels(px), size)
+        got = ort_run(out, {"image": imagein.image_feed(px, layout)})[0]
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), (path.name, np.abs(got - ref).max())
+
+
+def test_folded_patch_embed_is_the_processor_then_conv3d():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((TINY.hidden_size, 3, 2, 14, 14))
+    kernel, bias = imagein.folded_patch_embed(w, TINY)
+    x = rng.integers(0, 256, (3, 14, 14)).astype(np.float64)
+    normed = (x / 255 - np.asarray(imagein.IMAGE_MEAN)[:, None, None]) / np.asarray(imagein.IMAGE_STD)[:, None, None]
+    want = np.einsum("octij,cij->o", w, normed)          # both frames of the patch are the image
+    got = np.einsum("ocij,cij->o", kernel.astype(np.float64), x) + bias
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (100, 300), (448, 448), (1080, 1920), (4000, 3000), (60, 5000),
+                                (500, 333)])
+def test_smart_resize_is_the_processors_rule(hw):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    assert imagein.smart_resize(*hw) == smart_resize(*hw, min_pixels=imagein.MIN_PIXELS,
+                                                     max_pixels=imagein.MAX_PIXELS)
+
+
+def test_resize_then_model_equals_processor_then_pixel_values_export(photos, tmp_path):
+    """The host path a deployment runs (smart_resize, resize_image, image_feed) against the
+    processor's own resize, on a photo whose size the processor changes."""
+    from transformers import Qwen2VLImageProcessor
+    photo = np.asarray(Image.open(photos["chelsea"]))        # 300 x 451
+    size = imagein.smart_resize(*photo.shape[:2], max_pixels=320 * 480)
+    w = RandomWeights(TINY, seed=0)
+    export(w, tmp_path / "pv.onnx", size, progress=False)
+    export(w, tmp_path / "im.onnx", size, progress=False, image_input="nhwc")
+    proc = Qwen2VLImageProcessor(max_pixels=320 * 480)
+    px = proc(images=[Image.fromarray(photo)], return_tensors="np")
+    assert px["image_grid_thw"].tolist() == [[1, size[0] // 14, size[1] // 14]]
+    ref = ort_run(tmp_path / "pv.onnx", {"pixel_values": px["pixel_values"].astype(np.float32)})[0]
+    got = ort_run(tmp_path / "im.onnx", {"image": imagein.image_feed(imagein.resize_image(photo, size), "nhwc")})[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_compare_an_image_in_file_with_its_pixel_values_export(photos, tmp_path):
+    from qvl_surgery.analysis.compare import compare
+    w = RandomWeights(TINY, seed=0)
+    export(w, tmp_path / "pv.onnx", (448, 448), progress=False)
+    export(w, tmp_path / "im.onnx", (448, 448), progress=False, image_input="nchw")
+    for image in (str(photos["astronaut"]), None):            # a photo, or one random uint8 image
+        feeds = load_inputs(tmp_path / "pv.onnx", image=image, also_for=tmp_path / "im.onnx")
+        assert set(feeds) == {"pixel_values", "image"}
+        report = compare(tmp_path / "pv.onnx", tmp_path / "im.onnx", feeds=feeds, atol=1e-5, rtol=1e-3,
+                         min_cosine=0.99999)
+        assert report.passed, report.reasons
+    export(w, tmp_path / "other.onnx", (448, 672), progress=False, image_input="nchw")
+    with pytest.raises(BadInput, match="of its size"):
+        load_inputs(tmp_path / "pv.onnx", also_for=tmp_path / "other.onnx")
+
+
+def test_random_inputs_and_metadata_of_an_image_in_file(tmp_path):
+    export(RandomWeights(TINY, seed=0), tmp_path / "m.onnx", (448, 448), progress=False, image_input="nhwc")
+    kind = ModelKind.of(tmp_path / "m.onnx")
+    assert kind.image_input == "nhwc" and kind.image_size == (448, 448)
+    feeds = load_inputs(tmp_path / "m.onnx")
+    assert feeds["image"].dtype == np.uint8 and feeds["image"].shape == (1, 448, 448, 3)
+    meta = load_model(tmp_path / "m.onnx").metadata()
+    assert meta["qvl_surgery.input"] == "image-nhwc" and json.loads(meta["qvl_surgery.passes"]) == ["export"]
+
+
+def test_bad_layout_is_one_line():
+    with pytest.raises(BadInput, match="nhwc"):
+        imagein.check_layout("nwhc")
