@@ -7,7 +7,8 @@ time, because every place that touches the stream absorbs ``Q``:
 
 - RMSNorm without its scale commutes with ``Q`` (``rms(h Q) = rms(h)``), so each norm's scale ``g``
   is first folded into the linears that read the norm (``W -> W diag(g)``) and its Mul removed;
-- a linear that writes the stream (patch embed, attention proj, down_proj) computes ``y Q``:
+- a linear that writes the stream (patch embed, attention proj, down_proj; an image-in export's patch
+  Conv through its token reorders) computes ``y Q``:
   ``W -> Q^T W``, ``b -> Q^T b`` (weights ``[N, K]``; ``[K, N]`` MatMul weights: ``B -> B Q``);
 - a linear that reads a norm gets ``x Q``: ``W -> W diag(g) Q``; the merger reads four tokens
   at once through a Reshape (``[T, C] -> [T/4, 4C]``): ``Q`` block-diagonally, four times;
@@ -32,7 +33,8 @@ from onnx import helper
 from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.graphinfo import constant_value, with_graph
 from qvl_surgery.core.patterns import consumers, producers
-from qvl_surgery.core.residual import Norm, StreamLinear, hidden_norms, is_token_gather, norm_readers, refolded, stream_linear
+from qvl_surgery.core.residual import (Norm, StreamLinear, conv_writer, hidden_norms, is_token_gather, norm_readers,
+                                      refolded, stream_linear)
 from qvl_surgery.core.modelfile import Model
 from qvl_surgery.core.passbase import Context, Judgement, Option, Pass, PassReport, PassResult, refuse_split_part
 
@@ -134,6 +136,8 @@ def plan_rotation(model: Model, norms: list[Norm], c: int) -> _Plan:
         else:
             lin = stream_linear(model, p)
             if lin is None:
+                lin = (conv_writer(model, t, prod, cons, c) or (None,))[0]   # an image-in export's patch embed
+            if lin is None:
                 raise BadInput(f"rotate: {where(t)} is made by {p.op_type} {p.name!r}, which a rotation cannot "
                                "be folded into (only linears, residual Adds and token Gathers)")
             writers[lin.weight] = lin
@@ -193,8 +197,9 @@ def _rotate(model: Model, o) -> tuple[Model, RotateReport]:
     def replace(name: str, fn) -> None:
         new_inits[name], sources[name] = refolded(model, inits[name], fn)
 
-    for lin in plan.writers:   # y -> y Q
-        replace(lin.weight, (lambda w: q.T @ w) if lin.out_in else (lambda w: w @ q))
+    for lin in plan.writers:   # y -> y Q (a Conv's weight [C, ...]: its output channels, as a Gemm's rows)
+        replace(lin.weight, (lambda w: (q.T @ w.reshape(len(w), -1)).reshape(w.shape)) if lin.out_in
+                else (lambda w: w @ q))
         if lin.bias:
             replace(lin.bias, lambda b: (b.reshape(-1) @ q).reshape(b.shape))
     for lin, norm, tokens in plan.readers:   # x -> x Q, scale folded: W diag(g) Q (per token group)

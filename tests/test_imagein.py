@@ -130,3 +130,37 @@ def test_random_inputs_and_metadata_of_an_image_in_file(tmp_path):
 def test_bad_layout_is_one_line():
     with pytest.raises(BadInput, match="nhwc"):
         imagein.check_layout("nwhc")
+
+
+@pytest.mark.parametrize("size", [TILED[0], UNEVEN])
+def test_every_pass_runs_on_an_image_in_file(size, photos, tmp_path):
+    """fp16, quantize, smooth, rotate, attention and split take an image-in file as they take a
+    pixel_values one; each result runs on the photo and stays as close to the source as the pass
+    promises (exact ones to fp32 rounding)."""
+    from passes.attention import rewrite_attention
+    from passes.fp16 import convert_fp16
+    from passes.quantize import quantize_model
+    from passes.rotate import rotate_model
+    from passes.smooth import smooth_model
+    from passes.split import split_model
+    from qvl_surgery.core.metrics import centered_cosine
+    from qvl_surgery.core.runners import run_chain
+    from qvl_surgery.core.values import write_value
+    src = tmp_path / "m.onnx"
+    export(RandomWeights(TINY, seed=0), src, size, progress=False, image_input="nhwc")
+    feeds = load_inputs(src, image=str(photos["coffee"]))
+    ref = ort_run(src, feeds)[0]
+    floors = {"fp16": 0.9999, "w8a8": 0.999, "smooth": 0.99999, "rotate": 0.99999, "attention": 0.99999,
+              "split": 0.99999}
+    runs = {"fp16": lambda m: convert_fp16(m, keep_io_types=True),
+            "w8a8": lambda m: quantize_model(m, activations="int8", format="onnxruntime"),
+            "smooth": lambda m: smooth_model(m, calibrate="random:2"),
+            "rotate": lambda m: rotate_model(m),
+            "attention": lambda m: rewrite_attention(m, mode="mha"),
+            "split": lambda m: split_model(m, parts=2)}
+    for name, run in runs.items():
+        value, _ = run(load_model(src))
+        out = tmp_path / (name if name == "split" else f"{name}.onnx")
+        write_value(value, out)
+        got = run_chain(out / "manifest.json", feeds)["image_embeds"] if name == "split" else ort_run(out, feeds)[0]
+        assert centered_cosine(np.asarray(got, np.float32), ref) >= floors[name], name

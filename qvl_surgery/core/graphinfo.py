@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.imagein import IMAGE_NAME
 from qvl_surgery.core.modelfile import Model, read_initializer
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,18 @@ log = logging.getLogger(__name__)
 def side_inputs(model: Model) -> list[str]:
     """Graph inputs that every part of a split takes beside the activation: for the dynamic export,
     everything but ``pixel_values`` (``image_grid_thw``, or the host-computed grid tensors); for
-    any model, its non-float inputs. What they compute (window order, rotary tables, masks) is
-    treated like constants: each part that needs it recomputes it from them."""
+    any model, its non-float inputs but an image-in export's image (uint8, and the activation).
+    What they compute (window order, rotary tables, masks) is treated like constants: each part
+    that needs it recomputes it from them."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     ins = [i for i in g.input if i.name not in inits]
-    if model.metadata().get("qvl_surgery.dynamic"):
+    meta = model.metadata()
+    if meta.get("qvl_surgery.dynamic"):
         return [i.name for i in ins if i.name != "pixel_values"]
+    image = IMAGE_NAME if meta.get("qvl_surgery.input", "").startswith("image-") else None
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-    return [i.name for i in ins if i.type.tensor_type.elem_type not in floats]
+    return [i.name for i in ins if i.type.tensor_type.elem_type not in floats and i.name != image]
 
 
 def constant_value(model: Model, name: str, *, max_size: int | None = None) -> np.ndarray | None:

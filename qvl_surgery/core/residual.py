@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qvl_surgery.core.errors import BadInput
-from qvl_surgery.core.graphinfo import constant_value
+from qvl_surgery.core.graphinfo import constant_value, value_types
 from qvl_surgery.core.modelfile import Computed, Model, read_initializer
 from qvl_surgery.core.patterns import consumers, rmsnorm_patterns
 
@@ -127,3 +127,51 @@ def refolded(model: Model, like: TensorProto, fn, name: str | None = None) -> tu
     def make() -> np.ndarray:
         return fn(np.asarray(read_initializer(like, src), np.float64)).astype(np.float32)
     return t, Computed(make, int(np.prod(t.dims, dtype=np.int64)) * 4)
+
+
+_REORDERS = ("Reshape", "Transpose", "Gather")
+
+
+def conv_writer(model: Model, t: str, prod: dict, cons: dict, c: int) -> tuple[StreamLinear, list[onnx.NodeProto]] | None:
+    """An image-in export writes the stream with a Conv (``c`` output channels, bias a constant)
+    followed by token reorders (Reshape, Transpose, Gather on another axis) that move the channel axis,
+    whole, to the end: that Conv and the reorder nodes, or None when ``t`` is not made that way. Each
+    reorder is checked on the tensors' shapes (the channel axis stays one axis of ``c``), and nothing
+    else reads the tensors in between, so a rotation of the channels commutes with the chain."""
+    chain: list[onnx.NodeProto] = []
+    p = prod.get(t)
+    while p is not None and p.op_type in _REORDERS:
+        chain.append(p)
+        p = prod.get(p.input[0])
+    if p is None or p.op_type != "Conv" or not chain:
+        return None
+    inits = model.initializers()
+    if len(p.input) < 3 or p.input[1] not in inits or p.input[2] not in inits or inits[p.input[1]].dims[0] != c:
+        return None
+    chain.reverse()
+    shapes = {k: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for k, v in value_types(model, {p.output[0]} | {n.output[0] for n in chain}).items()}
+    axis = 1                                         # Conv output [N, C, H, W]
+    prev = p.output[0]
+    for n in chain:
+        if [r.name for r in cons.get(prev, [])] != [n.name]:
+            return None                              # something else reads the unrotated tensor
+        old, new = shapes.get(prev), shapes.get(n.output[0])
+        if not old or not new or 0 in old + new:
+            return None
+        if n.op_type == "Transpose":
+            perm = [list(a.ints) for a in n.attribute if a.name == "perm"][0]
+            axis = perm.index(axis)
+        elif n.op_type == "Reshape":
+            before = int(np.prod(old[:axis]))
+            axis = next((b for b in range(len(new)) if new[b] == c and int(np.prod(new[:b])) == before), -1)
+            if axis < 0:
+                return None
+        else:                                         # Gather: constant indices on another axis
+            g_axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            if g_axis == axis or len(old) != len(new) or n.input[1] not in inits:
+                return None
+        prev = n.output[0]
+    if axis != len(shapes[prev]) - 1:
+        return None
+    return StreamLinear(p, p.input[1], p.input[2], True), chain
