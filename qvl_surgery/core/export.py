@@ -95,13 +95,24 @@ class ExportReport:
     parameters: int
     nodes: int
     weight_bytes: int
+    image_input: str | None = None   # an image-in export's layout
+    gathers: int = 0
 
     def lines(self) -> list[str]:
         beside = self.output.with_name(self.output.name + ".data").exists()
-        return [f"exported {self.output}" + (f" ({self.output.name}.data beside it)" if beside else " (one file)"),
-                f"  image {self.image_size[0]}x{self.image_size[1]}: grid {list(self.grid)}, "
-                f"{self.seq_len} patches -> {self.tokens} tokens",
-                f"  {self.parameters:,} parameters, {self.weight_bytes / 1e9:.2f} GB fp32, {self.nodes} nodes"]
+        out = [f"exported {self.output}" + (f" ({self.output.name}.data beside it)" if beside else " (one file)"),
+               f"  image {self.image_size[0]}x{self.image_size[1]}: grid {list(self.grid)}, "
+               f"{self.seq_len} patches -> {self.tokens} tokens",
+               f"  {self.parameters:,} parameters, {self.weight_bytes / 1e9:.2f} GB fp32, {self.nodes} nodes"]
+        if self.image_input:
+            h, w = self.image_size
+            form = f"uint8 [1, {h}, {w}, 3]" if self.image_input == "nhwc" else f"float [1, 3, {h}, {w}] in 0..255"
+            order = ("window order by Reshape/Transpose (no Gather)" if not self.gathers else
+                     f"{self.gathers} Gathers of the window order (the windows do not tile {h}x{w}: "
+                     "sides multiples of 112 px do)")
+            out.append(f"  input image {form}: rescale and mean/std folded into the patch Conv (toolchain "
+                       f"mean 0, std 1); {order}")
+        return out
 
 
 def _rms_norm(g: GraphBuilder, x: str, weight: str, prefix: str, eps: str) -> str:
@@ -342,4 +353,5 @@ def export(weights: WeightSource, out: str | Path, image_size: tuple[int, int], 
     return ExportReport(output=out, image_size=tuple(image_size), grid=tuple(lay_grid), seq_len=S,
                         tokens=S // weights.cfg.merge_unit,
                         parameters=sum(int(np.prod(s)) for s in weights.shapes.values()),
-                        nodes=len(model.graph.node), weight_bytes=model.weight_bytes())
+                        nodes=len(model.graph.node), weight_bytes=model.weight_bytes(), image_input=image_input,
+                        gathers=sum(n.op_type == "Gather" for n in model.graph.node))

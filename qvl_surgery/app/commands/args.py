@@ -251,7 +251,8 @@ class FeedArgs(ArgGroup):
         src.add_argument("--inputs", help=".npz with one array per model input (a dynamic model: pixel_values and "
                          "image_grid_thw)")
         src.add_argument("--image", help="image file(s), comma separated, through transformers' processor: resized to "
-                         "the export size (static), or each at its own size in one call (dynamic)")
+                         "the export size (static), or each at its own size in one call (dynamic); an image-in "
+                         "export takes the resized image itself (beside a pixel_values export: the same picture)")
         p.add_argument("--video", help="dynamic models: video frames (image files, comma separated; two per temporal "
                        "patch), after the --image images in the same call")
         p.add_argument("--image-size", help="dynamic models: random images of these sizes in one call, HxW[,HxW...] "

@@ -87,7 +87,7 @@ class Compare(Command):
         from qvl_surgery.analysis.compare import compare
         from qvl_surgery.core.inputs import load_inputs
         self._check(a)
-        feeds = load_inputs(a.ref, **self.feeds.values(a))
+        feeds = load_inputs(a.ref, **self.feeds.values(a), also_for=a.cand)   # one picture for both input forms
         judged = judgement_of(a.cand)   # what CAND's passes declared: int8 is not judged at fp32's tolerances
         report = compare(a.ref, a.cand, feeds=feeds, **tolerances(a, judged), **self._options(a))
         print("\n".join(report.lines()))
@@ -100,7 +100,7 @@ class Compare(Command):
         self._check(a)
         tol = tolerances(a)
         lines = ["from qvl_surgery.analysis.compare import compare", "from qvl_surgery.core.inputs import load_inputs",
-                 f"feeds = load_inputs({py(a.ref)}, {self.feeds.render(a)})"]
+                 f"feeds = load_inputs({py(a.ref)}, {self.feeds.render(a)}, also_for={py(a.cand)})"]
         if any(v.startswith(("judged", "max", "min")) for v in tol.values()):
             lines += ["from qvl_surgery.core.passbase import judgement_of_metadata",
                       "from qvl_surgery.core.signature import head_model",

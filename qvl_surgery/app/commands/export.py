@@ -11,20 +11,36 @@ from .args import DEFAULT_IMAGE_SIZE, Command, SourceArgs, WriteArgs, print_repo
 class Export(Command):
     """export the fp32 encoder (one .onnx + one .onnx.data)"""
     example = ("qvl-surgery export ~/Qwen2.5-VL-3B-Instruct -o out/model.onnx --image-size 448x448\n"
-               "  qvl-surgery export --random-init 3b --seed 0 -o out/model.onnx")
+               "  qvl-surgery export --random-init 3b --seed 0 -o out/model.onnx\n"
+               "  qvl-surgery export --random-init 3b -o out/image.onnx --input image --image-layout nchw   # NPUs")
     source = SourceArgs("local transformers Qwen2.5-VL checkpoint directory")
     write = WriteArgs()
     after = (write,)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.source.add(p)
+        p.add_argument("--input", choices=("pixel_values", "image"), default="pixel_values",
+                       help="what the static export takes: the processor's pixel_values (default), or the resized "
+                            "image itself, normalization and patchify inside (what NPU toolchains compile)")
+        p.add_argument("--image-layout", choices=("nhwc", "nchw"), default=None,
+                       help="with --input image: nhwc, uint8 [1, H, W, 3] as PIL/numpy give it (default), or nchw, "
+                            "float [1, 3, H, W] in 0..255 (what rknn-toolkit2 and pulsar2 compile from)")
 
     def _checked(self, a: argparse.Namespace) -> tuple[dict, tuple[int, int]]:
         from qvl_surgery.core.config import parse_image_size
         source = self.source.values(a)
         if a.dynamic and a.image_size is not None:
             raise BadInput("export: --image-size fixes one size; a --dynamic export takes any size (drop one of them)")
+        if a.input == "image" and a.dynamic:
+            raise BadInput("export: --input image is for static exports (one size per file); the dynamic export "
+                           "takes pixel_values")
+        if a.image_layout is not None and a.input != "image":
+            raise BadInput("export: --image-layout applies with --input image")
         return source, parse_image_size(a.image_size or DEFAULT_IMAGE_SIZE)
+
+    @staticmethod
+    def _image_input(a: argparse.Namespace) -> str | None:
+        return (a.image_layout or "nhwc") if a.input == "image" else None
 
     def run(self, a: argparse.Namespace) -> int:
         from qvl_surgery.app.pipeline import weights_of
@@ -37,7 +53,7 @@ class Export(Command):
             report = export_dynamic(weights, a.output, host_inputs=a.dynamic == "host", **self.write.values(a))
         else:
             check_image_size(weights.cfg, size)
-            report = export(weights, a.output, size, **self.write.values(a))
+            report = export(weights, a.output, size, image_input=self._image_input(a), **self.write.values(a))
         print("\n".join(report.lines()))
         return 0
 
@@ -53,5 +69,6 @@ class Export(Command):
             lines += ["from qvl_surgery.core.config import check_image_size",
                       "from qvl_surgery.core.export import export",
                       f"report = export(weights, {py(a.output)}, check_image_size(weights.cfg, {size!r}), "
-                      f"{self.write.render(a)})"]
+                      + (f"image_input={self._image_input(a)!r}, " if self._image_input(a) else "")
+                      + f"{self.write.render(a)})"]
         return lines + [print_report()]
