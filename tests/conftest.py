@@ -1,4 +1,7 @@
+import contextlib
 import importlib
+import io
+import logging
 import shutil
 import subprocess
 import sys
@@ -11,16 +14,42 @@ import pytest
 
 from qvl_surgery.core.config import PRESETS
 from qvl_surgery.core.export import export
-from qvl_surgery.core.weights import RandomWeights
+from qvl_surgery.core.weights import STAND_INS, RandomWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
 
 
 def run_cli(*args, cwd=None):
-    """Run the installed console script; returns CompletedProcess (text)."""
+    """Run the installed console script in a child process; returns CompletedProcess (text). For the
+    tests about the process itself (signals, the console script, a real exit status, environment):
+    everything else calls ``cli`` (the same main, in this process, without ~0.5 s of start-up)."""
     exe = Path(sys.executable).with_name("qvl-surgery")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """``qvl-surgery ARGS`` in this process (``qvl_surgery.app.cli.main``): stdout and stderr captured
+    as text, and the log records the console script's ``logging.basicConfig`` would print on stderr
+    (pytest's own handlers on the root logger make that call a no-op here); returns what ``run_cli``
+    returns. Usable from fixtures of any scope (no capsys)."""
+    from qvl_surgery.app.cli import main
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if {"-v", "--verbose"} & set(argv) else logging.WARNING)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, handler.level))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(argv)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["qvl-surgery", *argv], rc, out.getvalue(), err.getvalue())
 
 
 def import_client(module: str):
@@ -88,6 +117,36 @@ def tiny_uneven(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny252")
     export(RandomWeights(TINY, seed=1), d / "model.onnx", (252, 364), progress=False)
     return d / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory):
+    """The two stand-ins of a trained encoder (STAND_INS: tiny, seed 0, 448x448), by kind: 'outlier'
+    (massive residual channels from block 1 on) and 'overflow' (the last block past fp16's range)."""
+    d = tmp_path_factory.mktemp("stand_ins")
+    out = {}
+    for kind in ("outlier", "overflow"):
+        out[kind] = d / f"{kind}.onnx"
+        export(STAND_INS[kind](TINY, 0), out[kind], (448, 448), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def windowed(request, tmp_path_factory):
+    """The windowed rewrite (``qvl-surgery attention``) of tiny_448 ('random') and of each stand-in,
+    by kind; each made on first use."""
+    d = tmp_path_factory.mktemp("windowed")
+
+    class Windowed(dict):
+        def __missing__(self, kind):
+            src = request.getfixturevalue("tiny_448") if kind == "random" else \
+                request.getfixturevalue("stand_ins")[kind]
+            out = d / f"{kind}_win.onnx"
+            r = cli("attention", src, "-o", out, "-q")
+            assert r.returncode == 0, r.stderr
+            self[kind] = out
+            return out
+    return Windowed()
 
 
 def peak_rss_mb_of(code: str) -> tuple[float, str]:

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from conftest import TINY, assert_one_line_error, import_client, run_cli, tiny_pixels
+from conftest import TINY, assert_one_line_error, import_client, cli, tiny_pixels
 from passes import parse_spec
 from passes.fp16 import JUDGEMENTS, Fp16Pass, convert_fp16
 from qvl_surgery.analysis.compare import compare
@@ -139,8 +139,8 @@ def test_calibrate_is_not_run_for_bf16(tiny_448, tmp_path):
 @writes_bf16
 def test_cli_dtype_flag_and_onnxruntime_refusal(tiny_448, tmp_path):
     out = tmp_path / "b.onnx"
-    r = run_cli("fp16", tiny_448, "-o", out, "--dtype", "bfloat16", "-q")
+    r = cli("fp16", tiny_448, "-o", out, "--dtype", "bfloat16", "-q")
     assert r.returncode == 0 and "bf16:" in r.stdout, r.stdout + r.stderr
     assert load_model(out).metadata()["qvl_surgery.dtype"] == "bfloat16"
-    err = assert_one_line_error(run_cli("compare", tiny_448, out), "bfloat16", "onnxruntime", "--runtime openvino")
+    err = assert_one_line_error(cli("compare", tiny_448, out), "bfloat16", "onnxruntime", "--runtime openvino")
     assert str(out) in err

@@ -5,21 +5,20 @@ import json
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import TINY, assert_one_line_error, check_written, run_cli
+from conftest import TINY, assert_one_line_error, check_written, cli, run_cli
 from qvl_surgery.core.weights import RandomWeights
 
 
-
-
 def test_export_random_tiny_and_inspect(tmp_path):
+    """The installed console script, as a user runs it (a process of its own); then inspect."""
     out = tmp_path / "o" / "m.onnx"
     r = run_cli("export", "--random-init", "tiny", "--seed", "3", "-o", out, "--image-size", "56x84", "-q")
     assert r.returncode == 0, r.stderr
     check_written(out)
-    r = run_cli("inspect", out)
+    r = cli("inspect", out, "--json")
     assert r.returncode == 0, r.stderr
-    assert "attention       4 patterns" in r.stdout and "sigmoid*mul     4 patterns" in r.stdout
-    assert "fits as one file" in r.stdout
+    rep = json.loads(r.stdout)
+    assert rep["attention_patterns"] == 4 and rep["sigmoid_mul_patterns"] == 4 and rep["fits_protobuf_2gb"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -40,19 +39,19 @@ def test_bad_input(tmp_path, args, needle):
     import numpy as np
     save_file({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, str(nv / "model.safetensors"))
     (tmp_path / "garbage.onnx").write_bytes(b"not a model at all")
-    r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert_one_line_error(r, needle)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "m.onnx"
-    assert run_cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", out, "-q").returncode == 0
+    assert cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", out, "-q").returncode == 0
     before = out.read_bytes()
-    r = run_cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q")
+    r = cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q")
     assert_one_line_error(r, "already exists", "--force")
     assert out.read_bytes() == before
-    r = run_cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q", "--force")
+    r = cli("export", "--random-init", "tiny", "--seed", "9", "--image-size", "56x56", "-o", out, "-q", "--force")
     assert r.returncode == 0, r.stderr
     check_written(out)
 
@@ -65,7 +64,7 @@ def test_export_into_the_checkpoint_directory_is_refused(tmp_path):
     w = RandomWeights(TINY, seed=0)
     save_file({"visual." + n: w.array(n) for n in w.shapes}, str(ckpt / "model.safetensors"))
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    r = run_cli("export", ckpt, "-o", ckpt, "-q")
+    r = cli("export", ckpt, "-o", ckpt, "-q")
     assert_one_line_error(r, str(ckpt), "must end in .onnx")
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -74,5 +73,5 @@ def test_export_into_the_checkpoint_directory_is_refused(tmp_path):
 def test_unwritable_output_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    r = run_cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", blocker / "m.onnx", "-q")
+    r = cli("export", "--random-init", "tiny", "--image-size", "56x56", "-o", blocker / "m.onnx", "-q")
     assert_one_line_error(r, "nothing was written")

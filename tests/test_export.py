@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, check_written, hf_forward, hf_vision_model, ort_run, run_cli, tiny_pixels
+from conftest import TINY, check_written, hf_forward, hf_vision_model, ort_run, cli, tiny_pixels
 from qvl_surgery.core.config import PRESETS, VisionConfig
 from qvl_surgery.core.export import export
 from qvl_surgery.core.layout import window_layout
@@ -99,7 +99,7 @@ def test_export_from_saved_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     model = _tiny_checkpoint(ckpt)
     assert (ckpt / "model.safetensors.index.json").exists()  # sharded
-    r = run_cli("export", ckpt, "-o", tmp_path / "out" / "model.onnx", "--image-size", "252x364", "-q")
+    r = cli("export", ckpt, "-o", tmp_path / "out" / "model.onnx", "--image-size", "252x364", "-q")
     assert r.returncode == 0, r.stderr
     check_written(tmp_path / "out" / "model.onnx")
     px = tiny_pixels((252, 364), seed=5)
@@ -124,7 +124,7 @@ def test_export_from_bf16_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     model = _tiny_checkpoint(ckpt)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
-    r = run_cli("export", tmp_path / "bf16", "-o", tmp_path / "out" / "m.onnx", "--image-size", "56x112", "-q")
+    r = cli("export", tmp_path / "bf16", "-o", tmp_path / "out" / "m.onnx", "--image-size", "56x112", "-q")
     assert r.returncode == 0, r.stderr
     visual32 = model.visual.float()  # the bf16 weights, upcast: what the export must contain
     px = tiny_pixels((56, 112), seed=6)

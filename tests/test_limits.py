@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import TINY, assert_one_line_error, run_cli
+from conftest import TINY, assert_one_line_error, cli
 from passes.attention import rewrite_attention
 from qvl_surgery.core.dynamic import build_dynamic_encoder
 from qvl_surgery.core.errors import BadInput
@@ -66,6 +66,6 @@ def test_static_export_refuses_a_size_no_processor_output_has(tmp_path, weights)
     with pytest.raises(BadInput, match=r"image size 28x28: .* resizes a 28x28 image to 56x56\); export at 56x56"):
         build_encoder(TINY, weights, (28, 28))
     build_encoder(TINY, weights, (28, 112))                          # 3136 pixels: the processor's smallest
-    r = run_cli("export", "--random-init", "tiny", "--image-size", "28x84", "-o", tmp_path / "m.onnx", "-q")
+    r = cli("export", "--random-init", "tiny", "--image-size", "28x84", "-o", tmp_path / "m.onnx", "-q")
     assert_one_line_error(r, "image size 28x84", "min_pixels 3136", "export at 56x112")
     assert not (tmp_path / "m.onnx").exists()

@@ -278,7 +278,7 @@ def _old_style(manifest):
 
 
 def test_manifests_with_sha256_are_still_verified(tiny_448, tmp_path):
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli
     from passes.split import split
     from qvl_surgery.core.manifest import hash_checks, read_manifest
     split(load_model(tiny_448), tmp_path / "p", parts=2)
@@ -286,7 +286,7 @@ def test_manifests_with_sha256_are_still_verified(tiny_448, tmp_path):
     assert {algo for _, algo, _ in hash_checks(read_manifest(man))} == {"xxh3_128"}
     _old_style(man)
     assert {algo for _, algo, _ in hash_checks(read_manifest(man))} == {"sha256"}
-    r = run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "-q")
+    r = cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "-q")
     assert r.returncode == 0, r.stderr
     data = tmp_path / "p" / "part0.onnx.data"
     b = bytearray(data.read_bytes())
@@ -294,7 +294,7 @@ def test_manifests_with_sha256_are_still_verified(tiny_448, tmp_path):
     data.write_bytes(bytes(b))
     with pytest.raises(BadInput, match="sha256 does not match"):
         read_manifest(man)
-    err = assert_one_line_error(run_cli("merge", tmp_path / "p", "-o", tmp_path / "m2.onnx"))
+    err = assert_one_line_error(cli("merge", tmp_path / "p", "-o", tmp_path / "m2.onnx"))
     assert "part0.onnx.data" in err
     assert not (tmp_path / "m2.onnx").exists()
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, import_client, run_cli, tiny_pixels
+from conftest import TINY, import_client, cli, tiny_pixels
 from qvl_surgery.core.export import export
 from qvl_surgery.core.runners import run_model
 from qvl_surgery.core.weights import RandomWeights
@@ -74,7 +74,7 @@ def exported(request, tmp_path_factory):
     src = d / "model.onnx"
     export(RandomWeights(TINY, seed=0), src, size, progress=False)
     win = d / "windowed.onnx"
-    r = run_cli("attention", src, "-o", win, "-q")
+    r = cli("attention", src, "-o", win, "-q")
     assert r.returncode == 0, r.stderr
     return size, src, win
 

@@ -216,9 +216,9 @@ def test_vision_passes_must_keep_the_runtime_contract(packaged, tmp_path):
 
 def test_package_cli(tmp_path):
     """The subcommand maps onto package(): bad input is one line with the CLI's flags."""
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli
     ck = tmp_path / "ck"
     ck.mkdir()
-    assert_one_line_error(run_cli("package", ck, "-o", tmp_path / "out", "--fp16"), "--fp16")
-    assert_one_line_error(run_cli("package", tmp_path / "missing", "-o", tmp_path / "out"))
+    assert_one_line_error(cli("package", ck, "-o", tmp_path / "out", "--fp16"), "--fp16")
+    assert_one_line_error(cli("package", tmp_path / "missing", "-o", tmp_path / "out"))
     assert not (tmp_path / "out").exists()

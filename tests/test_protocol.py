@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY, assert_one_line_error, check_written, run_cli, tiny_pixels
+from conftest import TINY, assert_one_line_error, check_written, cli, tiny_pixels
 from passes import PASSES
 from passes.split import split_model
 from qvl_surgery.core.errors import BadInput
@@ -52,26 +52,25 @@ def test_option_types_are_checked():
 
 def test_every_option_of_every_pass_is_a_flag_of_its_subcommand():
     for name, cls in PASSES.items():
-        r = run_cli(name, "--help")
+        r = cli(name, "--help")
         assert r.returncode == 0, r.stderr
         for o in cls.options:
             assert o.cli_flag in r.stdout, (name, o.cli_flag)
         assert "--gen-script" in r.stdout
 
 
-def test_every_output_records_its_passes(tiny_448, tmp_path):
+def test_every_output_records_its_passes(tiny_448, windowed, tmp_path):
     assert _passes_of(tiny_448) == ["export"]
-    assert run_cli("attention", tiny_448, "-o", tmp_path / "w.onnx", "-q").returncode == 0
-    assert _passes_of(tmp_path / "w.onnx") == ["export", "attention"]
-    r = run_cli("fp16", tmp_path / "w.onnx", "-o", tmp_path / "h.onnx", "--keep-silu-fp32", "--keep-op", "Softmax", "-q")
+    assert _passes_of(windowed["random"]) == ["export", "attention"]
+    r = cli("fp16", windowed["random"], "-o", tmp_path / "h.onnx", "--keep-silu-fp32", "--keep-op", "Softmax", "-q")
     assert r.returncode == 0, r.stderr
     assert _passes_of(tmp_path / "h.onnx") == ["export", "attention", "fp16:keep_silu_fp32+keep_op=Softmax"]
-    assert run_cli("split", tmp_path / "h.onnx", "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
+    assert cli("split", tmp_path / "h.onnx", "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
     for k in range(2):
         assert _passes_of(tmp_path / "p" / f"part{k}.onnx")[-1] == "split:parts=2"
-    assert run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "-q").returncode == 0
+    assert cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "-q").returncode == 0
     assert _passes_of(tmp_path / "m.onnx")[-2:] == ["split:parts=2", "merge"]
-    r = run_cli("simplify", tiny_448, "-o", tmp_path / "s.onnx", "-q")
+    r = cli("simplify", tiny_448, "-o", tmp_path / "s.onnx", "-q")
     assert r.returncode == 0, r.stderr
     check_written(tmp_path / "s.onnx")
     assert _passes_of(tmp_path / "s.onnx") == ["export", "simplify"]
@@ -81,21 +80,21 @@ def test_library_errors_name_parameters_and_the_cli_its_flags(tiny_448, tmp_path
     with pytest.raises(BadInput) as e:
         split_model(load_model(tiny_448), parts=0)
     assert str(e.value).startswith("parts=0: need at least 1 part")
-    assert_one_line_error(run_cli("split", tiny_448, "--parts", "0", "-o", tmp_path / "p"), "--parts 0: need at least")
+    assert_one_line_error(cli("split", tiny_448, "--parts", "0", "-o", tmp_path / "p"), "--parts 0: need at least")
     with pytest.raises(BadInput, match="keep_node='nope'"):
         from passes.fp16 import convert_fp16
         convert_fp16(load_model(tiny_448), keep_node=["nope"])
-    assert_one_line_error(run_cli("fp16", tiny_448, "--keep-node", "nope", "-o", tmp_path / "h.onnx"),
+    assert_one_line_error(cli("fp16", tiny_448, "--keep-node", "nope", "-o", tmp_path / "h.onnx"),
                           "--keep-node nope: matches no node")
 
 
 def test_pass_gen_script_runs(tiny_448, tmp_path):
-    r = run_cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--keep-silu-fp32", "--gen-script")
+    r = cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--keep-silu-fp32", "--gen-script")
     assert r.returncode == 0, r.stderr
     assert "Fp16Pass(keep_silu_fp32=True)(value, context)" in r.stdout and not (tmp_path / "h.onnx").exists()
     exec(compile(r.stdout, "gen_script", "exec"), {})
     check_written(tmp_path / "h.onnx")
-    r = run_cli("split", tiny_448, "-o", tmp_path / "p", "--at", "1,merger", "--gen-script")
+    r = cli("split", tiny_448, "-o", tmp_path / "p", "--at", "1,merger", "--gen-script")
     exec(compile(r.stdout, "gen_script", "exec"), {})
     px = tiny_pixels((448, 448))
     a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
@@ -110,7 +109,7 @@ def test_sequential_refuses_a_model_pass_after_split():
 
 
 def test_polygraphy_runs_a_manifest_without_model_type(tiny_448, tmp_path):
-    assert run_cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
+    assert cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
     poly = os.path.join(os.path.dirname(sys.executable), "polygraphy")
     for target in (tmp_path / "p" / "manifest.json", tmp_path / "p"):
         r = subprocess.run([poly, "run", str(target), "--qvl-chain"], capture_output=True, text=True)
@@ -125,7 +124,7 @@ def test_single_file_on_every_command_that_writes_a_model(tiny_448, tmp_path):
             "fp16": ["fp16", tiny_448, "-o", tmp_path / "h.onnx"],
             "attention": ["attention", tiny_448, "-o", tmp_path / "w.onnx"]}
     for name, args in outs.items():
-        r = run_cli(*args, "--single-file", "-q")
+        r = cli(*args, "--single-file", "-q")
         assert r.returncode == 0, (name, r.stderr)
         out = args[args.index("-o") + 1]
         assert not out.with_name(out.name + ".data").exists(), name
@@ -135,8 +134,8 @@ def test_single_file_on_every_command_that_writes_a_model(tiny_448, tmp_path):
     a = run_model(tiny_448, {"pixel_values": px})["image_embeds"]
     b = run_model(tmp_path / "w.onnx", {"pixel_values": px})["image_embeds"]
     assert np.abs(a - b).max() < 1e-5
-    assert run_cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
-    r = run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "--single-file", "-q")
+    assert cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "p", "-q").returncode == 0
+    r = cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx", "--single-file", "-q")
     assert r.returncode == 0 and not (tmp_path / "m.onnx.data").exists(), r.stderr
-    r = run_cli("run", "--random-init", "tiny", "-o", tmp_path / "run", "--passes", "fp16", "--single-file", "-q")
+    r = cli("run", "--random-init", "tiny", "-o", tmp_path / "run", "--passes", "fp16", "--single-file", "-q")
     assert r.returncode == 0 and not (tmp_path / "run" / "model.onnx.data").exists(), r.stdout + r.stderr

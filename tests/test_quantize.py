@@ -278,20 +278,6 @@ def test_calibration_records_only_what_it_is_asked(tiny_448):
     assert np.isclose(rec.histograms[names[1]].amax, np.abs(v).max(), rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory):
-    """The two stand-ins of a trained encoder (tiny, 448x448): massive residual channels, and the
-    overflowing last block."""
-    from qvl_surgery.core.export import export
-    from qvl_surgery.core.weights import STAND_INS
-    d = tmp_path_factory.mktemp("stand_ins")
-    out = {}
-    for kind in ("outlier", "overflow"):
-        out[kind] = d / f"{kind}.onnx"
-        export(STAND_INS[kind](TINY, 0), out[kind], (448, 448), progress=False)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["outlier", "overflow"])
 def test_stand_ins_defeat_naive_w8a8_and_the_merger_is_where(stand_ins, kind, tmp_path, reference):
     """What the stand-ins are for: the plain cosine stays near 1 while the token-centered one shows the
@@ -319,11 +305,11 @@ def test_stand_ins_defeat_naive_w8a8_and_the_merger_is_where(stand_ins, kind, tm
 
 
 def test_compare_runs_a_qdq_file_in_openvino(tiny_448, tmp_path):
-    from conftest import import_client, run_cli
+    from conftest import import_client, cli
     import_client("openvino")
     q, _ = _quantize(tiny_448, tmp_path, "ovq", activations="int8", calibrate="random:2")
     rep = tmp_path / "rep.json"
-    r = run_cli("compare", tiny_448, q, "--runtime", "openvino", "--json", rep)
+    r = cli("compare", tiny_448, q, "--runtime", "openvino", "--json", rep)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(rep.read_text())
     assert "(openvino)" in out["cand"] and 0.998 < out["outputs"][0]["centered_cosine"] < 1.0

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, run_cli, tiny_pixels
+from conftest import assert_one_line_error, TINY, check_written, hf_forward, hf_vision_model, cli, tiny_pixels
 from passes.split import split
 from qvl_surgery.core.manifest import read_manifest
 from qvl_surgery.core.modelfile import load_model
@@ -29,7 +29,7 @@ def _node_multiset(path):
 @pytest.mark.parametrize("parts", [2, 3, 5])
 def test_split_chain_merge_round_trip(request, tmp_path, fixture, size, parts):
     src = request.getfixturevalue(fixture)
-    r = run_cli("split", src, "--parts", parts, "-o", tmp_path / "parts", "-q")
+    r = cli("split", src, "--parts", parts, "-o", tmp_path / "parts", "-q")
     assert r.returncode == 0, r.stderr
     man = json.loads((tmp_path / "parts" / "manifest.json").read_text())
     assert len(man["parts"]) == parts
@@ -47,7 +47,7 @@ def test_split_chain_merge_round_trip(request, tmp_path, fixture, size, parts):
     whole = run_model(src, {"pixel_values": px})["image_embeds"]
     chain = run_chain(tmp_path / "parts", {"pixel_values": px})["image_embeds"]
     assert np.abs(whole - chain).max() <= 1e-6
-    r = run_cli("merge", tmp_path / "parts", "-o", tmp_path / "merged.onnx", "-q")
+    r = cli("merge", tmp_path / "parts", "-o", tmp_path / "merged.onnx", "-q")
     assert r.returncode == 0, r.stderr
     check_written(tmp_path / "merged.onnx")
     merged = run_model(tmp_path / "merged.onnx", {"pixel_values": px})["image_embeds"]
@@ -97,7 +97,7 @@ def test_split_foreign_model_without_cut_point(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
-    r = run_cli("split", tmp_path / "f.onnx", "--parts", "2", "-o", tmp_path / "out")
+    r = cli("split", tmp_path / "f.onnx", "--parts", "2", "-o", tmp_path / "out")
     assert r.returncode == 2 and "--at" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
@@ -106,20 +106,20 @@ def test_split_foreign_model_without_cut_point(tmp_path):
 
 def test_split_bad_input(tiny_448, tmp_path):
     out = tmp_path / "out"
-    assert "at least 1" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "0", "-o", out))
-    assert "at most" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "9", "-o", out))
-    assert "not a clean cut point" in assert_one_line_error(run_cli("split", tiny_448, "--at", "no_such_tensor", "-o", out))
+    assert "at least 1" in assert_one_line_error(cli("split", tiny_448, "--parts", "0", "-o", out))
+    assert "at most" in assert_one_line_error(cli("split", tiny_448, "--parts", "9", "-o", out))
+    assert "not a clean cut point" in assert_one_line_error(cli("split", tiny_448, "--at", "no_such_tensor", "-o", out))
     assert not out.exists()
-    assert run_cli("split", tiny_448, "--parts", "2", "-o", out, "-q").returncode == 0
+    assert cli("split", tiny_448, "--parts", "2", "-o", out, "-q").returncode == 0
     before = sorted(os.listdir(out))
-    assert "already holds an earlier output" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "3", "-o", out))
+    assert "already holds an earlier output" in assert_one_line_error(cli("split", tiny_448, "--parts", "3", "-o", out))
     assert sorted(os.listdir(out)) == before
-    assert run_cli("split", tiny_448, "--parts", "3", "-o", out, "-q", "--force").returncode == 0
+    assert cli("split", tiny_448, "--parts", "3", "-o", out, "-q", "--force").returncode == 0
     assert len(read_manifest(out).parts) == 3
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("user file")
-    assert "did not write" in assert_one_line_error(run_cli("split", tiny_448, "--parts", "2", "-o", other, "--force"))
+    assert "did not write" in assert_one_line_error(cli("split", tiny_448, "--parts", "2", "-o", other, "--force"))
     assert (other / "keep.txt").read_text() == "user file"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 
@@ -142,7 +142,7 @@ def test_merge_refuses_damaged_split(tiny_448, tmp_path, damage):
         doc = json.loads(man.read_text())
         doc["parts"][0]["data"] = "../../etc/passwd"
         man.write_text(json.dumps(doc))
-    err = assert_one_line_error(run_cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx"))
+    err = assert_one_line_error(cli("merge", tmp_path / "p", "-o", tmp_path / "m.onnx"))
     assert "manifest" in err or "split" in err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.data").exists()
 
@@ -150,7 +150,7 @@ def test_merge_refuses_damaged_split(tiny_448, tmp_path, damage):
 def test_merge_output_onto_a_part_is_refused(tiny_448, tmp_path):
     split(load_model(tiny_448), tmp_path / "p", parts=2)
     before = (tmp_path / "p" / "part0.onnx").read_bytes()
-    assert_one_line_error(run_cli("merge", tmp_path / "p", "-o", tmp_path / "p" / "part0.onnx", "--force"))
+    assert_one_line_error(cli("merge", tmp_path / "p", "-o", tmp_path / "p" / "part0.onnx", "--force"))
     assert (tmp_path / "p" / "part0.onnx").read_bytes() == before
 
 
@@ -158,7 +158,7 @@ def test_simplify_equals_input_and_keeps_mask_compact(tiny_448, tmp_path):
     total = load_model(tiny_448).weight_bytes()
     for method, parts in (("parts", "2 part(s)"), ("whole", "1 part(s)")):
         out = tmp_path / f"s_{method}.onnx"
-        r = run_cli("simplify", tiny_448, "-o", out, "--method", method, "--max-part-bytes", str(total * 0.7))
+        r = cli("simplify", tiny_448, "-o", out, "--method", method, "--max-part-bytes", str(total * 0.7))
         assert r.returncode == 0, r.stderr
         assert parts in r.stdout and "window_id" in r.stdout
         check_written(out)

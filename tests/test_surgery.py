@@ -1,25 +1,17 @@
 """Quantization-friendly surgery (rotate): exact in fp32 on static, windowed and dynamic exports,
 no dtype changed, no op added; refusals; what it does to the outlier stand-in."""
+import json
+
 import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, check_written, run_cli
+from conftest import TINY, check_written, cli
 from passes.rotate import hadamard, rotate_model, rotation
 from qvl_surgery.analysis.compare import centered_cosine
-from qvl_surgery.core.export import export
 from qvl_surgery.core.inputs import ModelKind, random_feeds
 from qvl_surgery.core.modelfile import load_model, save_model
 from qvl_surgery.core.runners import run_model
-from qvl_surgery.core.weights import STAND_INS
-
-
-@pytest.fixture(scope="module")
-def tiny_windowed(tiny_448, tmp_path_factory):
-    out = tmp_path_factory.mktemp("surgery_win") / "windowed.onnx"
-    r = run_cli("attention", tiny_448, "-o", out, "-q")
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +39,10 @@ def _types(path):
 
 
 @pytest.mark.parametrize("which", ["static", "windowed", "dynamic"])
-def test_rotate_is_exact_and_adds_nothing(which, tiny_448, tiny_windowed, tiny_dynamic, tmp_path):
-    src = {"static": tiny_448, "windowed": tiny_windowed, "dynamic": tiny_dynamic}[which]
+def test_rotate_is_exact_and_adds_nothing(which, tiny_448, windowed, tiny_dynamic, tmp_path):
+    src = {"static": tiny_448, "windowed": windowed["random"], "dynamic": tiny_dynamic}[which]
     out = tmp_path / "rot.onnx"
-    r = run_cli("rotate", src, "-o", out)
+    r = cli("rotate", src, "-o", out)
     assert r.returncode == 0, r.stderr
     check_written(out)
     feeds = random_feeds(ModelKind.of(src), seed=2)
@@ -62,21 +54,20 @@ def test_rotate_is_exact_and_adds_nothing(which, tiny_448, tiny_windowed, tiny_d
 
 
 def test_rotate_refuses_a_split_part_in_one_line(tiny_448, tmp_path):
-    r = run_cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "parts")
+    r = cli("split", tiny_448, "--parts", "2", "-o", tmp_path / "parts")
     assert r.returncode == 0, r.stderr
-    r = run_cli("rotate", tmp_path / "parts" / "part1.onnx", "-o", tmp_path / "x.onnx")
+    r = cli("rotate", tmp_path / "parts" / "part1.onnx", "-o", tmp_path / "x.onnx")
     assert r.returncode == 2 and "rotate the whole model, then split" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
 
 
-def test_rotate_spreads_massive_channels(tmp_path):
+def test_rotate_spreads_massive_channels(stand_ins, tmp_path):
     """On the outlier stand-in, the few massive channels carry nearly all of a normed linear input's
     energy; after rotation no channel carries much more than its share (the fp32 output unchanged).
     Spreading alone does not make per-tensor int8 work there: the massive part is nearly constant
     over tokens, which a rotation keeps (it needs a shift: smooth)."""
     from qvl_surgery.core.segments import run_segments
-    src = tmp_path / "outlier.onnx"
-    export(STAND_INS["outlier"](TINY, 0), src, (448, 448), progress=False)
+    src = stand_ins["outlier"]
     rot = save_model(rotate_model(load_model(src))[0], tmp_path / "rot.onnx")
     x = {"pixel_values": np.random.default_rng(0).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
 
@@ -99,9 +90,9 @@ def test_rotate_spreads_massive_channels(tmp_path):
 def test_smooth_is_exact_and_changes_no_dtype(which, tiny_448, tiny_dynamic, tmp_path):
     src = {"static": tiny_448, "dynamic": tiny_dynamic}[which]
     out = tmp_path / "smooth.onnx"
-    r = run_cli("smooth", src, "-o", out, "--calibrate", "random:2")
+    r = cli("smooth", src, "-o", out, "--calibrate", "random:2")
     assert r.returncode == 0, r.stderr
-    assert "shifted and scaled" in r.stdout and "RMSNorm outputs" in r.stdout
+    assert json.loads(load_model(out).metadata()["qvl_surgery.smooth"])["alphas"]   # linear inputs smoothed
     check_written(out)
     feeds = random_feeds(ModelKind.of(src), seed=5)
     (a, *_), (b, *_) = run_model(src, feeds).values(), run_model(out, feeds).values()
@@ -113,18 +104,17 @@ def test_smooth_is_exact_and_changes_no_dtype(which, tiny_448, tiny_dynamic, tmp
 
 
 def test_smooth_refuses_a_bad_alpha(tiny_448, tmp_path):
-    r = run_cli("smooth", tiny_448, "-o", tmp_path / "x.onnx", "--alpha", "1.5")
+    r = cli("smooth", tiny_448, "-o", tmp_path / "x.onnx", "--alpha", "1.5")
     assert r.returncode == 2 and "--alpha" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_smooth_removes_the_outlier_penalty(tiny_448, tmp_path):
+def test_smooth_removes_the_outlier_penalty(tiny_448, stand_ins, tmp_path):
     """Issue 17's measure, on the tiny stand-in: naive W8A8 with every linear quantized collapses on
     the outlier model; after smooth it reaches what the same scheme reaches on the same weights
     without the outliers (within 0.002) and >= 0.99."""
     from passes.quantize import quantize_model
     from passes.smooth import smooth_model
-    src = tmp_path / "outlier.onnx"
-    export(STAND_INS["outlier"](TINY, 0), src, (448, 448), progress=False)
+    src = stand_ins["outlier"]
     x = {"pixel_values": np.random.default_rng(0).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
 
     def w8a8(path, name):

@@ -9,39 +9,27 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, assert_one_line_error, check_written, run_cli
+from conftest import TINY, assert_one_line_error, check_written, cli
 from qvl_surgery.analysis.compare import centered_cosine
-from qvl_surgery.core.export import export
 from qvl_surgery.core.runners import run_model
 from qvl_surgery.analysis.toolchains import edit_rknn_cfg
-from qvl_surgery.core.weights import STAND_INS
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory):
+def models(windowed, tmp_path_factory):
     """The tiny outlier and overflow stand-ins, windowed, and the outlier one smoothed."""
-    d = tmp_path_factory.mktemp("standins")
-    out = {}
-    for name in ("outlier", "overflow"):
-        src = d / f"{name}.onnx"
-        export(STAND_INS[name](TINY, 0), src, (448, 448), progress=False)
-        win = d / f"{name}_win.onnx"
-        r = run_cli("attention", src, "-o", win, "-q")
-        assert r.returncode == 0, r.stderr
-        out[name] = win
-    sm = d / "outlier_smoothed.onnx"
-    r = run_cli("smooth", out["outlier"], "-o", sm, "-q", "--calibrate", "random:2")
+    sm = tmp_path_factory.mktemp("smoothed") / "outlier_smoothed.onnx"
+    r = cli("smooth", windowed["outlier"], "-o", sm, "-q", "--calibrate", "random:2")
     assert r.returncode == 0, r.stderr
-    out["smoothed"] = sm
-    return out
+    return {"outlier": windowed["outlier"], "overflow": windowed["overflow"], "smoothed": sm}
 
 
 def _feeds(seed=0):
     return {"pixel_values": np.random.default_rng(seed).standard_normal((1024, TINY.patch_dim)).astype(np.float32)}
 
 
-def test_activation_report_flags_the_outliers_and_clears_after_smooth(stand_ins):
-    r = run_cli("inspect", stand_ins["outlier"], "--activations", "--json")
+def test_activation_report_flags_the_outliers_and_clears_after_smooth(models):
+    r = cli("inspect", models["outlier"], "--activations", "--json")
     assert r.returncode == 0, r.stderr
     acts = json.loads(r.stdout)["activations"]
     flagged = acts["flagged"]
@@ -53,26 +41,26 @@ def test_activation_report_flags_the_outliers_and_clears_after_smooth(stand_ins)
     qkv = next(t for t in acts["blocks"]["blocks.2"] if "qkv" in t["role"])
     assert qkv["int8_per_tensor_zeroed"] > 0.5
     # after smooth: the same fp32 function, no linear input left for int8 to crush
-    r = run_cli("inspect", stand_ins["smoothed"], "--activations", "--json")
+    r = cli("inspect", models["smoothed"], "--activations", "--json")
     after = json.loads(r.stdout)["activations"]
     assert not after["flagged"], after["flagged"]
     big = lambda a: max(t["max_abs"] for ts in a["blocks"].values() for t in ts if t["role"] != "residual")
     assert big(acts) > 3 * big(after)
     # the overflow stand-in: the last block's residual is flagged against fp16's limit
-    r = run_cli("inspect", stand_ins["overflow"], "--activations")
+    r = cli("inspect", models["overflow"], "--activations")
     assert r.returncode == 0, r.stderr
     last = next(l for l in r.stdout.splitlines() if l.strip().startswith(f"blocks.{TINY.depth - 1} "))
     assert "fp16" in last, r.stdout
 
 
-def test_activation_report_refuses_a_missing_calibration_file(stand_ins, tmp_path):
-    r = run_cli("inspect", stand_ins["outlier"], "--activations", "--calibrate", str(tmp_path / "no.npz"))
+def test_activation_report_refuses_a_missing_calibration_file(models, tmp_path):
+    r = cli("inspect", models["outlier"], "--activations", "--calibrate", str(tmp_path / "no.npz"))
     assert_one_line_error(r, "no such file")
 
 
-def test_sensitivity_writes_json_and_png_and_sees_the_merger(stand_ins, tmp_path):
+def test_sensitivity_writes_json_and_png_and_sees_the_merger(models, tmp_path):
     out = tmp_path / "sens"
-    r = run_cli("sensitivity", stand_ins["outlier"], stand_ins["smoothed"], "--label", "as is", "--label",
+    r = cli("sensitivity", models["outlier"], models["smoothed"], "--label", "as is", "--label",
                 "smoothed", "--inputs", "random:1", "--per-linear", "-o", out, "-q")
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "sensitivity.json").read_text())
@@ -89,35 +77,35 @@ def test_sensitivity_writes_json_and_png_and_sees_the_merger(stand_ins, tmp_path
     # per linear agrees with per group where a group has one linear
     pe = next(x for x in before["linears"] if x["group"] == "patch_embed")
     assert pe["alone_error"] == pytest.approx(err(before, "patch_embed"), rel=1e-3, abs=1e-9)
-    r = run_cli("sensitivity", stand_ins["outlier"], "-o", out, "-q")
+    r = cli("sensitivity", models["outlier"], "-o", out, "-q")
     assert_one_line_error(r, "already holds an earlier output")
 
 
-def test_rotate_then_smooth_is_exact_and_quantizes_like_smooth(stand_ins, tmp_path):
+def test_rotate_then_smooth_is_exact_and_quantizes_like_smooth(models, tmp_path):
     rot, rs = tmp_path / "rot.onnx", tmp_path / "rs.onnx"
-    assert run_cli("rotate", stand_ins["outlier"], "-o", rot, "-q").returncode == 0
-    r = run_cli("smooth", rot, "-o", rs, "-q", "--calibrate", "random:2")
+    assert cli("rotate", models["outlier"], "-o", rot, "-q").returncode == 0
+    r = cli("smooth", rot, "-o", rs, "-q", "--calibrate", "random:2")
     assert r.returncode == 0, r.stderr
     check_written(rs)
     x = _feeds(3)
-    a, b = run_model(stand_ins["outlier"], x)["image_embeds"], run_model(rs, x)["image_embeds"]
+    a, b = run_model(models["outlier"], x)["image_embeds"], run_model(rs, x)["image_embeds"]
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     cos = {}
     for name, path in (("rotated", rot), ("rotated+smoothed", rs)):
         q = tmp_path / f"q_{name}.onnx"
-        assert run_cli("quantize", path, "-o", q, "-q", "--activations", "int8", "--format", "onnxruntime").returncode == 0
+        assert cli("quantize", path, "-o", q, "-q", "--activations", "int8", "--format", "onnxruntime").returncode == 0
         cos[name] = centered_cosine(a, run_model(q, x)["image_embeds"])
     # a rotation keeps the constant channel offset (it needs smooth's shift): measured 0.43 vs 0.9998
     assert cos["rotated"] < 0.9 and cos["rotated+smoothed"] > 0.999, cos
 
 
-def test_toolchain_configs_from_a_budget(stand_ins, tmp_path):
+def test_toolchain_configs_from_a_budget(models, tmp_path):
     """quantize --budget records its keep-list; toolchains turns it into each quantizer's config. The
     onnxruntime one is proven with onnxruntime's own quantize_dynamic: the named nodes stay float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    src = stand_ins["outlier"]
+    src = models["outlier"]
     q = tmp_path / "q.onnx"
-    r = run_cli("quantize", src, "-o", q, "-q", "--activations", "int8", "--format", "onnxruntime",
+    r = cli("quantize", src, "-o", q, "-q", "--activations", "int8", "--format", "onnxruntime",
                 "--budget", "0.99")
     assert r.returncode == 0, r.stderr
     kept = _meta(q)["kept"]
@@ -125,7 +113,7 @@ def test_toolchain_configs_from_a_budget(stand_ins, tmp_path):
     np.savez(tmp_path / "a.npz", **_feeds(1))
     np.savez(tmp_path / "b.npz", **_feeds(2))
     out = tmp_path / "configs"
-    r = run_cli("toolchains", src, "--keep-from", q, "--dataset", f"{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}",
+    r = cli("toolchains", src, "--keep-from", q, "--dataset", f"{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}",
                 "-o", out)
     assert r.returncode == 0, r.stderr
     ort_cfg = json.loads((out / "onnxruntime.json").read_text())
@@ -164,20 +152,20 @@ def _meta(path) -> dict:
     return json.loads(next(p.value for p in m.metadata_props if p.key == "qvl_surgery.quantize"))
 
 
-def test_toolchains_refusals(stand_ins, tmp_path):
-    src = stand_ins["outlier"]
-    assert_one_line_error(run_cli("toolchains", src, "-o", tmp_path / "c"), "--keep-from")
-    assert_one_line_error(run_cli("toolchains", src, "--keep-node", "/nope/*", "-o", tmp_path / "c"), "/nope/*")
-    assert_one_line_error(run_cli("toolchains", src, "--keep-from", src, "-o", tmp_path / "c"),
+def test_toolchains_refusals(models, tmp_path):
+    src = models["outlier"]
+    assert_one_line_error(cli("toolchains", src, "-o", tmp_path / "c"), "--keep-from")
+    assert_one_line_error(cli("toolchains", src, "--keep-node", "/nope/*", "-o", tmp_path / "c"), "/nope/*")
+    assert_one_line_error(cli("toolchains", src, "--keep-from", src, "-o", tmp_path / "c"),
                           "qvl_surgery.quantize")
     assert not (tmp_path / "c").exists()
-    r = run_cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c")
+    r = cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c")
     assert r.returncode == 0, r.stderr
     assert len(json.loads((tmp_path / "c" / "nncf_ignored_scope.json").read_text())["names"]) == 5
-    assert_one_line_error(run_cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c"), "--force")
+    assert_one_line_error(cli("toolchains", src, "--keep-block", "1", "-o", tmp_path / "c"), "--force")
 
 
-def test_rknn_hybrid_cfg_names_rknns_own_layers(stand_ins, tmp_path):
+def test_rknn_hybrid_cfg_names_rknns_own_layers(models, tmp_path):
     """rknn-toolkit2 2.5.0's hybrid_quantization_step1 output for this very file, kept in
     tests/data/rknn_step1 (its graph, with every weight stripped but the three Convs it splits each
     full-attention qkv into, and its cfg): the kept linears and the residual stream map onto rknn's
@@ -189,7 +177,7 @@ def test_rknn_hybrid_cfg_names_rknns_own_layers(stand_ins, tmp_path):
 
     def layers(*extra):
         out = tmp_path / f"c{len(extra)}"
-        r = run_cli("toolchains", stand_ins["outlier"], "--keep-node", "/merger/*", "--keep-node",
+        r = cli("toolchains", models["outlier"], "--keep-node", "/merger/*", "--keep-node",
                     "/blocks.1/attn/qkv/*", "--rknn-step1", step1, "-o", out, *extra)
         assert r.returncode == 0, r.stderr
         cfg = (out / "rknn.quantization.cfg").read_text()
