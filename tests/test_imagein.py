@@ -164,3 +164,72 @@ def test_every_pass_runs_on_an_image_in_file(size, photos, tmp_path):
         write_value(value, out)
         got = run_chain(out / "manifest.json", feeds)["image_embeds"] if name == "split" else ort_run(out, feeds)[0]
         assert centered_cosine(np.asarray(got, np.float32), ref) >= floors[name], name
+
+
+# ------------------------------------------------------------------------------------- buckets
+
+def test_a_bucket_folder_stores_the_weights_once_and_each_size_equals_transformers(hf, photos, tmp_path):
+    from qvl_surgery.core.buckets import BUCKETS, DATA, build_buckets, choose_bucket, load_buckets
+    from qvl_surgery.core.values import write_value
+    weights, model = hf
+    sizes = [(448, 448), (448, 672), (672, 448), (252, 364)]
+    export(weights, tmp_path / "one.onnx", (448, 448), progress=False, image_input="nhwc")
+    write_value(build_buckets(weights, sizes, "nhwc"), tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert files == sorted([".qvl-surgery", BUCKETS, DATA] + [f"{h}x{w}.onnx" for h, w in sizes])
+    one = (tmp_path / "one.onnx.data").stat().st_size
+    shared = (tmp_path / "b" / DATA).stat().st_size
+    # the weights once; what grows is each size's own rotary tables (a few % of a 3b, more of the tiny)
+    per_size = sum(2 * (h // 14) * (w // 14) * TINY.head_dim * 4 for h, w in sizes[1:])   # rotary cos, sin
+    assert shared <= one + per_size + 64 * 8
+    for h, w in sizes:
+        check_written(tmp_path / "b" / f"{h}x{w}.onnx")
+        m = load_model(tmp_path / "b" / f"{h}x{w}.onnx")
+        assert {f.name for f in m.data_files()} == {DATA}
+    doc = json.loads((tmp_path / "b" / BUCKETS).read_text())
+    assert doc["sizes"] == [list(s) for s in sizes] and "aspect ratio" in doc["rule"]
+    # each photo goes to its bucket, and that file equals transformers at the bucket's size
+    value = load_buckets(tmp_path / "b")
+    for name, want in (("astronaut", (448, 448)), ("coffee", (448, 672)), ("chelsea", (448, 672))):
+        photo = np.asarray(Image.open(photos[name]))
+        size = choose_bucket(*photo.shape[:2], value.sizes)
+        assert size == want, name
+        px = imagein.resize_image(photo, size)
+        ref = hf_forward(model, processor_pixels(px), size)
+        got = ort_run(tmp_path / "b" / f"{size[0]}x{size[1]}.onnx", {"image": imagein.image_feed(px, "nhwc")})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert choose_bucket(900, 500, value.sizes) == (672, 448)        # portrait
+    assert choose_bucket(300, 300, [(448, 448), (252, 364)]) == (448, 448)
+
+
+def test_bucket_sizes_for_a_pixel_budget():
+    from qvl_surgery.core.buckets import bucket_sizes
+    sizes = bucket_sizes(5, 448 * 448)
+    assert len(sizes) == 5 and (448, 448) in sizes
+    assert all(h % 28 == 0 and w % 28 == 0 and h * w <= 448 * 448 for h, w in sizes)
+    ratios = [w / h for h, w in sizes]
+    assert ratios == sorted(ratios) and ratios[0] < 0.6 and ratios[-1] > 1.9
+
+
+def test_passes_run_on_a_bucket_folder_and_keep_the_weights_shared(tmp_path, capsys):
+    from qvl_surgery.app.cli import main
+    from qvl_surgery.core.buckets import DATA
+    assert main(["export", "--random-init", "tiny", "-o", str(tmp_path / "b"), "--input", "image",
+                 "--image-size", "448x448,448x672", "-q"]) == 0
+    for cmd in (["fp16", "--keep-silu-fp32"], ["quantize"], ["rotate"]):
+        out = tmp_path / cmd[0]
+        assert main([cmd[0], str(tmp_path / "b"), "-o", str(out), "-q", *cmd[1:]]) == 0, capsys.readouterr().err
+        for size in ("448x448", "448x672"):
+            m = load_model(out / f"{size}.onnx")
+            assert {f.name for f in m.data_files()} == {DATA}
+            assert json.loads(m.metadata()["qvl_surgery.passes"])[-1].startswith(cmd[0])
+            check_written(out / f"{size}.onnx")
+        a = ort_run(tmp_path / "b" / "448x672.onnx", load_inputs(tmp_path / "b" / "448x672.onnx"))[0]
+        b = ort_run(out / "448x672.onnx", load_inputs(tmp_path / "b" / "448x672.onnx"))[0]
+        from qvl_surgery.core.metrics import centered_cosine
+        assert centered_cosine(b.astype(np.float32), a) > 0.999, cmd
+    capsys.readouterr()
+    assert main(["split", str(tmp_path / "b"), "--parts", "2", "-o", str(tmp_path / "s")]) == 2
+    assert "size's file on its own" in capsys.readouterr().err
+    assert main(["export", "--random-init", "tiny", "-o", str(tmp_path / "x"), "--image-size", "448x448,448x672"]) == 2
+    assert "--input image" in capsys.readouterr().err

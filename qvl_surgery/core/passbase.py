@@ -266,10 +266,32 @@ class Pass:
         raise NotImplementedError
 
     def __call__(self, value: Any, context: Context | None = None) -> PassResult:
-        result = self.apply(value, context or Context())
+        from qvl_surgery.core.buckets import Buckets
+        context = context or Context()
+        if isinstance(value, Buckets):
+            return self._each_bucket(value, context)
+        result = self.apply(value, context)
         result.report.pass_name = self.name
         record_pass(result.value, self.text(), self.judgement)
         return result
+
+    def _each_bucket(self, value: Any, context: Context) -> PassResult:
+        """A model pass on every size of a bucket folder (each size's own file is its reference);
+        the report is the first size's, with a line per other size."""
+        from dataclasses import replace
+        from qvl_surgery.core.buckets import Buckets
+        if self.takes != "model" or self.gives != "model":
+            raise BadInput(f"{self.name}: a bucket folder runs model-to-model passes, size by size; {self.name} "
+                           "each size's file on its own (DIR/HxW.onnx)")
+        models, first = {}, None
+        for key, model in value.models.items():
+            r = self(model, replace(context, reference=model.path or context.reference))
+            models[key] = r.value
+            if first is None:
+                first = r.report
+                first.skipped.append(f"bucket folder: the report of {key}; the same pass ran on "
+                                     f"{', '.join(k for k in value.models if k != key) or 'no other size'}")
+        return PassResult(Buckets(models, value.max_pixels), first)
 
     def call_source(self) -> tuple[str, str]:
         """This pass in Python (``--gen-script``): the import line and the constructor call."""

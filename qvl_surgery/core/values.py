@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
+from qvl_surgery.core.buckets import BUCKETS, Buckets, is_bucket_dir, load_buckets, write_buckets
 from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.graphinfo import describe_value, value_types
 from qvl_surgery.core.manifest import MANIFEST, Manifest, file_hash_record, hash_checks, is_manifest_path, read_manifest, \
@@ -46,7 +47,7 @@ class Split:
     inputs: list[str] = field(default_factory=list)   # the chain's inputs (the source model's)
 
 
-Value = Union[Model, Split]
+Value = Union[Model, Split, Buckets]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -65,7 +66,9 @@ class Loaded:
 
     @property
     def metadata(self) -> dict[str, str]:
-        """The model's metadata, or a split's first part's."""
+        """The model's metadata, or a split's first part's, or a bucket folder's first size's."""
+        if isinstance(self.value, Buckets):
+            return next(iter(self.value.models.values())).metadata()
         head = self.value.parts[0].model if isinstance(self.value, Split) else self.value
         return head.metadata()
 
@@ -112,6 +115,13 @@ def read_value(path: str | Path, kind: str | None = None) -> Loaded:
         files = [value.manifest.path] + [p for mp in value.manifest.part_paths()
                                          for p in (mp, mp.with_name(mp.name + ".data"))]
         return Loaded(value, path, files, verify=future.result, cancel=future.cancel)
+    if is_bucket_dir(path):
+        if kind == "split":
+            raise BadInput(f"{path}: is a bucket folder (one model per image size); this command takes a split")
+        value = load_buckets(path)
+        folder = path.parent if path.name == BUCKETS else path
+        files = [folder / BUCKETS] + sorted({f for m in value.models.values() for f in [m.path, *m.data_files()]})
+        return Loaded(value, path, files)
     if path.is_dir():
         raise BadInput(f"{path}: is a folder without {MANIFEST}; pass a model file (.onnx) or a folder written "
                        "by split")
@@ -134,6 +144,12 @@ def check_output(kind: str, out: str | Path, *, overwrite: bool = False, inputs:
     """What writing ``kind`` to ``out`` would refuse, checked before any work is done."""
     if kind == "model":
         check_new_output(Path(out), inputs=inputs, overwrite=overwrite)
+        return
+    if kind == "buckets":
+        if single_file:
+            raise BadInput("{single_file}: a bucket folder shares one data file between its sizes; drop it",
+                           single_file=True)
+        check_new_dir(Path(out), overwrite=overwrite, inputs=inputs, own_files=(BUCKETS,))
         return
     if single_file:
         raise BadInput("{single_file}: a split writes each part with its .onnx.data file; drop it, or merge "
@@ -177,6 +193,15 @@ def write_value(value: Value, out: str | Path, *, overwrite: bool = False, progr
     folder ``out``); returns the lines that say what was written. ``inputs``: files that must not
     be overwritten; ``before_publish`` runs after writing and checking, before the rename."""
     inputs = list(inputs)
+    if isinstance(value, Buckets):
+        out = Path(out)
+        check_output("buckets", out, overwrite=overwrite, inputs=inputs, single_file=single_file)
+        with staging(out) as tmp:
+            lines = write_buckets(value, tmp, progress=progress)
+            if before_publish is not None:
+                before_publish()
+            publish_dir(tmp, out, "buckets")
+        return [line.replace("wrote ", f"wrote {out}: ", 1) for line in lines]
     if isinstance(value, Split):
         out_dir = split_dir_of(out)
         entries = save_split(value, out_dir, overwrite=overwrite, progress=progress, before_publish=before_publish,

@@ -43,6 +43,7 @@ class PassCommand(Command):
 
     def run(self, a: argparse.Namespace) -> int:
         """Read the input value, run the pass, write the output value, print the report."""
+        from qvl_surgery.core.buckets import Buckets
         from qvl_surgery.core.passbase import Context
         from qvl_surgery.core.publish import staging
         from qvl_surgery.core.values import check_output, read_value, split_dir_of, write_value
@@ -51,7 +52,8 @@ class PassCommand(Command):
         w = self.write.values(a)
         single_file = w.get("single_file", False)
         with read_value(source, cls.takes).checked() as src:
-            check_output(cls.gives, a.output, overwrite=a.force, inputs=src.files, single_file=single_file)
+            gives = "buckets" if isinstance(src.value, Buckets) else cls.gives
+            check_output(gives, a.output, overwrite=a.force, inputs=src.files, single_file=single_file)
             p.preflight({"dynamic": src.metadata.get("qvl_surgery.dynamic")})
             # scratch space a pass may need (simplify's result lives there), beside the output: for a split
             # named by its manifest.json, beside the folder, not in it (the folder must stay new or empty)

@@ -13,7 +13,7 @@ external-data locations as untrusted. All code that moves weight bytes lives in 
 """
 import os  # tests patch os.copy_file_range as modelfile.os
 
-from qvl_surgery.core.modelfile.external import _DataLayout, write_model_files, write_parts
+from qvl_surgery.core.modelfile.external import _DataLayout, write_model_files, write_parts, write_shared
 from qvl_surgery.core.modelfile.hashing import HASH, HASH_ALGORITHMS, StreamDigest, hash_file, sha256_file
 from qvl_surgery.core.modelfile.load import load_model
 from qvl_surgery.core.modelfile.model import (FOUR_BIT, PROTOBUF_LIMIT, Computed, FileRange, Model, TensorSource,
@@ -26,7 +26,7 @@ from qvl_surgery.core.modelfile.streaming import _tensor_bytes
 __all__ = [
     "Model", "FileRange", "Computed", "TensorSource", "PROTOBUF_LIMIT", "FOUR_BIT", "dtype_of", "tensor_nbytes",
     "pack_nibbles", "unpack_nibbles", "read_initializer", "load_model", "save_model", "check_model_path",
-    "sibling_model", "write_model_files", "write_parts", "write_single_file", "single_file_size", "HASH",
+    "sibling_model", "write_model_files", "write_parts", "write_shared", "write_single_file", "single_file_size", "HASH",
     "HASH_ALGORITHMS", "StreamDigest", "hash_file", "sha256_file",
     "_DataLayout", "_tensor_bytes",   # tests reach these
     "os",

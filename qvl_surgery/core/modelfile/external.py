@@ -241,3 +241,51 @@ def _set_inline(t: TensorProto, data: memoryview) -> None:
     for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
         t.ClearField(f)
     t.raw_data = data.tobytes()
+
+
+def write_shared(models: list[Model], out_dir: Path, names: list[str], data_name: str, *,
+                 progress: str | None = None) -> int:
+    """Write several models (one encoder at several image sizes) as ``out_dir/name`` each, every
+    weight in the one data file ``out_dir/data_name``, stored once per distinct content: a tensor
+    whose bytes (xxh3_128 and length) are already in the file is referenced where it is, so sizes
+    that share their weights share their bytes. Returns the data file's size."""
+    import xxhash
+    fd = os.open(out_dir / data_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    stored: dict[tuple[bytes, int], int] = {}
+    end = 0
+    bar = _progress_bar(sum(m.weight_bytes() for m in models), progress)
+    try:
+        for model, name in zip(models, names):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model.proto)
+            tensors = list(proto.graph.initializer)
+            for t, src, data in _payloads(model, tensors):
+                nbytes = model.tensor_nbytes(t)
+                if not _goes_to_data_file(t, src, nbytes):
+                    if src is not None:
+                        _set_inline(t, data)
+                    continue
+                if data is None:
+                    data = src.read() if isinstance(src, FileRange) else _tensor_bytes(t, src)
+                view = memoryview(data).cast("B")
+                key = (xxhash.xxh3_128_digest(view), nbytes)
+                offset = stored.get(key)
+                if offset is None:
+                    offset = stored[key] = (end + ALIGN - 1) // ALIGN * ALIGN
+                    done = 0
+                    while done < nbytes:
+                        done += os.pwrite(fd, view[done:], offset + done)
+                    end = offset + nbytes
+                if bar:
+                    bar.update(nbytes)
+                del view, data
+                _set_external(t, data_name, offset, nbytes)
+            if proto.ByteSize() > PROTOBUF_LIMIT:
+                raise BadInput(f"{name}: the graph alone is above protobuf's 2 GB limit")
+            with open(out_dir / name, "wb") as f:
+                f.write(proto.SerializeToString())
+    finally:
+        os.close(fd)
+        if bar:
+            bar.close()
+    return end

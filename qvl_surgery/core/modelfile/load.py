@@ -48,6 +48,9 @@ def load_model(path: str | os.PathLike) -> Model:
             one = f"{path / parts[0]}" if parts else f"{path}/partK.onnx"
             raise BadInput(f"{path}: is a split folder; this command takes one model: pass one part ({one}) "
                            f"or merge the folder first (qvl-surgery merge {path} -o merged.onnx)")
+        if (path / "buckets.json").is_file():
+            raise BadInput(f"{path}: is a bucket folder (one graph per image size); this command takes one model: "
+                           f"pass one size's file ({path}/HxW.onnx, listed in buckets.json)")
         raise BadInput(f"{path}: is a directory; pass an .onnx file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
