@@ -233,3 +233,26 @@ def test_passes_run_on_a_bucket_folder_and_keep_the_weights_shared(tmp_path, cap
     assert "size's file on its own" in capsys.readouterr().err
     assert main(["export", "--random-init", "tiny", "-o", str(tmp_path / "x"), "--image-size", "448x448,448x672"]) == 2
     assert "--input image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", imagein.LAYOUTS)
+def test_toolchain_configs_of_an_image_in_file(layout, photos, tmp_path, capsys):
+    """rknn's and pulsar2's configs say mean 0 / std 1 (the normalization is in the graph), and the
+    calibration set is the resized photos themselves, as images."""
+    import tarfile
+    from qvl_surgery.app.cli import main
+    export(RandomWeights(TINY, seed=0), tmp_path / "m.onnx", (448, 448), progress=False, image_input=layout)
+    data = ",".join(str(photos[n]) for n in ("astronaut", "coffee"))
+    assert main(["toolchains", str(tmp_path / "m.onnx"), "--keep-block", "0", "--dataset", data,
+                 "-o", str(tmp_path / "tc"), "-q"]) == 0, capsys.readouterr().err
+    rk = json.loads((tmp_path / "tc" / "rknn_hybrid.json").read_text())
+    assert rk["config"] == {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]}
+    lines = (tmp_path / "tc" / "calib" / "rknn" / "dataset.txt").read_text().split()
+    assert lines == ["0000_image.png", "0001_image.png"]
+    for line, name in zip(lines, ("astronaut", "coffee")):
+        got = np.asarray(Image.open(tmp_path / "tc" / "calib" / "rknn" / line))
+        assert np.array_equal(got, imagein.resize_image(photos[name], (448, 448)))
+    p2 = json.loads((tmp_path / "tc" / "pulsar2_config.json").read_text())["quant"]["input_configs"][0]
+    assert p2["calibration_format"] == "Image" and p2["calibration_mean"] == [0, 0, 0]
+    with tarfile.open(tmp_path / "tc" / p2["calibration_dataset"]) as t:
+        assert t.getnames() == ["0000.png", "0001.png"]

@@ -28,7 +28,9 @@ Written into one folder (published whole: an interrupted write leaves nothing):
   activations, every other layer the default U8; ``quant.input_configs``: the calibration tar);
 - with a dataset: ``calib/rknn/dataset.txt`` (one line per sample: the sample's .npy per model input,
   space separated, in rknn's input order) and ``calib/pulsar2/<input>.tar`` (one .npy per sample), each
-  array in the model's own input layout (a static export: ``pixel_values`` [patches, 1176]).
+  array in the model's own input layout (a static export: ``pixel_values`` [patches, 1176]); for an
+  image-in export, each sample as the PNG picture it is, and the configs say mean 0 / std 1 (the
+  normalization is in the graph) and that rknn's runtime feeds the uint8 NHWC image.
 """
 from __future__ import annotations
 
@@ -290,16 +292,36 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_datasets(root: Path, sets: list[dict[str, np.ndarray]], input_names: list[str]) -> dict[str, str]:
-    """rknn's dataset list and pulsar2's tars from the input sets, each array as the model takes it."""
+def _hwc_uint8(a: np.ndarray, layout: str) -> np.ndarray:
+    """An image-in model's input array back as the uint8 ``[H, W, 3]`` picture it was made from."""
+    a = np.asarray(a)[0]
+    return np.asarray(a if layout == "nhwc" else np.rint(a.transpose(1, 2, 0)), np.uint8)
+
+
+def _png_bytes(picture: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_datasets(root: Path, sets: list[dict[str, np.ndarray]], input_names: list[str],
+                   image_layout: str | None = None) -> dict[str, str]:
+    """rknn's dataset list and pulsar2's tars from the input sets, each array as the model takes it;
+    for an image-in model (``image_layout``), each set as the PNG picture it is (the toolchains read
+    images and apply their mean/std, here 0 and 1)."""
     rk = root / "calib" / "rknn"
     rk.mkdir(parents=True)
     lines = []
     for i, feeds in enumerate(sets):
         paths = []
         for name in input_names:
-            p = rk / f"{i:04d}_{_safe(name)}.npy"
-            np.save(p, np.asarray(feeds[name]))
+            if image_layout:
+                p = rk / f"{i:04d}_{_safe(name)}.png"
+                p.write_bytes(_png_bytes(_hwc_uint8(feeds[name], image_layout)))
+            else:
+                p = rk / f"{i:04d}_{_safe(name)}.npy"
+                np.save(p, np.asarray(feeds[name]))
             paths.append(p.name)
         lines.append(" ".join(paths))
     (rk / "dataset.txt").write_text("\n".join(lines) + "\n")
@@ -310,12 +332,20 @@ def write_datasets(root: Path, sets: list[dict[str, np.ndarray]], input_names: l
         tar = p2 / f"{_safe(name)}.tar"
         with tarfile.open(tar, "w") as t:
             for i, feeds in enumerate(sets):
-                data = _npy_bytes(np.asarray(feeds[name]))
-                info = tarfile.TarInfo(f"{i:04d}.npy")
+                if image_layout:
+                    data, suffix = _png_bytes(_hwc_uint8(feeds[name], image_layout)), "png"
+                else:
+                    data, suffix = _npy_bytes(np.asarray(feeds[name])), "npy"
+                info = tarfile.TarInfo(f"{i:04d}.{suffix}")
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
         tars[name] = str(tar.relative_to(root))
     return {"rknn": str((rk / "dataset.txt").relative_to(root)), **{f"pulsar2:{k}": v for k, v in tars.items()}}
+
+
+def _image_layout(model: Model) -> str | None:
+    form = model.metadata().get("qvl_surgery.input", "")
+    return form.removeprefix("image-") if form.startswith("image-") else None
 
 
 def _safe(name: str) -> str:
@@ -373,14 +403,21 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
                                         "--keep-from keep.json --rknn-step1 ITS_FOLDER -o DIR writes "
                                         "DIR/rknn.quantization.cfg for hybrid_quantization_step2"},
         }
+        layout = _image_layout(model)
+        if layout:   # normalization is inside the graph: the toolchains' own is the identity
+            files["rknn_hybrid.json"]["config"] = {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]}
+            files["rknn_hybrid.json"]["runtime_input"] = "uint8 NHWC [1, H, W, 3]: the resized RGB image"
         written = {}
         if dataset:
-            written = write_datasets(tmp, dataset, inputs)
+            written = write_datasets(tmp, dataset, inputs, layout)
         quant: dict = {"layer_configs": ([{"layer_names": nodes, "data_type": PULSAR2_KEPT_DTYPE}] if nodes else []),
                        "calibration_method": "MinMax"}
         if dataset:
             quant["input_configs"] = [{"tensor_name": name, "calibration_dataset": written[f"pulsar2:{name}"],
-                                       "calibration_format": "Numpy", "calibration_size": len(dataset)}
+                                       "calibration_format": "Image" if layout else "Numpy",
+                                       "calibration_size": len(dataset),
+                                       **({"calibration_mean": [0, 0, 0], "calibration_std": [1, 1, 1]} if layout
+                                          else {})}
                                       for name in inputs]
         files["pulsar2_config.json"] = {"input": model_ref, "output_dir": "pulsar2_out", "model_type": "ONNX",
                                         "quant": quant}
@@ -391,9 +428,11 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
             (tmp / "rknn.quantization.cfg").write_text(rknn_cfg)
         for name, doc in files.items():
             (tmp / name).write_text(json.dumps(doc, indent=1) + "\n")
-        listed = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.suffix != ".npy")
-        npys = sum(1 for _ in tmp.rglob("*.npy"))
-        if npys:
-            listed.append(f"calib/rknn/*.npy ({npys} arrays)")
+        listed = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()
+                        and not (p.suffix in (".npy", ".png") and p.parent.name == "rknn"))
+        for suffix, what in ((".npy", "arrays"), (".png", "images")):
+            count = sum(1 for _ in (tmp / "calib" / "rknn").glob(f"*{suffix}")) if dataset else 0
+            if count:
+                listed.append(f"calib/rknn/*{suffix} ({count} {what})")
         publish_dir(tmp, out, "toolchains")
     return ToolchainReport(out, allocation, listed, len(dataset or []))
