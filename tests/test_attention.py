@@ -141,6 +141,7 @@ def test_full_attention_in_query_chunks(tiny_448, tmp_path):
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
 
 
+@pytest.mark.slow
 def test_mha_then_fp16_runs_in_onnxruntime_and_emulation_says_why_not(tiny_448, tmp_path):
     out, _ = _rewrite(tiny_448, tmp_path, "mha")
     r = cli("fp16", out, "-o", tmp_path / "mha16.onnx", "-q")

@@ -100,6 +100,7 @@ def test_weights_are_ml_dtypes_rounding_of_fp32(tiny_448, bf16_model):
     assert converted > 10 and kept >= 1
 
 
+@pytest.mark.slow
 @writes_bf16
 def test_emulated_and_openvino_accuracy_against_fp32(tiny_448, bf16_model):
     out = bf16_model[0]

@@ -46,6 +46,7 @@ def _cos(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_split_chain_and_merge_equal_transformers(setup):
     d, refs = setup
     r = split(load_model(d / "m.onnx"), d / "parts", parts=3)
@@ -62,6 +63,7 @@ def test_split_chain_and_merge_equal_transformers(setup):
         assert _rel(run_model(d / "merged.onnx", feeds)["image_features"], ref) <= 1e-4
 
 
+@pytest.mark.slow
 def test_fp16_emulated_and_its_split_track_transformers(setup):
     d, refs = setup
     model, report = convert_fp16(load_model(d / "m.onnx"), keep_silu_fp32=True)
@@ -88,6 +90,7 @@ def test_simplify_keeps_the_dynamic_model_exact(setup, tmp_path):
         assert _rel(out, ref) <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_compare_inputs_for_dynamic_models(setup, tmp_path):
     from PIL import Image
     d, _ = setup
@@ -127,6 +130,7 @@ def test_what_does_not_apply_is_refused_in_one_line(setup, tmp_path):
     assert not (tmp_path / "w.onnx").exists() and not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_run_dynamic_pipeline(tmp_path):
     r = cli("run", "--random-init", "tiny", "--dynamic", "-o", tmp_path / "run", "--passes",
                 "fp16:keep_silu_fp32,split:parts=2", "-q")
@@ -140,6 +144,7 @@ def test_run_dynamic_pipeline(tmp_path):
     check_written(tmp_path / "g" / "model.onnx")
 
 
+@pytest.mark.slow
 def test_fp16_calibrate_on_the_dynamic_export(setup, tmp_path):
     """Calibration reads what the model takes from its graph: symbolic dims take any size, the grid
     stays int64. From an .npz of two images of different sizes, and from image files each at its

@@ -163,6 +163,7 @@ def hot_model(tmp_path_factory):
     return d / "hot.onnx"
 
 
+@pytest.mark.slow
 def test_overflow_plain_fp16_breaks_and_calibrate_keeps_it_finite(hot_model, tmp_path):
     px = tiny_pixels(SIZE, seed=1)
     np.savez(tmp_path / "calib.npz", pixel_values=px)
@@ -186,6 +187,7 @@ def test_overflow_plain_fp16_breaks_and_calibrate_keeps_it_finite(hot_model, tmp
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_compare_per_block_and_polygraphy_round_trip(tiny_448, tmp_path):
     r = cli("fp16", tiny_448, "-o", tmp_path / "h.onnx", "--keep-silu-fp32", "-q")
     assert r.returncode == 0, r.stderr

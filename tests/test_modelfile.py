@@ -211,6 +211,7 @@ def test_failed_single_file_save_leaves_nothing(tmp_path, tiny_448):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_single_file_write_streams(tmp_path):
     """A 320 MB model (64 weights of 5 MB) written as one file, from computed weights and from
     file ranges: the child's peak RSS stays far below the model (about 50 MB of imports plus a

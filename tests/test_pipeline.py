@@ -11,6 +11,7 @@ from qvl_surgery.core.manifest import read_manifest
 from qvl_surgery.core.runners import run_model
 
 
+@pytest.mark.slow
 def test_run_export_to_split_parts_compared(tmp_path):
     out = tmp_path / "run"
     r = cli("run", "--random-init", "tiny", "-o", out, "--passes", "attention,fp16:keep_silu_fp32,split:parts=3",
@@ -96,6 +97,7 @@ def test_run_refuses_what_it_would_ignore_before_exporting(tiny_448, tmp_path):
     assert_one_line_error(cli("run", tiny_448, "--recipe", recipe, "-o", out), "source once")
 
 
+@pytest.mark.slow
 def test_run_force_replaces_the_previous_run_whole(tmp_path):
     out = tmp_path / "o"
     r = cli("run", "--random-init", "tiny", "-o", out, "--passes", "split:parts=2", "-q")

@@ -315,6 +315,7 @@ def test_compare_runs_a_qdq_file_in_openvino(tiny_448, tmp_path):
     assert "(openvino)" in out["cand"] and 0.998 < out["outputs"][0]["centered_cosine"] < 1.0
 
 
+@pytest.mark.slow
 def test_budget_keeps_the_fewest_multiply_adds_that_meet_it(stand_ins, tmp_path, reference):
     """On the outlier stand-in, --budget finds that the merger alone decides the content: it keeps
     only the merger float, measures the cosine it promised, and the file delivers it."""

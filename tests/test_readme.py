@@ -115,9 +115,11 @@ def _run_all(lines: list[str], sandbox: Path, capsys, monkeypatch) -> None:
     assert not failed, "\n".join(f"{line}\n  -> exit {r.rc}: {r.err or r.out}" for line, r in failed)
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs(sandbox, capsys, monkeypatch):
     _run_all(readme_commands(), sandbox, capsys, monkeypatch)
 
 
+@pytest.mark.slow
 def test_every_help_example_runs(sandbox, capsys, monkeypatch):
     _run_all(help_examples(), sandbox, capsys, monkeypatch)

@@ -181,6 +181,7 @@ def test_split_of_uneven_windows_matches_transformers(tiny_uneven, tmp_path):
     assert np.abs(out - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_each_part_runs_under_polygraphy(tiny_448, tmp_path):
     split(load_model(tiny_448), tmp_path / "p", parts=3)
     poly = os.path.join(os.path.dirname(sys.executable), "polygraphy")

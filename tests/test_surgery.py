@@ -108,6 +108,7 @@ def test_smooth_refuses_a_bad_alpha(tiny_448, tmp_path):
     assert r.returncode == 2 and "--alpha" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_smooth_removes_the_outlier_penalty(tiny_448, stand_ins, tmp_path):
     """Issue 17's measure, on the tiny stand-in: naive W8A8 with every linear quantized collapses on
     the outlier model; after smooth it reaches what the same scheme reaches on the same weights

@@ -58,6 +58,7 @@ def test_activation_report_refuses_a_missing_calibration_file(models, tmp_path):
     assert_one_line_error(r, "no such file")
 
 
+@pytest.mark.slow
 def test_sensitivity_writes_json_and_png_and_sees_the_merger(models, tmp_path):
     out = tmp_path / "sens"
     r = cli("sensitivity", models["outlier"], models["smoothed"], "--label", "as is", "--label",
@@ -99,6 +100,7 @@ def test_rotate_then_smooth_is_exact_and_quantizes_like_smooth(models, tmp_path)
     assert cos["rotated"] < 0.9 and cos["rotated+smoothed"] > 0.999, cos
 
 
+@pytest.mark.slow
 def test_toolchain_configs_from_a_budget(models, tmp_path):
     """quantize --budget records its keep-list; toolchains turns it into each quantizer's config. The
     onnxruntime one is proven with onnxruntime's own quantize_dynamic: the named nodes stay float."""
