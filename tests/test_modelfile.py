@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import check_written, ort_run, tiny_pixels
 from qvl_surgery.core.errors import BadInput
-from qvl_surgery.core.modelfile import Computed, FileRange, Model, load_model, save_model, single_file_size
+from qvl_surgery.core.modelfile import FileRange, load_model, save_model, single_file_size
 
 
 def _small_external_model(d, n=3, size=4096):
@@ -161,12 +161,12 @@ def test_single_file_is_what_onnx_save_writes(tiny_448, tmp_path):
     assert single.read_bytes() == whole.SerializeToString()
 
 
-def _fake_big_model(nbytes_each, count):
-    """A Model whose Computed weights declare their sizes and must never be made."""
-    def never():
-        raise AssertionError("a refused write must not compute weights")
+def chain_model(n, count, make):
+    """x + w0 + w1 + ... (Add nodes): ``count`` float weights of ``n`` each, external, computed by
+    ``make(k)`` when written. Self-contained: test_single_file_write_streams runs its source in a child."""
+    from onnx import TensorProto, helper
+    from qvl_surgery.core.modelfile import Computed, Model
     ws, nodes, cur = [], [], "x"
-    n = nbytes_each // 4
     for k in range(count):
         t = TensorProto(name=f"w{k}", data_type=TensorProto.FLOAT, dims=[n])
         t.data_location = TensorProto.EXTERNAL
@@ -176,7 +176,14 @@ def _fake_big_model(nbytes_each, count):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
                           [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [n])], initializer=ws)
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    return Model(proto, {f"w{k}": Computed(never, n * 4) for k in range(count)})
+    return Model(proto, {f"w{k}": Computed(lambda k=k: make(k), n * 4) for k in range(count)})
+
+
+def _fake_big_model(nbytes_each, count):
+    """A Model whose Computed weights declare their sizes and must never be made."""
+    def never(k):
+        raise AssertionError("a refused write must not compute weights")
+    return chain_model(nbytes_each // 4, count, never)
 
 
 def test_single_file_over_2gb_is_refused_before_anything_is_written(tmp_path):
@@ -216,24 +223,14 @@ def test_single_file_write_streams(tmp_path):
     """A 320 MB model (64 weights of 5 MB) written as one file, from computed weights and from
     file ranges: the child's peak RSS stays far below the model (about 50 MB of imports plus a
     few tensors in flight; 90-115 MB measured)."""
+    import inspect
     import textwrap
     from conftest import peak_rss_mb_of
-    code = textwrap.dedent(f"""
+    code = inspect.getsource(chain_model) + textwrap.dedent(f"""
         import numpy as np, os
-        from onnx import TensorProto, helper
-        from qvl_surgery.core.modelfile import Computed, Model, load_model, save_model
+        from qvl_surgery.core.modelfile import load_model, save_model
         N, K = 5 << 18, 64      # floats per weight (5 MB), weights
-        ws, nodes, cur = [], [], "x"
-        for k in range(K):
-            t = TensorProto(name=f"w{{k}}", data_type=TensorProto.FLOAT, dims=[N])
-            t.data_location = TensorProto.EXTERNAL
-            ws.append(t)
-            nodes.append(helper.make_node("Add", [cur, f"w{{k}}"], [f"h{{k}}"], name=f"add{{k}}"))
-            cur = f"h{{k}}"
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N])],
-                              [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [N])], initializer=ws)
-        m = Model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
-                  {{f"w{{k}}": Computed(lambda k=k: np.full(N, k, np.float32), N * 4) for k in range(K)}})
+        m = chain_model(N, K, lambda k: np.full(N, k, np.float32))
         d = {str(tmp_path)!r}
         save_model(m, d + "/computed.onnx", single_file=True)
         save_model(m, d + "/ext.onnx")
