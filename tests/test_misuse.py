@@ -8,15 +8,13 @@ import os
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY
+from conftest import TINY, cli
 from passes.split import split
-from qvl_surgery.app.cli import main
 from qvl_surgery.core.export import export
 from qvl_surgery.core.modelfile import load_model
 from qvl_surgery.core.weights import RandomWeights
@@ -54,15 +52,9 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def cli(capsys, *args) -> SimpleNamespace:
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
-
-
-def refused(capsys, home, args, code=2, needle=None) -> str:
+def refused(home, args, code=2, needle=None) -> str:
     before = snapshot(home)
-    r = cli(capsys, *args)
+    r = cli(*args)
     err = r.stderr.strip()
     assert r.returncode == code, (args, r.returncode, r.stdout, err)
     assert "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
@@ -114,8 +106,8 @@ ALL = ["export", "inspect", "split", "merge", "fp16", "attention", "simplify", "
 
 
 @pytest.mark.parametrize("cmd", ALL)
-def test_missing_input(cmd, home, capsys):
-    refused(capsys, home, calls(home)[cmd](home / "no_such_thing.onnx", out_of(home, cmd)))
+def test_missing_input(cmd, home):
+    refused(home, calls(home)[cmd](home / "no_such_thing.onnx", out_of(home, cmd)))
 
 
 WRONG_KIND = {"merge": "model.onnx", "export": "model.onnx", "package": "model.onnx", "inspect": "garbage.onnx",
@@ -123,8 +115,8 @@ WRONG_KIND = {"merge": "model.onnx", "export": "model.onnx", "package": "model.o
 
 
 @pytest.mark.parametrize("cmd", ALL)
-def test_wrong_kind_of_model(cmd, home, capsys):
-    refused(capsys, home, calls(home)[cmd](home / WRONG_KIND.get(cmd, "parts"), out_of(home, cmd)))
+def test_wrong_kind_of_model(cmd, home):
+    refused(home, calls(home)[cmd](home / WRONG_KIND.get(cmd, "parts"), out_of(home, cmd)))
 
 
 BAD_OPTION = {"export": ["--random-init", "tiny", "--image-size", "100x100"], "inspect": ["--calibrate", "random:2"],
@@ -138,11 +130,11 @@ BAD_OPTION = {"export": ["--random-init", "tiny", "--image-size", "100x100"], "i
 
 
 @pytest.mark.parametrize("cmd", ALL)
-def test_bad_option_value(cmd, home, capsys):
+def test_bad_option_value(cmd, home):
     src = home / "model.onnx" if cmd != "merge" else home / "parts"
     args = calls(home)[cmd](src, out_of(home, cmd)) if cmd not in ("export", "package") else \
         [cmd] + ([] if cmd == "export" else [home / "user"]) + ["-o", out_of(home, cmd)]
-    refused(capsys, home, args + BAD_OPTION[cmd])
+    refused(home, args + BAD_OPTION[cmd])
 
 
 CALIBRATED = {"inspect": ["--activations", "--calibrate"], "fp16": ["--calibrate"],
@@ -152,26 +144,26 @@ CALIBRATED = {"inspect": ["--activations", "--calibrate"], "fp16": ["--calibrate
 
 @pytest.mark.parametrize("bad", ["rows.npz", "nan.npz", "int.npz", "random:0", "user"])
 @pytest.mark.parametrize("cmd", sorted(CALIBRATED))
-def test_bad_calibration_set(cmd, bad, home, capsys):
+def test_bad_calibration_set(cmd, bad, home):
     if bad == "random:0" and cmd in ("toolchains", "compare", "fp16"):
         pytest.skip("random inputs are refused there anyway (tested below)")
     value = bad if bad.startswith("random") else str(home / bad)
     flag = CALIBRATED[cmd][-1]
-    err = refused(capsys, home, calls(home)[cmd](home / "model.onnx", out_of(home, cmd)) + CALIBRATED[cmd] + [value])
+    err = refused(home, calls(home)[cmd](home / "model.onnx", out_of(home, cmd)) + CALIBRATED[cmd] + [value])
     assert flag in err   # the option the user typed is named
 
 
-def test_random_is_refused_where_files_are_needed(home, capsys):
+def test_random_is_refused_where_files_are_needed(home):
     for args in (["fp16", home / "model.onnx", "-o", home / "o.onnx", "--calibrate", "random:4"],
                  ["toolchains", home / "model.onnx", "--keep-block", "0", "--dataset", "random:4", "-o", home / "o"]):
-        refused(capsys, home, args, needle="random")
+        refused(home, args, needle="random")
 
 
 OVER_INPUT = {"compare": "model.onnx", "merge": "parts/part0.onnx"}
 
 
 @pytest.mark.parametrize("cmd", [c for c in ALL if c not in ("inspect", "export", "package")])
-def test_output_over_an_input(cmd, home, capsys):
+def test_output_over_an_input(cmd, home):
     c = calls(home)[cmd]
     src = source_of(home, cmd)
     targets = [home / OVER_INPUT.get(cmd, "model.onnx")]
@@ -180,34 +172,34 @@ def test_output_over_an_input(cmd, home, capsys):
     elif cmd != "compare":
         targets.append(home / "model.onnx.data")
     for t in targets:
-        refused(capsys, home, c(src, t) + (["--force"] if cmd != "compare" else []))
+        refused(home, c(src, t) + (["--force"] if cmd != "compare" else []))
 
 
 @pytest.mark.parametrize("cmd", sorted(FOLDER_OUT - {"package"}))
-def test_force_never_replaces_a_users_folder(cmd, home, capsys):
-    err = refused(capsys, home, calls(home)[cmd](source_of(home, cmd), home / "user") + ["--force"])
+def test_force_never_replaces_a_users_folder(cmd, home):
+    err = refused(home, calls(home)[cmd](source_of(home, cmd), home / "user") + ["--force"])
     assert "did not write" in err
 
 
 @pytest.mark.parametrize("cmd", [c for c in ALL if c not in FOLDER_OUT | {"inspect", "compare", "export"}])
-def test_a_folder_where_a_model_file_goes(cmd, home, capsys):
-    refused(capsys, home, calls(home)[cmd](source_of(home, cmd), home / "user") + ["--force"])
+def test_a_folder_where_a_model_file_goes(cmd, home):
+    refused(home, calls(home)[cmd](source_of(home, cmd), home / "user") + ["--force"])
 
 
 MODEL_FILE_OUT = [c for c in ALL if c not in FOLDER_OUT | {"inspect", "compare", "export"}]
 
 
 @pytest.mark.parametrize("cmd", MODEL_FILE_OUT)
-def test_force_never_replaces_a_users_model_file(cmd, home, capsys):
+def test_force_never_replaces_a_users_model_file(cmd, home):
     """A file the toolkit did not write (no qvl_surgery.* metadata: here the user's garbage.onnx and a
     plain ONNX model of their own) is not replaced by --force."""
     for name in ("garbage.onnx", "plain.onnx"):
-        err = refused(capsys, home, calls(home)[cmd](source_of(home, cmd), home / "user" / name) + ["--force"])
+        err = refused(home, calls(home)[cmd](source_of(home, cmd), home / "user" / name) + ["--force"])
         assert "not written by qvl-surgery" in err
 
 
-def test_inspect_of_a_split_folder_names_a_part(home, capsys):
-    err = refused(capsys, home, ["inspect", home / "parts"])
+def test_inspect_of_a_split_folder_names_a_part(home):
+    err = refused(home, ["inspect", home / "parts"])
     assert "part0.onnx" in err and "merge" in err
 
 
@@ -217,7 +209,7 @@ SIGNALLED = ["fp16", "attention", "quantize", "smooth", "rotate", "split", "merg
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("cmd", SIGNALLED)
-def test_signal_while_publishing_leaves_nothing(cmd, sig, home, capsys, monkeypatch):
+def test_signal_while_publishing_leaves_nothing(cmd, sig, home, monkeypatch):
     """The signal arrives as the command publishes its staged output (its first rename)."""
     hit = []
 
@@ -236,28 +228,28 @@ def test_signal_while_publishing_leaves_nothing(cmd, sig, home, capsys, monkeypa
     monkeypatch.setattr(os, "rename", interrupt(os.rename))
     args = calls(home)[cmd](source_of(home, cmd), out_of(home, cmd))
     handler = signal.getsignal(signal.SIGTERM)
-    err = refused(capsys, home, args, code=130 if sig == "SIGINT" else 143)
+    err = refused(home, args, code=130 if sig == "SIGINT" else 143)
     assert hit and "no output was left behind" in err
     assert signal.getsignal(signal.SIGTERM) == handler   # main() put the caller's handler back
 
 
-def test_stale_staging_of_a_killed_run_is_removed(home, tmp_path, capsys):
+def test_stale_staging_of_a_killed_run_is_removed(home, tmp_path):
     """A process killed outright (SIGKILL) leaves its staging; the next write beside it removes it."""
     dead = 2 ** 22 + 12345   # above pid_max's default: no such process
     stale = [tmp_path / f".o.onnx.tmp-{dead}-abc", tmp_path / f".out.tmp-{dead}-x", tmp_path / f".out.old-{dead}"]
     for s in stale:
         s.mkdir()
         (s / "model.fp32.onnx.data").write_bytes(b"\0" * 1024)
-    assert cli(capsys, "fp16", home / "model.onnx", "-o", tmp_path / "o.onnx", "-q").returncode == 0
-    assert cli(capsys, "toolchains", home / "model.onnx", "--keep-block", "0", "-o", tmp_path / "out",
+    assert cli("fp16", home / "model.onnx", "-o", tmp_path / "o.onnx", "-q").returncode == 0
+    assert cli("toolchains", home / "model.onnx", "--keep-block", "0", "-o", tmp_path / "out",
                "-q").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "o.onnx.data", "out"]
 
 
-def test_force_replaces_what_the_toolkit_wrote(home, tmp_path, capsys):
+def test_force_replaces_what_the_toolkit_wrote(home, tmp_path):
     out = tmp_path / "out"
     for _ in range(2):
-        r = cli(capsys, "toolchains", home / "model.onnx", "--keep-block", "0", "-o", out, "-q", "--force")
+        r = cli("toolchains", home / "model.onnx", "--keep-block", "0", "-o", out, "-q", "--force")
         assert r.returncode == 0, r.stderr
     assert (out / ".qvl-surgery").is_file() and (out / "keep.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -265,12 +257,12 @@ def test_force_replaces_what_the_toolkit_wrote(home, tmp_path, capsys):
 
 # ------------------------------------------------------------------ the defects of issue 23, one each
 
-def test_static_budget_on_a_model_run_in_segments(home, tmp_path, capsys, monkeypatch):
+def test_static_budget_on_a_model_run_in_segments(home, tmp_path, monkeypatch):
     """The 3b (> 256 MB of weights) runs in segments; a static-activation budget failed there with
     'Type (tensor(uint8)) of output arg ...': the tiny model cut into 20 kB segments reproduces it."""
     import qvl_surgery.core.segments as segments
     monkeypatch.setattr(segments, "DEFAULT_SEGMENT_BYTES", 20_000)
-    r = cli(capsys, "quantize", home / "model.onnx", "-o", tmp_path / "q.onnx", "--activations", "int8", "--format",
+    r = cli("quantize", home / "model.onnx", "-o", tmp_path / "q.onnx", "--activations", "int8", "--format",
             "onnxruntime", "--calibrate", "random:2", "--budget", "0.99", "-q")
     assert r.returncode == 0, r.stderr
     assert len(segments.plan_segments(load_model(home / "model.onnx"), [])) > 5
@@ -289,36 +281,36 @@ def test_passes_text_in_the_readme_forms(text, want):
     assert [p.text() for p in parse_passes(",".join(got))] == want   # the text a pass records parses back
 
 
-def test_compare_refuses_models_of_two_kinds_either_way(home, tmp_path, capsys):
+def test_compare_refuses_models_of_two_kinds_either_way(home, tmp_path):
     from qvl_surgery.core.dynamic import export_dynamic
     dyn = tmp_path / "dyn.onnx"
     export_dynamic(RandomWeights(TINY, seed=0), dyn, progress=False)
     for a, b in ((dyn, home / "model.onnx"), (home / "model.onnx", dyn)):
-        refused(capsys, home, ["compare", a, b])
+        refused(home, ["compare", a, b])
 
 
-def test_emulating_a_quantized_fp16_file_is_one_line(home, tmp_path, capsys):
+def test_emulating_a_quantized_fp16_file_is_one_line(home, tmp_path):
     q, h = tmp_path / "q.onnx", tmp_path / "h.onnx"
-    assert cli(capsys, "quantize", home / "model.onnx", "-o", q, "--activations", "int8", "--calibrate", "random:2",
+    assert cli("quantize", home / "model.onnx", "-o", q, "--activations", "int8", "--calibrate", "random:2",
                "-q").returncode == 0
-    assert cli(capsys, "fp16", q, "-o", h, "-q").returncode == 0
-    refused(capsys, home, ["compare", home / "model.onnx", h, "--emulate-fp16"], needle="emulation cannot run")
+    assert cli("fp16", q, "-o", h, "-q").returncode == 0
+    refused(home, ["compare", home / "model.onnx", h, "--emulate-fp16"], needle="emulation cannot run")
 
 
-def test_per_block_on_a_rotated_model_says_why_blocks_differ(home, tmp_path, capsys):
+def test_per_block_on_a_rotated_model_says_why_blocks_differ(home, tmp_path):
     r = tmp_path / "r.onnx"
-    assert cli(capsys, "rotate", home / "model.onnx", "-o", r, "-q").returncode == 0
-    out = cli(capsys, "compare", home / "model.onnx", r, "--per-block")
+    assert cli("rotate", home / "model.onnx", "-o", r, "-q").returncode == 0
+    out = cli("compare", home / "model.onnx", r, "--per-block")
     assert out.returncode == 0 and "rotated basis" in out.stdout
 
 
-def test_small_image_for_a_dynamic_model(tmp_path, capsys):
+def test_small_image_for_a_dynamic_model(tmp_path):
     from PIL import Image
     from qvl_surgery.core.dynamic import export_dynamic
     dyn = tmp_path / "dyn.onnx"
     export_dynamic(RandomWeights(TINY, seed=0), dyn, progress=False)
     Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "small.png")
-    refused(capsys, tmp_path, ["quantize", dyn, "-o", tmp_path / "q.onnx", "--activations", "int8", "--calibrate",
+    refused(tmp_path, ["quantize", dyn, "-o", tmp_path / "q.onnx", "--activations", "int8", "--calibrate",
                                tmp_path / "small.png"], needle="at least 28")
 
 
@@ -336,11 +328,11 @@ def test_small_image_for_a_dynamic_model(tmp_path, capsys):
     (["run", "{m}", "-o", ".", "--passes", "fp16", "--force"], "current folder"),
     (["run", "{m}", "-o", "{o}", "--recipe", "{h}/recipe_bad_key.json"], "unknown recipe key"),
 ])
-def test_each_misuse_is_refused_before_work(args, needle, home, tmp_path, capsys, monkeypatch):
+def test_each_misuse_is_refused_before_work(args, needle, home, tmp_path, monkeypatch):
     (home / "recipe_bad_key.json").write_text('{"passes": [{"pass": "fp16"}], "sourc": {}}')
     monkeypatch.chdir(tmp_path)
     args = [a.format(m=home / "model.onnx", h=home, o=tmp_path / "out") for a in args]
-    refused(capsys, home, args, needle=needle)
+    refused(home, args, needle=needle)
     assert list(tmp_path.iterdir()) == []
 
 

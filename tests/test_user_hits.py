@@ -6,13 +6,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, assert_one_line_error, check_written, import_client
+from conftest import TINY, assert_one_line_error, check_written, cli, import_client
 from passes.fp16 import Fp16Pass
 from passes.split import split
 from qvl_surgery.app.cli import main
@@ -22,13 +21,6 @@ from qvl_surgery.core.modelfile import load_model
 from qvl_surgery.core.weights import RandomWeights
 
 SIZE = (112, 168)   # 8x12 patches: two windows of uneven size, so the attention pass has work
-
-
-def cli(capsys, *args) -> SimpleNamespace:
-    """``qvl-surgery ARGS`` in this process: returncode, stdout, stderr (what assert_one_line_error reads)."""
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
 
 
 def _umask() -> int:
@@ -51,7 +43,7 @@ def small_split(small, tmp_path_factory) -> Path:
     return d
 
 
-def test_flipped_byte_in_a_repeated_constant_is_a_hash_mismatch(small, small_split, tmp_path, capsys):
+def test_flipped_byte_in_a_repeated_constant_is_a_hash_mismatch(small, small_split, tmp_path):
     damaged = shutil.copytree(small_split, tmp_path / "parts")
     first = {t.name for t in onnx.load(str(damaged / "part0.onnx"), load_external_data=False).graph.initializer}
     part1 = onnx.load(str(damaged / "part1.onnx"), load_external_data=False)
@@ -60,22 +52,22 @@ def test_flipped_byte_in_a_repeated_constant_is_a_hash_mismatch(small, small_spl
     data = bytearray((damaged / "part1.onnx.data").read_bytes())
     data[offset + 5] ^= 0x01
     (damaged / "part1.onnx.data").write_bytes(bytes(data))
-    err = assert_one_line_error(cli(capsys, "merge", damaged, "-o", tmp_path / "m.onnx"), "does not match")
+    err = assert_one_line_error(cli("merge", damaged, "-o", tmp_path / "m.onnx"), "does not match")
     assert "part1.onnx.data" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]   # nothing written, no staging left
-    assert_one_line_error(cli(capsys, "compare", small, damaged), "part1.onnx.data", "does not match")
+    assert_one_line_error(cli("compare", small, damaged), "part1.onnx.data", "does not match")
 
 
-def test_compare_per_block_on_a_split_says_what_it_cannot_see(small, small_split, capsys):
-    r = cli(capsys, "compare", small, small_split, "--per-block")
+def test_compare_per_block_on_a_split_says_what_it_cannot_see(small, small_split):
+    r = cli("compare", small, small_split, "--per-block")
     assert r.returncode == 0, r.stderr
     said = [line for line in r.stdout.splitlines() if "not visible" in line]
     assert len(said) == 1 and f"3 of {TINY.depth} hidden states" in said[0], r.stdout
 
 
 @pytest.mark.parametrize("name", ["X", "X/manifest.json"])
-def test_split_output_folder_named_either_way_and_readable(small, tmp_path, capsys, name):
-    r = cli(capsys, "split", small, "--parts", "2", "-o", tmp_path / name, "-q")
+def test_split_output_folder_named_either_way_and_readable(small, tmp_path, name):
+    r = cli("split", small, "--parts", "2", "-o", tmp_path / name, "-q")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "X"
     assert sorted(p.name for p in out.iterdir()) == [".qvl-surgery", "manifest.json", "part0.onnx", "part0.onnx.data", "part1.onnx",
@@ -94,7 +86,7 @@ class _Interrupted(Exception):
 
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, _Interrupted])
 @pytest.mark.parametrize("command", ["run", "fp16"])
-def test_interrupted_pass_leaves_nothing_behind(small, tmp_path, capsys, monkeypatch, raised, command):
+def test_interrupted_pass_leaves_nothing_behind(small, tmp_path, monkeypatch, raised, command):
     def interrupted(self, model, context, **kw):
         raise raised()
 
@@ -107,7 +99,7 @@ def test_interrupted_pass_leaves_nothing_behind(small, tmp_path, capsys, monkeyp
     else:
         argv = ["fp16", small, "-q", "-o", work / "new" / "fp16.onnx"]
     if raised is KeyboardInterrupt:
-        r = cli(capsys, *argv)
+        r = cli(*argv)
         assert r.returncode == 130 and "interrupted" in r.stderr
     else:
         with pytest.raises(Exception) as raised_here:   # run names the pass that failed around it
@@ -116,17 +108,17 @@ def test_interrupted_pass_leaves_nothing_behind(small, tmp_path, capsys, monkeyp
     assert list(work.iterdir()) == []   # no output, no staging folder, not even the folder made for them
 
 
-def test_attention_on_a_windowed_model_is_refused(small, tmp_path, capsys):
-    r = cli(capsys, "attention", small, "-o", tmp_path / "w.onnx", "-q")
+def test_attention_on_a_windowed_model_is_refused(small, tmp_path):
+    r = cli("attention", small, "-o", tmp_path / "w.onnx", "-q")
     assert r.returncode == 0 and "2 rewritten" in r.stdout, r.stdout + r.stderr
-    err = assert_one_line_error(cli(capsys, "attention", tmp_path / "w.onnx", "-o", tmp_path / "again.onnx"),
+    err = assert_one_line_error(cli("attention", tmp_path / "w.onnx", "-o", tmp_path / "again.onnx"),
                                 "already rewritten")
     assert "windowed" in err
     # the same file without its metadata (a tool that drops metadata_props): told by the graph
     proto = onnx.load(str(tmp_path / "w.onnx"), load_external_data=False)
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "bare.onnx"))
-    assert_one_line_error(cli(capsys, "attention", tmp_path / "bare.onnx", "-o", tmp_path / "again.onnx"),
+    assert_one_line_error(cli("attention", tmp_path / "bare.onnx", "-o", tmp_path / "again.onnx"),
                           "already rewritten", "windowed attention")
     assert not list(tmp_path.glob("again*"))
 
