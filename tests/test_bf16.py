@@ -141,7 +141,7 @@ def test_calibrate_is_not_run_for_bf16(tiny_448, tmp_path):
 def test_cli_dtype_flag_and_onnxruntime_refusal(tiny_448, tmp_path):
     out = tmp_path / "b.onnx"
     r = cli("fp16", tiny_448, "-o", out, "--dtype", "bfloat16", "-q")
-    assert r.returncode == 0 and "bf16:" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
     assert load_model(out).metadata()["qvl_surgery.dtype"] == "bfloat16"
     err = assert_one_line_error(cli("compare", tiny_448, out), "bfloat16", "onnxruntime", "--runtime openvino")
     assert str(out) in err
