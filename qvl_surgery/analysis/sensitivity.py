@@ -1,31 +1,61 @@
 """sensitivity: which linears cost the most accuracy when quantized, measured one group (or one
-linear) at a time with the quantize pass's own plan and evaluator (``qvl-surgery sensitivity``)."""
+linear) at a time with the quantize pass's own plan and evaluator (``qvl-surgery sensitivity``).
+
+The scheme is quantize's (``passes.quantize.SCHEME_OPTIONS``, declared there once); a command that
+measures with it (sensitivity, toolchains ``--budget``) defaults to ``MEASURE_DEFAULTS`` instead:
+:func:`scheme_options` gives those options with these defaults, :func:`measured_scheme` the scheme
+from the values given."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from passes.quantize import Evaluator, prepare
+from passes.quantize import SCHEME_OPTIONS, Evaluator, QuantizePass, Scheme, prepare
 from qvl_surgery.core.linears import group_of
 from qvl_surgery.core.modelfile import Model
-from qvl_surgery.core.passbase import Context
+from qvl_surgery.core.passbase import Context, Option
+
+# where a command measures with quantize's scheme, the default is w8a8 dynamic in onnxruntime format
+# (weight-only with int4 weights: see measured_scheme)
+MEASURE_DEFAULTS = {"activations": "int8", "format": "onnxruntime"}
 
 
-def sensitivity(model: Model, *, weights: str = "int8", activations: str = "int8", format: str = "onnxruntime",
-                block_size: int | None = None, calibrate: str | None = None, calibrate_method: str | None = None,
-                inputs: str | None = None, per_linear: bool = False, reference: str | Path | None = None,
-                progress: bool = False) -> dict:
+def scheme_options() -> list[Option]:
+    """quantize's scheme options with the measurement defaults: the flags of a command that measures."""
+    return [dataclasses.replace(o, default=MEASURE_DEFAULTS.get(o.name, o.default),
+                                help=o.help + ("; none with --weights int4" if o.name == "activations" else ""))
+            for o in SCHEME_OPTIONS]
+
+
+def measured_scheme(given: dict) -> Scheme:
+    """The scheme from the values given (None or absent: not given), measurement defaults filled in;
+    int4 weights without activations given are weight-only. Not checked: ``Scheme.block`` and
+    ``check_budget_and_method`` do that."""
+    unknown = sorted(set(given) - {o.name for o in SCHEME_OPTIONS})
+    if unknown:
+        raise TypeError(f"not a scheme option: {', '.join(unknown)} (known: {', '.join(o.name for o in SCHEME_OPTIONS)})")
+    values = {o.name: o.default if given.get(o.name) is None else given[o.name] for o in scheme_options()}
+    if values["weights"] == "int4" and given.get("activations") is None:
+        values["activations"] = "none"
+    return Scheme.of(values)
+
+
+def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = False,
+                reference: str | Path | None = None, progress: bool = False, **scheme) -> dict:
     """Per group of linears (each block, the merger, the patch embed) and, with ``per_linear``, per
     linear: the error (1 - token-centered cosine of the outputs against fp32, worst over the
     calibration inputs) that quantizing it alone adds, beside its share of the linears'
     multiply-adds; and the cosine with every linear quantized. Each figure quantizes and runs the
-    whole model (one run per group: a 3b's 34 groups are 34 runs per input set). ``inputs``: the
+    whole model (one run per group: a 3b's 34 groups are 34 runs per input set). ``scheme``:
+    quantize's scheme options by name (``weights``, ``activations``, ``format``, ``block_size``,
+    ``calibrate``, ``calibrate_method``; :func:`measured_scheme` fills in the rest). ``inputs``: the
     measurement's input sets (default: ``calibrate``'s, else ``random:4``); ``calibrate`` makes the
     activation ranges of a static scheme, as in quantize."""
+    s = measured_scheme(scheme)
     context = Context(reference=Path(reference) if reference else None, progress=progress)
-    prep = prepare(model, context, weights=weights, activations=activations, format=format, block_size=block_size,
-                    calibrate=calibrate, calibrate_method=calibrate_method, keep_node=[], keep_block=[])
-    ev = Evaluator(prep, context, inputs or calibrate, "inputs" if inputs else "calibrate")
-    out = {"scheme": prep.plan(prep.kept).scheme, "format": format, "calibration": ev.what,
+    prep = prepare(model, context, QuantizePass(**dataclasses.asdict(s)).o)
+    ev = Evaluator(prep, context, inputs or s.calibrate, "inputs" if inputs else "calibrate")
+    out = {"scheme": prep.plan(prep.kept).label, "format": s.format, "calibration": ev.what,
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
            "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}
     for g, ls in ev.groups.items():

@@ -1,0 +1,162 @@
+"""The measured side of quantize: :func:`prepare` (the scheme checked, the linears matched and
+kept, the activation ranges calibrated), :class:`Evaluator` (quantize-and-run measurements of one
+preparation: ``qvl-surgery sensitivity`` uses it too) and :func:`allocate_budget` (``budget``:
+the fewest multiply-adds kept float that reach a token-centered cosine)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+
+from qvl_surgery.core import quant
+from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.linears import Linear, block_numbers, find_linears, group_of, linear_macs, select_kept
+from qvl_surgery.core.modelfile import Model
+from qvl_surgery.core.passbase import Context
+
+from passes.quantize.calibration import calibrate_ranges
+from passes.quantize.emit import _QuantEmitter
+from passes.quantize.plan import QuantPlan, plan_quantize
+from passes.quantize.report import QuantizeReport
+from passes.quantize.scheme import Scheme
+
+log = logging.getLogger(__package__)   # "passes.quantize": the pass's name in --verbose output
+
+
+@dataclass
+class Prepared:
+    """What a quantization of ``model`` is made from: the scheme checked, the linears found, the ones
+    kept float and why, the calibrated activation ranges; ``build(kept)`` emits the quantized model
+    in memory (weights computed when read) for measurements."""
+    model: Model
+    scheme: Scheme
+    linears: list[Linear]
+    kept: dict[str, str]
+    ranges: dict
+    report: QuantizeReport
+
+    def plan(self, kept: dict[str, str]) -> QuantPlan:
+        return plan_quantize(self.model, self.scheme, self.linears, kept, self.ranges)
+
+    def build(self, kept: dict[str, str]) -> Model:
+        return _QuantEmitter(self.model, self.plan(kept), QuantizeReport()).emit()
+
+
+def prepare(model: Model, context: Context, o: SimpleNamespace) -> Prepared:
+    """match (find_linears, select_kept) -> calibrate. ``o``: the quantize pass's options (its
+    ``self.o``: the scheme, ``keep_node``, ``keep_block``)."""
+    scheme = Scheme.of(o)
+    block = scheme.block
+    blocks = block_numbers(o.keep_block)
+    report = QuantizeReport(format=scheme.format, method=scheme.method)
+    linears = find_linears(model, report.misses)
+    if context.explain:
+        for line in report.misses:
+            log.debug("quantize: no match at %s", line)
+    if not linears:
+        raise BadInput("quantize: the model has no linear layer (Gemm/MatMul with a float32 initializer weight); "
+                       "is it already quantized?")
+    kept = select_kept(linears, keep_nodes=o.keep_node, keep_blocks=blocks)
+    if block and scheme.format == "qdq":   # a partial last block is valid ONNX, but OpenVINO refuses it
+        for lin in linears:
+            if lin.k % block and lin.name not in kept:
+                kept[lin.name] = f"input dim not a multiple of block {block}"
+    ranges: dict[str, quant.ActivationRange] = {}
+    todo = [lin for lin in linears if lin.name not in kept]
+    if not todo:
+        raise BadInput(f"quantize: every one of the {len(linears)} linear layers is kept float "
+                       "({keep_node} / {keep_block}); nothing would be quantized", keep_node="GLOB", keep_block="N")
+    if scheme.static:
+        if not scheme.calibrate:
+            raise BadInput("{activations}: static ranges in qdq format need {calibrate} (an .npz, image files, or "
+                           "random:N for random inputs)", activations=scheme.activations, calibrate="SRC")
+        tensors = list(dict.fromkeys(lin.x for lin in todo))
+        ranges = calibrate_ranges(model, tensors, scheme, progress=context.progress, report=report)
+    elif scheme.calibrate:
+        report.skipped.append(f"calibrate={scheme.calibrate}: no static activations in this scheme")
+    return Prepared(model, scheme, linears, kept, ranges, report)
+
+
+# ----------------------------------------------------------------------------- budget
+
+class Evaluator:
+    """Quantize-and-run measurements of one prepared quantization: the token-centered cosine of the
+    outputs against fp32 on the calibration inputs, with a chosen set of linear groups (each block,
+    the merger, the patch embed; :func:`~qvl_surgery.core.linears.group_of`) quantized. Every measurement
+    emits the model and runs it whole (onnxruntime segments): nothing is estimated."""
+
+    def __init__(self, prep: Prepared, context: Context, inputs: str | None, option: str = "calibrate"):
+        from qvl_surgery.core.calibrate import calibration_sets
+        self.prep = prep
+        self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", 4, option=option)
+        self.outputs = [o.name for o in prep.model.graph.output]
+        self.ref = self._outputs_of(prep.model, self.feeds)
+        self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
+        self.groups: dict[str, list[Linear]] = {}
+        for lin in self.todo:
+            self.groups.setdefault(group_of(lin.name), []).append(lin)
+        macs, self.counted_by = linear_macs(prep.model, prep.linears)
+        total = sum(macs.values()) or 1
+        self.share = {lin.name: macs[lin.name] / total for lin in prep.linears}
+        self.group_share = {g: sum(self.share[lin.name] for lin in ls) for g, ls in self.groups.items()}
+
+    def _outputs_of(self, m: Model, sets) -> list[dict[str, np.ndarray]]:
+        from qvl_surgery.core.segments import run_segments
+        got: list[dict[str, np.ndarray]] = [{} for _ in sets]
+        idx = {o: 0 for o in self.outputs}
+
+        def rec(name: str, v: np.ndarray) -> None:
+            got[idx[name]][name] = np.asarray(v, np.float32)
+            idx[name] += 1
+        run_segments(m, sets, self.outputs, rec)
+        return got
+
+    def cosine(self, quantized: list[Linear], sets: int | None = None) -> float:
+        """The worst centered cosine over the input sets with exactly ``quantized`` quantized."""
+        from qvl_surgery.core.metrics import centered_cosine
+        names = {lin.name for lin in quantized}
+        keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
+        use = self.feeds if sets is None else self.feeds[:sets]
+        got = self._outputs_of(self.prep.build(keep), use)
+        return min(centered_cosine(r[o], g[o]) for r, g in zip(self.ref, got) for o in self.outputs)
+
+    def all_but(self, keep_groups: list[str], sets: int | None = None) -> float:
+        keep = set(keep_groups)
+        return self.cosine([lin for lin in self.todo if group_of(lin.name) not in keep], sets)
+
+
+def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str, str]:
+    """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
+    fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
+    merger, the patch embed): the cosine gained on the first input set when everything but that group
+    is quantized. Groups are ranked by that gain per multiply-add; the shortest prefix of the ranking
+    that meets the budget on every input set is found by bisection."""
+    if not 0.0 < budget < 1.0:
+        raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
+    ev = Evaluator(prep, context, prep.scheme.calibrate)
+    groups, share = ev.groups, ev.group_share
+    base = ev.all_but([], 1)
+    gain = {g: ev.all_but([g], 1) - base for g in groups}
+    order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
+    tried: dict[int, float] = {0: ev.all_but([])}
+    k = 0
+    if tried[0] < budget:
+        lo, hi = 0, len(order)
+        tried[hi] = 1.0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            tried[mid] = ev.all_but(order[:mid])
+            lo, hi = (lo, mid) if tried[mid] >= budget else (mid, hi)
+        k = hi
+    chosen = dict(prep.kept)
+    chosen.update({lin.name: "budget" for g in order[:k] for lin in groups[g]})
+    prep.report.budget = {
+        "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": order[:k],
+        "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": ev.what,
+        "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
+        "sensitivity": [{"group": g, "gain_kept_float": round(gain[g], 6), "share": round(share[g], 5)}
+                        for g in sorted(groups, key=lambda g: -gain[g])],
+    }
+    return chosen
