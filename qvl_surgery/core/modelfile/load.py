@@ -42,16 +42,18 @@ def load_model(path: str | os.PathLike) -> Model:
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: no such file")
-    if path.is_dir():
-        if (path / "manifest.json").is_file():
-            parts = sorted(p.name for p in path.glob("part*.onnx"))
-            one = f"{path / parts[0]}" if parts else f"{path}/partK.onnx"
-            raise BadInput(f"{path}: is a split folder; this command takes one model: pass one part ({one}) "
-                           f"or merge the folder first (qvl-surgery merge {path} -o merged.onnx)")
-        if (path / "buckets.json").is_file():
+    folder = path if path.is_dir() else path.parent if path.name in ("manifest.json", "buckets.json") else None
+    if folder is not None:
+        if (folder / "manifest.json").is_file():
+            parts = sorted(p.name for p in folder.glob("part*.onnx"))
+            one = f"{folder / parts[0]}" if parts else f"{folder}/partK.onnx"
+            raise BadInput(f"{path}: is a split; this command takes one model: pass one part ({one}) "
+                           f"or merge the split first (qvl-surgery merge {folder} -o merged.onnx)")
+        if (folder / "buckets.json").is_file():
             raise BadInput(f"{path}: is a bucket folder (one graph per image size); this command takes one model: "
-                           f"pass one size's file ({path}/HxW.onnx, listed in buckets.json)")
-        raise BadInput(f"{path}: is a directory; pass an .onnx file")
+                           f"pass one size's file ({folder}/HxW.onnx, listed in buckets.json)")
+        if path.is_dir():
+            raise BadInput(f"{path}: is a directory; pass an .onnx file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, onnx raises others
