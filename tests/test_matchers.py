@@ -3,7 +3,7 @@ matches it, and onnxruntime gives the same output before and after.
 
 RMSNorm (passes/fp16.py, keep_rmsnorm_fp32): normalized by Div(x, rms) or by Reciprocal(rms) times
 x on either side; the scale Mul on either side; constants as initializers or Constant nodes.
-Attention (passes/attention.py): the scale as Div or Mul (either side); the mask added on either
+Attention (passes/attention/): the scale as Div or Mul (either side); the mask added on either
 side; the mask built from a window-id vector, or a dense constant (initializer or Constant node).
 """
 import numpy as np

@@ -8,9 +8,12 @@ from the values given."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Callable
 
 from passes.quantize import SCHEME_OPTIONS, Evaluator, QuantizePass, Scheme, prepare
+from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.linears import group_of
 from qvl_surgery.core.modelfile import Model
 from qvl_surgery.core.passbase import Context, Option
@@ -70,3 +73,38 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
                                    "share": round(ev.share[lin.name], 6), "alone_centered_cosine": round(c, 7),
                                    "alone_error": float(f"{1.0 - c:.3e}")})
     return out
+
+
+def sensitivity_study(models: list[Path], output: Path, *, labels: list[str] | None = None, inputs: str | None = None,
+                      per_linear: bool = False, scheme: dict, overwrite: bool = False, progress: bool = True,
+                      guard: list[Path] | None = None, echo: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """:func:`sensitivity` of each model under ``scheme`` (quantize's
+    scheme options, checked), written to ``output``/sensitivity.json and sensitivity.png; ``echo``
+    gets a line per model as it is measured, and one naming what was written."""
+    from qvl_surgery.analysis.plots import plot_sensitivity
+    from qvl_surgery.core.inputs import InputSource
+    from qvl_surgery.core.modelfile import load_model
+    from qvl_surgery.core.publish import check_new_dir, new_dir
+    models = [Path(m) for m in models]
+    if labels and len(labels) != len(models):
+        raise BadInput("{label}: " + f"give one per model ({len(models)}), or none", label=",".join(labels))
+    guard = list(guard) if guard is not None else [p for m in models for p in (m, *load_model(m).data_files())]
+    for option, text in (("calibrate", scheme.get("calibrate")), ("inputs", inputs)):
+        if text:
+            guard += [Path(f) for f in InputSource.parse(text, option).files]
+    check_new_dir(output, overwrite=overwrite, inputs=guard)
+    results = []
+    for i, m in enumerate(models):
+        r = sensitivity(load_model(m), inputs=inputs, per_linear=per_linear, progress=progress, **scheme)
+        results.append({"model": str(m), "label": labels[i] if labels else m.stem, **r})
+        worst = sorted(r["groups"], key=lambda g: -g["alone_error"])[:4]
+        echo(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "
+             f"{r['all_quantized_centered_cosine']:.6f}; worst alone: "
+             + ", ".join(f"{g['group']} {g['alone_error']:.2e}" for g in worst))
+    out = Path(output)
+    with new_dir(out, overwrite=overwrite, inputs=guard, command="sensitivity") as tmp:
+        (tmp / "sensitivity.json").write_text(json.dumps({"models": results}, indent=1, allow_nan=False) + "\n")
+        png = plot_sensitivity(results, tmp / "sensitivity.png")
+    echo(f"wrote {out}/sensitivity.json" + (f" and {out}/sensitivity.png" if png else
+                                            " (no plot: matplotlib is not installed; pip install matplotlib)"))
+    return results

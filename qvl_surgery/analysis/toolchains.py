@@ -103,6 +103,16 @@ def allocation_of(model: Model, kept: dict[str, str], source: str, extra: dict |
     return Allocation(kept, source, share, by, extra or {})
 
 
+def allocation_from_budget(model, budget: float, scheme: dict, *, progress: bool = False):
+    """The keep-list quantize --budget ``budget`` chooses under ``scheme`` (quantize's scheme
+    options), measured now, as an :class:`~qvl_surgery.analysis.toolchains.Allocation`."""
+    from passes.quantize import quantize_model
+    _, report = quantize_model(model, budget=budget, progress=progress, **scheme)
+    kept = {n: why for why, names in report.kept.items() for n in names}
+    return allocation_of(model, kept, f"quantize --budget {budget} ({report.scheme}, {report.format})",
+                         {"budget": report.budget})
+
+
 # ----------------------------------------------------------------------------- rknn-toolkit2
 # rknn-toolkit2 (2.5.0) names the layers of its hybrid config after the tensors of its own rewritten
 # graph, which hybrid_quantization_step1 writes as ``<stem>.model`` (an ONNX protobuf, weights inline):

@@ -1,5 +1,5 @@
 """Quantization numerics: weight scales and packing, activation range estimators, and a streaming
-calibration recorder. No graph editing here (that is ``passes/quantize.py``).
+calibration recorder. No graph editing here (that is ``passes/quantize/``).
 
 Conventions. A linear layer's weight is handled as ``[out, in]`` (``[N, K]``), the layout of the
 export's ``Gemm(transB=1)`` weights; callers transpose ``[K, N]`` MatMul weights first.

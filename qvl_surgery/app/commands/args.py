@@ -151,30 +151,20 @@ class SourceArgs(ArgGroup):
         return {"checkpoint": a.source}
 
 
-QUANT_SCHEME_OPTIONS = ("weights", "activations", "format", "block_size", "calibrate", "calibrate_method")
-# where a command measures with quantize's scheme (sensitivity, toolchains), the default is w8a8 dynamic in
-# onnxruntime format (weight-only with int4 weights)
-SCHEME_DEFAULTS = {"activations": "int8", "format": "onnxruntime"}
-
-
 def _scheme_options():
-    import dataclasses
-    from passes.quantize import QuantizePass
-    return [dataclasses.replace(o, default=SCHEME_DEFAULTS.get(o.name, o.default),
-                                help=o.help + ("; none with --weights int4" if o.name == "activations" else ""))
-            for o in QuantizePass.options if o.name in QUANT_SCHEME_OPTIONS]
+    from qvl_surgery.analysis.sensitivity import scheme_options
+    return scheme_options()
 
 
 def _scheme(a: argparse.Namespace, budget: float | None = None) -> dict:
-    """quantize's scheme options from a subcommand that shares them (sensitivity, toolchains), checked
-    as quantize checks them, before any work."""
-    from passes.quantize import check_budget_and_method, check_scheme
-    given = {o.name: getattr(a, o.name, None) for o in _scheme_options()}
-    out = {o.name: o.default if given[o.name] is None else given[o.name] for o in _scheme_options()}
-    if out["weights"] == "int4" and given["activations"] is None:
-        out["activations"] = "none"
-    check_scheme(weights=out["weights"], activations=out["activations"], format=out["format"],
-                 block_size=out["block_size"])
+    """quantize's scheme options from a subcommand that shares them (sensitivity, toolchains), with
+    the measurement defaults (analysis.sensitivity), checked as quantize checks them, before any work."""
+    import dataclasses
+    from passes.quantize import SCHEME_OPTIONS, check_budget_and_method
+    from qvl_surgery.analysis.sensitivity import measured_scheme
+    scheme = measured_scheme({o.name: getattr(a, o.name, None) for o in SCHEME_OPTIONS})
+    scheme.block   # runs check_scheme
+    out = dataclasses.asdict(scheme)
     check_budget_and_method({**out, "budget": budget})
     return out
 

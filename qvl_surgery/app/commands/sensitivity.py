@@ -3,9 +3,7 @@ one or several models, as sensitivity.json and a plot."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Callable
 
 from qvl_surgery.core.errors import BadInput
 
@@ -39,56 +37,20 @@ class Sensitivity(Command):
 
     def run(self, a: argparse.Namespace) -> int:
         guard, scheme = self._checked(a)
+        from qvl_surgery.analysis.sensitivity import sensitivity_study
         sensitivity_study(a.models, a.output, labels=a.label, inputs=a.inputs, per_linear=a.per_linear,
                           scheme=scheme, guard=guard, echo=print, **self.write.values(a))
         return 0
 
     def script(self, a: argparse.Namespace) -> list[str]:
         _, scheme = self._checked(a)
-        return [f"from {__name__} import sensitivity_study",
+        return ["from qvl_surgery.analysis.sensitivity import sensitivity_study",
                 f"sensitivity_study({py(a.models)}, {py(a.output)}, labels={py(a.label)}, inputs={a.inputs!r}, "
                 f"per_linear={a.per_linear}, scheme={py(scheme)}, echo=print, {self.write.render(a)})"]
 
-
-# ----------------------------------------------------------------------------- the study
-# (library logic: belongs in qvl_surgery/analysis/sensitivity.py, beside sensitivity())
 
 def checked_models(models: list[Path], labels: list[str] | None) -> list[Path]:
     """The models (checked) and their data files; one label per model, or none."""
     if labels and len(labels) != len(models):
         raise BadInput(f"--label: give one per model ({len(models)}), or none")
     return model_and_data(models)
-
-
-def sensitivity_study(models: list[Path], output: Path, *, labels: list[str] | None = None, inputs: str | None = None,
-                      per_linear: bool = False, scheme: dict, overwrite: bool = False, progress: bool = True,
-                      guard: list[Path] | None = None, echo: Callable[[str], None] = lambda line: None) -> list[dict]:
-    """:func:`~qvl_surgery.analysis.sensitivity.sensitivity` of each model under ``scheme`` (quantize's
-    scheme options, checked), written to ``output``/sensitivity.json and sensitivity.png; ``echo``
-    gets a line per model as it is measured, and one naming what was written."""
-    from qvl_surgery.analysis.plots import plot_sensitivity
-    from qvl_surgery.analysis.sensitivity import sensitivity
-    from qvl_surgery.core.inputs import InputSource
-    from qvl_surgery.core.modelfile import load_model
-    from qvl_surgery.core.publish import check_new_dir, new_dir
-    models = [Path(m) for m in models]
-    guard = list(guard) if guard is not None else checked_models(models, labels)
-    for option, text in (("calibrate", scheme.get("calibrate")), ("inputs", inputs)):
-        if text:
-            guard += [Path(f) for f in InputSource.parse(text, option).files]
-    check_new_dir(output, overwrite=overwrite, inputs=guard)
-    results = []
-    for i, m in enumerate(models):
-        r = sensitivity(load_model(m), inputs=inputs, per_linear=per_linear, progress=progress, **scheme)
-        results.append({"model": str(m), "label": labels[i] if labels else m.stem, **r})
-        worst = sorted(r["groups"], key=lambda g: -g["alone_error"])[:4]
-        echo(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "
-             f"{r['all_quantized_centered_cosine']:.6f}; worst alone: "
-             + ", ".join(f"{g['group']} {g['alone_error']:.2e}" for g in worst))
-    out = Path(output)
-    with new_dir(out, overwrite=overwrite, inputs=guard, command="sensitivity") as tmp:
-        (tmp / "sensitivity.json").write_text(json.dumps({"models": results}, indent=1, allow_nan=False) + "\n")
-        png = plot_sensitivity(results, tmp / "sensitivity.png")
-    echo(f"wrote {out}/sensitivity.json" + (f" and {out}/sensitivity.png" if png else
-                                            " (no plot: matplotlib is not installed; pip install matplotlib)"))
-    return results

@@ -70,7 +70,8 @@ class Toolchains(Command):
         return {"rknn_step1": a.rknn_step1, "rknn_residual": not a.rknn_residual_int8, "overwrite": a.force}
 
     def run(self, a: argparse.Namespace) -> int:
-        from qvl_surgery.analysis.toolchains import allocation_by_hand, allocation_from_quantized, write_toolchain_configs
+        from qvl_surgery.analysis.toolchains import (allocation_by_hand, allocation_from_budget,
+                                                     allocation_from_quantized, write_toolchain_configs)
         from qvl_surgery.core.modelfile import load_model
         from qvl_surgery.core.publish import check_new_dir
         guard, scheme, dataset_source = self._checked(a)
@@ -95,7 +96,7 @@ class Toolchains(Command):
             lines += ["from qvl_surgery.analysis.toolchains import allocation_from_quantized",
                       f"alloc = allocation_from_quantized({py(a.keep_from)}, model)"]
         elif a.budget is not None:
-            lines += [f"from {__name__} import allocation_from_budget",
+            lines += ["from qvl_surgery.analysis.toolchains import allocation_from_budget",
                       f"alloc = allocation_from_budget(model, {a.budget!r}, {py(scheme)}, progress={not a.quiet})"]
         else:
             lines += ["from qvl_surgery.analysis.toolchains import allocation_by_hand",
@@ -108,18 +109,3 @@ class Toolchains(Command):
         configs = ", ".join(f"{k}={py(v)}" for k, v in self._configs(a).items())
         return lines + [f"report = write_toolchain_configs({py(a.model)}, {py(a.output)}, alloc, dataset={dataset}, "
                         f"inputs={py(guard)}, {configs})", print_report()]
-
-
-# ----------------------------------------------------------------------------- the budget's keep-list
-# (library logic: belongs in qvl_surgery/analysis/toolchains.py, beside allocation_from_quantized)
-
-def allocation_from_budget(model, budget: float, scheme: dict, *, progress: bool = False):
-    """The keep-list quantize --budget ``budget`` chooses under ``scheme`` (quantize's scheme
-    options), measured now, as an :class:`~qvl_surgery.analysis.toolchains.Allocation`."""
-    from passes.quantize import quantize_model
-    from qvl_surgery.analysis.toolchains import allocation_of
-    _, report = quantize_model(model, budget=budget, progress=progress, **scheme)
-    kept = {n: why for why, names in report.kept.items() for n in names}
-    return allocation_of(model, kept, f"quantize --budget {budget} ({report.scheme}, {report.format})",
-                         {"budget": report.budget})
-
