@@ -179,6 +179,17 @@ def _goes_to_data_file(t: TensorProto, src: TensorSource | None, nbytes: int) ->
     return nbytes >= INLINE_MAX_BYTES
 
 
+def _data_file_tensors(model: Model, tensors: list[TensorProto]):
+    """The tensors that go to the data file, with their source, bytes (a computed one) and size;
+    the others are made inline in ``tensors`` on the way."""
+    for t, src, data in _payloads(model, tensors):
+        nbytes = model.tensor_nbytes(t)
+        if _goes_to_data_file(t, src, nbytes):
+            yield t, src, data, nbytes
+        elif src is not None:
+            _set_inline(t, data)
+
+
 def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str | None = None,
                       digest: StreamDigest | None = None) -> Path:
     """Write ``out_dir/name`` + ``out_dir/name.data`` (no checks, no rename). Returns the .onnx path.
@@ -191,12 +202,7 @@ def write_model_files(model: Model, out_dir: Path, name: str, *, progress: str |
     bar = _progress_bar(layout.size, progress)
     writer = _DataWriter(out_dir / data_name, layout, digest, bar)
     try:
-        for t, src, data in _payloads(model, tensors):
-            nbytes = model.tensor_nbytes(t)
-            if not _goes_to_data_file(t, src, nbytes):
-                if src is not None:
-                    _set_inline(t, data)
-                continue
+        for t, src, data, nbytes in _data_file_tensors(model, tensors):
             if isinstance(src, FileRange):
                 writer.range_done(t.name)
             else:
@@ -259,12 +265,7 @@ def write_shared(models: list[Model], out_dir: Path, names: list[str], data_name
             proto = onnx.ModelProto()
             proto.CopyFrom(model.proto)
             tensors = list(proto.graph.initializer)
-            for t, src, data in _payloads(model, tensors):
-                nbytes = model.tensor_nbytes(t)
-                if not _goes_to_data_file(t, src, nbytes):
-                    if src is not None:
-                        _set_inline(t, data)
-                    continue
+            for t, src, data, nbytes in _data_file_tensors(model, tensors):
                 if data is None:
                     data = src.read() if isinstance(src, FileRange) else _tensor_bytes(t, src)
                 view = memoryview(data).cast("B")
