@@ -3,6 +3,7 @@
 sections' (the others measure the full-size 3b)."""
 from bench_sections.attention import section_attention, section_dynamic, section_simplify
 from bench_sections.fp16 import section_accuracy, section_fp16, section_overflow
+from bench_sections.imagein import section_imagein
 from bench_sections.io import section_export, section_split
 from bench_sections.quant import section_quant
 from bench_sections.surgery import section_surgery
@@ -11,4 +12,4 @@ SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp
             "overflow": section_overflow,
             "simplify": section_simplify,
             "attention": section_attention, "dynamic": section_dynamic, "quant": section_quant,
-            "surgery": section_surgery}
+            "surgery": section_surgery, "imagein": section_imagein}
