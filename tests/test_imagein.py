@@ -256,3 +256,16 @@ def test_toolchain_configs_of_an_image_in_file(layout, photos, tmp_path, capsys)
     assert p2["calibration_format"] == "Image" and p2["calibration_mean"] == [0, 0, 0]
     with tarfile.open(tmp_path / "tc" / p2["calibration_dataset"]) as t:
         assert t.getnames() == ["0000.png", "0001.png"]
+
+
+def test_the_window_reorder_keeps_channels_last(tmp_path):
+    """rknn-toolkit2 2.5.0 turns a window reorder that moves the channel axis into its exWindow and
+    then mixes windows and channels (no error; output unrelated to transformers: scripts/imagein-proof).
+    So the Conv's channels go last at once, and no later Transpose moves the last axis."""
+    export(RandomWeights(TINY, seed=0), tmp_path / "m.onnx", (448, 672), progress=False, image_input="nchw")
+    nodes = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.node
+    conv = next(k for k, n in enumerate(nodes) if n.op_type == "Conv")
+    end = next(k for k, n in enumerate(nodes) if "patch_embed.output" in n.output)
+    perms = [list(n.attribute[0].ints) for n in nodes[conv + 1:end + 1] if n.op_type == "Transpose"]
+    assert perms[0] == [0, 2, 3, 1] and all(p[-1] == len(p) - 1 for p in perms)
+    assert max(len(p) for p in perms) <= 6

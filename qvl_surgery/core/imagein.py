@@ -10,8 +10,9 @@ inside the graph, exactly, with nothing new to approximate:
   and a toolchain's config says mean 0, std 1;
 - the two identical frames are **folded**: the Conv3d over two equal frames is one Conv2d (kernel
   and stride 14) whose kernel is the two temporal slices summed;
-- the window order is a **Reshape/Transpose** of the Conv's feature map, and the merged tokens go
-  back to row-major order the same way, where the windows tile the grid: both sides a multiple of
+- the window order is a **Reshape/Transpose** of the Conv's feature map (channels moved last first:
+  rknn-toolkit2 2.5.0 computes a reorder that moves the channel axis wrongly, without an error),
+  and the merged tokens go back to row-major order the same way, where the windows tile the grid: both sides a multiple of
   ``window_size`` (112 px for Qwen2.5-VL). Elsewhere the last window row and column are partial, so
   window order interleaves whole and partial windows, which no reshape expresses: there a Gather of
   a constant index does the reorder (as the ``pixel_values`` export does on both sides). Ranks stay
@@ -92,14 +93,17 @@ def image_patch_embed(g, cfg: VisionConfig, weights, size: tuple[int, int], layo
     bias = g.weight("patch_embed.proj.image_bias", (hidden,), folded(1))
     f = g.op("Conv", [x, kernel, bias], "/patch_embed/proj/Conv", kernel_shape=[p, p], strides=[p, p])
     if windows_tile(cfg, size):
+        # channels last from the start: rknn-toolkit2 2.5.0 fuses a window reorder that moves the
+        # channel axis (its exWindow) and then mixes windows and channels without an error
         side = m * ws                                             # patches per window side
         nwh, nww = gh // side, gw // side
-        f = g.op("Reshape", [f, g.const("image_windows", np.array([hidden, nwh, side, nww, side], np.int64))],
-                 "/patch_embed/Reshape_windows")
-        f = g.op("Transpose", [f], "/patch_embed/Transpose_windows", perm=[1, 3, 0, 2, 4])   # [nwh, nww, C, s, s]
-        f = g.op("Reshape", [f, g.const("image_merge_groups", np.array([nwh * nww, hidden, ws, m, ws, m], np.int64))],
+        f = g.op("Transpose", [f], "/patch_embed/Transpose_channels_last", perm=[0, 2, 3, 1])   # [1, gh, gw, C]
+        f = g.op("Reshape", [f, g.const("image_window_rows", np.array([nwh, side, nww, side * hidden], np.int64))],
+                 "/patch_embed/Reshape_window_rows")
+        f = g.op("Transpose", [f], "/patch_embed/Transpose_windows", perm=[0, 2, 1, 3])   # [nwh, nww, s, s*C]
+        f = g.op("Reshape", [f, g.const("image_merge_groups", np.array([nwh * nww, ws, m, ws, m, hidden], np.int64))],
                  "/patch_embed/Reshape_groups")
-        f = g.op("Transpose", [f], "/patch_embed/Transpose_groups", perm=[0, 2, 4, 3, 5, 1])  # [B, wr, wc, pr, pc, C]
+        f = g.op("Transpose", [f], "/patch_embed/Transpose_groups", perm=[0, 1, 3, 2, 4, 5])   # [B, wr, wc, pr, pc, C]
         return g.op("Reshape", [f, g.const("image_tokens", np.array([gh * gw, hidden], np.int64))],
                     "/patch_embed/Reshape_tokens", outputs=["patch_embed.output"])
     # partial windows: the feature map as processor-ordered rows, then the constant window order

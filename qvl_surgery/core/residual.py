@@ -151,7 +151,8 @@ def conv_writer(model: Model, t: str, prod: dict, cons: dict, c: int) -> tuple[S
     chain.reverse()
     shapes = {k: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for k, v in value_types(model, {p.output[0]} | {n.output[0] for n in chain}).items()}
-    axis = 1                                         # Conv output [N, C, H, W]
+    # where the channels are: a whole axis, or (INNER) the innermost c elements of the last axis
+    axis, INNER = 1, -1                              # Conv output [N, C, H, W]
     prev = p.output[0]
     for n in chain:
         if [r.name for r in cons.get(prev, [])] != [n.name]:
@@ -159,19 +160,28 @@ def conv_writer(model: Model, t: str, prod: dict, cons: dict, c: int) -> tuple[S
         old, new = shapes.get(prev), shapes.get(n.output[0])
         if not old or not new or 0 in old + new:
             return None
+        if axis == len(old) - 1:
+            axis = INNER
         if n.op_type == "Transpose":
             perm = [list(a.ints) for a in n.attribute if a.name == "perm"][0]
-            axis = perm.index(axis)
-        elif n.op_type == "Reshape":
-            before = int(np.prod(old[:axis]))
-            axis = next((b for b in range(len(new)) if new[b] == c and int(np.prod(new[:b])) == before), -1)
-            if axis < 0:
+            if axis == INNER and perm[-1] != len(perm) - 1:
                 return None
+            axis = INNER if axis == INNER else perm.index(axis)
+        elif n.op_type == "Reshape":
+            if axis == INNER:
+                if new[-1] % c:
+                    return None
+            else:
+                before = int(np.prod(old[:axis]))
+                axis = next((b for b in range(len(new)) if new[b] == c and int(np.prod(new[:b])) == before), None)
+                if axis is None:
+                    return None
         else:                                         # Gather: constant indices on another axis
             g_axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-            if g_axis == axis or len(old) != len(new) or n.input[1] not in inits:
+            if g_axis % len(old) in (axis, len(old) - 1 if axis == INNER else axis) or len(old) != len(new) \
+                    or n.input[1] not in inits:
                 return None
         prev = n.output[0]
-    if axis != len(shapes[prev]) - 1:
+    if not (axis == len(shapes[prev]) - 1 or axis == INNER and shapes[prev][-1] == c):
         return None
     return StreamLinear(p, p.input[1], p.input[2], True), chain
