@@ -10,7 +10,9 @@ Rules and limits:
   symmetric in blocks of ``block_size`` (default 32) along the input dim, weight-only.
 - Activations (int8 / int16): symmetric per tensor, one Q/DQ per distinct input tensor (gate and
   up share theirs), scale from streaming calibration (``calibrate``: an .npz, image files, or
-  ``random[:N]``), clip value by ``calibrate_method``.
+  ``random[:N]``), clip value by ``calibrate_method``; or (``activation_scale=token``, int8 in
+  format onnxruntime) one scale per token, max |row| / 127, computed at run time and handed to
+  ``MatMulIntegerToFloat`` as its ``[M, 1]`` A scale.
 - ``format=qdq``: QuantizeLinear / DequantizeLinear around the unchanged Gemm/MatMul (int8 weight
   initializer + per-axis DQ); opset raised to 21 where int16 or blocked DQ needs it.
   ``format=onnxruntime``: what its CPU provider runs in integer arithmetic: ``MatMulNBits``
@@ -69,7 +71,8 @@ def _quantize(model: Model, context: Context, o: SimpleNamespace) -> tuple[Model
     out.set_metadata("qvl_surgery.dtype", scheme.weights)
     out.set_metadata("qvl_surgery.quantize", json.dumps({
         "scheme": plan.label, "weights": scheme.weights, "activations": scheme.activations, "format": scheme.format,
-        "block_size": plan.block, "calibrate": scheme.calibrate if scheme.static else None,
+        "block_size": plan.block, "activation_scale": scheme.activation_scale,
+        "calibrate": scheme.calibrate if scheme.static else None,
         "calibrate_method": scheme.method if scheme.static else None,
         "quantized": report.quantized, "kept": kept, "kept_share": report.kept_share, "ops": report.ops,
         "budget": report.budget or None}))

@@ -91,6 +91,33 @@ class _QuantEmitter:
             self.act_q[x] = f"{x}/quantized"
         return self.act_q[x], s, z
 
+    def _per_token_int8(self, x: str) -> tuple[str, str, str]:
+        """onnxruntime per token: each row's scale max|row| / 127 computed at run time ([M, 1]), the
+        row quantized symmetric and shifted by 128 to uint8 (the u8 x u8 kernel, as :meth:`_static_int8`);
+        MatMulIntegerToFloat takes the [M, 1] scale with the scalar zero point."""
+        base = x.lstrip("/")
+        s, z = f"{x}/token_scale", f"{base}/act_zero_point"
+        if x not in self.act_q:
+            c = {k: self._const(f"{base}/{k}", np.array(v, np.float32))
+                 for k, v in (("inv127", 1 / 127), ("tiny", 1e-30), ("shift", 128.0), ("low", 0.0), ("high", 255.0))}
+            self._const(z, np.array(128, np.uint8))
+            self._node("Abs", [x], [f"{x}/abs"], f"{x}/token_scale/Abs")
+            if self.plan.opset >= 18:
+                axes = self._const(f"{base}/last_axis", np.array([-1], np.int64))
+                self._node("ReduceMax", [f"{x}/abs", axes], [f"{x}/absmax"], f"{x}/token_scale/ReduceMax", keepdims=1)
+            else:
+                self._node("ReduceMax", [f"{x}/abs"], [f"{x}/absmax"], f"{x}/token_scale/ReduceMax", axes=[-1],
+                           keepdims=1)
+            self._node("Mul", [f"{x}/absmax", c["inv127"]], [f"{x}/token_scale_raw"], f"{x}/token_scale/Mul")
+            self._node("Max", [f"{x}/token_scale_raw", c["tiny"]], [s], f"{x}/token_scale/Max")
+            self._node("Div", [x, s], [f"{x}/scaled"], f"{x}/token_quant/Div")
+            self._node("Round", [f"{x}/scaled"], [f"{x}/rounded"], f"{x}/token_quant/Round")
+            self._node("Add", [f"{x}/rounded", c["shift"]], [f"{x}/shifted"], f"{x}/token_quant/Add")
+            self._node("Clip", [f"{x}/shifted", c["low"], c["high"]], [f"{x}/clipped"], f"{x}/token_quant/Clip")
+            self._node("Cast", [f"{x}/clipped"], [f"{x}/quantized"], f"{x}/token_quant/Cast", to=TensorProto.UINT8)
+            self.act_q[x] = f"{x}/quantized"
+        return self.act_q[x], s, z
+
     # one linear ------------------------------------------------------------------------------
     def _qdq(self, lin: Linear) -> None:
         p, n = self.plan, lin.node
@@ -161,8 +188,15 @@ class _QuantEmitter:
         if self.plan.dynamic_activations:
             self._node("DynamicQuantizeMatMul", [lin.x, qname, sname, zp, lin.bias], [out],
                        f"{lin.name}_DynamicQuantizeMatMul", domain=MS)
+        elif self.plan.scheme.per_token and lin.bias:
+            # onnxruntime 1.32 scales MatMulIntegerToFloat's bias by a per-row A scale (bias * a_scale[m]:
+            # measured, 2.4% of the output's max on a random layer): the bias is added after it instead
+            xq, s, z = self._per_token_int8(lin.x)
+            self._node("MatMulIntegerToFloat", [xq, qname, s, sname, z, zp], [f"{out}/no_bias"],
+                       f"{lin.name}_MatMulIntegerToFloat", domain=MS)
+            self._node("Add", [f"{out}/no_bias", lin.bias], [out], f"{lin.name}_bias")
         else:
-            xq, s, z = self._static_int8(lin.x)
+            xq, s, z = (self._per_token_int8 if self.plan.scheme.per_token else self._static_int8)(lin.x)
             self._node("MatMulIntegerToFloat", [xq, qname, s, sname, z, zp, lin.bias], [out],
                        f"{lin.name}_MatMulIntegerToFloat", domain=MS)
 

@@ -26,7 +26,9 @@ class QuantPlan:
 
     @property
     def dynamic_activations(self) -> bool:
-        return self.scheme.format == "onnxruntime" and self.scheme.activations == "int8" and not self.ranges
+        """int8 activations scaled per tensor at run time (DynamicQuantizeMatMul)."""
+        return (self.scheme.format == "onnxruntime" and self.scheme.activations == "int8" and not self.ranges
+                and not self.scheme.per_token)
 
     @property
     def label(self) -> str:
@@ -34,7 +36,7 @@ class QuantPlan:
         w = "w8" if self.scheme.weights == "int8" else "w4"
         a = {"none": "", "int8": "a8", "int16": "a16"}[self.scheme.activations]
         blk = f" block {self.block}" if self.block else " per channel"
-        dyn = " (dynamic)" if self.dynamic_activations else ""
+        dyn = " (per token)" if self.scheme.per_token else " (dynamic)" if self.dynamic_activations else ""
         return f"{w}{a}{dyn}{blk}"
 
 

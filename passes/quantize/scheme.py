@@ -32,6 +32,10 @@ SCHEME_OPTIONS = (
            "random:N", metavar="SRC"),
     Option("calibrate_method", str, None, "activation clip value from the |x| histogram (default: "
            "percentile 99.99 for int8, minmax for int16: measured best on the tiny model)", choices=quant.METHODS),
+    Option("activation_scale", str, "tensor", "int8 activations' scale: one per tensor (calibrated, or dynamic "
+           "per run), or one per token (row), computed at run time (format onnxruntime: MatMulIntegerToFloat "
+           "with a per-row scale; outliers in a few tokens no longer set every token's step)",
+           choices=("tensor", "token")),
 )
 
 
@@ -47,6 +51,7 @@ class Scheme:
     block_size: int | None
     calibrate: str | None
     calibrate_method: str | None
+    activation_scale: str = "tensor"
 
     @classmethod
     def of(cls, values: Any) -> "Scheme":
@@ -57,7 +62,8 @@ class Scheme:
     def block(self) -> int | None:
         """The block size the scheme uses (None: per channel), or a one-line refusal."""
         return check_scheme(weights=self.weights, activations=self.activations, format=self.format,
-                            block_size=self.block_size)
+                            block_size=self.block_size, activation_scale=self.activation_scale,
+                            calibrate=self.calibrate)
 
     @property
     def method(self) -> str:
@@ -67,12 +73,26 @@ class Scheme:
     def static(self) -> bool:
         return static_ranges(self.activations, self.format, self.calibrate)
 
+    @property
+    def per_token(self) -> bool:
+        return self.activation_scale == "token"
+
 
 assert [f.name for f in fields(Scheme)] == [o.name for o in SCHEME_OPTIONS]
 
 
-def check_scheme(*, weights: str, activations: str, format: str, block_size: int | None) -> int | None:
+def check_scheme(*, weights: str, activations: str, format: str, block_size: int | None,
+                 activation_scale: str = "tensor", calibrate: str | None = None) -> int | None:
     """The block size the scheme uses (None: per channel), or a one-line refusal."""
+    if activation_scale == "token":
+        if activations != "int8" or format != "onnxruntime":
+            raise BadInput("{activation_scale}: per-token scales are for int8 activations in format onnxruntime "
+                           "(MatMulIntegerToFloat with a per-row scale); give {activations} {format}",
+                           activation_scale="token", activations="int8", format="onnxruntime")
+        if calibrate:
+            raise BadInput("{calibrate}: per-token scales are computed from each token at run time, so there is "
+                           "nothing to calibrate; drop it (or use {activation_scale})",
+                           calibrate=calibrate, activation_scale="tensor")
     if weights == "int4" and activations != "none":
         raise BadInput("{weights}: int4 weights are weight-only; give {activations} (onnxruntime's MatMulNBits "
                        "with accuracy_level 4 quantizes activations to int8 itself)", weights="int4", activations="none")
