@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench_sections.common import QVL, child, data_of, latency
-from bench_sections.routes import QUANT_ROUTES, QUANTIZER_RSS_LIMIT_MB, STAND_IN_ROUTES, SURGERY_BASE, SURGERY_CMD, Route
+from bench_sections.routes import SCALE_ROUTES, QUANT_ROUTES, QUANTIZER_RSS_LIMIT_MB, STAND_IN_ROUTES, SURGERY_BASE, SURGERY_CMD, Route
 from harness import Run, clear, measure
 
 NNCF_SHOW = {"weights": "nncf.compress_weights(ov.Core().read_model(windowed.onnx)) -> ov.save_model(q.xml, "
@@ -212,3 +212,15 @@ def section_quant(work: Path, preset: str) -> list[str]:
     return out
 
 
+
+
+def section_scales(work: Path, preset: str) -> list[str]:
+    """int8 activation scales on a CPU: per tensor (dynamic, static) against per token and MatMulNBits'
+    per-block dynamic activations, latency and accuracy in one run."""
+    win = windowed(work, f"{preset}-random", None, preset)
+    rows, _ = quant_table(work, win, SCALE_ROUTES, timed=True)
+    return [f"## int8 activation scales ({preset} windowed, 448x448, random weights seed 0)", "",
+            "`quantize --activation-scale token` against the per-tensor scales and MatMulNBits (weights int8, "
+            "accuracy_level 4: onnxruntime quantizes A per block of 128 at run time); one random input, each file "
+            "in its own process (3 runs, median of the last 2), cosines against the fp32 output on it.", "",
+            f"CPU: {cpu_low_precision()}.", "", *rows, ""]

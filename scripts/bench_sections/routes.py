@@ -41,6 +41,8 @@ QUANT_ROUTES = [
     Route("OpenVINO, bf16 inference hint", "openvino-bf16"),
     Route("w8a8 dynamic, format onnxruntime (DynamicQuantizeMatMul)", "onnxruntime", W8A8 + ORT_FMT),
     Route("w8a8 static, format onnxruntime (MatMulIntegerToFloat)", "onnxruntime", W8A8 + ORT_FMT + CAL),
+    Route("w8a8 per token, format onnxruntime (MatMulIntegerToFloat, per-row scale)", "onnxruntime",
+          W8A8 + ORT_FMT + ("--activation-scale", "token")),
     Route("w8a8 dynamic, merger kept float, format onnxruntime", "onnxruntime", W8A8 + ORT_FMT + KEEP_MERGER),
     Route("smooth, fp32 (exactness)", "onnxruntime", surgery="smooth"),
     Route("rotate, fp32 (exactness)", "onnxruntime", surgery="rotate"),
@@ -78,3 +80,8 @@ SURGERY_ROUTES = [
     Route("rotate, then smooth, then w8a8 qdq, nothing kept, in OpenVINO", "openvino", W8A8 + QDQ_FMT + CAL,
           "rotate+smooth"),
 ]
+
+# the activation-scale comparison on CPUs (issue 26): per tensor (dynamic, static), per token, and
+# MatMulNBits with accuracy_level 4 (A quantized per block at run time)
+SCALE_ROUTES = [r for r in QUANT_ROUTES if r.label.startswith((
+    "onnxruntime fp32", "w8a8 dynamic, format", "w8a8 static, format", "w8a8 per token", "w8 weight-only"))]
