@@ -116,24 +116,46 @@ class OutlierWeights(RandomWeights):
     CHANNELS = (7, 211, 643, 1109)
     VALUE = 1.0e3
     ROW_SCALE = 40.0
+    ONSET = 1           # the block whose down_proj writes them (from the end when negative)
+    KIND = "outlier"
 
     def __init__(self, cfg: VisionConfig, seed: int = 0):
         super().__init__(cfg, seed)
         self.channels = sorted({c % cfg.hidden_size for c in self.CHANNELS})
-        self.description = (f"outlier stand-in (random init, seed {seed}; residual channels {self.channels} "
-                            f"~{self.VALUE:g} from block 1 on)")
+        self.block = min(self.ONSET % cfg.depth, cfg.depth - 1)
+        varying = "" if self.ROW_SCALE != 1.0 else ", the same in every token"
+        self.description = (f"{self.KIND} stand-in (random init, seed {seed}; residual channels "
+                            f"{self.channels if len(self.channels) <= 8 else f'{len(self.channels)} of them'} "
+                            f"~{self.VALUE:g} from block {self.block} on{varying})")
 
     def array(self, name: str) -> np.ndarray:
         a = super().array(name)
-        block = min(1, self.cfg.depth - 1)
-        if name == f"blocks.{block}.mlp.down_proj.bias":
+        if name == f"blocks.{self.block}.mlp.down_proj.bias":
             a[self.channels] = self.VALUE
-        elif name == f"blocks.{block}.mlp.down_proj.weight":
+        elif name == f"blocks.{self.block}.mlp.down_proj.weight":
             a[self.channels] *= np.float32(self.ROW_SCALE)
         return a
 
 
-STAND_INS = {"random": RandomWeights, "overflow": OverflowWeights, "outlier": OutlierWeights}
+class LateOutlierWeights(OutlierWeights):
+    """Outliers of another shape: they start in the next-to-last block, in 12 channels, at 3e3."""
+    CHANNELS = (3, 29, 101, 211, 307, 419, 523, 643, 757, 881, 997, 1109)
+    VALUE = 3.0e3
+    ONSET = -2
+    KIND = "late-outlier"
+
+
+class OffsetWeights(OutlierWeights):
+    """A bias-driven offset: a quarter of the channels carry 50 from block 1 on, the same in every
+    token (no image-dependent part): a constant component, where smoothing's shift is what helps."""
+    CHANNELS = tuple(range(0, 4096, 4))
+    VALUE = 50.0
+    ROW_SCALE = 1.0
+    KIND = "offset"
+
+
+STAND_INS = {"random": RandomWeights, "overflow": OverflowWeights, "outlier": OutlierWeights,
+             "late-outlier": LateOutlierWeights, "offset": OffsetWeights}
 
 
 class StateDictWeights(WeightSource):
