@@ -237,8 +237,8 @@ def test_passes_run_on_a_bucket_folder_and_keep_the_weights_shared(tmp_path, cap
 
 @pytest.mark.parametrize("layout", imagein.LAYOUTS)
 def test_toolchain_configs_of_an_image_in_file(layout, photos, tmp_path, capsys):
-    """rknn's and pulsar2's configs say mean 0 / std 1 (the normalization is in the graph), and the
-    calibration set is the resized photos themselves, as images."""
+    """rknn's and pulsar2's configs say mean 0 / std 1 where the normalization is in the graph (255 x the
+    processor's for nchw-normalized), and the calibration set is the resized photos themselves, as images."""
     import tarfile
     from qvl_surgery.app.cli import main
     export(RandomWeights(TINY, seed=0), tmp_path / "m.onnx", (448, 448), progress=False, image_input=layout)
@@ -246,14 +246,16 @@ def test_toolchain_configs_of_an_image_in_file(layout, photos, tmp_path, capsys)
     assert main(["toolchains", str(tmp_path / "m.onnx"), "--keep-block", "0", "--dataset", data,
                  "-o", str(tmp_path / "tc"), "-q"]) == 0, capsys.readouterr().err
     rk = json.loads((tmp_path / "tc" / "rknn_hybrid.json").read_text())
-    assert rk["config"] == {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]}
+    mean, std = imagein.toolchain_mean_std(layout)
+    assert rk["config"] == {"mean_values": [mean], "std_values": [std]}
+    assert (mean == [0, 0, 0]) == (layout != "nchw-normalized") and (std[0] > 60) == (layout == "nchw-normalized")
     lines = (tmp_path / "tc" / "calib" / "rknn" / "dataset.txt").read_text().split()
     assert lines == ["0000_image.png", "0001_image.png"]
     for line, name in zip(lines, ("astronaut", "coffee")):
         got = np.asarray(Image.open(tmp_path / "tc" / "calib" / "rknn" / line))
         assert np.array_equal(got, imagein.resize_image(photos[name], (448, 448)))
     p2 = json.loads((tmp_path / "tc" / "pulsar2_config.json").read_text())["quant"]["input_configs"][0]
-    assert p2["calibration_format"] == "Image" and p2["calibration_mean"] == [0, 0, 0]
+    assert p2["calibration_format"] == "Image" and p2["calibration_mean"] == mean
     with tarfile.open(tmp_path / "tc" / p2["calibration_dataset"]) as t:
         assert t.getnames() == ["0000.png", "0001.png"]
 

@@ -45,6 +45,7 @@ from typing import Iterable
 import numpy as np
 
 from qvl_surgery.core.errors import BadInput
+from qvl_surgery.core.imagein import toolchain_mean_std
 from qvl_surgery.core.linears import block_numbers, find_linears, kept_share, select_kept
 from qvl_surgery.core.modelfile import Model, load_model, read_initializer
 
@@ -305,7 +306,11 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 def _hwc_uint8(a: np.ndarray, layout: str) -> np.ndarray:
     """An image-in model's input array back as the uint8 ``[H, W, 3]`` picture it was made from."""
     a = np.asarray(a)[0]
-    return np.asarray(a if layout == "nhwc" else np.rint(a.transpose(1, 2, 0)), np.uint8)
+    if layout == "nhwc":
+        return np.asarray(a, np.uint8)
+    mean, std = toolchain_mean_std(layout)            # undo a normalized layout's normalization
+    a = a.transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.asarray(np.clip(np.rint(a), 0, 255), np.uint8)
 
 
 def _png_bytes(picture: np.ndarray) -> bytes:
@@ -414,8 +419,9 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
                                         "DIR/rknn.quantization.cfg for hybrid_quantization_step2"},
         }
         layout = _image_layout(model)
-        if layout:   # normalization is inside the graph: the toolchains' own is the identity
-            files["rknn_hybrid.json"]["config"] = {"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]}
+        if layout:   # normalization inside the graph (the toolchains' own: the identity), or theirs to do
+            mean, std = toolchain_mean_std(layout)
+            files["rknn_hybrid.json"]["config"] = {"mean_values": [mean], "std_values": [std]}
             files["rknn_hybrid.json"]["runtime_input"] = "uint8 NHWC [1, H, W, 3]: the resized RGB image"
         written = {}
         if dataset:
@@ -426,8 +432,8 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
             quant["input_configs"] = [{"tensor_name": name, "calibration_dataset": written[f"pulsar2:{name}"],
                                        "calibration_format": "Image" if layout else "Numpy",
                                        "calibration_size": len(dataset),
-                                       **({"calibration_mean": [0, 0, 0], "calibration_std": [1, 1, 1]} if layout
-                                          else {})}
+                                       **({"calibration_mean": toolchain_mean_std(layout)[0],
+                                           "calibration_std": toolchain_mean_std(layout)[1]} if layout else {})}
                                       for name in inputs]
         files["pulsar2_config.json"] = {"input": model_ref, "output_dir": "pulsar2_out", "model_type": "ONNX",
                                         "quant": quant}

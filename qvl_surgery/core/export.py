@@ -106,12 +106,16 @@ class ExportReport:
                f"  {self.parameters:,} parameters, {self.weight_bytes / 1e9:.2f} GB fp32, {self.nodes} nodes"]
         if self.image_input:
             h, w = self.image_size
-            form = f"uint8 [1, {h}, {w}, 3]" if self.image_input == "nhwc" else f"float [1, 3, {h}, {w}] in 0..255"
+            form = {"nhwc": f"uint8 [1, {h}, {w}, 3]", "nchw": f"float [1, 3, {h}, {w}] in 0..255",
+                    "nchw-normalized": f"float [1, 3, {h}, {w}], normalized by the toolchain"}[self.image_input]
             order = ("window order by Reshape/Transpose (no Gather)" if not self.gathers else
                      f"{self.gathers} Gathers of the window order (the windows do not tile {h}x{w}: "
                      "sides multiples of 112 px do)")
-            out.append(f"  input image {form}: rescale and mean/std folded into the patch Conv (toolchain "
-                       f"mean 0, std 1); {order}")
+            from qvl_surgery.core.imagein import toolchain_mean_std
+            mean, std = toolchain_mean_std(self.image_input)
+            how = ("rescale and mean/std folded into the patch Conv" if self.image_input != "nchw-normalized" else
+                   "the patch Conv unfolded")
+            out.append(f"  input image {form}: {how} (toolchain mean {mean}, std {std}); {order}")
         return out
 
 
@@ -239,7 +243,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
                   image_input: str | None = None) -> Model:
     """The patched encoder for one image of ``image_size`` as a weightless Model (weights computed on save).
     Sizes transformers' image processor cannot return are refused (:func:`check_processor_size`).
-    ``image_input`` ``"nhwc"`` or ``"nchw"``: the input is the resized image, not ``pixel_values``
+    ``image_input`` ``"nhwc"``, ``"nchw"`` or ``"nchw-normalized"``: the input is the resized image, not ``pixel_values``
     (:mod:`qvl_surgery.core.imagein`)."""
     image_size = check_processor_size(cfg, check_image_size(cfg, image_size))
     if image_input is not None:

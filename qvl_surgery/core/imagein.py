@@ -7,7 +7,10 @@ inside the graph, exactly, with nothing new to approximate:
 
 - rescale and mean/std are **folded into the patch-embed weights**: the first tensor is the image
   as the host has it (uint8 NHWC, or float NCHW in 0..255), so 8-bit input quantization is lossless
-  and a toolchain's config says mean 0, std 1;
+  and a toolchain's config says mean 0, std 1. ``nchw-normalized`` leaves them to the toolchain's
+  input stage instead (mean 255 x IMAGE_MEAN, std 255 x IMAGE_STD): rknn-toolkit2's fp16 build
+  computes that form more precisely (9.65e-4 of the output's max against 1.45e-3 folded, tiny, rk3588
+  simulator: the folded weights' 1/(255 std) on 0..255 inputs cost fp16 bits);
 - the two identical frames are **folded**: the Conv3d over two equal frames is one Conv2d (kernel
   and stride 14) whose kernel is the two temporal slices summed;
 - the window order is a **Reshape/Transpose** of the Conv's feature map (channels moved last first:
@@ -33,7 +36,9 @@ from qvl_surgery.core.config import VisionConfig
 from qvl_surgery.core.errors import BadInput
 
 IMAGE_NAME = "image"
-LAYOUTS = ("nhwc", "nchw")    # uint8 [1, H, W, 3] as PIL/numpy give it; float [1, 3, H, W] in 0..255
+# uint8 [1, H, W, 3] as PIL/numpy give it; float [1, 3, H, W] in 0..255; float [1, 3, H, W] normalized by
+# the toolchain's own input stage (mean 255 * IMAGE_MEAN, std 255 * IMAGE_STD), the Conv left unfolded
+LAYOUTS = ("nhwc", "nchw", "nchw-normalized")
 # transformers' Qwen2VLImageProcessor defaults (OpenAI CLIP), as the released checkpoints configure it
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,8 +49,8 @@ MAX_PIXELS = 28 * 28 * 1280
 
 def check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
-        raise BadInput("{image_layout}: choose nhwc (uint8 [1, H, W, 3]) or nchw (float [1, 3, H, W], 0..255)",
-                       image_layout=layout)
+        raise BadInput("{image_layout}: choose nhwc (uint8 [1, H, W, 3]), nchw (float [1, 3, H, W], 0..255) or "
+                       "nchw-normalized (float [1, 3, H, W], normalized by the toolchain)", image_layout=layout)
     return layout
 
 
@@ -62,13 +67,16 @@ def windows_tile(cfg: VisionConfig, size: tuple[int, int]) -> bool:
     return size[0] % unit == 0 and size[1] % unit == 0
 
 
-def folded_patch_embed(weight: np.ndarray, cfg: VisionConfig, mean=IMAGE_MEAN, std=IMAGE_STD
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def folded_patch_embed(weight: np.ndarray, cfg: VisionConfig, mean=IMAGE_MEAN, std=IMAGE_STD, *,
+                       normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The patch embedding's Conv3d weight ``[hidden, 3, T, 14, 14]`` (any view of it) as a Conv2d
     weight ``[hidden, 3, 14, 14]`` and bias ``[hidden]`` on the 0..255 image: the T frames summed,
-    rescale and normalization folded in (computed in float64)."""
+    rescale and normalization folded in (computed in float64). ``normalized``: for an input the
+    toolchain has normalized already, the frames summed only (bias zero)."""
     p, t = cfg.patch_size, cfg.temporal_patch_size
     w = np.asarray(weight, np.float64).reshape(-1, 3, t, p, p).sum(axis=2)       # [hidden, 3, p, p]
+    if normalized:
+        return w.astype(np.float32), np.zeros(len(w), np.float32)
     inv = 1.0 / np.asarray(std, np.float64)
     kernel = w * (RESCALE * inv)[None, :, None, None]
     bias = -(w * (np.asarray(mean, np.float64) * inv)[None, :, None, None]).sum(axis=(1, 2, 3))
@@ -88,7 +96,8 @@ def image_patch_embed(g, cfg: VisionConfig, weights, size: tuple[int, int], layo
         x = g.op("Cast", [x], "/image/Cast", to=TensorProto.FLOAT)
 
     def folded(which: int):
-        return lambda: folded_patch_embed(weights.array("patch_embed.proj.weight"), cfg)[which]
+        return lambda: folded_patch_embed(weights.array("patch_embed.proj.weight"), cfg,
+                                          normalized=layout == "nchw-normalized")[which]
     kernel = g.weight("patch_embed.proj.image_kernel", (hidden, 3, p, p), folded(0))
     bias = g.weight("patch_embed.proj.image_bias", (hidden,), folded(1))
     f = g.op("Conv", [x, kernel, bias], "/patch_embed/proj/Conv", kernel_shape=[p, p], strides=[p, p])
@@ -174,10 +183,23 @@ def resize_image(image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
+def toolchain_mean_std(layout: str) -> tuple[list[float], list[float]]:
+    """The mean and std a toolchain's input stage applies to the 0..255 image for this layout (rknn's
+    ``mean_values`` / ``std_values``, pulsar2's calibration mean / std)."""
+    if layout == "nchw-normalized":
+        return [round(255 * m, 6) for m in IMAGE_MEAN], [round(255 * s, 6) for s in IMAGE_STD]
+    return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+
+
 def image_feed(pixels: np.ndarray, layout: str) -> np.ndarray:
     """A resized ``uint8 [H, W, 3]`` image as an image-in model's input: uint8 ``[1, H, W, 3]``
-    (nhwc) or float32 ``[1, 3, H, W]`` in 0..255 (nchw)."""
+    (nhwc), float32 ``[1, 3, H, W]`` in 0..255 (nchw), or normalized as the processor does
+    (nchw-normalized: what the toolchain's input stage hands the graph)."""
     pixels = np.asarray(pixels, np.uint8)
     if layout == "nhwc":
         return pixels[None]
+    if layout == "nchw-normalized":
+        x = (pixels.astype(np.float32) * np.float32(RESCALE) - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(
+            IMAGE_STD, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None].astype(np.float32))

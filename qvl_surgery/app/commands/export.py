@@ -23,9 +23,11 @@ class Export(Command):
         p.add_argument("--input", choices=("pixel_values", "image"), default="pixel_values",
                        help="what the static export takes: the processor's pixel_values (default), or the resized "
                             "image itself, normalization and patchify inside (what NPU toolchains compile)")
-        p.add_argument("--image-layout", choices=("nhwc", "nchw"), default=None,
-                       help="with --input image: nhwc, uint8 [1, H, W, 3] as PIL/numpy give it (default), or nchw, "
-                            "float [1, 3, H, W] in 0..255 (what rknn-toolkit2 and pulsar2 compile from)")
+        p.add_argument("--image-layout", choices=("nhwc", "nchw", "nchw-normalized"), default=None,
+                       help="with --input image: nhwc, uint8 [1, H, W, 3] as PIL/numpy give it (default); nchw, "
+                            "float [1, 3, H, W] in 0..255 (what rknn-toolkit2 and pulsar2 compile from); "
+                            "nchw-normalized, the same normalized by the toolchain's input stage (its mean/std "
+                            "255 x the processor's: rknn's fp16 build is more precise on it)")
         p.add_argument("--buckets", type=int, metavar="N",
                        help="with --input image: N sizes for aspect ratios from 1:2 to 2:1 within --max-pixels, "
                             "written as a bucket folder (-o DIR: one graph per size, the weights stored once)")
