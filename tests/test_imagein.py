@@ -271,3 +271,30 @@ def test_the_window_reorder_keeps_channels_last(tmp_path):
     perms = [list(n.attribute[0].ints) for n in nodes[conv + 1:end + 1] if n.op_type == "Transpose"]
     assert perms[0] == [0, 2, 3, 1] and all(p[-1] == len(p) - 1 for p in perms[1:])
     assert max(len(p) for p in perms) <= 6
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--input", "image", "--buckets", "0"], "--buckets 0"),
+    (["--input", "image", "--buckets", "3", "--max-pixels", "10"], "--max-pixels 10"),
+    (["--input", "image", "--image-size", "448x448,448x448"], "given twice"),
+    (["--image-size", "448x448,448x672"], "--input image"),
+    (["--image-layout", "nchw"], "--input image"),
+    (["--input", "image", "--dynamic"], "static exports"),
+])
+def test_image_in_misuse_is_one_line_before_work(args, needle, tmp_path, capsys):
+    from qvl_surgery.app.cli import main
+    assert main(["export", "--random-init", "tiny", "-o", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_bucket_folder_never_replaces_a_users_folder_or_takes_an_onnx_name(tmp_path, capsys):
+    from qvl_surgery.app.cli import main
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    for out in (tmp_path / "mine", tmp_path / "b.onnx"):
+        assert main(["export", "--random-init", "tiny", "-o", str(out), "--input", "image", "--image-size",
+                     "448x448,448x672", "--force"]) == 2
+        assert capsys.readouterr().out == ""          # refused before any graph was built
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's" and not (tmp_path / "b.onnx").exists()

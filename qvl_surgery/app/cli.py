@@ -26,7 +26,8 @@ CLI_FLAGS = {"overwrite": "--force", "force": "--force", "random_init": "--rando
              "dynamic": "--dynamic", "dataset": "--dataset", "keep_from": "--keep-from", "rknn_step1": "--rknn-step1",
              "label": "--label", "calibrate": "--calibrate", "output": "-o", "atol": "--atol", "rtol": "--rtol",
              "min_cosine": "--min-cosine", "min_centered_cosine": "--min-centered-cosine", "json": "--json",
-             "save_outputs": "--save-outputs", "save_inputs": "--save-inputs"}
+             "save_outputs": "--save-outputs", "save_inputs": "--save-inputs", "buckets": "--buckets",
+             "max_pixels": "--max-pixels", "image_layout": "--image-layout"}
 
 
 def flag_of(name: str) -> str | None:
