@@ -368,3 +368,38 @@ def test_per_token_scales_add_the_bias_after_onnxruntimes_op(tiny_448, reference
     biased = [n for n in m.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) > 6 and n.input[6]]
     assert not biased and ops["Add"] > N_LINEARS
     assert got["token"][0] >= got["tensor"][0] - 1e-4 and got["token"][1] >= got["tensor"][1] - 1e-4, got
+
+
+# ----------------------------------------------------------------------------- --target
+
+def test_rknn_emulation_quantizes_every_activation_but_data_movement(tiny_448, reference, tmp_path):
+    """target rknn-int8: a Q/DQ after every computed float activation (not after Reshape/Transpose/...),
+    weights rounded per channel; a kept linear's output and weight stay float. Still close to fp32 on
+    random weights (tiny, measured 0.983 on photos)."""
+    from passes.quantize.target import activation_tensors, emulate_rknn, record_min_max, residual_stream
+    from qvl_surgery.core.linears import find_linears
+    x, ref = reference
+    model = load_model(tiny_448)
+    tensors = activation_tensors(model)
+    ops = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert tensors and not [t for t in tensors if ops.get(t) in ("Reshape", "Transpose", "Gather")]
+    assert residual_stream(model) & set(tensors)          # the norms and residual Adds are activations too
+    ranges = record_min_max(model, [{"pixel_values": x}], tensors)
+    linears = find_linears(model, [])
+    kept = {linears[0].name: "test"}
+    emu = emulate_rknn(model, ranges, linears, kept)
+    q = [n for n in emu.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q) == len([t for t in ranges if ops.get(t) != "Gemm" or t != linears[0].node.output[0]])
+    ins = {i for n in emu.graph.node for i in n.input}
+    assert linears[0].weight in ins and f"{linears[1].weight}/rknn_int8" in ins
+    y = _session(save_model(emu, tmp_path / "emu.onnx")).run(None, {"pixel_values": x})[0]
+    assert 0.9 < centered_cosine(ref, y) < 0.99999
+
+
+def test_target_refusals_and_an_unreachable_budget_are_one_line(stand_ins):
+    with pytest.raises(BadInput, match="without a budget"):
+        quantize_model(load_model(stand_ins["outlier"]), activations="int8", format="onnxruntime", target="rknn")
+    # the outlier stand-in in rknn's arithmetic: not even every linear float reaches 0.995
+    with pytest.raises(BadInput, match="not reachable in rknn's arithmetic"):
+        quantize_model(load_model(stand_ins["outlier"]), activations="int8", format="onnxruntime", target="rknn",
+                       budget=0.995, calibrate="random:2")

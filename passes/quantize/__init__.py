@@ -51,9 +51,17 @@ __all__ = ["QuantizePass", "quantize_model", "QuantizeReport", "Scheme", "SCHEME
            "NBITS_BLOCKS"]
 
 
+def _check_target(o: SimpleNamespace) -> None:
+    if o.target != "onnxruntime" and o.budget is None:
+        from qvl_surgery.core.errors import BadInput
+        raise BadInput("{target}: the arithmetic a {budget} measures its plan in; without a budget there is nothing "
+                       "to measure (the file is the same)", target=o.target, budget="COSINE")
+
+
 def _quantize(model: Model, context: Context, o: SimpleNamespace) -> tuple[Model, QuantizeReport]:
     """prepare (prepare) -> allocate (allocate_budget) -> plan (plan_quantize) -> emit (_QuantEmitter).
     ``o``: the pass's options (``self.o``)."""
+    _check_target(o)
     prep = prepare(model, context, o)
     linears, kept, report, scheme = prep.linears, prep.kept, prep.report, prep.scheme
     if o.budget is not None:
@@ -71,7 +79,7 @@ def _quantize(model: Model, context: Context, o: SimpleNamespace) -> tuple[Model
     out.set_metadata("qvl_surgery.dtype", scheme.weights)
     out.set_metadata("qvl_surgery.quantize", json.dumps({
         "scheme": plan.label, "weights": scheme.weights, "activations": scheme.activations, "format": scheme.format,
-        "block_size": plan.block, "activation_scale": scheme.activation_scale,
+        "block_size": plan.block, "activation_scale": scheme.activation_scale, "target": scheme.target,
         "calibrate": scheme.calibrate if scheme.static else None,
         "calibrate_method": scheme.method if scheme.static else None,
         "quantized": report.quantized, "kept": kept, "kept_share": report.kept_share, "ops": report.ops,
@@ -96,6 +104,7 @@ class QuantizePass(Pass):
     )
 
     def preflight(self, facts: dict) -> None:
+        _check_target(self.o)
         Scheme.of(self.o).block   # resolving the block size checks the scheme (check_scheme)
         check_budget_and_method(vars(self.o))
         if self.o.calibrate:

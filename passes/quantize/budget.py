@@ -91,6 +91,16 @@ class Evaluator:
         from qvl_surgery.core.calibrate import calibration_sets
         self.prep = prep
         self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", 4, option=option)
+        self.build = prep.build
+        if prep.scheme.target != "onnxruntime":   # the activations' ranges on the same sets, fake quantization
+            from passes.quantize.target import activation_tensors, emulate_rknn, record_min_max, residual_stream
+            tensors = activation_tensors(prep.model)
+            if prep.scheme.target == "rknn":
+                floats = residual_stream(prep.model)
+                tensors = [t for t in tensors if t not in floats]
+            ranges = record_min_max(prep.model, self.feeds, tensors)
+            self.build = lambda keep: emulate_rknn(prep.model, ranges, prep.linears, keep)
+            self.what += f", measured in an emulation of {prep.scheme.target}'s arithmetic"
         self.outputs = [o.name for o in prep.model.graph.output]
         self.ref = self._outputs_of(prep.model, self.feeds)
         self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
@@ -119,7 +129,7 @@ class Evaluator:
         names = {lin.name for lin in quantized}
         keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
         use = self.feeds if sets is None else self.feeds[:sets]
-        got = self._outputs_of(self.prep.build(keep), use)
+        got = self._outputs_of(self.build(keep), use)
         return min(centered_cosine(r[o], g[o]) for r, g in zip(self.ref, got) for o in self.outputs)
 
     def all_but(self, keep_groups: list[str], sets: int | None = None) -> float:
@@ -144,7 +154,14 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
     k = 0
     if tried[0] < budget:
         lo, hi = 0, len(order)
-        tried[hi] = 1.0
+        # every linear float: the file is fp32 again, except in a target's arithmetic, which quantizes
+        # every activation: measure that ceiling
+        tried[hi] = 1.0 if prep.scheme.target == "onnxruntime" else ev.all_but(order)
+        if tried[hi] < budget:
+            raise BadInput("{budget}" + f": not reachable in {prep.scheme.target}'s arithmetic: with every linear "
+                           f"float the token-centered cosine is {tried[hi]:.5f} (nothing kept: {tried[0]:.5f}); the "
+                           "activations' own quantization sets it: smooth or rotate first, or keep the residual "
+                           "stream float (toolchains' rknn hybrid config does)", budget=budget)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             tried[mid] = ev.all_but(order[:mid])

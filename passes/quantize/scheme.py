@@ -36,6 +36,11 @@ SCHEME_OPTIONS = (
            "per run), or one per token (row), computed at run time (format onnxruntime: MatMulIntegerToFloat "
            "with a per-row scale; outliers in a few tokens no longer set every token's step)",
            choices=("tensor", "token")),
+    Option("target", str, "onnxruntime", "the arithmetic --budget and sensitivity measure in: onnxruntime (the "
+           "quantized file itself); rknn-int8 (an emulation of rknn-toolkit2's default int8 build: every "
+           "activation per tensor, asymmetric uint8, weights per channel); rknn (the same, the residual stream "
+           "float as the toolkit's rknn hybrid config keeps it). What the emulation covers: passes/quantize/target.py",
+           choices=("onnxruntime", "rknn", "rknn-int8")),
 )
 
 
@@ -52,6 +57,7 @@ class Scheme:
     calibrate: str | None
     calibrate_method: str | None
     activation_scale: str = "tensor"
+    target: str = "onnxruntime"
 
     @classmethod
     def of(cls, values: Any) -> "Scheme":

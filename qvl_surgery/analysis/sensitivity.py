@@ -58,7 +58,7 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
     context = Context(reference=Path(reference) if reference else None, progress=progress)
     prep = prepare(model, context, QuantizePass(**dataclasses.asdict(s)).o)
     ev = Evaluator(prep, context, inputs or s.calibrate, "inputs" if inputs else "calibrate")
-    out = {"scheme": prep.plan(prep.kept).label, "format": s.format, "calibration": ev.what,
+    out = {"scheme": prep.plan(prep.kept).label, "format": s.format, "target": s.target, "calibration": ev.what,
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
            "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}
     for g, ls in ev.groups.items():
