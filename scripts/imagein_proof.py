@@ -59,7 +59,8 @@ def _rknn_job(job: dict) -> dict:
     before = snapshot(Path(job["model"])) if job.get("model") else None
     r = RKNN(verbose=True)
     image = job["image"]
-    r.config(target_platform="rk3588", **({"mean_values": [[0, 0, 0]], "std_values": [[1, 1, 1]]} if image else {}))
+    norm = {"mean_values": [job.get("mean", [0, 0, 0])], "std_values": [job.get("std", [1, 1, 1])]}
+    r.config(target_platform="rk3588", **(norm if image else {}))
 
     def ok(ret, step):
         if ret != 0:
@@ -211,7 +212,8 @@ def qvl_retry(*args) -> None:
             time.sleep(20)
 
 
-def builds(label: str, model: Path, image: bool, feeds: dict, d: Path, calib: list[Path] | None) -> dict:
+def builds(label: str, model: Path, image: bool, feeds: dict, d: Path, calib: list[Path] | None,
+           layout: str = "nchw") -> dict:
     """rknn builds of one file: fp16, and for an image-in file w8a8 and hybrid (step 1, the project's
     cfg edit, step 2). Label -> the worker's result."""
     from toolchains_proof import copy_model
@@ -225,7 +227,9 @@ def builds(label: str, model: Path, image: bool, feeds: dict, d: Path, calib: li
     for step in steps:
         jd = d / f"{label}-{step}"
         m = copy_model(model, jd / "in")
-        base = {"image": image, "feeds": {k: str(v) for k, v in feeds.items()}}
+        from qvl_surgery.core.imagein import toolchain_mean_std
+        mean, std = toolchain_mean_std(layout)   # rknn normalizes the 0..255 feeds for nchw-normalized
+        base = {"image": image, "feeds": {k: str(v) for k, v in feeds.items()}, "mean": mean, "std": std}
         if step != "hybrid":
             out[step] = run_job({**base, "step": step, "dir": str(jd), "model": str(m), "dataset": str(dataset)})
             out[step]["dir"] = jd
@@ -259,28 +263,36 @@ def tiny(a) -> list[dict]:
         d = WORK / tag
         d.mkdir(parents=True)
         pv, img, cl = d / "pixel_values.onnx", d / "image_nchw.onnx", d / "image_nchw_channel_last.onnx"
+        nrm = d / "image_nchw_normalized.onnx"
         export(weights, pv, size, progress=False)
         export(weights, img, size, progress=False, image_input="nchw")
+        export(weights, nrm, size, progress=False, image_input="nchw-normalized")
         has_cl = channel_last_variant(img, cl)
-        ref, feeds_pv, feeds_img = {}, {}, {}
+        ref, feeds_pv, feeds_img, feeds_nrm = {}, {}, {}, {}
         for name, px in photos(EVAL, size).items():
             x = processor_pixels(px)
             ref[name] = transformers_reference(weights, x, size)
             np.save(feeds_pv.setdefault(name, d / f"{name}_pixel_values.npy"), x)
             np.save(feeds_img.setdefault(name, d / f"{name}_image.npy"), image_feed(px, "nchw"))
+            np.save(feeds_nrm.setdefault(name, d / f"{name}_image_normalized.npy"), image_feed(px, "nchw-normalized"))
         calib = []
         for name, px in photos(CALIB, size).items():
             np.save(d / f"calib_{name}.npy", image_feed(px, "nchw"))
             Image.fromarray(px).save(d / f"calib_{name}.png")
             calib.append(d / f"calib_{name}.npy")
-        files = [("pixel_values export", pv, False, feeds_pv, None), ("image-in nchw export", img, True, feeds_img, calib)]
+        # (label, file, image input?, rknn's feeds (0..255: rknn normalizes), onnxruntime's feeds, calibration, layout)
+        files = [("pixel_values export", pv, False, feeds_pv, feeds_pv, None, "nchw"),
+                 ("image-in nchw export", img, True, feeds_img, feeds_img, calib, "nchw"),
+                 ("image-in nchw-normalized export (rknn's mean/std)", nrm, True, feeds_img, feeds_nrm, calib,
+                  "nchw-normalized")]
         if has_cl:
-            files.append(("image-in nchw, channel-last reorder (hand-edited copy)", cl, True, feeds_img, calib))
-        for label, model, image, feeds, cal in files:
+            files.append(("image-in nchw, channel-last reorder (hand-edited copy)", cl, True, feeds_img, feeds_img,
+                          calib, "nchw"))
+        for label, model, image, feeds, ort_feeds, cal, layout in files:
             ort = score(ref, {n: run_model(model, {("image" if image else "pixel_values"): np.load(f)})["image_embeds"]
-                              for n, f in feeds.items()})
+                              for n, f in ort_feeds.items()})
             rows.append({"size": tag, "file": label, "build": "onnxruntime (the file itself)", **ort})
-            for build, res in builds(model.stem, model, image, feeds, d / "jobs", cal).items():
+            for build, res in builds(model.stem, model, image, feeds, d / "jobs", cal, layout).items():
                 row = {"size": tag, "file": label, "build": build, **{k: v for k, v in res.items() if k != "dir"}}
                 if "error" not in res:
                     row.update(score(ref, {n: np.load(res["dir"] / f"out_{n}.npy") for n in feeds}))
@@ -347,10 +359,12 @@ def write_section(path: Path, results: dict) -> None:
     version = CLIENTS["rknn"].pip[0][-1].split("==")[-1]
     lines = [MARK_BEGIN, f"## Image in (issue 25): rknn-toolkit2 {version}, rk3588 simulator", "",
              "Written by `scripts/imagein-proof` (tiny) and `scripts/imagein-proof --3b` (do not edit by hand). "
-             "The tiny preset (random weights, seed 0) exported twice per size: `export(...)` (input `pixel_values`) "
-             "and `export(..., image_input='nchw')` (float [1,3,H,W] in 0..255; the processor's rescale and mean/std "
-             "folded into the patch-embed Conv). rknn-toolkit2 builds each (`config(target_platform='rk3588')`, for the "
-             "image input `mean_values=[[0,0,0]], std_values=[[1,1,1]]`): fp16 = `build(do_quantization=False)`; "
+             "The tiny preset (random weights, seed 0) exported three times per size: `export(...)` (input "
+             "`pixel_values`), `export(..., image_input='nchw')` (float [1,3,H,W] in 0..255; the processor's rescale "
+             "and mean/std folded into the patch-embed Conv) and `image_input='nchw-normalized'` (the Conv unfolded, "
+             "rknn's input stage normalizing). rknn-toolkit2 builds each (`config(target_platform='rk3588')`, for the "
+             "image input `mean_values`/`std_values` 0/1, or 255 x the processor's for nchw-normalized; rknn is fed "
+             "the 0..255 image either way): fp16 = `build(do_quantization=False)`; "
              "int8 = `build(do_quantization=True)` on 6 other photos (rocket, immunohistochemistry, retina, "
              "hubble_deep_field, colorwheel, stereo_motorcycle, resized); hybrid = `hybrid_quantization_step1` on "
              f"them, the cfg edited by `qvl-surgery toolchains --budget {BUDGET}` + `--rknn-step1` (the kept linears "
