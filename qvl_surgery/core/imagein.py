@@ -9,8 +9,8 @@ inside the graph, exactly, with nothing new to approximate:
   as the host has it (uint8 NHWC, or float NCHW in 0..255), so 8-bit input quantization is lossless
   and a toolchain's config says mean 0, std 1. ``nchw-normalized`` leaves them to the toolchain's
   input stage instead (mean 255 x IMAGE_MEAN, std 255 x IMAGE_STD): rknn-toolkit2's fp16 build
-  computes that form more precisely (9.65e-4 of the output's max against 1.45e-3 folded, tiny, rk3588
-  simulator: the folded weights' 1/(255 std) on 0..255 inputs cost fp16 bits);
+  computes that form more precisely (9.8e-4 of the output's max against 1.45e-3 folded, tiny 448x448,
+  rk3588 simulator: the folded weights' 1/(255 std) on 0..255 inputs cost fp16 bits);
 - the two identical frames are **folded**: the Conv3d over two equal frames is one Conv2d (kernel
   and stride 14) whose kernel is the two temporal slices summed;
 - the window order is a **Reshape/Transpose** of the Conv's feature map (channels moved last first:
