@@ -45,7 +45,7 @@ from typing import Iterable
 import numpy as np
 
 from qvl_surgery.core.errors import BadInput
-from qvl_surgery.core.imagein import toolchain_mean_std
+from qvl_surgery.core.imagein import layout_of, toolchain_mean_std
 from qvl_surgery.core.linears import block_numbers, find_linears, kept_share, select_kept
 from qvl_surgery.core.modelfile import Model, load_model, read_initializer
 
@@ -358,11 +358,6 @@ def write_datasets(root: Path, sets: list[dict[str, np.ndarray]], input_names: l
     return {"rknn": str((rk / "dataset.txt").relative_to(root)), **{f"pulsar2:{k}": v for k, v in tars.items()}}
 
 
-def _image_layout(model: Model) -> str | None:
-    form = model.metadata().get("qvl_surgery.input", "")
-    return form.removeprefix("image-") if form.startswith("image-") else None
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -418,7 +413,7 @@ def write_toolchain_configs(model_path: str | Path, out_dir: str | Path, allocat
                                         "--keep-from keep.json --rknn-step1 ITS_FOLDER -o DIR writes "
                                         "DIR/rknn.quantization.cfg for hybrid_quantization_step2"},
         }
-        layout = _image_layout(model)
+        layout = layout_of(model.metadata())
         if layout:   # normalization inside the graph (the toolchains' own: the identity), or theirs to do
             mean, std = toolchain_mean_std(layout)
             files["rknn_hybrid.json"]["config"] = {"mean_values": [mean], "std_values": [std]}

@@ -111,8 +111,7 @@ class ExportReport:
             order = ("window order by Reshape/Transpose (no Gather)" if not self.gathers else
                      f"{self.gathers} Gathers of the window order (the windows do not tile {h}x{w}: "
                      "sides multiples of 112 px do)")
-            from qvl_surgery.core.imagein import toolchain_mean_std
-            mean, std = toolchain_mean_std(self.image_input)
+            mean, std = imagein.toolchain_mean_std(self.image_input)
             how = ("rescale and mean/std folded into the patch Conv" if self.image_input != "nchw-normalized" else
                    "the patch Conv unfolded")
             out.append(f"  input image {form}: {how} (toolchain mean {mean}, std {std}); {order}")
@@ -315,7 +314,7 @@ def build_encoder(cfg: VisionConfig, weights: WeightSource, image_size: tuple[in
         "image_size": f"{image_size[0]}x{image_size[1]}",
         "grid": json.dumps([lay.grid_t, lay.grid_h, lay.grid_w]),
         "window_layout": json.dumps(lay.to_metadata()),
-        **({"input": f"image-{image_input}"} if image_input else {}),
+        **(imagein.input_metadata(image_input) if image_input else {}),
     })
 
 

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qvl_surgery.core.errors import BadInput
-from qvl_surgery.core.imagein import IMAGE_NAME
+from qvl_surgery.core.imagein import IMAGE_NAME, layout_of
 from qvl_surgery.core.modelfile import Model, read_initializer
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def side_inputs(model: Model) -> list[str]:
     meta = model.metadata()
     if meta.get("qvl_surgery.dynamic"):
         return [i.name for i in ins if i.name != "pixel_values"]
-    image = IMAGE_NAME if meta.get("qvl_surgery.input", "").startswith("image-") else None
+    image = IMAGE_NAME if layout_of(meta) else None
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     return [i.name for i in ins if i.type.tensor_type.elem_type not in floats and i.name != image]
 

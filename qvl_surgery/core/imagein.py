@@ -47,6 +47,20 @@ MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 1280
 
 
+INPUT_KEY = "input"            # qvl_surgery.input = "image-<layout>" on an image-in export
+
+
+def input_metadata(layout: str) -> dict[str, str]:
+    """The export's metadata entry (without the ``qvl_surgery.`` prefix) naming its image input."""
+    return {INPUT_KEY: f"image-{layout}"}
+
+
+def layout_of(metadata: dict[str, str]) -> str | None:
+    """An image-in export's layout from its metadata; None for a pixel_values model."""
+    form = metadata.get("qvl_surgery." + INPUT_KEY, "")
+    return form.removeprefix("image-") if form.startswith("image-") else None
+
+
 def check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
         raise BadInput("{image_layout}: choose nhwc (uint8 [1, H, W, 3]), nchw (float [1, 3, H, W], 0..255) or "

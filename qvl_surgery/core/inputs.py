@@ -21,7 +21,7 @@ import numpy as np
 
 from qvl_surgery.core.config import VisionConfig, check_image_size, parse_image_size
 from qvl_surgery.core.errors import BadInput
-from qvl_surgery.core.imagein import IMAGE_NAME, image_feed
+from qvl_surgery.core.imagein import IMAGE_NAME, image_feed, layout_of
 from qvl_surgery.core.manifest import is_manifest_path
 from qvl_surgery.core.modelfile import Model
 from qvl_surgery.core.signature import Signature, head_model, signature
@@ -59,10 +59,8 @@ class ModelKind:
         if "qvl_surgery.vision_config" in meta:
             cfg = VisionConfig.from_dict(json.loads(meta["qvl_surgery.vision_config"]))
         size = meta.get("qvl_surgery.image_size")
-        form = meta.get("qvl_surgery.input", "")
         return cls(meta.get("qvl_surgery.dynamic"), cfg,
-                   tuple(int(x) for x in size.split("x")) if size else None, sig,
-                   form.removeprefix("image-") if form.startswith("image-") else None)
+                   tuple(int(x) for x in size.split("x")) if size else None, sig, layout_of(meta))
 
 
 def _processor(kind: ModelKind, fixed: tuple[int, int] | None):
@@ -96,6 +94,18 @@ def _open_image(path: str, size: tuple[int, int] | None = None):
     return img
 
 
+def _static_feed(kind: ModelKind, picture) -> dict[str, np.ndarray]:
+    """A static export's input from one picture (a PIL image or uint8 ``[H, W, 3]`` of the export
+    size): the image itself for an image-in export, else the processor's ``pixel_values``."""
+    if kind.image_input:
+        return {IMAGE_NAME: image_feed(np.asarray(picture, np.uint8), kind.image_input)}
+    if isinstance(picture, np.ndarray):
+        from PIL import Image
+        picture = Image.fromarray(picture)
+    px = _processor(kind, kind.image_size)(images=[picture], return_tensors="np")["pixel_values"]
+    return {PIXELS: px.astype(np.float32)}
+
+
 def image_feeds(kind: ModelKind, images: list[str], video: list[str] | None = None) -> dict[str, np.ndarray]:
     """Images (and video frames) through transformers' processor. A static model: one image,
     resized to the export size. A dynamic model: each image at its own size (the processor's
@@ -110,12 +120,7 @@ def image_feeds(kind: ModelKind, images: list[str], video: list[str] | None = No
         if len(images) != 1:
             raise BadInput("{image}: a static export takes one image; export with --dynamic for several",
                            image=",".join(images))
-        image = _open_image(images[0], kind.image_size)
-        if kind.image_input:
-            return {IMAGE_NAME: image_feed(np.asarray(image, np.uint8), kind.image_input)}
-        proc = _processor(kind, kind.image_size)
-        px = proc(images=[image], return_tensors="np")["pixel_values"]
-        return {PIXELS: px.astype(np.float32)}
+        return _static_feed(kind, _open_image(images[0], kind.image_size))
     proc = _processor(kind, None)
     pixels, grids = [], []
     if images:
@@ -237,13 +242,7 @@ def _one_picture_for_both(a: ModelKind, b: ModelKind, image: str | None, seed: i
             picture = np.random.default_rng(seed).integers(0, 256, (*a.image_size, 3), dtype=np.uint8)
         feeds = {}
         for kind in (a, b):
-            if kind.image_input:
-                feeds[IMAGE_NAME] = image_feed(picture, kind.image_input)
-            else:
-                from PIL import Image
-                proc = _processor(kind, kind.image_size)
-                feeds[PIXELS] = proc(images=[Image.fromarray(picture)], return_tensors="np")["pixel_values"].astype(
-                    np.float32)
+            feeds.update(_static_feed(kind, picture))
             check_feeds(kind, feeds)
     except BadInput as e:
         raise _flagged(e, option, text) from None
