@@ -84,20 +84,20 @@ class Export(Command):
         from qvl_surgery.core.buckets import build_buckets
         from qvl_surgery.core.config import check_image_size
         from qvl_surgery.core.values import write_value
-        from qvl_surgery.core.values import check_output
         w = self.write.values(a)
         if a.output.suffix == ".onnx":
             raise BadInput(f"{a.output}: several sizes make a bucket folder (one graph per size, one data file); "
                            "name a folder, not an .onnx file")
-        check_output("buckets", a.output, overwrite=w["overwrite"], single_file=w["single_file"])
         value = build_buckets(weights, [check_image_size(weights.cfg, s) for s in sizes], self._image_input(a),
                               a.max_pixels)
+        # write_value checks the folder before it writes anything (the graphs are built, weightless)
+        wrote = write_value(value, a.output, overwrite=w["overwrite"], progress=w["progress"],
+                            single_file=w["single_file"])
         for key, model in value.models.items():
             gathers = sum(n.op_type == "Gather" for n in model.graph.node)
             print(f"  {key}: {len(model.graph.node)} nodes, " + (f"{gathers} Gathers (partial windows)" if gathers
                                                                   else "no Gather"))
-        print("\n".join(write_value(value, a.output, overwrite=w["overwrite"], progress=w["progress"],
-                                    single_file=w["single_file"])))
+        print("\n".join(wrote))
         return 0
 
     def script(self, a: argparse.Namespace) -> list[str]:
