@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qvl_surgery.core import quant
 from qvl_surgery.core.graphinfo import constant_tensors, elem_types, with_graph
 from qvl_surgery.core.linears import Linear
 from qvl_surgery.core.modelfile import Computed, Model, read_initializer
@@ -78,11 +79,11 @@ def _uint8_grid(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
 
 
 def _per_channel_int8(w: np.ndarray, out_in: bool) -> np.ndarray:
-    w = np.asarray(w, np.float32)
-    axis = 1 if out_in else 0                       # the input dimension: one scale per output channel
-    s = np.abs(w).max(axis=axis, keepdims=True) / 127.0
-    s = np.where(s > 0, s, 1.0).astype(np.float32)
-    return (np.clip(np.rint(w / s), -127, 127) * s).astype(np.float32)
+    """``w`` rounded to the quantize pass's own int8 weights (per output channel) and back."""
+    nk = np.asarray(w, np.float32) if out_in else np.asarray(w, np.float32).T
+    q, scale = quant.quantize_per_channel(nk)
+    back = q.astype(np.float32) * scale[:, None]
+    return back if out_in else np.ascontiguousarray(back.T)
 
 
 def emulate_rknn(model: Model, ranges: dict[str, tuple[float, float]], linears: list[Linear],
@@ -141,7 +142,4 @@ def emulate_rknn(model: Model, ranges: dict[str, tuple[float, float]], linears: 
     used = {i for n in nodes for i in n.input}
     inits_out = [t for t in list(g.initializer) + new_inits if t.name in used]
     ng = helper.make_graph(nodes, g.name, list(g.input), list(g.output), initializer=inits_out)
-    out = with_graph(model, ng, {k: v for k, v in sources.items() if k in used})
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in out.proto.opset_import):
-        raise ValueError("rknn emulation needs opset >= 13 (per-tensor QuantizeLinear with a uint8 zero point)")
-    return out
+    return with_graph(model, ng, {k: v for k, v in sources.items() if k in used})
