@@ -139,15 +139,25 @@ def processor_pixels(px: np.ndarray) -> np.ndarray:
     return proc(images=[Image.fromarray(px)], return_tensors="np")["pixel_values"].astype(np.float32)
 
 
-def transformers_reference(weights, pixel_values: np.ndarray, size) -> np.ndarray:
-    """model.visual of transformers with these weights on the processor's pixel_values."""
-    import torch
+def transformers_model(weights):
+    """transformers' vision tower (model.visual) holding these weights."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     model = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**weights.cfg.to_dict())).eval()
     model.load_state_dict(weights.state_dict())
+    return model
+
+
+def visual(model, pixel_values: np.ndarray, size) -> np.ndarray:
+    """``model`` (:func:`transformers_model`) on one image's pixel_values of ``size``."""
+    import torch
     with torch.no_grad():
         return model(torch.from_numpy(pixel_values), torch.tensor([[1, size[0] // 14, size[1] // 14]])).numpy()
+
+
+def transformers_reference(weights, pixel_values: np.ndarray, size) -> np.ndarray:
+    """model.visual of transformers with these weights on the processor's pixel_values."""
+    return visual(transformers_model(weights), pixel_values, size)
 
 
 def score(ref: np.ndarray, outs: dict[str, np.ndarray]) -> dict:

@@ -156,43 +156,30 @@ def nncf_anchor(mode: str, src: str, dst: str) -> None:
 
 def imagein_vs_transformers(bucket_dir: str, preset: str) -> None:
     """Each size of a bucket folder (image-in, RandomWeights(preset, seed 0)) against transformers'
-    processor + model.visual on scikit-image's astronaut resized to that size: answers, per size,
-    max |diff| / max |ref| and the token-centered cosine."""
+    processor + model.visual on scikit-image's astronaut resized to that size (imagein-proof's
+    reference, the model built once): answers, per size, max |diff| / max |ref| and the token-centered
+    cosine."""
     import json
     from pathlib import Path
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-    from PIL import Image
-    from skimage import data
-    from transformers import Qwen2VLImageProcessor
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig as C
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel as M
     from harness.results import emit
+    from imagein_proof import photos, processor_pixels, score, transformers_model, visual
     from qvl_surgery.core.config import PRESETS
-    from qvl_surgery.core.imagein import image_feed, resize_image
-    from qvl_surgery.core.metrics import centered_cosine
+    from qvl_surgery.core.imagein import image_feed, layout_of
+    from qvl_surgery.core.modelfile import load_model
+    from qvl_surgery.core.runners import run_model
     from qvl_surgery.core.weights import RandomWeights
     folder = Path(bucket_dir)
     doc = json.loads((folder / "buckets.json").read_text())
-    cfg = PRESETS[preset]
-    model = M(C(**cfg.to_dict())).eval()
-    model.load_state_dict(RandomWeights(cfg, 0).state_dict())
-    photo = data.astronaut()
+    model = transformers_model(RandomWeights(PRESETS[preset], 0))
     out = {}
     for key, name in doc["files"].items():
-        h, w = (int(x) for x in key.split("x"))
-        px = resize_image(photo, (h, w))
-        proc = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w)
-        pv = proc(images=[Image.fromarray(px)], return_tensors="np")["pixel_values"].astype(np.float32)
-        with torch.no_grad():
-            ref = model(torch.from_numpy(pv), torch.tensor([[1, h // 14, w // 14]])).numpy()
-        sess = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
-        layout = "nhwc" if sess.get_inputs()[0].type == "tensor(uint8)" else "nchw"
-        got = sess.run(None, {"image": image_feed(px, layout)})[0]
-        del sess
-        out[key] = {"max_abs_over_max": float(np.abs(got - ref).max() / np.abs(ref).max()),
-                    "centered_cosine": float(centered_cosine(got, ref))}
+        size = tuple(int(x) for x in key.split("x"))
+        px = photos(("astronaut",), size)["astronaut"]
+        ref = visual(model, processor_pixels(px), size)
+        layout = layout_of(load_model(folder / name).metadata())
+        got = run_model(folder / name, {"image": image_feed(px, layout)})["image_embeds"]
+        s = score({"astronaut": ref}, {"astronaut": got})
+        out[key] = {"max_abs_over_max": s["rel"], "centered_cosine": s["ccos"]}
     emit(out)
 
 
