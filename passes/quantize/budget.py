@@ -93,13 +93,8 @@ class Evaluator:
         self.feeds, self.what = calibration_sets(prep.model, inputs or "random:4", 4, option=option)
         self.build = prep.build
         if prep.scheme.target != "onnxruntime":   # the activations' ranges on the same sets, fake quantization
-            from passes.quantize.target import activation_tensors, emulate_rknn, record_min_max, residual_stream
-            tensors = activation_tensors(prep.model)
-            if prep.scheme.target == "rknn":
-                floats = residual_stream(prep.model)
-                tensors = [t for t in tensors if t not in floats]
-            ranges = record_min_max(prep.model, self.feeds, tensors)
-            self.build = lambda keep: emulate_rknn(prep.model, ranges, prep.linears, keep)
+            from passes.quantize.target import emulator
+            self.build = emulator(prep.model, self.feeds, prep.scheme.target, prep.linears)
             self.what += f", measured in an emulation of {prep.scheme.target}'s arithmetic"
         self.outputs = [o.name for o in prep.model.graph.output]
         self.ref = self._outputs_of(prep.model, self.feeds)

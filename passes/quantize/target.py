@@ -72,6 +72,19 @@ def record_min_max(model: Model, feeds_list: list[dict], tensors: list[str]) -> 
     return ranges
 
 
+def emulator(model: Model, feeds_list: list[dict], target: str, linears: list[Linear]):
+    """``build(kept) -> Model``: ``model`` in ``target``'s arithmetic (module docstring) with the
+    linears in ``kept`` float, its activation ranges recorded on ``feeds_list``. The emulated graph
+    keeps the original tensor names wherever the original graph had them (a block's input is still
+    its name): the budget's segments cut it there."""
+    tensors = activation_tensors(model)
+    if target == "rknn":
+        floats = residual_stream(model)
+        tensors = [t for t in tensors if t not in floats]
+    ranges = record_min_max(model, feeds_list, tensors)
+    return lambda kept: emulate_rknn(model, ranges, linears, kept)
+
+
 def _uint8_grid(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / 255.0 or 1e-30
