@@ -84,8 +84,10 @@ def prepare(model: Model, context: Context, o: SimpleNamespace) -> Prepared:
 class Evaluator:
     """Quantize-and-run measurements of one prepared quantization: the token-centered cosine of the
     outputs against fp32 on the calibration inputs, with a chosen set of linear groups (each block,
-    the merger, the patch embed; :func:`~qvl_surgery.core.linears.group_of`) quantized. Every measurement
-    emits the model and runs it whole (onnxruntime segments): nothing is estimated."""
+    the merger, the patch embed; :func:`~qvl_surgery.core.linears.group_of`) quantized. Nothing is
+    estimated: a plan of whole groups runs as a :class:`~passes.quantize.chain.GroupChain` (each
+    group's quantized and float variants built once, exact), any other set of linears emits the model
+    and runs it whole (onnxruntime segments), as does a model the chain cannot cut."""
 
     def __init__(self, prep: Prepared, context: Context, inputs: str | None, option: str = "calibrate"):
         from qvl_surgery.core.calibrate import calibration_sets
@@ -97,7 +99,6 @@ class Evaluator:
             self.build = emulator(prep.model, self.feeds, prep.scheme.target, prep.linears)
             self.what += f", measured in an emulation of {prep.scheme.target}'s arithmetic"
         self.outputs = [o.name for o in prep.model.graph.output]
-        self.ref = self._outputs_of(prep.model, self.feeds)
         self.todo = [lin for lin in prep.linears if lin.name not in prep.kept]
         self.groups: dict[str, list[Linear]] = {}
         for lin in self.todo:
@@ -106,6 +107,21 @@ class Evaluator:
         total = sum(macs.values()) or 1
         self.share = {lin.name: macs[lin.name] / total for lin in prep.linears}
         self.group_share = {g: sum(self.share[lin.name] for lin in ls) for g, ls in self.groups.items()}
+        self.chain = self._chain()
+        if self.chain is not None and prep.scheme.target == "onnxruntime":   # its float variant is the model
+            self.ref = [self.chain.run(set(), s) for s in range(len(self.feeds))]
+        else:
+            self.ref = self._outputs_of(prep.model, self.feeds)
+
+    def _chain(self):
+        from passes.quantize.chain import GroupChain, NotChainable
+        every = {lin.name: "float" for lin in self.prep.linears}
+        floating = self.prep.model if self.prep.scheme.target == "onnxruntime" else self.build(every)
+        try:
+            return GroupChain(self.build(dict(self.prep.kept)), floating, set(self.groups), self.feeds, self.outputs)
+        except NotChainable as e:
+            log.info("budget: measuring with whole builds (%s)", e)
+            return None
 
     def _outputs_of(self, m: Model, sets) -> list[dict[str, np.ndarray]]:
         from qvl_surgery.core.segments import run_segments
@@ -118,34 +134,52 @@ class Evaluator:
         run_segments(m, sets, self.outputs, rec)
         return got
 
-    def cosine(self, quantized: list[Linear], sets: int | None = None) -> float:
-        """The worst centered cosine over the input sets with exactly ``quantized`` quantized."""
+    def _score(self, s: int, got: dict[str, np.ndarray]) -> float:
         from qvl_surgery.core.metrics import centered_cosine
-        names = {lin.name for lin in quantized}
-        keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
-        use = self.feeds if sets is None else self.feeds[:sets]
-        got = self._outputs_of(self.build(keep), use)
-        return min(centered_cosine(r[o], g[o]) for r, g in zip(self.ref, got) for o in self.outputs)
+        return min(centered_cosine(self.ref[s][o], got[o]) for o in self.outputs)
 
-    def all_but(self, keep_groups: list[str], sets: int | None = None) -> float:
+    def cosine(self, quantized: list[Linear], sets: int | None = None, stop_below: float | None = None) -> float:
+        """The worst centered cosine over the input sets (the first ``sets``) with exactly ``quantized``
+        quantized; with ``stop_below``, the first set's figure under it is returned at once."""
+        names = {lin.name for lin in quantized}
+        n = len(self.feeds) if sets is None else sets
+        whole = {g for g, ls in self.groups.items() if all(lin.name in names for lin in ls)}
+        if self.chain is not None and names == {lin.name for g in whole for lin in self.groups[g]}:
+            worst = 1.0
+            for s in range(n):
+                worst = min(worst, self._score(s, self.chain.run(whole, s)))
+                if stop_below is not None and worst < stop_below:
+                    break
+            return worst
+        keep = {lin.name: self.prep.kept.get(lin.name, "budget") for lin in self.prep.linears if lin.name not in names}
+        got = self._outputs_of(self.build(keep), self.feeds[:n])
+        return min(self._score(s, g) for s, g in enumerate(got))
+
+    def all_but(self, keep_groups: list[str], sets: int | None = None, stop_below: float | None = None) -> float:
         keep = set(keep_groups)
-        return self.cosine([lin for lin in self.todo if group_of(lin.name) not in keep], sets)
+        return self.cosine([lin for lin in self.todo if group_of(lin.name) not in keep], sets, stop_below)
+
+    def alone_errors(self, sets: int = 1) -> dict[str, float]:
+        """Per group, 1 - the centered cosine with that group alone quantized (worst of the first
+        ``sets``), less the error with none quantized (0 in onnxruntime; a target's arithmetic has its
+        own); through the chain, each run starts at its group from the float run's state."""
+        base = 1.0 - self.all_but(list(self.groups), sets)
+        return {g: 1.0 - self.cosine(ls, sets) - base for g, ls in self.groups.items()}
 
 
 def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str, str]:
     """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
     fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
-    merger, the patch embed): the cosine gained on the first input set when everything but that group
-    is quantized. Groups are ranked by that gain per multiply-add; the shortest prefix of the ranking
-    that meets the budget on every input set is found by bisection."""
+    merger, the patch embed): the error that group alone quantized adds, on the first input set. Groups
+    are ranked by that error per multiply-add; the shortest prefix of the ranking that meets the budget
+    on every input set is found by bisection (a candidate's sets are run until one misses)."""
     if not 0.0 < budget < 1.0:
         raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
     ev = Evaluator(prep, context, prep.scheme.calibrate)
     groups, share = ev.groups, ev.group_share
-    base = ev.all_but([], 1)
-    gain = {g: ev.all_but([g], 1) - base for g in groups}
+    gain = ev.alone_errors(1)
     order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
-    tried: dict[int, float] = {0: ev.all_but([])}
+    tried: dict[int, float] = {0: ev.all_but([], stop_below=budget)}
     k = 0
     if tried[0] < budget:
         lo, hi = 0, len(order)
@@ -159,7 +193,7 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
                            "stream float (toolchains' rknn hybrid config does)", budget=budget)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            tried[mid] = ev.all_but(order[:mid])
+            tried[mid] = ev.all_but(order[:mid], stop_below=budget)
             lo, hi = (lo, mid) if tried[mid] >= budget else (mid, hi)
         k = hi
     chosen = dict(prep.kept)
@@ -167,8 +201,9 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
     prep.report.budget = {
         "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": order[:k],
         "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": ev.what,
+        "measured_by": "group chain" if ev.chain is not None else "whole builds",
         "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
-        "sensitivity": [{"group": g, "gain_kept_float": round(gain[g], 6), "share": round(share[g], 5)}
+        "sensitivity": [{"group": g, "alone_error": float(f"{gain[g]:.3e}"), "share": round(share[g], 5)}
                         for g in sorted(groups, key=lambda g: -gain[g])],
     }
     return chosen

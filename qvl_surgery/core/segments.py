@@ -87,18 +87,44 @@ def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int | N
                 weights.append(i)
         size += add
     groups.append((start, len(nodes), weights))
+    return _segments(model, [(a, b) for a, b, _ in groups], watch, reads, last_read)
+
+
+def _segments(model: Model, ranges: list[tuple[int, int]], watch: set[str], reads: list[list[str]],
+              last_read: dict[str, int]) -> list[Segment]:
+    """One Segment per node range [a, b): its inputs, the outputs later ranges (or the model's outputs,
+    or ``watch``) read, its weights."""
+    inits = model.initializers()
+    nodes = list(model.graph.node)
     segments = []
-    for a, b, weights in groups:
+    for a, b in ranges:
         made: list[str] = []
         needed: dict[str, None] = {}
+        weights: dict[str, None] = {}
         for k in range(a, b):
             for i in reads[k]:
-                if i not in inits and i not in made:
+                if i in inits:
+                    weights.setdefault(i)
+                elif i not in made:
                     needed.setdefault(i)
             made += [o for o in nodes[k].output if o]
         outputs = [o for o in made if last_read.get(o, -1) >= b or o in watch]
-        segments.append(Segment(nodes[a:b], list(needed), list(dict.fromkeys(outputs)), weights))
+        segments.append(Segment(nodes[a:b], list(needed), list(dict.fromkeys(outputs)), list(weights)))
     return segments
+
+
+def segments_at(model: Model, starts: list[int]) -> list[Segment]:
+    """The model cut before each node index in ``starts`` (the first segment starts at node 0)."""
+    nodes = list(model.graph.node)
+    reads = [_reads(n) for n in nodes]
+    last_read: dict[str, int] = {}
+    for k, r in enumerate(reads):
+        for name in r:
+            last_read[name] = k
+    for o in model.graph.output:
+        last_read[o.name] = len(nodes)
+    bounds = sorted({0, *starts, len(nodes)})
+    return _segments(model, list(zip(bounds, bounds[1:])), set(), reads, last_read)
 
 
 def _weight_array(model: Model, t: TensorProto) -> np.ndarray:
@@ -110,7 +136,7 @@ def _weight_array(model: Model, t: TensorProto) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(src.make()).reshape(tuple(t.dims)))
 
 
-def _segment_session(model: Model, seg: Segment, types: dict[str, int], threads: int | None):
+def segment_session(model: Model, seg: Segment, types: dict[str, int], threads: int | None):
     import onnxruntime as ort
 
     inits = model.initializers()
@@ -171,7 +197,7 @@ def run_segments(model: Model, feeds_list: Iterable[Mapping[str, np.ndarray]], w
         bar = tqdm(desc="calibration", total=len(segments) * len(carried), unit="run", leave=False, disable=None)
     for s, seg in enumerate(segments):
         try:
-            sess, keep_alive = _segment_session(model, seg, types, threads)
+            sess, keep_alive = segment_session(model, seg, types, threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own message says what it cannot run
             raise BadInput(f"calibration: onnxruntime cannot run this model ({str(e).splitlines()[0][:200]})") from None
         later = set()

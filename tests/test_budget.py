@@ -1,0 +1,99 @@
+"""The budget's group chain (passes/quantize/chain.py): each linear group's quantized and float
+variants built once; a plan runs as a chain of them. It must be the same arithmetic as the whole model
+built under that plan: every figure here is compared with a whole build."""
+import numpy as np
+import pytest
+
+from qvl_surgery.core.modelfile import load_model
+from qvl_surgery.core.passbase import Context
+from qvl_surgery.core.segments import segments_at
+
+from passes.quantize import Evaluator, QuantizePass, prepare
+from passes.quantize.chain import GroupChain, NotChainable, group_starts
+
+PLANS = ([], ["merger"], ["patch_embed", "blocks.0"], ["blocks.1", "blocks.3", "merger"])
+
+
+def _evaluator(path, **scheme):
+    prep = prepare(load_model(path), Context(), QuantizePass(activations="int8", format="onnxruntime", **scheme).o)
+    return Evaluator(prep, Context(), "random:2")
+
+
+@pytest.mark.parametrize("scheme", [{}, {"calibrate": "random:2"}, {"activation_scale": "token"},
+                                    {"target": "rknn", "calibrate": "random:2"},
+                                    {"target": "rknn-int8", "calibrate": "random:2"}],
+                         ids=["dynamic", "static", "token", "rknn", "rknn-int8"])
+def test_a_plan_run_as_a_chain_equals_its_whole_build(stand_ins, scheme):
+    ev = _evaluator(stand_ins["outlier"], **scheme)
+    assert ev.chain is not None and [p.group for p in ev.chain.parts] == \
+        ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "merger"]
+    chained = [ev.all_but(keep) for keep in PLANS]
+    ev.chain = None                                   # the same plans, each emitted and run whole
+    whole = [ev.all_but(keep) for keep in PLANS]
+    assert np.allclose(chained, whole, atol=1e-6, rtol=0), (chained, whole)
+    assert len(set(np.round(whole, 4))) > 1            # the plans differ: the comparison means something
+
+
+def test_a_chain_run_starts_where_the_plans_differ(stand_ins, monkeypatch):
+    """Runs share the last run's state up to the first group whose choice changed: a plan that differs
+    only in the merger runs the merger alone."""
+    ev = _evaluator(stand_ins["outlier"])
+    every = set(ev.groups)
+    ev.chain.run(every, 0)
+    calls = []
+    for part in ev.chain.parts:
+        for flag, (seg, sess, keep) in list(part.variants.items()):
+            class Counting:
+                def __init__(self, s, g):
+                    self.s, self.g = s, g
+
+                def run(self, *a):
+                    calls.append(self.g)
+                    return self.s.run(*a)
+            part.variants[flag] = (seg, Counting(sess, part.group), keep)
+    ev.chain.run(every - {"merger"}, 0)
+    assert calls == ["merger"]
+    calls.clear()
+    ev.chain.run(every - {"blocks.2"}, 0)
+    assert calls == ["blocks.2", "blocks.3", "merger"]
+
+
+def test_the_chain_refuses_variants_it_cannot_cut_alike(stand_ins):
+    """A quantized variant whose group reads a tensor the float variant never makes (here: a renamed
+    block output) is refused, and the evaluator falls back to whole builds."""
+    ev = _evaluator(stand_ins["outlier"])
+    m = ev.prep.model
+    quantized = ev.build(dict(ev.prep.kept))
+    starts = group_starts(quantized, set(ev.groups))
+    block1 = segments_at(quantized, [k for k, _ in starts])[2]
+    victim = next(i for i in block1.inputs if i.startswith("blocks.0"))   # the export names it blocks.0.output
+    for n in quantized.graph.node:
+        for k, i in enumerate(n.input):
+            if i == victim:
+                n.input[k] = victim + "_renamed"
+        for k, o in enumerate(n.output):
+            if o == victim:
+                n.output[k] = victim + "_renamed"
+    with pytest.raises(NotChainable):
+        GroupChain(quantized, m, set(ev.groups), ev.feeds, ev.outputs)
+
+
+def test_budget_through_the_chain_is_what_the_file_delivers(stand_ins, tmp_path):
+    """quantize --budget measured through the chain: the report says so, and the written file, run
+    whole in onnxruntime on the same input sets, has the centered cosine the budget promised."""
+    from passes.quantize import quantize_model
+    from qvl_surgery.core.calibrate import calibration_sets
+    from qvl_surgery.core.metrics import centered_cosine
+    from qvl_surgery.core.modelfile import save_model
+    import onnxruntime as ort
+    src = stand_ins["outlier"]
+    q, report = quantize_model(load_model(src), activations="int8", format="onnxruntime", budget=0.9995,
+                               calibrate="random:3")
+    b = report.budget
+    assert b["measured_by"] == "group chain" and b["achieved"] >= 0.9995 and b["groups_kept"]
+    save_model(q, tmp_path / "q.onnx")
+    feeds, _ = calibration_sets(load_model(src), "random:3", 3)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    worst = min(centered_cosine(ref.run(None, f)[0], got.run(None, f)[0]) for f in feeds)
+    assert abs(worst - b["achieved"]) < 1e-5, (worst, b["achieved"])
