@@ -135,7 +135,7 @@ def test_toolchain_configs_from_a_budget(models, tmp_path):
     with tarfile.open(out / p2["quant"]["input_configs"][0]["calibration_dataset"]) as t:
         assert sorted(t.getnames()) == ["0000.npy", "0001.npy"]
     rk = json.loads((out / "rknn_hybrid.json").read_text())
-    assert rk["float16"] == list(kept) and rk["dataset"] == "calib/rknn/dataset.txt"
+    assert rk["int16"] == list(kept) and rk["dataset"] == "calib/rknn/dataset.txt"
     # onnxruntime's own quantizer, given the config: the kept linears stay float (a MatMul, not MatMulInteger)
     dq = tmp_path / "ort.onnx"
     quantize_dynamic(str(src), str(dq), weight_type=QuantType.QInt8, **ort_cfg)
@@ -177,7 +177,7 @@ def test_rknn_hybrid_cfg_names_rknns_own_layers(models, tmp_path):
     shutil.copytree(Path(__file__).parent / "data" / "rknn_step1", step1)
     original = (step1 / "outlier_windowed.quantization.cfg").read_text()
 
-    def layers(*extra):
+    def layers(*extra, dtype="int16"):
         out = tmp_path / f"c{len(extra)}"
         r = cli("toolchains", models["outlier"], "--keep-node", "/merger/*", "--keep-node",
                     "/blocks.1/attn/qkv/*", "--rknn-step1", step1, "-o", out, *extra)
@@ -185,7 +185,8 @@ def test_rknn_hybrid_cfg_names_rknns_own_layers(models, tmp_path):
         cfg = (out / "rknn.quantization.cfg").read_text()
         head, rest = cfg.split("quantize_parameters:", 1)
         assert rest == original.split("quantize_parameters:", 1)[1]   # only custom_quantize_layers changed
-        return {line.split('"')[1] for line in head.splitlines() if line.endswith(": float16")}
+        assert all(line.endswith(f": {dtype}") for line in head.splitlines()[1:])
+        return {line.split('"')[1] for line in head.splitlines() if line.endswith(f": {dtype}")}
     got = layers()
     linears = {"/merger/mlp.0/Gemm_output_0_mm", "merger.output_mm", "/blocks.1/norm1/Div_output_0_tp_rs_mm",
                "/blocks.1/norm1/Div_output_0_tp_rs_mm#1", "/blocks.1/norm1/Div_output_0_tp_rs_mm#2"}
@@ -198,14 +199,15 @@ def test_rknn_hybrid_cfg_names_rknns_own_layers(models, tmp_path):
     inputs = {"/merger/ln_q/Div_output_0_sw_sw", "/merger/Reshape_output_0_rs", "/merger/Reshape_output_0_tp_rs",
               "/merger/gelu/Mul_half_output_0-rs_sw_sw"}
     assert got == linears | tail | adds | norms | inputs, got ^ (linears | tail | adds | norms | inputs)
-    # without the residual stream the kept linears' own inputs stay float16 (the norms feeding them)
+    # without the residual stream the kept linears' own inputs stay 16-bit (the norms feeding them)
     assert layers("--rknn-residual-int8") == linears | tail | inputs | {
         "/blocks.1/norm1/Div_output_0_tp_rs", "blocks.3.output_tp_rs_sw"}
     assert all(f"    {name}:" in original for name in got)
+    assert layers("--rknn-dtype", "float16", dtype="float16") == got   # float16 on request
 
 
 def test_edit_rknn_cfg_sets_the_layers_and_keeps_the_rest():
     cfg = "custom_quantize_layers: {}\nquantize_parameters:\n    a:\n        dtype: asymmetric_quantized-8\n"
     out = edit_rknn_cfg(cfg, ["x.out", "y/z"])
-    assert out.splitlines()[:3] == ["custom_quantize_layers:", '    "x.out": float16', '    "y/z": float16']
+    assert out.splitlines()[:3] == ["custom_quantize_layers:", '    "x.out": int16', '    "y/z": int16']
     assert "quantize_parameters:" in out and "asymmetric_quantized-8" in out

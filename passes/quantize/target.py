@@ -4,17 +4,35 @@ the errors ``sensitivity`` reports are measured where the plan will run.
 - ``onnxruntime`` (the default): the quantized file itself, run in onnxruntime (only the linears'
   inputs quantized; the residual stream, norms, attention and Softmax stay float).
 - ``rknn-int8``: an emulation of rknn-toolkit2's default int8 build, run in onnxruntime as fake
-  quantization: every activation (the image or pixel input, and each node's float output: residual
-  Adds, RMSNorm, attention MatMuls, Softmax included) per tensor, asymmetric uint8 over its
-  calibrated min..max (zero included); every linear's weight per output channel, symmetric int8;
-  a kept linear (rknn's hybrid float16 layer) keeps its weight and its output float.
-- ``rknn``: the same with the residual stream float, as the toolkit's rknn hybrid config keeps it
-  (``toolchains``: each residual Add an RMSNorm reads, and the RMSNorms, in float16).
+  quantization, following the graph rknn's ``hybrid_quantization_step1`` writes (2.5.0, read from its
+  ``.model`` and ``.quantization.cfg``): every tensor rknn quantizes, per tensor, asymmetric uint8 over
+  its calibrated min..max (rknn's default ``normal`` algorithm is min..max: its cfg's ``min``/``max``
+  equal ``ori_min``/``ori_max``): the image or pixel input and each computed float output (linears,
+  residual Adds, RoPE's Mul/Add, attention's Q.K and Softmax, MatMul by V, SiLU and GELU outputs,
+  the gate x up Mul, smooth's own Mul/Sub); every linear's weight per output channel, symmetric int8.
+  Not quantized, as rknn fuses them into one op that computes inside without quantizing
+  (:func:`fused_internals`): the inside of each RMSNorm (exNorm, with smooth's shift Sub after it),
+  SiLU's Sigmoid (exSwish), GELU's Div/Erf/Add/Mul (exGelu), Q.K before its scale (exSDPAttention);
+  nor data movement (Reshape, Transpose, Gather, ..., and RoPE's Neg, which rknn folds into a
+  Gather and the sine table). A kept linear (a 16-bit layer of rknn's hybrid config) keeps its
+  weight, its output and its input float, the input back to the op that computes it through data
+  movement, as ``toolchains --rknn-step1`` writes the config (:func:`kept_inputs`).
+- ``rknn``: the same with the residual stream (each residual Add an RMSNorm reads) float, as the
+  toolkit's rknn hybrid config keeps it in int16; each norm's output is still int8 for the int8
+  layers that read it (rknn converts it), float for a kept linear.
 
-What the emulation does not cover: rknn's rounding and saturation modes, its fused ops (exNorm,
-exSoftmax, ... compute inside in their own precision), its calibration algorithms (KL / MMSE: here
-min..max), the patch Conv's weight (float here), and float16's own rounding in its float layers
-(float32 here).
+Measured against rknn-toolkit2 2.5.0's rk3588 simulator (tiny, calibrated on four scikit-image photos,
+judged on three others; scripts/toolchains-proof's "targets" table): within 0.01 centered cosine on the
+random and outlier stand-ins, plain and smoothed, with the hybrid configs ``toolchains --budget``
+writes. Before the fusions were followed, the emulation of GELU's inside alone took the outlier
+stand-in with the merger kept from 0.999 to 0.37.
+
+What the emulation does not cover: rknn's rounding and saturation modes; its other calibration
+algorithms (KL, MMSE); 16-bit layers are float32 here (rknn's int16 steps, 1/32768 of the range,
+and float16's rounding in a float16 config are left out: measured, rknn's own float16 build of the
+outlier stand-in reaches only 0.967 centered on a photo, its int16 layers 0.998); the constants
+inside fused ops, which rknn rounds to int8 per tensor (an RMSNorm's weight and smooth's shift);
+the patch Conv's weight (float here); ops rknn places on the CPU.
 """
 from __future__ import annotations
 
@@ -29,33 +47,93 @@ from qvl_surgery.core.modelfile import Computed, Model, read_initializer
 
 TARGETS = ("onnxruntime", "rknn", "rknn-int8")
 _FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16)
-# data movement: the output holds the input's values, in the input's precision (quantized or float)
+# data movement: the output holds the input's values, in the input's precision (quantized or float);
+# rknn turns RoPE's rotate-half (Split, Neg, Concat) into one Gather with the sign in the sine table
 _MOVES = {"Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Split", "Concat", "Slice", "Identity",
-          "Flatten", "Expand"}
+          "Flatten", "Expand", "Neg"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
 
 
 def activation_tensors(model: Model) -> list[str]:
     """The tensors rknn quantizes: float graph inputs and the float outputs of nodes that depend on an
     input (constant-only subgraphs are folded by the toolchain), but data movement (its output keeps
-    the input's precision)."""
+    the input's precision) and what rknn computes inside a fused op (:func:`fused_internals`)."""
     g = model.graph
     inits = model.initializers()
     types = elem_types(model)
     constant = constant_tensors(g)
+    inside = fused_internals(model)
     out = [i.name for i in g.input if i.name not in inits and i.type.tensor_type.elem_type in _FLOAT]
     for n in g.node:
         if all(i in constant for i in n.input if i) or n.op_type in _MOVES:
             continue
-        out += [o for o in n.output if o and types.get(o) in _FLOAT]
+        out += [o for o in n.output if o and types.get(o) in _FLOAT and o not in inside]
     return out
 
 
+def fused_internals(model: Model) -> set[str]:
+    """The tensors computed inside the ops rknn fuses (its step-1 graph: exNorm, exSwish, exGelu,
+    exSDPAttention), which it does not quantize: each RMSNorm's inside (with smooth's shift Sub after
+    the norm, which exNorm takes in), SiLU's Sigmoid, GELU's chain from the Erf's input to its last
+    Mul, Q.K before the scale Softmax reads."""
+    from qvl_surgery.core.patterns import consumers, producers, rmsnorm_patterns, sigmoid_mul_patterns
+    g = model.graph
+    cons, prod = consumers(g), producers(g)
+    constant = constant_tensors(g)
+
+    def with_constant(n: onnx.NodeProto, t: str) -> bool:   # elementwise op of ``t`` and a constant
+        return n.op_type in _ELEMENTWISE and all(i == t or i in constant for i in n.input)
+
+    inside: set[str] = set()
+    for nodes in rmsnorm_patterns(model):
+        computed = [n for n in nodes if n.op_type != "Constant"]
+        outs = [n.output[0] for n in computed]
+        last = outs[-1]
+        after = cons.get(last, [])
+        if len(after) == 1 and after[0].op_type in ("Sub", "Add") and with_constant(after[0], last):
+            inside.add(last)
+        inside.update(outs[:-1])
+    inside.update(s.output[0] for s, _ in sigmoid_mul_patterns(g))
+    for erf in (n for n in g.node if n.op_type == "Erf"):
+        head = prod.get(erf.input[0])
+        if head is not None and with_constant(head, head.input[0]):
+            inside.add(head.output[0])
+        t = erf.output[0]
+        while len(cons.get(t, [])) == 1 and cons[t][0].op_type in _ELEMENTWISE:
+            inside.add(t)
+            t = cons[t][0].output[0]
+    for n in g.node:
+        after = cons.get(n.output[0], []) if n.op_type == "MatMul" else []
+        if len(after) == 1 and with_constant(after[0], n.output[0]) and \
+                any(c.op_type == "Softmax" for c in cons.get(after[0].output[0], [])):
+            inside.add(n.output[0])
+    return inside
+
+
 def residual_stream(model: Model) -> set[str]:
-    """The tensors the toolkit's rknn hybrid config keeps float: each residual Add an RMSNorm reads,
-    and every tensor inside the RMSNorms."""
+    """The tensors the toolkit's rknn hybrid config keeps at 16 bits: each residual Add an RMSNorm
+    reads (the norms' inside is never quantized; their outputs are, for int8 readers)."""
     from qvl_surgery.core.residual import hidden_norms
     norms, _ = hidden_norms(model, "target rknn")
-    return {n.x for n in norms} | {o for n in norms for node in n.nodes for o in node.output}
+    return {n.x for n in norms}
+
+
+def kept_inputs(model: Model, linears: list[Linear], kept: dict[str, str]) -> set[str]:
+    """The tensors a kept linear reads, back through data movement to the op that computes them: a
+    16-bit layer of rknn's hybrid config fed an int8 tensor would still see its rounding, so the
+    config keeps these at 16 bits too (toolchains' ``rknn_input_chains``)."""
+    from qvl_surgery.core.patterns import producers
+    prod = producers(model.graph)
+    out: set[str] = set()
+    for lin in linears:
+        if lin.name not in kept:
+            continue
+        t = lin.x
+        out.add(t)
+        while t in prod and prod[t].op_type in _MOVES and prod[t].input:
+            t = prod[t].input[0]
+            out.add(t)
+    return out
 
 
 def record_min_max(model: Model, feeds_list: list[dict], tensors: list[str]) -> dict[str, tuple[float, float]]:
@@ -103,9 +181,11 @@ def emulate_rknn(model: Model, ranges: dict[str, tuple[float, float]], linears: 
                  kept: dict[str, str]) -> Model:
     """``model`` with rknn's int8 arithmetic as fake quantization (module docstring): a
     QuantizeLinear -> DequantizeLinear after every activation in ``ranges`` (not after a kept
-    linear), every linear weight not kept rounded per output channel (computed while read)."""
+    linear, nor on what it reads: :func:`kept_inputs`), every linear weight not kept rounded per
+    output channel (computed while read)."""
     g = model.graph
     kept_nodes = {lin.node.name for lin in linears if lin.name in kept}
+    ranges = {k: v for k, v in ranges.items() if k not in kept_inputs(model, linears, kept)}
     weights = {lin.weight: lin for lin in linears if lin.name not in kept}
     inits = {t.name: t for t in g.initializer}
     sources = dict(model.sources)
