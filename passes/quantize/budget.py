@@ -5,6 +5,7 @@ the fewest multiply-adds kept float that reach a token-centered cosine)."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -166,35 +167,80 @@ class Evaluator:
         base = 1.0 - self.all_but(list(self.groups), sets)
         return {g: 1.0 - self.cosine(ls, sets) - base for g, ls in self.groups.items()}
 
+    def estimated_alone_errors(self) -> tuple[dict[str, float], dict[str, float]]:
+        """:meth:`alone_errors` on the first input set, estimated in about two runs of the model instead
+        of one per group: each group quantized alone on the float run's own inputs to it gives the
+        squared error of its outputs (``chain.local_errors``). The first group's and the last two groups'
+        alone errors are measured end to end (the last two are next to the outputs: cheap); the ratio of
+        alone error to local error, the gain of the residual stream they all feed, is measured at the
+        first group and the second-last and interpolated in log between them. Returns
+        (the estimates, the local squared errors); without a chain, :meth:`alone_errors`."""
+        if self.chain is None:
+            exact = self.alone_errors(1)
+            return exact, {}
+        local = self.chain.local_errors(0)
+        base = 1.0 - self.all_but(list(self.groups), 1)
+        parts = list(dict.fromkeys(p.group for p in self.chain.parts))
+        exact = {g: 1.0 - self.cosine(self.groups[g], 1) - base for g in {parts[0], *parts[-2:]}}
+        # the stream's gain from a group's squared error to the outputs' error, measured at the first
+        # group and the second-last, in between interpolated in log over the groups' positions
+        ends = [i for i in (0, len(parts) - 2) if i >= 0 and local.get(parts[i], 0) > 0 and exact[parts[i]] > 0]
+        est = dict(exact)
+        if ends:
+            a, b = ends[0], ends[-1]
+            ga, gb = (np.log(exact[parts[i]] / local[parts[i]]) for i in (a, b))
+            for i, g in enumerate(parts):
+                if g not in est:
+                    t = 0.0 if a == b else min(max((i - a) / (b - a), 0.0), 1.0)
+                    est[g] = float(np.exp(ga + t * (gb - ga))) * local[g]
+        return {g: est.get(g, 0.0) for g in parts}, local
+
 
 def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str, str]:
     """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
     fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
-    merger, the patch embed): the error that group alone quantized adds, on the first input set. Groups
-    are ranked by that error per multiply-add; the shortest prefix of the ranking that meets the budget
-    on every input set is found by bisection (a candidate's sets are run until one misses)."""
+    merger, the patch embed): the error that group alone quantized adds on the first input set
+    (:meth:`Evaluator.estimated_alone_errors`). Groups are ranked by that error per multiply-add; the
+    shortest prefix of the ranking that meets the budget on every input set is found by galloping and
+    bisection, each candidate run end to end (its input sets in turn, until one misses)."""
     if not 0.0 < budget < 1.0:
         raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
+    clock = time.perf_counter()
     ev = Evaluator(prep, context, prep.scheme.calibrate)
+    log.info("budget: %d groups, chain %s, reference run: %.1f s", len(ev.groups), ev.chain is not None,
+             time.perf_counter() - clock)
     groups, share = ev.groups, ev.group_share
-    gain = ev.alone_errors(1)
+    gain, _ = ev.estimated_alone_errors()
+    log.info("budget: sensitivity: %.1f s", time.perf_counter() - clock)
     order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
-    tried: dict[int, float] = {0: ev.all_but([], stop_below=budget)}
+    tried: dict[int, float] = {}
+
+    def meets(k: int) -> bool:
+        tried[k] = ev.all_but(order[:k], stop_below=budget)
+        log.info("budget: %d groups kept float: %.6f (%.1f s)", k, tried[k], time.perf_counter() - clock)
+        return tried[k] >= budget
+
     k = 0
-    if tried[0] < budget:
-        lo, hi = 0, len(order)
+    if not meets(0):
+        n = len(order)
         # every linear float: the file is fp32 again, except in a target's arithmetic, which quantizes
         # every activation: measure that ceiling
-        tried[hi] = 1.0 if prep.scheme.target == "onnxruntime" else ev.all_but(order)
-        if tried[hi] < budget:
+        tried[n] = 1.0 if prep.scheme.target == "onnxruntime" else ev.all_but(order)
+        if tried[n] < budget:
             raise BadInput("{budget}" + f": not reachable in {prep.scheme.target}'s arithmetic: with every linear "
-                           f"float the token-centered cosine is {tried[hi]:.5f} (nothing kept: {tried[0]:.5f}); the "
+                           f"float the token-centered cosine is {tried[n]:.5f} (nothing kept: {tried[0]:.5f}); the "
                            "activations' own quantization sets it: smooth or rotate first, or keep the residual "
                            "stream float (toolchains' rknn hybrid config does)", budget=budget)
+        # the fewest groups: galloping up from none (a budget usually keeps few), then bisection
+        lo, hi, step = 0, n, 1
+        while lo + step < n:
+            if meets(lo + step):
+                hi = lo + step
+                break
+            lo, step = lo + step, step * 2
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            tried[mid] = ev.all_but(order[:mid], stop_below=budget)
-            lo, hi = (lo, mid) if tried[mid] >= budget else (mid, hi)
+            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
         k = hi
     chosen = dict(prep.kept)
     chosen.update({lin.name: "budget" for g in order[:k] for lin in groups[g]})
@@ -203,7 +249,7 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
         "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": ev.what,
         "measured_by": "group chain" if ev.chain is not None else "whole builds",
         "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
-        "sensitivity": [{"group": g, "alone_error": float(f"{gain[g]:.3e}"), "share": round(share[g], 5)}
+        "sensitivity": [{"group": g, "estimated_alone_error": float(f"{gain[g]:.3e}"), "share": round(share[g], 5)}
                         for g in sorted(groups, key=lambda g: -gain[g])],
     }
     return chosen
