@@ -5,15 +5,23 @@ over tokens; after RMSNorm they set every per-tensor int8 scale and the rest of 
 below one step. A rotation spreads them but keeps the constant. This pass changes what the
 linears that read an RMSNorm see, per channel ``j`` of the norm's output ``X``:
 
-    X' = (X - s) / t        s_j: the middle of the channel's calibrated range (Outlier Suppression+)
+    X' = (X - s) / t        s_j: the middle of the channel's calibrated range (Outlier Suppression+),
+                                 or its mean over tokens (searched)
                             t_j: max|X - s|_j^alpha / max|W_:,j|^(1-alpha) (SmoothQuant)
 
 and every reader absorbs it: ``X W^T + b = X' (W diag(t))^T + (b + W s)``. ``1/t`` is folded into the
 norm's scale (``g -> g / t``), the shift is one Sub after it (the only op added, one per norm).
 Readers: qkv, gate/up (sharing one input), and the merger's first linear through its 4-token
-Reshape (the shift and scale repeat per token slot). ``alpha`` is searched per norm, over a grid,
-by the int8 error it leaves on a sample of the calibration rows (activations per tensor, weights
-per output channel, as ``quantize`` does), unless given.
+Reshape (the shift and scale repeat per token slot). The shift and ``alpha`` are searched per linear
+input, over a grid, by the int8 error they leave on a sample of the calibration rows (activations
+per tensor, weights per output channel, as ``quantize`` does), unless given; an input where leaving
+it as is leaves less error is left as is. The error is measured against the token-centered output
+(each row minus the mean row, as the centered cosine judges), and the sample holds the rows with the
+largest values beside random ones: a massive constant would hide every error in the plain relative
+error, and a spike in a few tokens (a trained ViT's massive activations start that way, in
+down_proj's input) is what a random sample misses and what sets a per-tensor scale. On the mean
+shift: a channel that is near zero in most tokens and large in a few has its range's middle far
+from every token; shifting by it puts a constant into every token.
 """
 from __future__ import annotations
 
@@ -36,7 +44,9 @@ from qvl_surgery.core.residual import Norm, StreamLinear, hidden_norms, norm_rea
 log = logging.getLogger(__name__)
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-SAMPLE_ROWS = 64         # rows per input set kept per site for the alpha search
+SAMPLE_ROWS = 64         # random rows per input set kept per site for the search
+TOP_ROWS = 8             # and the rows with the largest |value|
+SHIFTS = ("range", "mean")   # the middle of each channel's calibrated range, or its mean over tokens
 SEARCH_ROWS = 256        # output channels of each reader the search quantizes
 DEFAULT_CALIB = "random:4"
 
@@ -45,6 +55,7 @@ DEFAULT_CALIB = "random:4"
 class SmoothReport(PassReport):
     calibration: str = ""
     norms: list[dict] = field(default_factory=list)   # per linear input: name, alpha, max |X| before -> after
+    left: list[str] = field(default_factory=list)     # linear inputs where smoothing measured worse than none
 
     def summary(self) -> list[str]:
         if not self.norms:
@@ -53,9 +64,10 @@ class SmoothReport(PassReport):
         after = max(n["max_after"] for n in self.norms)
         alphas = sorted({n["alpha"] for n in self.norms})
         normed = sum(1 for n in self.norms if n.get("rmsnorm"))
+        left = f"; {len(self.left)} left as is (smoothing measured worse there)" if self.left else ""
         return [f"smooth: {len(self.norms)} linear inputs ({normed} of them RMSNorm outputs) shifted and scaled "
                 "into their readers "
-                f"(alpha {', '.join(map(str, alphas))}); largest |linear input| {before:.3g} -> {after:.3g}",
+                f"(alpha {', '.join(map(str, alphas))}); largest |linear input| {before:.3g} -> {after:.3g}{left}",
                 f"  calibration: {self.calibration}"]
 
 
@@ -100,24 +112,42 @@ class _Stats:
     lo: np.ndarray
     hi: np.ndarray
     rows: list[np.ndarray] = field(default_factory=list)
+    total: np.ndarray | float = 0.0
+    count: int = 0
 
     def add(self, x: np.ndarray, c: int, seed: int) -> None:
-        """Range per channel; a few random rows kept for the alpha search."""
+        """Range and sum per channel; a few random rows and the largest ones kept for the search."""
         x = np.asarray(x, np.float32).reshape(-1, c)
         self.lo = np.minimum(self.lo, x.min(axis=0))
         self.hi = np.maximum(self.hi, x.max(axis=0))
+        self.total = self.total + x.sum(axis=0, dtype=np.float64)
+        self.count += x.shape[0]
         pick = np.random.default_rng(seed).choice(x.shape[0], size=min(SAMPLE_ROWS, x.shape[0]), replace=False)
-        self.rows.append(x[np.sort(pick)])
+        pick = np.union1d(pick, np.argsort(np.abs(x).max(axis=1))[-TOP_ROWS:])
+        self.rows.append(x[pick])
+
+    def shift(self, kind: str) -> np.ndarray:
+        if kind == "none":
+            return np.zeros_like(self.lo, dtype=np.float64)
+        return (self.hi.astype(np.float64) + self.lo) / 2.0 if kind == "range" else self.total / max(self.count, 1)
+
+    def amax(self, shift: np.ndarray) -> np.ndarray:
+        """max |X - shift| per channel over the calibration."""
+        return np.maximum(np.abs(self.hi - shift), np.abs(self.lo - shift))
 
 
 def _int8_error(x: np.ndarray, w: np.ndarray, amax: float) -> float:
-    """Relative error of a per-tensor int8 x (scale from its calibrated max) times per-channel int8 w."""
+    """|error| of a per-tensor int8 x (scale from its calibrated max) times per-channel int8 w."""
     sx = max(amax, 1e-30) / 127.0
     xq = np.clip(np.rint(x / sx), -127, 127) * sx
     sw = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-30) / 127.0
     wq = np.rint(w / sw) * sw
-    ref = x @ w.T
-    return float(np.linalg.norm(xq @ wq.T - ref) / max(np.linalg.norm(ref), 1e-30))
+    return float(np.linalg.norm(xq @ wq.T - x @ w.T))
+
+
+def _rows(x: np.ndarray, tokens: int, c: int) -> np.ndarray:
+    """Sample rows as a reader sees them (the merger: ``tokens`` rows side by side)."""
+    return x if tokens == 1 else x[: x.shape[0] // tokens * tokens].reshape(-1, tokens * c)
 
 
 def _check_alpha(alpha: float | None) -> None:
@@ -165,47 +195,51 @@ def _smooth(model: Model, context: Context, o) -> tuple[Model, SmoothReport]:
 
     for site in sites:
         st, c = stats[site.tensor], site.width
-        shift = ((st.hi.astype(np.float64) + st.lo) / 2.0)
-        spread = np.maximum((st.hi.astype(np.float64) - st.lo) / 2.0, 1e-12)
+        shifts = {kind: st.shift(kind) for kind in SHIFTS}
         wmax = np.zeros(c)
         ws = []
-        bias_adds = []   # W s: each weight is read once, here
+        bias_adds: dict[str, list] = {kind: [] for kind in SHIFTS}   # W s: each weight is read once, here
         for lin, tokens in site.readers:
             w = weight_of(lin)
-            bias_adds.append(w @ np.tile(shift, tokens))
+            for kind, shift in shifts.items():
+                bias_adds[kind].append(w @ np.tile(shift, tokens))
             wmax = np.maximum(wmax, np.abs(w).reshape(w.shape[0], tokens, c).max(axis=(0, 1)))
             rows = np.random.default_rng(0).choice(w.shape[0], min(SEARCH_ROWS, w.shape[0]), replace=False)
             ws.append((w[np.sort(rows)].astype(np.float32), tokens))   # the search sees a sample of outputs
             del w
         wmax = np.maximum(wmax, 1e-12)
         sample = np.concatenate(st.rows).astype(np.float32)
+        centered = sample - st.shift("mean").astype(np.float32)
+        # what the error is judged against: the token-centered output, the same whatever the shift and scale
+        ref_norms = [max(float(np.linalg.norm(_rows(centered, tokens, c) @ w.T)), 1e-30) for w, tokens in ws]
 
-        def scales(a: float) -> np.ndarray:
-            t = spread ** a / wmax ** (1 - a)
+        def scales(kind: str, a: float | None) -> np.ndarray:
+            if a is None:
+                return np.ones(c)
+            t = np.maximum(st.amax(shifts[kind]), 1e-12) ** a / wmax ** (1 - a)
             return np.where(np.isfinite(t) & (t > 0), t, 1.0)
 
-        def error(a: float) -> float:
-            t = scales(a)
+        def error(choice: tuple[str, float | None]) -> float:
+            kind, a = choice
+            shift, t = st.shift(kind), scales(kind, a)
             xs = ((sample - shift) / t).astype(np.float32)
-            amax = float(np.max(np.maximum(np.abs(st.hi - shift), np.abs(st.lo - shift)) / t))   # calibrated range
-            err = 0.0
-            for w, tokens in ws:
-                xt = xs if tokens == 1 else xs[: xs.shape[0] // tokens * tokens].reshape(-1, tokens * c)
-                err += _int8_error(xt, w * np.tile(t, tokens).astype(np.float32), amax)
-            return err
+            amax = float(np.max(st.amax(shift) / t))   # calibrated range
+            return sum(_int8_error(_rows(xs, tokens, c), w * np.tile(t, tokens).astype(np.float32), amax) / ref
+                       for (w, tokens), ref in zip(ws, ref_norms))
 
-        if alpha is not None:
-            best = alpha
-        else:
-            best = min(ALPHAS, key=error)
-        t = scales(best)
-        max_after = float(np.max(np.maximum(np.abs(st.hi - shift), np.abs(st.lo - shift)) / t))
-        report.norms.append({"norm": site.tensor, "rmsnorm": site.norm is not None, "alpha": best,
+        choices = [(kind, a) for kind in SHIFTS for a in ((alpha,) if alpha is not None else ALPHAS)]
+        kind, best = min(choices, key=error)
+        plain = error(("none", None))
+        if alpha is None and plain <= error((kind, best)):
+            report.left.append(site.tensor)
+            continue
+        shift, t = shifts[kind], scales(kind, best)
+        report.norms.append({"norm": site.tensor, "rmsnorm": site.norm is not None, "alpha": best, "shift": kind,
                              "max_before": float(max(np.abs(st.hi).max(), np.abs(st.lo).max())),
-                             "max_after": max_after, "int8_error": error(best), "int8_error_no_smooth": _plain_error(ws, sample, c,
-                                                                                     st)})
+                             "max_after": float(np.max(st.amax(shift) / t)), "int8_error": error((kind, best)),
+                             "int8_error_no_smooth": plain})
         # readers: W -> W diag(t) (per token slot), b -> b + W s
-        for (lin, tokens), bias_add in zip(site.readers, bias_adds):
+        for (lin, tokens), bias_add in zip(site.readers, bias_adds[kind]):
             tt = np.tile(t, tokens)
             computed(lin.weight, (lambda w, tt=tt: w * tt) if lin.out_in else (lambda w, tt=tt: w * tt[:, None]),
                      inits[lin.weight])
@@ -249,14 +283,9 @@ def _smooth(model: Model, context: Context, o) -> tuple[Model, SmoothReport]:
     ng = helper.make_graph(nodes, g.name, list(g.input), list(g.output), initializer=list(new_inits.values()))
     out_model = with_graph(model, ng, sources)
     out_model.set_metadata("qvl_surgery.smooth", json.dumps({"calibrate": source, "alphas": {
-        n["norm"]: n["alpha"] for n in report.norms}}))
+        n["norm"]: n["alpha"] for n in report.norms}, "shifts": {n["norm"]: n["shift"] for n in report.norms},
+        "left": report.left}))
     return out_model, report
-
-
-def _plain_error(ws, sample: np.ndarray, c: int, st: _Stats) -> float:
-    amax = float(max(np.abs(st.hi).max(), np.abs(st.lo).max()))
-    return sum(_int8_error(sample if tokens == 1 else sample[: sample.shape[0] // tokens * tokens].reshape(-1, tokens * c),
-                           w, amax) for w, tokens in ws)
 
 
 class SmoothPass(Pass):

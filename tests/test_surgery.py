@@ -133,36 +133,113 @@ def test_smooth_removes_the_outlier_penalty(tiny_448, stand_ins, tmp_path):
     assert max(n["max_after"] for n in report.norms) * 3 < max(n["max_before"] for n in report.norms)
 
 
-@pytest.mark.parametrize("kind", ["outlier", "late-outlier", "offset"])
-def test_smooth_holds_on_outliers_of_other_shapes(kind, tmp_path):
-    """Stand-ins of other shapes (another onset block, more channels and larger values, a constant
-    bias-driven offset): naive w8a8 loses the content, smooth then w8a8 with nothing kept does not.
-    Calibrated on two photos, judged on a third (tiny, measured: naive 0.122 / 0.055 / 0.969,
-    smooth 0.99979 / 0.99981 / 0.99982)."""
-    from skimage import data
+CALIBRATED = ("rocket", "immunohistochemistry", "retina", "hubble_deep_field")
+JUDGED = ("astronaut", "coffee", "chelsea")
+
+
+@pytest.fixture(scope="module")
+def photo_judge(tmp_path_factory, tiny_448):
+    """Issue 26's measure: surgery and static ranges calibrated on four photos, W8A8 with nothing kept
+    (onnxruntime format) judged on three others by the mean token-centered cosine against fp32.
+    ``judge(fp32, surgered, tag, **quantize options)``; ``.calibrate`` names the four photos."""
     from PIL import Image
+    from skimage import data
     from passes.quantize import quantize_model
-    from passes.smooth import smooth_model
-    from qvl_surgery.core.export import export
     from qvl_surgery.core.inputs import load_inputs
     from qvl_surgery.core.values import write_value
+    d = tmp_path_factory.mktemp("photo_judge")
+    for name in CALIBRATED + JUDGED:
+        Image.fromarray(getattr(data, name)()).save(d / f"{name}.png")
+    feeds = [load_inputs(tiny_448, image=str(d / f"{n}.png")) for n in JUDGED]   # every 448x448 export's input
+
+    def judge(ref, model, tag, **options):
+        q, _ = quantize_model(load_model(model), activations="int8", format="onnxruntime", **options)
+        write_value(q, d / f"{tag}.onnx")
+        return float(np.mean([centered_cosine(ort_run(ref, f)[0], ort_run(d / f"{tag}.onnx", f)[0]) for f in feeds]))
+    judge.calibrate = ",".join(str(d / f"{n}.png") for n in CALIBRATED)
+    return judge
+
+
+MODES = {"dynamic": {}, "static": "calibrate", "token": {"activation_scale": "token"}}
+
+
+@pytest.fixture(scope="module")
+def twin(photo_judge, tiny_448):
+    """The no-outlier twin of every stand-in (random weights, seed 0): its W8A8 cosine per mode."""
+    return {m: photo_judge(tiny_448, tiny_448, f"twin_{m}", **_options(m, photo_judge)) for m in MODES}
+
+
+@pytest.fixture(scope="module")
+def smoothed(photo_judge, tmp_path_factory):
+    """``smoothed(kind)``: a stand-in's export, the same smoothed on the calibration photos, and the
+    smooth report; each made once."""
+    from passes.smooth import smooth_model
+    from qvl_surgery.core.export import export
+    from qvl_surgery.core.values import write_value
     from qvl_surgery.core.weights import STAND_INS
-    photos = []
-    for name in ("astronaut", "chelsea", "coffee"):
-        photos.append(tmp_path / f"{name}.png")
-        Image.fromarray(getattr(data, name)()).save(photos[-1])
-    src = tmp_path / "m.onnx"
-    export(STAND_INS[kind](TINY, 0), src, (448, 448), progress=False)
-    feeds = load_inputs(src, image=str(photos[2]))
-    ref = ort_run(src, feeds)[0]
-    got = {}
-    for how in ("naive", "smooth"):
-        model = load_model(src)
-        if how == "smooth":
-            model, _ = smooth_model(model, calibrate=f"{photos[0]},{photos[1]}")
-            write_value(model, tmp_path / "s.onnx")
-            model = load_model(tmp_path / "s.onnx")
-        q, _ = quantize_model(model, activations="int8", format="onnxruntime")
-        write_value(q, tmp_path / f"{how}.onnx")
-        got[how] = centered_cosine(ref, ort_run(tmp_path / f"{how}.onnx", feeds)[0])
-    assert got["naive"] < 0.98 and got["smooth"] > 0.999, got
+    d = tmp_path_factory.mktemp("smoothed")
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            src, sm = d / f"{kind}.onnx", d / f"{kind}_smoothed.onnx"
+            export(STAND_INS[kind](TINY, 0), src, (448, 448), progress=False)
+            model, report = smooth_model(load_model(src), calibrate=photo_judge.calibrate)
+            write_value(model, sm)
+            made[kind] = src, sm, report
+        return made[kind]
+    return get
+
+
+def _options(mode, judge):
+    return {"calibrate": judge.calibrate} if MODES[mode] == "calibrate" else MODES[mode]
+
+
+# stand-in -> the modes smooth must reach the twin in (issue 26: within 0.002). spike: massive values in
+# a few tokens, which no per-channel surgery moves out of a per-tensor scale set at run time (dynamic
+# stays at naive's 0.9949, twin 0.9998); static ranges clip it and per-token scales isolate it.
+SHAPES = {"early-outlier": ("dynamic", "static"),       # onset block 0, two channels
+          "late-outlier": ("dynamic", "static"),        # onset block 2, ten channels, 3e3
+          "wide-outlier": ("dynamic", "static"),        # 24 of 64 channels, 300
+          "huge-outlier": ("dynamic", "static"),        # 3e4
+          "proj-offset": ("dynamic", "static"),         # a constant bias-driven offset from attn.proj
+          "spike": ("static", "token")}
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("late-outlier", "proj-offset")
+                                  else k for k in SHAPES])
+def test_smooth_reaches_the_no_outlier_twin(kind, photo_judge, twin, smoothed):
+    """Outlier stand-ins of several shapes, smoothed and W8A8 with nothing kept, judged on photos the
+    calibration did not see: within 0.002 of what the same weights without the outliers reach (tiny,
+    scripts/surgery_study.py: gaps -0.00006..+0.00027)."""
+    src, sm, _ = smoothed(kind)
+    got = {m: photo_judge(src, sm, f"{kind}_{m}", **_options(m, photo_judge)) for m in SHAPES[kind]}
+    assert all(got[m] >= twin[m] - 0.002 for m in got), (got, twin)
+
+
+def test_smooth_leaves_a_token_spike_as_is(photo_judge, smoothed):
+    """A spike in a few tokens of down_proj's input (the spike stand-in): shifting by the middle of
+    its range put a constant into every token and scaling it moved the spike into the weights (W8A8
+    static 0.930 there, naive 0.9993); the search, judged against the centered output on a sample
+    that keeps the largest rows, leaves that input as is, and smoothed W8A8 is no worse than naive."""
+    src, sm, report = smoothed("spike")
+    assert report.left == ["/blocks.1/mlp/Mul_output_0"], report.left
+    assert "1 left as is" in report.summary()[0]
+    naive, after = (photo_judge(src, p, f"spike_{p.stem}") for p in (src, sm))
+    assert after >= naive - 1e-4, (naive, after)
+
+
+def test_stand_in_shapes_are_parameters():
+    """Every part of an outlier stand-in's shape is a keyword: onset, channels (indices or a count),
+    value, row_scale, writer; the rest of the weights are the twin's."""
+    from qvl_surgery.core.weights import OutlierWeights, RandomWeights
+    w = OutlierWeights(TINY, 0, onset=-1, channels=3, value=7.0, row_scale=1.0, writer="attn.proj")
+    twin = RandomWeights(TINY, 0)
+    assert w.block == TINY.depth - 1 and len(w.channels) == 3 and "the same in every token" in w.description
+    bias = w.array(f"blocks.{w.block}.attn.proj.bias")
+    assert np.all(bias[w.channels] == 7.0)
+    assert np.array_equal(np.delete(bias, w.channels), np.delete(twin.array(f"blocks.{w.block}.attn.proj.bias"),
+                                                                 w.channels))
+    assert np.array_equal(w.array("blocks.1.mlp.down_proj.bias"), twin.array("blocks.1.mlp.down_proj.bias"))
+    with pytest.raises(ValueError):
+        OutlierWeights(TINY, 0, writer="mlp.up_proj")

@@ -111,29 +111,49 @@ class OutlierWeights(RandomWeights):
     """Stand-in for a trained ViT's massive activations: from block 1 on, a few fixed residual
     channels carry ~1e3 (block 1's ``mlp.down_proj`` bias, plus its rows scaled up so the channels
     also vary with the image). After RMSNorm those channels set every per-tensor int8 scale, and
-    the other channels fall below one step: the failure of naive W8A8 on trained encoders."""
+    the other channels fall below one step: the failure of naive W8A8 on trained encoders.
 
-    CHANNELS = (7, 211, 643, 1109)
+    Every part of the shape is a class attribute, and can be given per instance (keywords):
+    ``onset`` (the block that writes them, from the end when negative), ``channels`` (residual
+    channel indices, taken modulo the hidden size, or a count: that many spread evenly),
+    ``value`` (the bias), ``row_scale`` (1: the same in every token, a bias-driven offset) and
+    ``writer`` (``mlp.down_proj`` or ``attn.proj``: the linear whose bias and rows carry them)."""
+
+    CHANNELS: tuple[int, ...] | int = (7, 211, 643, 1109)
     VALUE = 1.0e3
     ROW_SCALE = 40.0
-    ONSET = 1           # the block whose down_proj writes them (from the end when negative)
+    ONSET = 1           # the block whose writer writes them (from the end when negative)
+    WRITER = "mlp.down_proj"
     KIND = "outlier"
 
-    def __init__(self, cfg: VisionConfig, seed: int = 0):
+    def __init__(self, cfg: VisionConfig, seed: int = 0, *, onset: int | None = None,
+                 channels: tuple[int, ...] | int | None = None, value: float | None = None,
+                 row_scale: float | None = None, writer: str | None = None):
         super().__init__(cfg, seed)
-        self.channels = sorted({c % cfg.hidden_size for c in self.CHANNELS})
-        self.block = min(self.ONSET % cfg.depth, cfg.depth - 1)
-        varying = "" if self.ROW_SCALE != 1.0 else ", the same in every token"
+        c = cfg.hidden_size
+        channels = self.CHANNELS if channels is None else channels
+        if isinstance(channels, int):   # a count: spread evenly, off the multiples of 2
+            channels = tuple(int(k * c / channels) + (c // channels) // 2 for k in range(channels))
+        self.channels = sorted({int(ch) % c for ch in channels})
+        self.value = float(self.VALUE if value is None else value)
+        self.row_scale = float(self.ROW_SCALE if row_scale is None else row_scale)
+        self.writer = self.WRITER if writer is None else writer
+        if self.writer not in ("mlp.down_proj", "attn.proj"):
+            raise ValueError(f"writer {self.writer!r}: mlp.down_proj or attn.proj")
+        onset = self.ONSET if onset is None else onset
+        self.block = min(onset % cfg.depth, cfg.depth - 1)
+        varying = "" if self.row_scale != 1.0 else ", the same in every token"
+        where = "" if self.writer == "mlp.down_proj" else f" ({self.writer})"
         self.description = (f"{self.KIND} stand-in (random init, seed {seed}; residual channels "
                             f"{self.channels if len(self.channels) <= 8 else f'{len(self.channels)} of them'} "
-                            f"~{self.VALUE:g} from block {self.block} on{varying})")
+                            f"~{self.value:g} from block {self.block}{where} on{varying})")
 
     def array(self, name: str) -> np.ndarray:
         a = super().array(name)
-        if name == f"blocks.{self.block}.mlp.down_proj.bias":
-            a[self.channels] = self.VALUE
-        elif name == f"blocks.{self.block}.mlp.down_proj.weight":
-            a[self.channels] *= np.float32(self.ROW_SCALE)
+        if name == f"blocks.{self.block}.{self.writer}.bias":
+            a[self.channels] = self.value
+        elif name == f"blocks.{self.block}.{self.writer}.weight":
+            a[self.channels] *= np.float32(self.row_scale)
         return a
 
 
@@ -154,8 +174,77 @@ class OffsetWeights(OutlierWeights):
     KIND = "offset"
 
 
+class EarlyOutlierWeights(OutlierWeights):
+    """Outliers from the first block on, in two channels only."""
+    CHANNELS = (7, 643)
+    ONSET = 0
+    KIND = "early-outlier"
+
+
+class WideOutlierWeights(OutlierWeights):
+    """Many outlier channels (a third of the hidden size in tiny, 24 of 64; 24 of 1280 in the 3b), smaller."""
+    CHANNELS = 24
+    VALUE = 300.0
+    ROW_SCALE = 10.0
+    KIND = "wide-outlier"
+
+
+class HugeOutlierWeights(OutlierWeights):
+    """Larger values: 3e4 in four channels (near fp16's range), from block 1 on."""
+    VALUE = 3.0e4
+    ROW_SCALE = 200.0
+    KIND = "huge-outlier"
+
+
+class ProjOffsetWeights(OutlierWeights):
+    """A bias-driven offset written by another linear: block 2's attention output projection adds
+    500 to eight channels, the same in every token."""
+    CHANNELS = 8
+    VALUE = 500.0
+    ROW_SCALE = 1.0
+    ONSET = 2
+    WRITER = "attn.proj"
+    KIND = "proj-offset"
+
+
+
+class SpikeWeights(OutlierWeights):
+    """Massive activations in a few tokens only, as trained ViTs have them: one MLP hidden unit of the
+    onset block fires (a large gate with a negative bias: near zero in most tokens, large in the
+    few whose gate is in its tail), and ``down_proj`` writes it into the residual channels with
+    ``value`` per unit of it. The down_proj input carries the spike (one channel, a few tokens), and
+    the residual's massive channels vary from token to token."""
+
+    CHANNELS = (7, 643)
+    VALUE = 20.0
+    ROW_SCALE = 60.0     # the unit's gate and up rows, times this
+    THRESHOLD = 2.0      # the gate's bias, in standard deviations of the scaled gate
+    KIND = "spike"
+
+    def __init__(self, cfg: VisionConfig, seed: int = 0, **shape):
+        super().__init__(cfg, seed, **shape)
+        self.description = (f"{self.KIND} stand-in (random init, seed {seed}; MLP unit 0 of block {self.block} fires "
+                            f"in a few tokens, written into residual channels {self.channels} x{self.value:g})")
+
+    def array(self, name: str) -> np.ndarray:
+        a = RandomWeights.array(self, name)
+        p = f"blocks.{self.block}.mlp."
+        unit = 0
+        sd = self.row_scale * self.cfg.initializer_range * np.sqrt(self.cfg.hidden_size)
+        if name in (p + "gate_proj.weight", p + "up_proj.weight"):
+            a[unit] *= np.float32(self.row_scale)
+        elif name == p + "gate_proj.bias":
+            a[unit] = -self.THRESHOLD * sd
+        elif name == p + "up_proj.bias":
+            a[unit] = 2.0 * sd
+        elif name == p + "down_proj.weight":
+            a[self.channels, unit] = self.value
+        return a
+
 STAND_INS = {"random": RandomWeights, "overflow": OverflowWeights, "outlier": OutlierWeights,
-             "late-outlier": LateOutlierWeights, "offset": OffsetWeights}
+             "late-outlier": LateOutlierWeights, "offset": OffsetWeights, "early-outlier": EarlyOutlierWeights,
+             "wide-outlier": WideOutlierWeights, "huge-outlier": HugeOutlierWeights,
+             "proj-offset": ProjOffsetWeights, "spike": SpikeWeights}
 
 
 class StateDictWeights(WeightSource):
