@@ -3,7 +3,13 @@
 from one `--budget` measurement; the token-centered cosine of each result against onnxruntime fp32
 goes into COMPAT.md (its "toolchain configs" section, between markers; the rest of the file is kept).
 
-    scripts/toolchains-proof            # about 10 min on 2 cores; run it alone
+    scripts/toolchains-proof                  # about 15 min on 2 cores; run it alone
+    scripts/toolchains-proof --only targets   # the "targets" table alone (about 4 min)
+
+The "targets" table (issue 26): per file, ``qvl-surgery toolchains FILE --budget 0.99 --target rknn``
+calibrated on four scikit-image photos, its rknn hybrid config built by rknn-toolkit2's simulator, and
+the centered cosine against onnxruntime fp32 on three other photos, beside the figure of the
+emulation the budget measured in (passes/quantize/target.py) for the same keep-list and photos.
 
 Each client runs in its own virtualenv under .compat/<client>/ (made on first use, as scripts/compat
 does) and runs this file as a worker (``--worker JOB.json``): above the worker section only the
@@ -30,6 +36,10 @@ WORK = ROOT / ".compat" / "toolchains"
 BUDGET = "0.9995"
 CALIB = 8
 MARK_BEGIN, MARK_END = "<!-- toolchain configs: begin -->", "<!-- toolchain configs: end -->"
+TARGETS_BEGIN, TARGETS_END = "<!-- toolchain targets: begin -->", "<!-- toolchain targets: end -->"
+TARGET_BUDGET = "0.99"
+CALIB_PHOTOS = ("rocket", "immunohistochemistry", "retina", "hubble_deep_field")
+EVAL_PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
 def _eval_input() -> np.ndarray:
@@ -76,10 +86,11 @@ def _rknn_job(job: dict) -> None:
         ok(r.hybrid_quantization_step2(model_input=job["model_file"], data_input=job["data_file"],
                                        model_quantization_cfg=job["cfg"]), "hybrid_quantization_step2")
     ok(r.init_runtime(), "init_runtime")
-    y = r.inference(inputs=[np.load(job["eval"])])
-    if y is None:
-        raise RuntimeError("rknn inference returned None")
-    np.save(job["out"], np.asarray(y[0]))
+    for x, out in zip(job.get("evals") or [job["eval"]], job.get("outs") or [job["out"]]):
+        y = r.inference(inputs=[np.load(x)])
+        if y is None:
+            raise RuntimeError("rknn inference returned None")
+        np.save(out, np.asarray(y[0]))
     r.release()
 
 
@@ -125,21 +136,38 @@ def copy_model(src: Path, dst_dir: Path) -> Path:
     return dst_dir / src.name
 
 
+def stand_in_files(d: Path, stand_in: str, calibrate: str) -> tuple[Path, Path]:
+    """The tiny stand-in's windowed export and its smoothed form (``smooth --calibrate calibrate``)."""
+    from qvl_surgery.core.config import PRESETS
+    from qvl_surgery.core.export import export
+    from qvl_surgery.core.weights import STAND_INS
+    src = d / f"{stand_in}.onnx"
+    export(STAND_INS[stand_in](PRESETS["tiny"], 0), src, (448, 448), progress=False)
+    win, sm = d / f"{stand_in}_windowed.onnx", d / f"{stand_in}_smoothed.onnx"
+    qvl("attention", src, "-o", win, "-q")
+    qvl("smooth", win, "-o", sm, "-q", "--calibrate", calibrate)
+    return win, sm
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--output", type=Path, default=ROOT / "COMPAT.md")
     ap.add_argument("--clients", default="nncf,rknn")
+    ap.add_argument("--only", choices=("configs", "targets"), help="one of the two tables (the other is kept)")
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a.worker)
     clients = {k: v for k, v in _clients().items() if k in a.clients.split(",")}
+    if a.only != "configs" and "rknn" in clients:
+        from harness.venv import make_venv
+        make_venv(clients["rknn"].venv, "rknn")
+        write_section(a.output, targets_lines(targets(clients["rknn"])), TARGETS_BEGIN, TARGETS_END)
+    if a.only == "targets":
+        return 0
     from harness.venv import make_venv
     from qvl_surgery.core.metrics import centered_cosine, cosine
-    from qvl_surgery.core.config import PRESETS
-    from qvl_surgery.core.export import export
     from qvl_surgery.core.runners import run_model
-    from qvl_surgery.core.weights import STAND_INS
     for c in clients.values():
         make_venv(c.venv, c.name)
     if WORK.exists():
@@ -154,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_npz.append(p)
     rows = []
     for stand_in in ("outlier", "random"):
-        src = WORK / f"{stand_in}.onnx"
-        export(STAND_INS[stand_in](PRESETS["tiny"], 0), src, (448, 448), progress=False)
-        win = WORK / f"{stand_in}_windowed.onnx"
-        qvl("attention", src, "-o", win, "-q")
-        sm = WORK / f"{stand_in}_smoothed.onnx"
-        qvl("smooth", win, "-o", sm, "-q", "--calibrate", "random:4")
+        win, sm = stand_in_files(WORK, stand_in, "random:4")
         for label, model in (("plain export (windowed)", win), ("smoothed", sm)):
             ref = run_model(model, {"pixel_values": x})["image_embeds"]
             cfg = WORK / f"{model.stem}.configs"
@@ -211,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                     cells[("rknn", True)] = score(d2 / "out.npy", *run_job(clients["rknn"], job))
             rows.append((stand_in, label, summary, keep, cells))
             print(stand_in, label, cells, flush=True)
-    write_section(a.output, rows, clients)
+    write_section(a.output, configs_lines(rows))
     return 0
 
 
-def write_section(path: Path, rows, clients) -> None:
+def configs_lines(rows) -> list[str]:
     from compat_catalog import CLIENTS
-    lines = [MARK_BEGIN, "## Toolchain configs (issue 17): with and without the toolkit's keep-list", "",
+    lines = ["## Toolchain configs (issue 17): with and without the toolkit's keep-list", "",
              "Written by `scripts/toolchains-proof` (do not edit by hand). The tiny stand-ins (outlier: four residual "
              "channels ~1e3 from block 1 on; random weights), each as the plain windowed export and after `smooth "
              "--calibrate random:4`. For each file `qvl-surgery toolchains FILE --budget " + BUDGET + " --dataset "
@@ -231,8 +254,8 @@ def write_section(path: Path, rows, clients) -> None:
              "`build(do_quantization=True, dataset=calib/rknn/dataset.txt)` (w8a8); with: `hybrid_quantization_step1` "
              "on the same dataset, the cfg edited by `qvl-surgery toolchains ... --rknn-step1 DIR`, "
              "`hybrid_quantization_step2` (the config: the kept linears and the residual stream, i.e. the residual "
-             "Adds and RMSNorms, in float16: rknn quantizes every activation, and a residual carrying ~1e3 gets an "
-             "int8 step of ~4); and `config(quantized_dtype='w16a16i_dfp')`, rk3588's 16-bit integer route "
+             "Adds and RMSNorms, in int16 (`--rknn-dtype`, float16 on request): rknn quantizes every activation, and "
+             "a residual carrying ~1e3 gets an int8 step of ~4); and `config(quantized_dtype='w16a16i_dfp')`, rk3588's 16-bit integer route "
              "(w8a16 and w4a16 are refused for rk3588).", "",
              "| stand-in | file | keep-list (--budget " + BUDGET + ") | NNCF, none | NNCF, with config | rknn w8a8 | "
              "rknn hybrid, with config | rknn w16a16i_dfp |", "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -241,15 +264,129 @@ def write_section(path: Path, rows, clients) -> None:
         lines.append(f"| {stand_in} | {label} | {kept} ({100 * keep['kept_share']:.1f}% of the multiply-adds) | "
                      + " | ".join(cells.get(k, "not run") for k in (("nncf", False), ("nncf", True), ("rknn", False),
                                                                   ("rknn", True), ("rknn", "w16"))) + " |")
-    lines += ["", MARK_END]
+    return lines + [""]
+
+
+def write_section(path: Path, lines: list[str], begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
+    """``lines`` between ``begin`` and ``end`` in ``path`` (the configs table between the section's
+    own markers, keeping the targets table nested in it; the targets table between its markers,
+    inside the section); the rest of the file kept."""
     text = path.read_text() if path.exists() else ""
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + "\n".join(lines) + rest.split(MARK_END, 1)[1]
+    if MARK_BEGIN not in text:
+        text = text.rstrip() + "\n\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
+    head, rest = text.split(MARK_BEGIN, 1)
+    section, tail = rest.split(MARK_END, 1)
+    if begin == MARK_BEGIN:   # the configs table: the targets table nested in the section survives
+        nested = ""
+        if TARGETS_BEGIN in section:
+            nested = TARGETS_BEGIN + section.split(TARGETS_BEGIN, 1)[1].split(TARGETS_END, 1)[0] + TARGETS_END + "\n"
+        section = "\n" + "\n".join(lines) + "\n" + nested
     else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+        block = begin + "\n" + "\n".join(lines) + "\n" + end
+        if begin in section:
+            before, after = section.split(begin, 1)
+            section = before + block + after.split(end, 1)[1]
+        else:
+            section = section.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(head + MARK_BEGIN + section + MARK_END + tail)
     print(f"wrote {path}")
+
+
+# ============================================================================ targets (issue 26)
+
+def _photos(d: Path, names) -> list[Path]:
+    import skimage.data
+    from PIL import Image
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        a = np.asarray(getattr(skimage.data, n)())
+        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
+        out.append(d / f"{n}.png")
+        Image.fromarray(a).save(out[-1])
+    return out
+
+
+def _emulated(model: Path, keep: dict, calib: list[dict], evals: list[dict], ref: list[np.ndarray]) -> list[float]:
+    """The centered cosine on ``evals`` of the emulation --budget measured in, for ``keep``'s list."""
+    from passes.quantize.target import emulator
+    from qvl_surgery.core.linears import find_linears
+    from qvl_surgery.core.metrics import centered_cosine
+    from qvl_surgery.core.modelfile import load_model
+    from qvl_surgery.core.segments import run_segments
+    m = load_model(model)
+    emu = emulator(m, calib, "rknn", find_linears(m, []))(keep["kept"])
+    got: list[np.ndarray] = []
+    run_segments(emu, evals, ["image_embeds"], lambda name, v: got.append(np.asarray(v, np.float32)))
+    return [centered_cosine(r, g) for r, g in zip(ref, got)]
+
+
+def targets(rknn) -> list[dict]:
+    """Per file: toolchains --budget --target rknn on photos, rknn's simulator with the written hybrid
+    config, the emulation's figure; on the photos the calibration did not see."""
+    from qvl_surgery.core.inputs import InputSource
+    from qvl_surgery.core.metrics import centered_cosine
+    from qvl_surgery.core.runners import run_model
+    work = WORK / "targets"
+    if work.exists():
+        shutil.rmtree(work)
+    calib_png, eval_png = _photos(work / "photos", CALIB_PHOTOS), _photos(work / "photos", EVAL_PHOTOS)
+    calib = ",".join(map(str, calib_png))
+    rows = []
+    for stand_in in ("random", "outlier"):
+        win, sm = stand_in_files(work, stand_in, calib)
+        for label, model in (("plain (windowed)", win), ("smoothed", sm)):
+            cfg = work / f"{model.stem}.configs"
+            qvl("toolchains", model, "--budget", TARGET_BUDGET, "--target", "rknn", "--activations", "int8",
+                "--calibrate", calib, "--dataset", calib, "-o", cfg, "-q")
+            keep = json.loads((cfg / "keep.json").read_text())
+            feeds = InputSource.parse(",".join(map(str, eval_png)), "dataset", random_ok=False).sets(model)
+            evals = []
+            for png, f in zip(eval_png, feeds):
+                evals.append(work / f"{model.stem}.{png.stem}.npy")
+                np.save(evals[-1], f["pixel_values"])
+            ref = [run_model(model, f)["image_embeds"] for f in feeds]
+            calib_feeds = InputSource.parse(calib, "calibrate", random_ok=False).sets(model)
+            emulated = _emulated(model, keep, calib_feeds, feeds, ref)
+            d1 = work / "jobs" / f"{model.stem}-step1"
+            m = copy_model(model, d1 / "in")
+            ok, why, _ = run_job(rknn, {"client": "rknn", "step": "step1", "dir": str(d1), "model": str(m),
+                                        "dataset": str(cfg / "calib" / "rknn" / "dataset.txt")})
+            sim = why if not ok else None
+            if ok:
+                hyb = work / f"{model.stem}.rknn-configs"
+                qvl("toolchains", model, "--keep-from", cfg / "keep.json", "--rknn-step1", d1, "-o", hyb, "-q")
+                d2 = work / "jobs" / f"{model.stem}-step2"
+                outs = [str(d2 / f"out.{p.stem}.npy") for p in eval_png]
+                ok, why, _ = run_job(rknn, {"client": "rknn", "step": "step2", "dir": str(d2),
+                                            "model_file": str(next(d1.glob("*.model"))),
+                                            "data_file": str(next(d1.glob("*.data"))),
+                                            "cfg": str(hyb / "rknn.quantization.cfg"), "evals": list(map(str, evals)),
+                                            "outs": outs})
+                sim = [centered_cosine(r, np.load(o).reshape(r.shape)) for r, o in zip(ref, outs)] if ok else why
+            rows.append({"stand_in": stand_in, "file": label, "keep": keep, "emulation": emulated, "simulator": sim})
+            print(stand_in, label, sorted(keep["kept"]), emulated, sim, flush=True)
+    return rows
+
+
+def targets_lines(rows: list[dict]) -> list[str]:
+    worst = lambda v: f"{min(v):.5f}" if isinstance(v, list) else f"fails: {v}"   # noqa: E731
+    lines = ["### Targets (issue 26): the budget measured in rknn's arithmetic, checked in rknn's simulator", "",
+             f"`qvl-surgery toolchains FILE --budget {TARGET_BUDGET} --target rknn --activations int8 --calibrate "
+             f"PHOTOS --dataset PHOTOS` (photos: scikit-image's {', '.join(CALIB_PHOTOS)}) measures the keep-list in "
+             "the emulation of rknn-toolkit2's arithmetic (passes/quantize/target.py) and writes the configs; "
+             "`hybrid_quantization_step1` on the same photos, `toolchains --keep-from keep.json --rknn-step1` (the kept "
+             "linears and the residual stream in int16), `hybrid_quantization_step2`, the rk3588 simulator. Cells: "
+             f"token-centered cosine against onnxruntime fp32, worst of {', '.join(EVAL_PHOTOS)} (not calibrated on); "
+             "the emulation on the same photos with the same keep-list.", "",
+             "| stand-in | file | kept (share of multiply-adds) | emulation | rknn simulator | difference |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        kept = ", ".join(sorted({k.split("/")[1] for k in r["keep"]["kept"]})) or "nothing"
+        diff = (f"{abs(min(r['emulation']) - min(r['simulator'])):.5f}" if isinstance(r["simulator"], list) else "-")
+        lines.append(f"| {r['stand_in']} | {r['file']} | {kept} ({100 * r['keep']['kept_share']:.1f}%) | "
+                     f"{worst(r['emulation'])} | {worst(r['simulator'])} | {diff} |")
+    return lines
 
 
 def _version(pkg: str) -> str:
