@@ -108,11 +108,19 @@ class Evaluator:
         total = sum(macs.values()) or 1
         self.share = {lin.name: macs[lin.name] / total for lin in prep.linears}
         self.group_share = {g: sum(self.share[lin.name] for lin in ls) for g, ls in self.groups.items()}
+        clock = time.perf_counter()
         self.chain = self._chain()
-        if self.chain is not None and prep.scheme.target == "onnxruntime":   # its float variant is the model
-            self.ref = [self.chain.run(set(), s) for s in range(len(self.feeds))]
-        else:
-            self.ref = self._outputs_of(prep.model, self.feeds)
+        log.info("budget: chain built: %s (%.1f s)", self.chain is not None, time.perf_counter() - clock)
+        self._ref: list[dict[str, np.ndarray] | None] = [None] * len(self.feeds)
+        if self.chain is None or prep.scheme.target != "onnxruntime":
+            self._ref = self._outputs_of(prep.model, self.feeds)
+
+    def ref(self, s: int) -> dict[str, np.ndarray]:
+        """fp32's outputs on input set ``s`` (through the chain's float variant, which is the model
+        itself in onnxruntime, when first asked)."""
+        if self._ref[s] is None:
+            self._ref[s] = self.chain.run(set(), s)
+        return self._ref[s]
 
     def _chain(self):
         from passes.quantize.chain import GroupChain, NotChainable
@@ -137,7 +145,7 @@ class Evaluator:
 
     def _score(self, s: int, got: dict[str, np.ndarray]) -> float:
         from qvl_surgery.core.metrics import centered_cosine
-        return min(centered_cosine(self.ref[s][o], got[o]) for o in self.outputs)
+        return min(centered_cosine(self.ref(s)[o], got[o]) for o in self.outputs)
 
     def cosine(self, quantized: list[Linear], sets: int | None = None, stop_below: float | None = None) -> float:
         """The worst centered cosine over the input sets (the first ``sets``) with exactly ``quantized``
@@ -148,6 +156,7 @@ class Evaluator:
         if self.chain is not None and names == {lin.name for g in whole for lin in self.groups[g]}:
             worst = 1.0
             for s in range(n):
+                self.ref(s)                          # first: the candidate's run then starts from its state
                 worst = min(worst, self._score(s, self.chain.run(whole, s)))
                 if stop_below is not None and worst < stop_below:
                     break
@@ -202,7 +211,8 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
     merger, the patch embed): the error that group alone quantized adds on the first input set
     (:meth:`Evaluator.estimated_alone_errors`). Groups are ranked by that error per multiply-add; the
     shortest prefix of the ranking that meets the budget on every input set is found by galloping and
-    bisection, each candidate run end to end (its input sets in turn, until one misses)."""
+    bisection, each candidate run end to end (its input sets in turn, until one misses); then each kept
+    group, the largest first, is quantized again where the budget holds without it."""
     if not 0.0 < budget < 1.0:
         raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
     clock = time.perf_counter()
@@ -242,13 +252,24 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if meets(mid) else (mid, hi)
         k = hi
+    kept = order[:k]
+    # the ranking is an estimate: each kept group, the largest first, goes back to quantized where the
+    # budget still holds without it (one end-to-end candidate each)
+    pruned: dict[str, float] = {}
+    for g in sorted(kept, key=lambda g: -share[g]) if len(kept) > 1 else []:
+        rest = [x for x in kept if x != g]
+        pruned[g] = ev.all_but(rest, stop_below=budget)
+        log.info("budget: without %s: %.6f (%.1f s)", g, pruned[g], time.perf_counter() - clock)
+        if pruned[g] >= budget:
+            kept, tried[k] = rest, pruned[g]
     chosen = dict(prep.kept)
-    chosen.update({lin.name: "budget" for g in order[:k] for lin in groups[g]})
+    chosen.update({lin.name: "budget" for g in kept for lin in groups[g]})
     prep.report.budget = {
-        "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": order[:k],
-        "kept_share_of_multiply_adds": round(sum(share[g] for g in order[:k]), 5), "calibration": ev.what,
+        "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": kept,
+        "kept_share_of_multiply_adds": round(sum(share[g] for g in kept), 5), "calibration": ev.what,
         "measured_by": "group chain" if ev.chain is not None else "whole builds",
         "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
+        "without": {g: round(v, 6) for g, v in pruned.items()},
         "sensitivity": [{"group": g, "estimated_alone_error": float(f"{gain[g]:.3e}"), "share": round(share[g], 5)}
                         for g in sorted(groups, key=lambda g: -gain[g])],
     }

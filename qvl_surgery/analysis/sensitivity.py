@@ -43,13 +43,16 @@ def measured_scheme(given: dict) -> Scheme:
     return Scheme.of(values)
 
 
-def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = False,
+def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = False, end_to_end: bool = False,
                 reference: str | Path | None = None, progress: bool = False, **scheme) -> dict:
     """Per group of linears (each block, the merger, the patch embed) and, with ``per_linear``, per
-    linear: the error (1 - token-centered cosine of the outputs against fp32, worst over the
-    calibration inputs) that quantizing it alone adds, beside its share of the linears'
-    multiply-adds; and the cosine with every linear quantized. Each figure quantizes and runs the
-    whole model (one run per group: a 3b's 34 groups are 34 runs per input set). ``scheme``:
+    linear: the error (1 - token-centered cosine of the outputs against fp32) that quantizing it alone
+    adds, beside its share of the linears' multiply-adds; and the cosine with every linear quantized
+    (worst over the input sets). Per group, by default, the budget's estimate on the first input set
+    (:meth:`~passes.quantize.Evaluator.estimated_alone_errors`: about three runs of the model, the first
+    group and the last two measured end to end); with ``end_to_end``, every group measured end to end
+    on every input set (one run per group and set, each from its group on). Per linear: the model
+    quantized and run whole for each. ``scheme``:
     quantize's scheme options by name (``weights``, ``activations``, ``format``, ``block_size``,
     ``calibrate``, ``calibrate_method``; :func:`measured_scheme` fills in the rest). ``inputs``: the
     measurement's input sets (default: ``calibrate``'s, else ``random:4``); ``calibrate`` makes the
@@ -60,11 +63,13 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
     ev = Evaluator(prep, context, inputs or s.calibrate, "inputs" if inputs else "calibrate")
     out = {"scheme": prep.plan(prep.kept).label, "format": s.format, "target": s.target, "calibration": ev.what,
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
-           "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7), "groups": []}
-    for g, ls in ev.groups.items():
-        c = ev.cosine(ls)
-        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6), "alone_centered_cosine": round(c, 7),
-                              "alone_error": float(f"{1.0 - c:.3e}")})
+           "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7),
+           "groups_measured": "end to end, every input set" if end_to_end else
+           "estimated on the first input set (first and last two groups end to end)", "groups": []}
+    errors = ev.alone_errors(len(ev.feeds)) if end_to_end else ev.estimated_alone_errors()[0]
+    for g in ev.groups:
+        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6),
+                              "alone_error": float(f"{errors[g]:.3e}")})
     if per_linear:
         out["linears"] = []
         for lin in ev.todo:
@@ -76,7 +81,7 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
 
 
 def sensitivity_study(models: list[Path], output: Path, *, labels: list[str] | None = None, inputs: str | None = None,
-                      per_linear: bool = False, scheme: dict, overwrite: bool = False, progress: bool = True,
+                      per_linear: bool = False, end_to_end: bool = False, scheme: dict, overwrite: bool = False, progress: bool = True,
                       guard: list[Path] | None = None, echo: Callable[[str], None] = lambda line: None) -> list[dict]:
     """:func:`sensitivity` of each model under ``scheme`` (quantize's
     scheme options, checked), written to ``output``/sensitivity.json and sensitivity.png; ``echo``
@@ -95,7 +100,8 @@ def sensitivity_study(models: list[Path], output: Path, *, labels: list[str] | N
     check_new_dir(output, overwrite=overwrite, inputs=guard)
     results = []
     for i, m in enumerate(models):
-        r = sensitivity(load_model(m), inputs=inputs, per_linear=per_linear, progress=progress, **scheme)
+        r = sensitivity(load_model(m), inputs=inputs, per_linear=per_linear, end_to_end=end_to_end, progress=progress,
+                        **scheme)
         results.append({"model": str(m), "label": labels[i] if labels else m.stem, **r})
         worst = sorted(r["groups"], key=lambda g: -g["alone_error"])[:4]
         echo(f"{m}: {r['scheme']} ({r['format']}), every linear quantized: centered cosine "

@@ -26,8 +26,9 @@ class Sensitivity(Command):
         sv.add_argument("--label", action="append", help="a name per model for the plot (repeatable; default: file "
                         "names)")
         sv.add_argument("--inputs", metavar="SRC", help="the measurement's inputs: .npz or image file(s), comma "
-                        "separated, or random:N (default: --calibrate's, else random:4; on a 3b each set costs one "
-                        "whole run per block)")
+                        "separated, or random:N (default: --calibrate's, else random:4)")
+        sv.add_argument("--end-to-end", action="store_true", help="measure each group end to end on every input set "
+                        "(one run per group and set; default: estimated in about three runs on the first set)")
         sv.add_argument("--per-linear", action="store_true", help="also each linear alone (one quantize-and-run "
                         "each: 5 per block)")
 
@@ -39,14 +40,14 @@ class Sensitivity(Command):
         guard, scheme = self._checked(a)
         from qvl_surgery.analysis.sensitivity import sensitivity_study
         sensitivity_study(a.models, a.output, labels=a.label, inputs=a.inputs, per_linear=a.per_linear,
-                          scheme=scheme, guard=guard, echo=print, **self.write.values(a))
+                          end_to_end=a.end_to_end, scheme=scheme, guard=guard, echo=print, **self.write.values(a))
         return 0
 
     def script(self, a: argparse.Namespace) -> list[str]:
         _, scheme = self._checked(a)
         return ["from qvl_surgery.analysis.sensitivity import sensitivity_study",
                 f"sensitivity_study({py(a.models)}, {py(a.output)}, labels={py(a.label)}, inputs={a.inputs!r}, "
-                f"per_linear={a.per_linear}, scheme={py(scheme)}, echo=print, {self.write.render(a)})"]
+                f"per_linear={a.per_linear}, end_to_end={a.end_to_end}, scheme={py(scheme)}, echo=print, {self.write.render(a)})"]
 
 
 def checked_models(models: list[Path], labels: list[str] | None) -> list[Path]:
