@@ -59,7 +59,8 @@ class SmoothReport(PassReport):
 
     def summary(self) -> list[str]:
         if not self.norms:
-            return ["smooth: nothing to do"]
+            return ["smooth: nothing to do" + (f" ({len(self.left)} linear inputs measured worse smoothed, left as is)"
+                                               if self.left else "")]
         before = max(n["max_before"] for n in self.norms)
         after = max(n["max_after"] for n in self.norms)
         alphas = sorted({n["alpha"] for n in self.norms})

@@ -10,7 +10,10 @@ three others (astronaut, coffee, chelsea): token-centered cosine against the sta
 output, the mean over the three. The gap is the twin's W8A8 cosine minus the stand-in's.
 
     .venv/bin/python scripts/surgery_study.py                     # the table (about 2 min on 2 cores)
-    .venv/bin/python scripts/surgery_study.py --diagnose outlier  # per linear input, after smooth
+    .venv/bin/python scripts/surgery_study.py --modes dynamic,static,token   # per-token scales too
+    .venv/bin/python scripts/surgery_study.py --kinds spike --sweep --variants naive,smooth
+                                               # shapes off the named ones (SWEEP: keywords of the stand-ins)
+    .venv/bin/python scripts/surgery_study.py --diagnose spike    # per linear input, after smooth
 
 ``--diagnose`` lists, per linear input of the smoothed stand-in beside the twin's, the local int8
 error (per-tensor activations, per-channel weights, on the judged photos, relative to the centered
@@ -99,20 +102,20 @@ class Study:
         return {(v, m): self.cosine(src, self.w8a8(self.surgered(src, v), m)) for v in variants for m in modes}
 
 
-def table(study: Study, kinds: list[str], modes=MODES) -> list[str]:
+def table(study: Study, kinds: list[str], modes=MODES, variants=VARIANTS) -> list[str]:
     from qvl_surgery.core.config import PRESETS
     from qvl_surgery.core.weights import STAND_INS
     twin = study.row("random", ("naive",), modes)
-    lines = ["| stand-in | " + " | ".join(f"{v} {m}" for v in VARIANTS for m in modes)
+    lines = ["| stand-in | " + " | ".join(f"{v} {m}" for v in variants for m in modes)
              + " | gap to the twin (smooth or rotate+smooth, the better) |",
-             "|---|" + "---:|" * (len(VARIANTS) * len(modes) + 1)]
+             "|---|" + "---:|" * (len(variants) * len(modes) + 1)]
     lines.append("| twin (random) | " + " | ".join(f"{twin[('naive', m)]:.5f}" if v == "naive" else ""
-                                                    for v in VARIANTS for m in modes) + " | |")
+                                                    for v in variants for m in modes) + " | |")
     notes = []
     for kind in kinds:
-        r = study.row(kind, VARIANTS, modes)
-        gaps = {m: twin[("naive", m)] - max(r[(v, m)] for v in SMOOTHED) for m in modes}
-        lines.append(f"| {kind} | " + " | ".join(f"{r[(v, m)]:.5f}" for v in VARIANTS for m in modes)
+        r = study.row(kind, variants, modes)
+        gaps = {m: twin[("naive", m)] - max(r[(v, m)] for v in SMOOTHED if v in variants) for m in modes}
+        lines.append(f"| {kind} | " + " | ".join(f"{r[(v, m)]:.5f}" for v in variants for m in modes)
                      + " | " + ", ".join(f"{m} {g:+.5f}" for m, g in gaps.items()) + " |")
         notes.append(f"- {kind}: {STAND_INS[kind](PRESETS['tiny'], 0).description}")
         print(lines[-1], flush=True)
@@ -157,20 +160,45 @@ def diagnose(study: Study, kind: str, how: str = "smooth") -> list[str]:
     return lines
 
 
+SWEEP = {   # name: (class name, shape keywords); the class's own shape where not given
+    "outlier@0x1": ("OutlierWeights", dict(onset=0, channels=1)),
+    "outlier@3x8": ("OutlierWeights", dict(onset=3, channels=8)),
+    "outlier-40ch": ("OutlierWeights", dict(channels=40, value=100.0)),
+    "outlier-1e4-flat": ("OutlierWeights", dict(value=1e4, row_scale=1.0)),
+    "outlier-varying": ("OutlierWeights", dict(value=100.0, row_scale=400.0)),
+    "spike@0": ("SpikeWeights", dict(onset=0)),
+    "spike@2x4-100": ("SpikeWeights", dict(onset=2, channels=4, value=100.0)),
+    "proj-offset@0": ("ProjOffsetWeights", dict(onset=0, value=2000.0)),
+}
+
+
+def _sweep():
+    """Register the sweep's shapes in STAND_INS (for this process) and name them."""
+    import functools
+    from qvl_surgery.core import weights
+    for name, (cls, shape) in SWEEP.items():
+        weights.STAND_INS[name] = functools.partial(getattr(weights, cls), **shape)
+        yield name
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", default="outlier,late-outlier,offset,early-outlier,wide-outlier,huge-outlier,proj-offset,spike")
     ap.add_argument("--modes", default=",".join(MODES), help="dynamic, static, token (default dynamic,static)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--sweep", action="store_true", help="also shapes off the named ones (keywords of the stand-ins)")
     ap.add_argument("--diagnose", metavar="KIND", help="per linear input after smooth instead of the table")
     ap.add_argument("--how", default="smooth", help="the surgery --diagnose looks after (default smooth)")
     ap.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
     a = ap.parse_args()
+    swept = list(_sweep())   # registered, so that --diagnose takes their names too
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         study = Study(work)
-        lines = diagnose(study, a.diagnose, a.how) if a.diagnose else table(study, a.kinds.split(","), a.modes.split(","))
+        lines = diagnose(study, a.diagnose, a.how) if a.diagnose else table(study, a.kinds.split(",") + (swept if a.sweep else []),
+                                                                 a.modes.split(","), a.variants.split(","))
     print("\n".join(lines))
 
 
