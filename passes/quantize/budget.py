@@ -176,21 +176,25 @@ class Evaluator:
         base = 1.0 - self.all_but(list(self.groups), sets)
         return {g: 1.0 - self.cosine(ls, sets) - base for g, ls in self.groups.items()}
 
-    def estimated_alone_errors(self) -> tuple[dict[str, float], dict[str, float]]:
-        """:meth:`alone_errors` on the first input set, estimated in about two runs of the model instead
+    def estimated_alone_errors(self, measure: int = 0) -> tuple[dict[str, float], set[str]]:
+        """:meth:`alone_errors` on the first input set, estimated in about three runs of the model instead
         of one per group: each group quantized alone on the float run's own inputs to it gives the
         squared error of its outputs (``chain.local_errors``). The first group's and the last two groups'
         alone errors are measured end to end (the last two are next to the outputs: cheap); the ratio of
         alone error to local error, the gain of the residual stream they all feed, is measured at the
-        first group and the second-last and interpolated in log between them. Returns
-        (the estimates, the local squared errors); without a chain, :meth:`alone_errors`."""
+        first group and the second-last and interpolated in log between them. Then the ``measure``
+        groups estimated to cost the most per multiply-add are measured end to end too. Returns the
+        errors and the groups measured end to end; without a chain, every group is measured."""
         if self.chain is None:
             exact = self.alone_errors(1)
-            return exact, {}
+            return exact, set(exact)
         local = self.chain.local_errors(0)
         base = 1.0 - self.all_but(list(self.groups), 1)
         parts = list(dict.fromkeys(p.group for p in self.chain.parts))
-        exact = {g: 1.0 - self.cosine(self.groups[g], 1) - base for g in {parts[0], *parts[-2:]}}
+
+        def alone(g: str) -> float:
+            return 1.0 - self.cosine(self.groups[g], 1) - base
+        exact = {g: alone(g) for g in dict.fromkeys([*parts[-1:], *parts[-2:-1], parts[0]])}
         # the stream's gain from a group's squared error to the outputs' error, measured at the first
         # group and the second-last, in between interpolated in log over the groups' positions
         ends = [i for i in (0, len(parts) - 2) if i >= 0 and local.get(parts[i], 0) > 0 and exact[parts[i]] > 0]
@@ -202,14 +206,18 @@ class Evaluator:
                 if g not in est:
                     t = 0.0 if a == b else min(max((i - a) / (b - a), 0.0), 1.0)
                     est[g] = float(np.exp(ga + t * (gb - ga))) * local[g]
-        return {g: est.get(g, 0.0) for g in parts}, local
+        est = {g: est.get(g, 0.0) for g in parts}
+        top = sorted(parts, key=lambda g: -est[g] / max(self.group_share[g], 1e-12))[:measure]
+        for g in sorted((g for g in top if g not in exact), key=parts.index, reverse=True):
+            exact[g] = est[g] = alone(g)
+        return est, set(exact)
 
 
 def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str, str]:
     """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
     fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
-    merger, the patch embed): the error that group alone quantized adds on the first input set
-    (:meth:`Evaluator.estimated_alone_errors`). Groups are ranked by that error per multiply-add; the
+    merger, the patch embed): the error that group alone quantized adds on the first input set, estimated
+    (:meth:`Evaluator.estimated_alone_errors`), the four that look costliest per multiply-add measured. Groups are ranked by that error per multiply-add; the
     shortest prefix of the ranking that meets the budget on every input set is found by galloping and
     bisection, each candidate run end to end (its input sets in turn, until one misses); then each kept
     group, the largest first, is quantized again where the budget holds without it."""
@@ -220,7 +228,7 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
     log.info("budget: %d groups, chain %s, reference run: %.1f s", len(ev.groups), ev.chain is not None,
              time.perf_counter() - clock)
     groups, share = ev.groups, ev.group_share
-    gain, _ = ev.estimated_alone_errors()
+    gain, measured = ev.estimated_alone_errors(measure=4)
     log.info("budget: sensitivity: %.1f s", time.perf_counter() - clock)
     order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
     tried: dict[int, float] = {}
@@ -270,7 +278,8 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
         "measured_by": "group chain" if ev.chain is not None else "whole builds",
         "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},
         "without": {g: round(v, 6) for g, v in pruned.items()},
-        "sensitivity": [{"group": g, "estimated_alone_error": float(f"{gain[g]:.3e}"), "share": round(share[g], 5)}
+        "sensitivity": [{"group": g, "alone_error": float(f"{gain[g]:.3e}"),
+                         "measured": "end to end" if g in measured else "estimated", "share": round(share[g], 5)}
                         for g in sorted(groups, key=lambda g: -gain[g])],
     }
     return chosen

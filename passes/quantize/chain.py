@@ -72,35 +72,47 @@ class GroupChain:
         missing = [o for o in outputs if o not in made]
         if missing:
             raise NotChainable(f"no variant makes the output {missing[0]}")
-        self._trail: list[list[tuple[bool, dict]]] = [[] for _ in feeds]
+        self._trails: list[dict[bool, list[tuple[bool, dict]]]] = [{} for _ in feeds]   # float run?: trail
 
     def run(self, quantized: set[str], s: int) -> dict[str, np.ndarray]:
-        """The outputs of input set ``s`` with the groups in ``quantized`` quantized, the rest float."""
+        """The outputs of input set ``s`` with the groups in ``quantized`` quantized, the rest float.
+        Two runs per set are remembered, the float one and the last other: a run starts from the state
+        of whichever shares more groups with it, at the first group where they differ."""
         plan = [p.group in quantized for p in self.parts]
-        trail = self._trail[s]
+        floating = not any(plan)
+        best: list[tuple[bool, dict]] = []
         same = 0
-        while same < len(trail) and trail[same][0] == plan[same]:
-            same += 1
-        del trail[same:]
+        for trail in self._trails[s].values():
+            k = 0
+            while k < len(trail) and trail[k][0] == plan[k]:
+                k += 1
+            if k > same:
+                best, same = trail, k
+        trail = best[:same]
         state = trail[-1][1] if trail else {k: np.asarray(v) for k, v in self.feeds[s].items()}
         for i in range(same, len(self.parts)):
             seg, sess, _ = self.parts[i].variants[plan[i]]
             outs = sess.run(seg.outputs, {x: state[x] for x in seg.inputs})
             state = {**state, **dict(zip(seg.outputs, outs))}
             trail.append((plan[i], state))
+        self._trails[s][floating] = trail
         return {o: np.asarray(state[o], np.float32) for o in self.outputs}
+
+    def float_state(self, s: int, i: int) -> dict:
+        """The float run's state of input set ``s`` after part ``i`` (-1: the inputs)."""
+        self.run(set(), s)
+        return self._trails[s][True][i][1] if i >= 0 else {k: np.asarray(v) for k, v in self.feeds[s].items()}
 
     def local_errors(self, s: int) -> dict[str, float]:
         """Per group: the squared error of its outputs (every float tensor later groups or the model's
         outputs read) with the group quantized, on the float chain's inputs to it, input set ``s``."""
-        self.run(set(), s)
         err: dict[str, float] = {}
         for i, part in enumerate(self.parts):
-            state = self._trail[s][i - 1][1] if i else {k: np.asarray(v) for k, v in self.feeds[s].items()}
+            state = self.float_state(s, i - 1)
             seg_q, sess_q, _ = part.variants[True]
             seg_f, _, _ = part.variants[False]
             got = dict(zip(seg_q.outputs, sess_q.run(seg_q.outputs, {x: state[x] for x in seg_q.inputs})))
-            ref = self._trail[s][i][1]
+            ref = self.float_state(s, i)
             e = 0.0
             for name in seg_f.outputs:
                 if name in got and np.issubdtype(np.asarray(ref[name]).dtype, np.floating):
