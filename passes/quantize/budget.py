@@ -218,9 +218,10 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
     fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
     merger, the patch embed): the error that group alone quantized adds on the first input set, estimated
     (:meth:`Evaluator.estimated_alone_errors`), the four that look costliest per multiply-add measured. Groups are ranked by that error per multiply-add; the
-    shortest prefix of the ranking that meets the budget on every input set is found by galloping and
-    bisection, each candidate run end to end (its input sets in turn, until one misses); then each kept
-    group, the largest first, is quantized again where the budget holds without it."""
+    shortest prefix of the ranking that meets the budget on every input set is found by a search up
+    from none (one group more at a time up to four, then doubling) and bisection, each candidate run
+    end to end (its input sets in turn, until one misses); then each kept group, the largest first, is
+    quantized again where the budget holds without it."""
     if not 0.0 < budget < 1.0:
         raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
     clock = time.perf_counter()
@@ -249,13 +250,17 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
                            f"float the token-centered cosine is {tried[n]:.5f} (nothing kept: {tried[0]:.5f}); the "
                            "activations' own quantization sets it: smooth or rotate first, or keep the residual "
                            "stream float (toolchains' rknn hybrid config does)", budget=budget)
-        # the fewest groups: galloping up from none (a budget usually keeps few), then bisection
-        lo, hi, step = 0, n, 1
-        while lo + step < n:
-            if meets(lo + step):
-                hi = lo + step
+        # the fewest groups: one more at a time up to four, then doubling (a budget usually keeps few, and
+        # a candidate that misses costs one input set, one that meets costs all), then bisection
+        lo, hi = 0, n
+        while lo + 1 < n:
+            nxt = lo + 1 if lo < 4 else min(2 * lo, n)
+            if nxt >= n:
                 break
-            lo, step = lo + step, step * 2
+            if meets(nxt):
+                hi = nxt
+                break
+            lo = nxt
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if meets(mid) else (mid, hi)
