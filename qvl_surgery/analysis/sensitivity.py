@@ -49,10 +49,10 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
     linear: the error (1 - token-centered cosine of the outputs against fp32) that quantizing it alone
     adds, beside its share of the linears' multiply-adds; and the cosine with every linear quantized
     (worst over the input sets). Per group, by default, the budget's estimate on the first input set
-    (:meth:`~passes.quantize.Evaluator.estimated_alone_errors`: about three runs of the model, the first
-    group and the last two measured end to end); with ``end_to_end``, every group measured end to end
-    on every input set (one run per group and set, each from its group on). Per linear: the model
-    quantized and run whole for each. ``scheme``:
+    (:meth:`~passes.quantize.Evaluator.estimated_alone_errors`: the first group, the last two and the
+    four that look costliest per multiply-add measured end to end, the rest estimated); with
+    ``end_to_end``, every group measured end to end on every input set (one run per group and set,
+    each from its group on). Per linear: the model quantized and run whole for each. ``scheme``:
     quantize's scheme options by name (``weights``, ``activations``, ``format``, ``block_size``,
     ``calibrate``, ``calibrate_method``; :func:`measured_scheme` fills in the rest). ``inputs``: the
     measurement's input sets (default: ``calibrate``'s, else ``random:4``); ``calibrate`` makes the
@@ -65,11 +65,15 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
            "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7),
            "groups_measured": "end to end, every input set" if end_to_end else
-           "estimated on the first input set (first and last two groups end to end)", "groups": []}
-    errors = ev.alone_errors(len(ev.feeds)) if end_to_end else ev.estimated_alone_errors()[0]
+           "estimated on the first input set (the first group, the last two and the four costliest per "
+           "multiply-add measured end to end)", "groups": []}
+    if end_to_end:
+        errors, measured = ev.alone_errors(len(ev.feeds)), set(ev.groups)
+    else:
+        errors, measured = ev.estimated_alone_errors(measure=4)
     for g in ev.groups:
-        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6),
-                              "alone_error": float(f"{errors[g]:.3e}")})
+        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6), "alone_error": float(f"{errors[g]:.3e}"),
+                              "measured": "end to end" if g in measured else "estimated"})
     if per_linear:
         out["linears"] = []
         for lin in ev.todo:
