@@ -7,10 +7,11 @@ from bench_sections.imagein import section_imagein
 from bench_sections.io import section_export, section_split
 from bench_sections.quant import section_quant, section_scales
 from bench_sections.surgery import section_surgery
+from bench_sections.targets import section_targets
 
 SECTIONS = {"export": section_export, "split": section_split, "fp16": section_fp16, "accuracy": section_accuracy,
             "overflow": section_overflow,
             "simplify": section_simplify,
             "attention": section_attention, "dynamic": section_dynamic, "quant": section_quant,
             "surgery": section_surgery, "imagein": section_imagein,
-            "scales": section_scales}
+            "scales": section_scales, "targets": section_targets}
