@@ -19,10 +19,12 @@ def _evaluator(path, **scheme):
     return Evaluator(prep, Context(), "random:2")
 
 
-@pytest.mark.parametrize("scheme", [{}, {"calibrate": "random:2"}, {"activation_scale": "token"},
-                                    {"target": "rknn", "calibrate": "random:2"},
-                                    {"target": "rknn-int8", "calibrate": "random:2"}],
-                         ids=["dynamic", "static", "token", "rknn", "rknn-int8"])
+@pytest.mark.parametrize("scheme", [
+    pytest.param({}, id="dynamic"),
+    pytest.param({"calibrate": "random:2"}, id="static", marks=pytest.mark.slow),
+    pytest.param({"activation_scale": "token"}, id="token", marks=pytest.mark.slow),
+    pytest.param({"target": "rknn", "calibrate": "random:2"}, id="rknn"),
+    pytest.param({"target": "rknn-int8", "calibrate": "random:2"}, id="rknn-int8", marks=pytest.mark.slow)])
 def test_a_plan_run_as_a_chain_equals_its_whole_build(stand_ins, scheme):
     ev = _evaluator(stand_ins["outlier"], **scheme)
     assert ev.chain is not None and [p.group for p in ev.chain.parts] == \
