@@ -20,6 +20,11 @@ the errors ``sensitivity`` reports are measured where the plan will run.
 - ``rknn``: the same with the residual stream (each residual Add an RMSNorm reads) float, as the
   toolkit's rknn hybrid config keeps it in int16; each norm's output is still int8 for the int8
   layers that read it (rknn converts it), float for a kept linear.
+- ``pulsar2-u8``, ``pulsar2-u16``, ``qnn-w8a16``: AXERA pulsar2's and Qualcomm QNN's builds, every
+  activation per tensor at 8 or 16 bits (asymmetric unsigned), weights int8 per output channel, a
+  kept linear (pulsar2's U16 layer_configs) float. Neither toolchain can run here (neither is on
+  PyPI): their fusions are taken to be rknn's and these emulations are not compared with the real
+  builds; their 16-bit figures bound what 16-bit activations leave, not what the toolchain gives.
 
 Measured against rknn-toolkit2 2.5.0's rk3588 simulator (``rknn``; tiny, calibrated on four
 scikit-image photos, worst of three others; scripts/toolchains-proof's "targets" table), with the
@@ -48,7 +53,10 @@ from qvl_surgery.core.graphinfo import constant_tensors, elem_types, with_graph
 from qvl_surgery.core.linears import Linear
 from qvl_surgery.core.modelfile import Computed, Model, read_initializer
 
-TARGETS = ("onnxruntime", "rknn", "rknn-int8")
+# the emulated targets and the bits of their activations (every one: the fused ops' insides and data
+# movement excepted, as rknn's graph does; 'rknn' keeps its residual stream float)
+ACTIVATION_BITS = {"rknn": 8, "rknn-int8": 8, "pulsar2-u8": 8, "pulsar2-u16": 16, "qnn-w8a16": 16}
+TARGETS = ("onnxruntime", *ACTIVATION_BITS)
 _FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16)
 # data movement: the output holds the input's values, in the input's precision (quantized or float);
 # rknn turns RoPE's rotate-half (Split, Neg, Concat) into one Gather with the sign in the sine table
@@ -163,13 +171,16 @@ def emulator(model: Model, feeds_list: list[dict], target: str, linears: list[Li
         floats = residual_stream(model)
         tensors = [t for t in tensors if t not in floats]
     ranges = record_min_max(model, feeds_list, tensors)
-    return lambda kept: emulate_rknn(model, ranges, linears, kept)
+    bits = ACTIVATION_BITS[target]
+    return lambda kept: emulate_rknn(model, ranges, linears, kept, bits)
 
 
-def _uint8_grid(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+def _grid(lo: float, hi: float, bits: int = 8) -> tuple[np.float32, int]:
+    """Asymmetric unsigned ``bits`` over lo..hi (zero included): the scale and the zero point."""
+    top = (1 << bits) - 1
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0 or 1e-30
-    return np.float32(scale), np.uint8(np.clip(np.rint(-lo / scale), 0, 255))
+    scale = (hi - lo) / top or 1e-30
+    return np.float32(scale), int(np.clip(np.rint(-lo / scale), 0, top))
 
 
 def _per_channel_int8(w: np.ndarray, out_in: bool) -> np.ndarray:
@@ -181,11 +192,12 @@ def _per_channel_int8(w: np.ndarray, out_in: bool) -> np.ndarray:
 
 
 def emulate_rknn(model: Model, ranges: dict[str, tuple[float, float]], linears: list[Linear],
-                 kept: dict[str, str]) -> Model:
+                 kept: dict[str, str], bits: int = 8) -> Model:
     """``model`` with rknn's int8 arithmetic as fake quantization (module docstring): a
     QuantizeLinear -> DequantizeLinear after every activation in ``ranges`` (not after a kept
     linear, nor on what it reads: :func:`kept_inputs`), every linear weight not kept rounded per
-    output channel (computed while read)."""
+    output channel (computed while read). ``bits`` 16: the activations' grid is unsigned 16-bit,
+    written as float ops (Div, Round, Add, Clip, Sub, Mul: opset 17 has no 16-bit QuantizeLinear)."""
     g = model.graph
     kept_nodes = {lin.node.name for lin in linears if lin.name in kept}
     ranges = {k: v for k, v in ranges.items() if k not in kept_inputs(model, linears, kept)}
@@ -197,10 +209,23 @@ def emulate_rknn(model: Model, ranges: dict[str, tuple[float, float]], linears: 
     rename: dict[str, str] = {}
 
     def fake_quant(t: str, source: str, dst: str) -> None:
-        """``source`` (holding ``t``'s values) through uint8 at ``t``'s range, as ``dst``."""
-        scale, zp = _uint8_grid(*ranges[t])
+        """``source`` (holding ``t``'s values) through ``bits`` at ``t``'s range, as ``dst``."""
+        scale, zp = _grid(*ranges[t], bits)
         base = t.lstrip("/")
         new_inits.append(numpy_helper.from_array(np.asarray(scale, np.float32), f"{base}/rknn_scale"))
+        if bits != 8:
+            c = {k: f"{base}/rknn_{k}" for k in ("zero_point", "low", "high")}
+            for k, v in (("zero_point", zp), ("low", 0), ("high", (1 << bits) - 1)):
+                new_inits.append(numpy_helper.from_array(np.asarray(v, np.float32), c[k]))
+            steps = [("Div", [source, f"{base}/rknn_scale"]), ("Round", None), ("Add", [c["zero_point"]]),
+                     ("Clip", [c["low"], c["high"]]), ("Sub", [c["zero_point"]]), ("Mul", [f"{base}/rknn_scale"])]
+            x = source
+            for k, (op, args) in enumerate(steps):
+                y = dst if k == len(steps) - 1 else f"{t}/rknn_{op.lower()}"
+                ins = args if k == 0 else [x, *(args or [])]
+                nodes.append(helper.make_node(op, ins, [y], name=f"{t}/rknn/{op}"))
+                x = y
+            return
         new_inits.append(numpy_helper.from_array(np.asarray(zp, np.uint8), f"{base}/rknn_zero_point"))
         q = [source, f"{base}/rknn_scale", f"{base}/rknn_zero_point"]
         nodes.append(helper.make_node("QuantizeLinear", q, [f"{t}/rknn_q"], name=f"{t}/rknn/QuantizeLinear"))
