@@ -57,18 +57,25 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return [i for i in node.input if i] + sorted(_subgraph_inputs(node))
 
 
-def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int | None = None) -> list[Segment]:
-    if max_segment_bytes is None:   # read at call time: a test makes segments small to cut a tiny model
-        max_segment_bytes = DEFAULT_SEGMENT_BYTES
-    inits = model.initializers()
-    nodes = list(model.graph.node)
-    reads = [_reads(n) for n in nodes]
+def _reads_and_last_read(model: Model) -> tuple[list[list[str]], dict[str, int]]:
+    """Each node's inputs (its subgraphs' outer reads included), and the index of the last node that
+    reads each tensor (the model's outputs: one past the last node)."""
+    reads = [_reads(n) for n in model.graph.node]
     last_read: dict[str, int] = {}
     for k, r in enumerate(reads):
         for name in r:
             last_read[name] = k
     for o in model.graph.output:
-        last_read[o.name] = len(nodes)
+        last_read[o.name] = len(reads)
+    return reads, last_read
+
+
+def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int | None = None) -> list[Segment]:
+    if max_segment_bytes is None:   # read at call time: a test makes segments small to cut a tiny model
+        max_segment_bytes = DEFAULT_SEGMENT_BYTES
+    inits = model.initializers()
+    nodes = list(model.graph.node)
+    reads, last_read = _reads_and_last_read(model)
     watch = set(watch)
     # cut points: close a segment before the node whose weights would overflow it
     groups: list[tuple[int, int, list[str]]] = []
@@ -115,15 +122,8 @@ def _segments(model: Model, ranges: list[tuple[int, int]], watch: set[str], read
 
 def segments_at(model: Model, starts: list[int]) -> list[Segment]:
     """The model cut before each node index in ``starts`` (the first segment starts at node 0)."""
-    nodes = list(model.graph.node)
-    reads = [_reads(n) for n in nodes]
-    last_read: dict[str, int] = {}
-    for k, r in enumerate(reads):
-        for name in r:
-            last_read[name] = k
-    for o in model.graph.output:
-        last_read[o.name] = len(nodes)
-    bounds = sorted({0, *starts, len(nodes)})
+    reads, last_read = _reads_and_last_read(model)
+    bounds = sorted({0, *starts, len(reads)})
     return _segments(model, list(zip(bounds, bounds[1:])), set(), reads, last_read)
 
 
