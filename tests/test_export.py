@@ -134,3 +134,20 @@ def test_export_from_bf16_checkpoint(tmp_path):
     w = CheckpointWeights(tmp_path / "bf16").array("blocks.0.attn.qkv.weight")
     assert w.dtype == np.float32
     assert np.array_equal(w, visual32.blocks[0].attn.qkv.weight.detach().numpy())
+
+
+def test_export_stand_in_plants_the_outliers_the_library_plants(tmp_path):
+    """export --random-init tiny --stand-in spike writes the library's stand-in (STAND_INS['spike'])
+    byte for byte, records which in its metadata, and is refused without --random-init."""
+    from qvl_surgery.core.weights import STAND_INS
+    out, lib, plain = tmp_path / "spike.onnx", tmp_path / "lib.onnx", tmp_path / "plain.onnx"
+    r = cli("export", "--random-init", "tiny", "--stand-in", "spike", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    export(STAND_INS["spike"](TINY, 0), lib, (448, 448), progress=False)
+    export(RandomWeights(TINY, 0), plain, (448, 448), progress=False)
+    data = lambda p: p.with_name(p.name + ".data").read_bytes()
+    assert data(out) == data(lib) != data(plain)
+    props = {p.key: p.value for p in load_model(out).proto.metadata_props}
+    assert props["qvl_surgery.weights"] == STAND_INS["spike"](TINY, 0).description
+    r = cli("export", str(tmp_path), "--stand-in", "spike", "-o", tmp_path / "x.onnx")
+    assert r.returncode == 2 and "--random-init" in r.stderr and not (tmp_path / "x.onnx").exists()

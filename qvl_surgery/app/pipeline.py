@@ -104,12 +104,12 @@ def resolve_run(*, recipe: str | Path | None = None, passes: str | None = None, 
 
 
 def weights_of(source: dict):
-    """The weights of a source dict (``checkpoint``, or ``random_init`` and ``seed``)."""
+    """The weights of a source dict (``checkpoint``, or ``random_init``, ``seed`` and ``stand_in``)."""
     from qvl_surgery.core.config import preset
-    from qvl_surgery.core.weights import CheckpointWeights, RandomWeights
+    from qvl_surgery.core.weights import STAND_INS, CheckpointWeights
     if source.get("checkpoint") is not None:
         return CheckpointWeights(source["checkpoint"])
-    return RandomWeights(preset(source["random_init"]), int(source.get("seed", 0)))
+    return STAND_INS[source.get("stand_in") or "random"](preset(source["random_init"]), int(source.get("seed", 0)))
 
 
 def weights_script(source: dict) -> list[str]:
@@ -117,6 +117,10 @@ def weights_script(source: dict) -> list[str]:
     if source.get("checkpoint"):
         return ["from qvl_surgery.core.weights import CheckpointWeights",
                 f"weights = CheckpointWeights({str(source['checkpoint'])!r})"]
+    if source.get("stand_in"):
+        return ["from qvl_surgery.core.config import preset", "from qvl_surgery.core.weights import STAND_INS",
+                f"weights = STAND_INS[{source['stand_in']!r}](preset({source['random_init']!r}), "
+                f"{int(source.get('seed', 0))})"]
     return ["from qvl_surgery.core.config import preset", "from qvl_surgery.core.weights import RandomWeights",
             f"weights = RandomWeights(preset({source['random_init']!r}), seed={int(source.get('seed', 0))})"]
 

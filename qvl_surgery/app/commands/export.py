@@ -20,6 +20,11 @@ class Export(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.source.add(p)
+        from qvl_surgery.core.weights import STAND_INS
+        p.add_argument("--stand-in", choices=sorted(k for k in STAND_INS if k != "random"), metavar="NAME",
+                       help="with --random-init: the random weights with a trained encoder's outliers planted "
+                            "(the toolkit's test and bench stand-ins: " + ", ".join(sorted(k for k in STAND_INS
+                                                                                          if k != "random")) + ")")
         p.add_argument("--input", choices=("pixel_values", "image"), default="pixel_values",
                        help="what the static export takes: the processor's pixel_values (default), or the resized "
                             "image itself, normalization and patchify inside (what NPU toolchains compile)")
@@ -37,6 +42,10 @@ class Export(Command):
     def _checked(self, a: argparse.Namespace) -> tuple[dict, tuple[int, int]]:
         from qvl_surgery.core.config import parse_image_size
         source = self.source.values(a)
+        if a.stand_in is not None:
+            if a.random_init is None:
+                raise BadInput("export: --stand-in plants outliers in random weights; add --random-init PRESET")
+            source["stand_in"] = a.stand_in
         if a.dynamic and a.image_size is not None:
             raise BadInput("export: --image-size fixes one size; a --dynamic export takes any size (drop one of them)")
         if a.input == "image" and a.dynamic:
