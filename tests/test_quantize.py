@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto
 
 from conftest import TINY, check_written
-from passes.quantize import quantize_model
+from passes.quantize import check_scheme, quantize_model
 from qvl_surgery.core import quant
 from qvl_surgery.analysis.compare import centered_cosine, cosine
 from qvl_surgery.core.errors import BadInput
@@ -346,7 +346,7 @@ def test_per_token_scales_are_one_matmul_integer_to_float_per_linear(tiny_448, r
                             activation_scale="token")
     m, ops = _ops(out)
     assert ops["MatMulIntegerToFloat"] == N_LINEARS and "DynamicQuantizeMatMul" not in ops
-    assert ops["ReduceMax"] == N_ACT and ops["Cast"] >= N_ACT
+    assert ops["ReduceMax"] == N_ACT and ops.get("Cast", 0) + ops.get("QuantizeLinear", 0) >= N_ACT
     assert "per token" in report.scheme
     meta = json.loads({p.key: p.value for p in m.metadata_props}["qvl_surgery.quantize"])
     assert meta["activation_scale"] == "token" and meta["calibrate"] is None
@@ -368,6 +368,39 @@ def test_per_token_scales_add_the_bias_after_onnxruntimes_op(tiny_448, reference
     biased = [n for n in m.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) > 6 and n.input[6]]
     assert not biased and ops["Add"] > N_LINEARS
     assert got["token"][0] >= got["tensor"][0] - 1e-4 and got["token"][1] >= got["tensor"][1] - 1e-4, got
+
+
+def test_per_token_u8s8_kernel_matches_numpy_and_u8u8(tiny_448, reference, tmp_path):
+    """int8_kernel=u8s8: weights int8 without a zero point (VNNI's u8 x s8); a Gemm's input quantized
+    by one per-axis QuantizeLinear whose codes equal numpy's round(x / (max|row| / 127)) + 128; the
+    output equals the u8u8 file's (the same integers)."""
+    x, ref = reference
+    outs = {}
+    for kernel in ("u8u8", "u8s8"):
+        out, _ = _quantize(tiny_448, tmp_path, kernel, activations="int8", format="onnxruntime",
+                           activation_scale="token", int8_kernel=kernel)
+        outs[kernel] = _session(out).run(None, {"pixel_values": x})[0]
+    m, ops = _ops(tmp_path / "u8s8.onnx")
+    assert ops["QuantizeLinear"] >= 1
+    inits = {t.name: t for t in m.graph.initializer}
+    mm = [n for n in m.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.INT8 and not n.input[5] for n in mm)
+    np.testing.assert_allclose(outs["u8s8"], outs["u8u8"], rtol=1e-4, atol=1e-4 * np.abs(outs["u8u8"]).max())
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear")
+    full = onnx.load(str(tmp_path / "u8s8.onnx"))
+    full.graph.output.extend([onnx.helper.make_tensor_value_info(t, dt, None)
+                              for t, dt in ((q.input[0], TensorProto.FLOAT), (q.output[0], TensorProto.UINT8))])
+    probe = tmp_path / "probe.onnx"
+    onnx.save(full, str(probe))
+    a, codes = _session(probe).run([q.input[0], q.output[0]], {"pixel_values": x})
+    scale = np.maximum(np.abs(a).max(-1, keepdims=True) / np.float32(127), np.float32(1e-30))
+    want = np.clip(np.rint(a / scale) + 128, 0, 255).astype(np.uint8)
+    assert codes.dtype == np.uint8 and np.abs(codes.astype(int) - want).max() <= 1 and (codes == want).mean() > 0.999
+
+
+def test_u8s8_kernel_is_refused_outside_int8_onnxruntime():
+    with pytest.raises(BadInput, match="kernel choice"):
+        check_scheme(weights="int8", activations="none", format="onnxruntime", block_size=None, int8_kernel="u8s8")
 
 
 # ----------------------------------------------------------------------------- --target

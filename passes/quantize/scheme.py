@@ -1,4 +1,4 @@
-"""The quantization scheme, declared once: the six options (``SCHEME_OPTIONS``: name, type, default,
+"""The quantization scheme, declared once: the options (``SCHEME_OPTIONS``: name, type, default,
 choices, help) that the quantize pass, ``qvl-surgery sensitivity`` and the toolchains' ``--budget``
 share, the :class:`Scheme` they make, and the checks that refuse a scheme before any work."""
 from __future__ import annotations
@@ -36,6 +36,11 @@ SCHEME_OPTIONS = (
            "per run), or one per token (row), computed at run time (format onnxruntime: MatMulIntegerToFloat "
            "with a per-row scale; outliers in a few tokens no longer set every token's step)",
            choices=("tensor", "token")),
+    Option("int8_kernel", str, "u8u8", "int8 activations in format onnxruntime: the integer matmul's operand types. "
+           "u8u8: weights stored uint8 with zero point 128 (no 16-bit saturation on AVX2 CPUs without VNNI, where it "
+           "is the fast one); u8s8: weights int8, VNNI's own instruction (2.5x the u8u8 kernel's speed on an "
+           "AVX512-VNNI CPU; onnxruntime warns that it may saturate on AVX2 without VNNI)",
+           choices=("u8u8", "u8s8")),
     Option("target", str, "onnxruntime", "the arithmetic --budget and sensitivity measure in: onnxruntime (the "
            "quantized file itself); rknn-int8 (an emulation of rknn-toolkit2's default int8 build: every "
            "activation per tensor, asymmetric uint8, weights per channel); rknn (the same, the residual stream "
@@ -57,6 +62,7 @@ class Scheme:
     calibrate: str | None
     calibrate_method: str | None
     activation_scale: str = "tensor"
+    int8_kernel: str = "u8u8"
     target: str = "onnxruntime"
 
     @classmethod
@@ -69,7 +75,7 @@ class Scheme:
         """The block size the scheme uses (None: per channel), or a one-line refusal."""
         return check_scheme(weights=self.weights, activations=self.activations, format=self.format,
                             block_size=self.block_size, activation_scale=self.activation_scale,
-                            calibrate=self.calibrate)
+                            calibrate=self.calibrate, int8_kernel=self.int8_kernel)
 
     @property
     def method(self) -> str:
@@ -88,8 +94,13 @@ assert [f.name for f in fields(Scheme)] == [o.name for o in SCHEME_OPTIONS]
 
 
 def check_scheme(*, weights: str, activations: str, format: str, block_size: int | None,
-                 activation_scale: str = "tensor", calibrate: str | None = None) -> int | None:
+                 activation_scale: str = "tensor", calibrate: str | None = None,
+                 int8_kernel: str = "u8u8") -> int | None:
     """The block size the scheme uses (None: per channel), or a one-line refusal."""
+    if int8_kernel != "u8u8" and (activations != "int8" or format != "onnxruntime"):
+        raise BadInput("{int8_kernel}: the kernel choice is for int8 activations in format onnxruntime "
+                       "(DynamicQuantizeMatMul / MatMulIntegerToFloat); give {activations} {format}",
+                       int8_kernel=int8_kernel, activations="int8", format="onnxruntime")
     if activation_scale == "token":
         if activations != "int8" or format != "onnxruntime":
             raise BadInput("{activation_scale}: per-token scales are for int8 activations in format onnxruntime "

@@ -43,6 +43,10 @@ QUANT_ROUTES = [
     Route("w8a8 static, format onnxruntime (MatMulIntegerToFloat)", "onnxruntime", W8A8 + ORT_FMT + CAL),
     Route("w8a8 per token, format onnxruntime (MatMulIntegerToFloat, per-row scale)", "onnxruntime",
           W8A8 + ORT_FMT + ("--activation-scale", "token")),
+    Route("w8a8 per token, u8s8 kernel (VNNI), format onnxruntime", "onnxruntime",
+          W8A8 + ORT_FMT + ("--activation-scale", "token", "--int8-kernel", "u8s8")),
+    Route("w8a8 per token, u8s8 kernel (VNNI), --budget 0.998 (random inputs), format onnxruntime", "onnxruntime",
+          W8A8 + ORT_FMT + ("--activation-scale", "token", "--int8-kernel", "u8s8", "--budget", "0.998")),
     Route("w8a8 dynamic, merger kept float, format onnxruntime", "onnxruntime", W8A8 + ORT_FMT + KEEP_MERGER),
     Route("smooth, fp32 (exactness)", "onnxruntime", surgery="smooth"),
     Route("rotate, fp32 (exactness)", "onnxruntime", surgery="rotate"),
@@ -84,4 +88,5 @@ SURGERY_ROUTES = [
 # the activation-scale comparison on CPUs (issue 26): per tensor (dynamic, static), per token, and
 # MatMulNBits with accuracy_level 4 (A quantized per block at run time)
 SCALE_ROUTES = [r for r in QUANT_ROUTES if r.label.startswith((
-    "onnxruntime fp32", "w8a8 dynamic, format", "w8a8 static, format", "w8a8 per token", "w8 weight-only"))]
+    "onnxruntime fp32", "w8a8 dynamic, format", "w8a8 static, format", "w8a8 per token", "w8 weight-only",
+    "anchor: onnxruntime quantize_dynamic"))]
