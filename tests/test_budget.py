@@ -116,3 +116,28 @@ def test_estimated_alone_errors_rank_like_the_measured_ones(stand_ins):
     for g in exact:
         if exact[g] > 1e-8:
             assert 0.25 < est[g] / exact[g] < 4.0, (g, est[g], exact[g])
+
+
+def test_16_bit_targets_fake_quantize_on_an_unsigned_16_bit_grid(stand_ins):
+    """pulsar2-u16 / qnn-w8a16: each activation rknn would quantize lies on its tensor's unsigned
+    16-bit grid (min..max, zero included), and the emulation tracks fp32 far closer than 8 bits."""
+    from qvl_surgery.core.calibrate import calibration_sets
+    from qvl_surgery.core.segments import run_segments
+    from passes.quantize.target import _grid, emulator, record_min_max, activation_tensors
+    m = load_model(stand_ins["outlier"])
+    prep = prepare(m, Context(), QuantizePass(activations="int8", format="onnxruntime").o)
+    feeds, _ = calibration_sets(m, "random:2", 2)
+    emulated = emulator(m, feeds, "qnn-w8a16", prep.linears)({})
+    tensors = activation_tensors(m)
+    ranges = record_min_max(m, feeds, tensors)
+    watch = [t for t in tensors if t in {o for n in emulated.graph.node for o in n.output}][::7][:12]
+    got = {}
+    run_segments(emulated, feeds[:1], watch, lambda name, v: got.setdefault(name, np.asarray(v, np.float64)))
+    assert len(got) == len(watch) >= 8
+    for t, v in got.items():
+        scale, zp = _grid(*ranges[t], 16)
+        q = v / np.float64(scale) + zp
+        assert np.abs(q - np.rint(q)).max() < 2e-2 and q.min() > -0.5 and q.max() < 65535.5, t
+    ev = {t: _evaluator(stand_ins["outlier"], target=t, calibrate="random:2") for t in ("qnn-w8a16", "rknn-int8")}
+    wide, narrow = (ev[t].all_but(list(ev[t].groups)) for t in ("qnn-w8a16", "rknn-int8"))
+    assert wide > 0.99 > narrow, (wide, narrow)

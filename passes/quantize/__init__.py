@@ -79,7 +79,7 @@ def _quantize(model: Model, context: Context, o: SimpleNamespace) -> tuple[Model
     out.set_metadata("qvl_surgery.dtype", scheme.weights)
     out.set_metadata("qvl_surgery.quantize", json.dumps({
         "scheme": plan.label, "weights": scheme.weights, "activations": scheme.activations, "format": scheme.format,
-        "block_size": plan.block, "activation_scale": scheme.activation_scale, "target": scheme.target,
+        "block_size": plan.block, "activation_scale": scheme.activation_scale, "int8_kernel": scheme.int8_kernel, "target": scheme.target,
         "calibrate": scheme.calibrate if scheme.static else None,
         "calibrate_method": scheme.method if scheme.static else None,
         "quantized": report.quantized, "kept": kept, "kept_share": report.kept_share, "ops": report.ops,

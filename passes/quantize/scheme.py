@@ -44,8 +44,9 @@ SCHEME_OPTIONS = (
     Option("target", str, "onnxruntime", "the arithmetic --budget and sensitivity measure in: onnxruntime (the "
            "quantized file itself); rknn-int8 (an emulation of rknn-toolkit2's default int8 build: every "
            "activation per tensor, asymmetric uint8, weights per channel); rknn (the same, the residual stream "
-           "float as the toolkit's rknn hybrid config keeps it). What the emulation covers: passes/quantize/target.py",
-           choices=("onnxruntime", "rknn", "rknn-int8")),
+           "float as the toolkit's rknn hybrid config keeps it); pulsar2-u8, pulsar2-u16, qnn-w8a16 (every activation "
+           "at 8 or 16 bits; not compared with those toolchains). What the emulation covers: passes/quantize/target.py",
+           choices=("onnxruntime", "rknn", "rknn-int8", "pulsar2-u8", "pulsar2-u16", "qnn-w8a16")),
 )
 
 
