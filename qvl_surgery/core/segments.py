@@ -77,24 +77,22 @@ def plan_segments(model: Model, watch: Iterable[str], max_segment_bytes: int | N
     nodes = list(model.graph.node)
     reads, last_read = _reads_and_last_read(model)
     watch = set(watch)
-    # cut points: close a segment before the node whose weights would overflow it
-    groups: list[tuple[int, int, list[str]]] = []
-    start, size, weights, seen = 0, 0, [], set()
+    # cut points: close a segment before the node whose weights would overflow it (a segment's own
+    # weights are listed by _segments)
+    ranges: list[tuple[int, int]] = []
+    start, size, seen = 0, 0, set()
     for k, r in enumerate(reads):
         new = [i for i in r if i in inits and i not in seen]
         add = sum(model.tensor_nbytes(inits[i]) for i in new)
         if k > start and size + add > max_segment_bytes:
-            groups.append((start, k, weights))
-            start, size, weights, seen = k, 0, [], set()
+            ranges.append((start, k))
+            start, size, seen = k, 0, set()
             new = [i for i in r if i in inits]
             add = sum(model.tensor_nbytes(inits[i]) for i in dict.fromkeys(new))
-        for i in new:
-            if i not in seen:
-                seen.add(i)
-                weights.append(i)
+        seen.update(new)
         size += add
-    groups.append((start, len(nodes), weights))
-    return _segments(model, [(a, b) for a, b, _ in groups], watch, reads, last_read)
+    ranges.append((start, len(nodes)))
+    return _segments(model, ranges, watch, reads, last_read)
 
 
 def _segments(model: Model, ranges: list[tuple[int, int]], watch: set[str], reads: list[list[str]],
