@@ -24,6 +24,7 @@ from passes.quantize.report import QuantizeReport
 from passes.quantize.scheme import Scheme
 
 log = logging.getLogger(__package__)   # "passes.quantize": the pass's name in --verbose output
+MEASURED_TOP = 4   # the groups the estimate ranks costliest per multiply-add, then measured end to end
 
 
 @dataclass
@@ -169,14 +170,22 @@ class Evaluator:
         keep = set(keep_groups)
         return self.cosine([lin for lin in self.todo if group_of(lin.name) not in keep], sets, stop_below)
 
+    def _alone(self, g: str, sets: int, floor: float) -> float:
+        """1 - the centered cosine with group ``g`` alone quantized, less ``floor`` (:meth:`_floor`)."""
+        return 1.0 - self.cosine(self.groups[g], sets) - floor
+
+    def _floor(self, sets: int) -> float:
+        """The error with none quantized: 0 in onnxruntime, a target's own in its arithmetic."""
+        return 1.0 - self.all_but(list(self.groups), sets)
+
     def alone_errors(self, sets: int = 1) -> dict[str, float]:
         """Per group, 1 - the centered cosine with that group alone quantized (worst of the first
         ``sets``), less the error with none quantized (0 in onnxruntime; a target's arithmetic has its
         own); through the chain, each run starts at its group from the float run's state."""
-        base = 1.0 - self.all_but(list(self.groups), sets)
-        return {g: 1.0 - self.cosine(ls, sets) - base for g, ls in self.groups.items()}
+        floor = self._floor(sets)
+        return {g: self._alone(g, sets, floor) for g in self.groups}
 
-    def estimated_alone_errors(self, measure: int = 0) -> tuple[dict[str, float], set[str]]:
+    def estimated_alone_errors(self, measure: int = MEASURED_TOP) -> tuple[dict[str, float], set[str]]:
         """:meth:`alone_errors` on the first input set, estimated in about three runs of the model instead
         of one per group: each group quantized alone on the float run's own inputs to it gives the
         squared error of its outputs (``chain.local_errors``). The first group's and the last two groups'
@@ -189,12 +198,9 @@ class Evaluator:
             exact = self.alone_errors(1)
             return exact, set(exact)
         local = self.chain.local_errors(0)
-        base = 1.0 - self.all_but(list(self.groups), 1)
+        floor = self._floor(1)
         parts = list(dict.fromkeys(p.group for p in self.chain.parts))
-
-        def alone(g: str) -> float:
-            return 1.0 - self.cosine(self.groups[g], 1) - base
-        exact = {g: alone(g) for g in dict.fromkeys([*parts[-1:], *parts[-2:-1], parts[0]])}
+        exact = {g: self._alone(g, 1, floor) for g in dict.fromkeys([*parts[-1:], *parts[-2:-1], parts[0]])}
         # the stream's gain from a group's squared error to the outputs' error, measured at the first
         # group and the second-last, in between interpolated in log over the groups' positions
         ends = [i for i in (0, len(parts) - 2) if i >= 0 and local.get(parts[i], 0) > 0 and exact[parts[i]] > 0]
@@ -209,7 +215,7 @@ class Evaluator:
         est = {g: est.get(g, 0.0) for g in parts}
         top = sorted(parts, key=lambda g: -est[g] / max(self.group_share[g], 1e-12))[:measure]
         for g in sorted((g for g in top if g not in exact), key=parts.index, reverse=True):
-            exact[g] = est[g] = alone(g)
+            exact[g] = est[g] = self._alone(g, 1, floor)
         return est, set(exact)
 
 
@@ -217,8 +223,8 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
     """Keep the fewest multiply-adds float that bring the token-centered cosine of the outputs (against
     fp32, on the calibration inputs) to ``budget``. Sensitivity, per group of linears (each block, the
     merger, the patch embed): the error that group alone quantized adds on the first input set, estimated
-    (:meth:`Evaluator.estimated_alone_errors`), the four that look costliest per multiply-add measured. Groups are ranked by that error per multiply-add; the
-    shortest prefix of the ranking that meets the budget on every input set is found by a search up
+    (:meth:`Evaluator.estimated_alone_errors`; the ``MEASURED_TOP`` that look costliest per multiply-add
+    measured end to end). Groups are ranked by that error per multiply-add; the shortest prefix of the ranking that meets the budget on every input set is found by a search up
     from none (one group more at a time up to four, then doubling) and bisection, each candidate run
     end to end (its input sets in turn, until one misses); then each kept group, the largest first, is
     quantized again where the budget holds without it."""
@@ -226,10 +232,10 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
         raise BadInput("{budget}: a token-centered cosine between 0 and 1, e.g. 0.9995", budget=budget)
     clock = time.perf_counter()
     ev = Evaluator(prep, context, prep.scheme.calibrate)
-    log.info("budget: %d groups, chain %s, reference run: %.1f s", len(ev.groups), ev.chain is not None,
+    log.info("budget: %d groups, chain %s, measurements ready: %.1f s", len(ev.groups), ev.chain is not None,
              time.perf_counter() - clock)
     groups, share = ev.groups, ev.group_share
-    gain, measured = ev.estimated_alone_errors(measure=4)
+    gain, measured = ev.estimated_alone_errors()
     log.info("budget: sensitivity: %.1f s", time.perf_counter() - clock)
     order = sorted(groups, key=lambda g: -gain[g] / max(share[g], 1e-12))
     tried: dict[int, float] = {}
@@ -265,7 +271,7 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if meets(mid) else (mid, hi)
         k = hi
-    kept = order[:k]
+    kept, achieved = order[:k], tried[k]
     # the ranking is an estimate: each kept group, the largest first, goes back to quantized where the
     # budget still holds without it (one end-to-end candidate each)
     pruned: dict[str, float] = {}
@@ -274,11 +280,11 @@ def allocate_budget(prep: Prepared, context: Context, budget: float) -> dict[str
         pruned[g] = ev.all_but(rest, stop_below=budget)
         log.info("budget: without %s: %.6f (%.1f s)", g, pruned[g], time.perf_counter() - clock)
         if pruned[g] >= budget:
-            kept, tried[k] = rest, pruned[g]
+            kept, achieved = rest, pruned[g]
     chosen = dict(prep.kept)
     chosen.update({lin.name: "budget" for g in kept for lin in groups[g]})
     prep.report.budget = {
-        "target_centered_cosine": budget, "achieved": round(tried[k], 6), "groups_kept": kept,
+        "target_centered_cosine": budget, "achieved": round(achieved, 6), "groups_kept": kept,
         "kept_share_of_multiply_adds": round(sum(share[g] for g in kept), 5), "calibration": ev.what,
         "measured_by": "group chain" if ev.chain is not None else "whole builds",
         "evaluations": {str(n): round(v, 6) for n, v in sorted(tried.items())},

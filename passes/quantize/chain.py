@@ -89,7 +89,7 @@ class GroupChain:
             if k > same:
                 best, same = trail, k
         trail = best[:same]
-        state = trail[-1][1] if trail else {k: np.asarray(v) for k, v in self.feeds[s].items()}
+        state = trail[-1][1] if trail else self._inputs(s)
         for i in range(same, len(self.parts)):
             seg, sess, _ = self.parts[i].variants[plan[i]]
             outs = sess.run(seg.outputs, {x: state[x] for x in seg.inputs})
@@ -101,7 +101,10 @@ class GroupChain:
     def float_state(self, s: int, i: int) -> dict:
         """The float run's state of input set ``s`` after part ``i`` (-1: the inputs)."""
         self.run(set(), s)
-        return self._trails[s][True][i][1] if i >= 0 else {k: np.asarray(v) for k, v in self.feeds[s].items()}
+        return self._trails[s][True][i][1] if i >= 0 else self._inputs(s)
+
+    def _inputs(self, s: int) -> dict:
+        return {k: np.asarray(v) for k, v in self.feeds[s].items()}
 
     def local_errors(self, s: int) -> dict[str, float]:
         """Per group: the squared error of its outputs (every float tensor later groups or the model's

@@ -31,7 +31,8 @@ class QuantizeReport(PassReport):
                        f"{', '.join(b['groups_kept']) or 'nothing'} kept float "
                        f"({100 * b['kept_share_of_multiply_adds']:.2f}% of the multiply-adds; {b['calibration']})")
             out.append("  error when quantized alone: " + ", ".join(
-                f"{s['group']} {s['alone_error']:.2e}{'' if s['measured'] == 'end to end' else ' (estimated)'} ({100 * s['share']:.1f}%)" for s in b["sensitivity"][:5]))
+                f"{s['group']} {s['alone_error']:.2e}{'' if s['measured'] == 'end to end' else ' (estimated)'} "
+                f"({100 * s['share']:.1f}%)" for s in b["sensitivity"][:5]))
         if self.kept_share:
             out.append(f"  kept float: {100 * self.kept_share[0]:.2f}% of the linear layers' {self.kept_share[1]}")
         for why, names in self.kept.items():

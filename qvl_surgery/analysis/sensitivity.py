@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from passes.quantize import SCHEME_OPTIONS, Evaluator, QuantizePass, Scheme, prepare
+from passes.quantize.budget import MEASURED_TOP
 from qvl_surgery.core.errors import BadInput
 from qvl_surgery.core.linears import group_of
 from qvl_surgery.core.modelfile import Model
@@ -50,7 +51,7 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
     adds, beside its share of the linears' multiply-adds; and the cosine with every linear quantized
     (worst over the input sets). Per group, by default, the budget's estimate on the first input set
     (:meth:`~passes.quantize.Evaluator.estimated_alone_errors`: the first group, the last two and the
-    four that look costliest per multiply-add measured end to end, the rest estimated); with
+    ``MEASURED_TOP`` that look costliest per multiply-add measured end to end, the rest estimated); with
     ``end_to_end``, every group measured end to end on every input set (one run per group and set,
     each from its group on). Per linear: the model quantized and run whole for each. ``scheme``:
     quantize's scheme options by name (``weights``, ``activations``, ``format``, ``block_size``,
@@ -65,14 +66,15 @@ def sensitivity(model: Model, *, inputs: str | None = None, per_linear: bool = F
            "counted_by": ev.counted_by, "kept_by_scheme": prep.kept,
            "all_quantized_centered_cosine": round(ev.cosine(ev.todo), 7),
            "groups_measured": "end to end, every input set" if end_to_end else
-           "estimated on the first input set (the first group, the last two and the four costliest per "
-           "multiply-add measured end to end)", "groups": []}
+           "estimated on the first input set (the first group, the last two and the "
+           f"{MEASURED_TOP} costliest per multiply-add measured end to end)", "groups": []}
     if end_to_end:
         errors, measured = ev.alone_errors(len(ev.feeds)), set(ev.groups)
     else:
-        errors, measured = ev.estimated_alone_errors(measure=4)
+        errors, measured = ev.estimated_alone_errors()
     for g in ev.groups:
-        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6), "alone_error": float(f"{errors[g]:.3e}"),
+        out["groups"].append({"group": g, "share": round(ev.group_share[g], 6),
+                              "alone_error": float(f"{errors[g]:.3e}"),
                               "measured": "end to end" if g in measured else "estimated"})
     if per_linear:
         out["linears"] = []
