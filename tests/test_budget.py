@@ -1,6 +1,8 @@
 """The budget's group chain (passes/quantize/chain.py): each linear group's quantized and float
 variants built once; a plan runs as a chain of them. It must be the same arithmetic as the whole model
 built under that plan: every figure here is compared with a whole build."""
+import json
+
 import numpy as np
 import pytest
 
@@ -80,9 +82,12 @@ def test_the_chain_refuses_variants_it_cannot_cut_alike(stand_ins):
         GroupChain(quantized, m, set(ev.groups), ev.feeds, ev.outputs)
 
 
-def test_budget_through_the_chain_is_what_the_file_delivers(stand_ins, tmp_path):
+@pytest.mark.parametrize("scheme", [pytest.param({}, id="dynamic"),
+                                    pytest.param({"activation_scale": "token"}, id="token")])
+def test_budget_through_the_chain_is_what_the_file_delivers(stand_ins, tmp_path, scheme):
     """quantize --budget measured through the chain: the report says so, and the written file, run
-    whole in onnxruntime on the same input sets, has the centered cosine the budget promised."""
+    whole in onnxruntime on the same input sets, has the centered cosine the budget promised. Per-token
+    scales take --calibrate with a budget (the inputs it measures on; nothing static is recorded)."""
     from passes.quantize import quantize_model
     from qvl_surgery.core.calibrate import calibration_sets
     from qvl_surgery.core.metrics import centered_cosine
@@ -90,8 +95,11 @@ def test_budget_through_the_chain_is_what_the_file_delivers(stand_ins, tmp_path)
     import onnxruntime as ort
     src = stand_ins["outlier"]
     q, report = quantize_model(load_model(src), activations="int8", format="onnxruntime", budget=0.9995,
-                               calibrate="random:3")
+                               calibrate="random:3", **scheme)
     b = report.budget
+    if scheme:
+        rec = json.loads(q.metadata()["qvl_surgery.quantize"])
+        assert rec["activation_scale"] == "token" and rec["calibrate"] is None, rec
     assert b["measured_by"] == "group chain" and b["achieved"] >= 0.9995 and b["groups_kept"]
     save_model(q, tmp_path / "q.onnx")
     feeds, _ = calibration_sets(load_model(src), "random:3", 3)

@@ -21,7 +21,7 @@ from passes.quantize.calibration import calibrate_ranges
 from passes.quantize.emit import _QuantEmitter
 from passes.quantize.plan import QuantPlan, plan_quantize
 from passes.quantize.report import QuantizeReport
-from passes.quantize.scheme import Scheme
+from passes.quantize.scheme import Scheme, check_budget_and_method
 
 log = logging.getLogger(__package__)   # "passes.quantize": the pass's name in --verbose output
 MEASURED_TOP = 4   # the groups the estimate ranks costliest per multiply-add, then measured end to end
@@ -51,6 +51,7 @@ def prepare(model: Model, context: Context, o: SimpleNamespace) -> Prepared:
     ``self.o``: the scheme, ``keep_node``, ``keep_block``)."""
     scheme = Scheme.of(o)
     block = scheme.block
+    check_budget_and_method(vars(o))   # the library path too (the CLI ran both in preflight)
     blocks = block_numbers(o.keep_block)
     report = QuantizeReport(format=scheme.format, method=scheme.method)
     linears = find_linears(model, report.misses)

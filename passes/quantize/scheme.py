@@ -84,7 +84,7 @@ class Scheme:
 
     @property
     def static(self) -> bool:
-        return static_ranges(self.activations, self.format, self.calibrate)
+        return static_ranges(self.activations, self.format, self.calibrate, self.activation_scale)
 
     @property
     def per_token(self) -> bool:
@@ -107,10 +107,6 @@ def check_scheme(*, weights: str, activations: str, format: str, block_size: int
             raise BadInput("{activation_scale}: per-token scales are for int8 activations in format onnxruntime "
                            "(MatMulIntegerToFloat with a per-row scale); give {activations} {format}",
                            activation_scale="token", activations="int8", format="onnxruntime")
-        if calibrate:
-            raise BadInput("{calibrate}: per-token scales are computed from each token at run time, so there is "
-                           "nothing to calibrate; drop it (or use {activation_scale})",
-                           calibrate=calibrate, activation_scale="tensor")
     if weights == "int4" and activations != "none":
         raise BadInput("{weights}: int4 weights are weight-only; give {activations} (onnxruntime's MatMulNBits "
                        "with accuracy_level 4 quantizes activations to int8 itself)", weights="int4", activations="none")
@@ -133,9 +129,12 @@ def check_scheme(*, weights: str, activations: str, format: str, block_size: int
     return block
 
 
-def static_ranges(activations: str, format: str, calibrate: str | None) -> bool:
+def static_ranges(activations: str, format: str, calibrate: str | None, activation_scale: str = "tensor") -> bool:
     """Whether a scheme records static activation ranges: qdq always quantizes activations statically,
-    onnxruntime format does when calibrated (else DynamicQuantizeMatMul scales them per run)."""
+    onnxruntime format does when calibrated (else DynamicQuantizeMatMul scales them per run); per-token
+    scales never (computed from each token at run time)."""
+    if activation_scale == "token":
+        return False
     return activations != "none" and (format == "qdq" or bool(calibrate))
 
 
@@ -144,7 +143,11 @@ def check_budget_and_method(v: dict) -> None:
     b = v.get("budget")
     if b is not None and not (math.isfinite(b) and 0.0 < b <= 1.0):
         raise BadInput("{budget}: a token-centered cosine in (0, 1], e.g. 0.9995", budget=b)
-    static = static_ranges(v["activations"], v["format"], v["calibrate"])
+    static = static_ranges(v["activations"], v["format"], v["calibrate"], v.get("activation_scale") or "tensor")
+    if v["calibrate"] and v.get("activation_scale") == "token" and b is None:
+        raise BadInput("{calibrate}: per-token scales are computed from each token at run time, so there is "
+                       "nothing to calibrate; drop it, use {activation_scale}, or give {budget} (it measures on "
+                       "these inputs)", calibrate=v["calibrate"], activation_scale="tensor", budget="COSINE")
     if v["calibrate"] and v["activations"] == "none":
         raise BadInput("{calibrate}: weight-only quantization records no activation ranges; drop it, or give "
                        "{activations}", calibrate=v["calibrate"], activations="int8")
