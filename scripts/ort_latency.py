@@ -5,12 +5,15 @@ IMAGE_SIZE (HxW, default 448x448) with its grid (host-inputs kind: the grid tens
 
     python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE] [--runtime onnxruntime|openvino|openvino-bf16]
                                   [--threads N] [--save OUT.npy] [--inputs-of MODEL.onnx]
+                                  [--images A.png,B.png,...]
 
 --inputs-of: the ONNX file whose inputs MODEL has (for an OpenVINO IR, MODEL.xml, made from it).
 --profile (OpenVINO): the result also has "linears_s" and "linear_kernels" (a list), the FullyConnected
 nodes' time in the last run and their kernels, from OpenVINO's own per-node counters (PERF_COUNT).
 
 --save writes the first output of the last run (float32), for accuracy against another run's.
+--images: the runs are on the first photo instead of random pixels; --save then writes the outputs on
+every photo stacked (the first's from the last timed run, each other's from one run of its own).
 """
 import argparse
 import time
@@ -30,19 +33,25 @@ ap.add_argument("--threads", type=int, default=None)
 ap.add_argument("--save")
 ap.add_argument("--inputs-of")
 ap.add_argument("--profile", action="store_true")
+ap.add_argument("--images")
 a = ap.parse_args()
-kind = ModelKind.of(a.inputs_of or a.model)
-feeds = random_feeds(kind, seed=0, image_sizes=parse_sizes(a.image_size) if a.image_size else None)
-x = cast_feeds(a.inputs_of or a.model, feeds)
+src = a.inputs_of or a.model
+if a.images:
+    from qvl_surgery.core.inputs import load_inputs
+    xs = [cast_feeds(src, load_inputs(src, image=png)) for png in a.images.split(",")]
+else:
+    kind = ModelKind.of(src)
+    xs = [cast_feeds(src, random_feeds(kind, seed=0, image_sizes=parse_sizes(a.image_size) if a.image_size else None))]
+x = xs[0]
 t0 = time.perf_counter()
 if a.runtime == "onnxruntime":
     sess = ort_session(a.model, threads=a.threads)
-    run = lambda: sess.run(None, x)[0]  # noqa: E731
+    run = lambda x=x: sess.run(None, x)[0]  # noqa: E731
 else:
     compiled = openvino_compiled(a.model, precision="bf16" if a.runtime == "openvino-bf16" else "f32",
                                  threads=a.threads, profile=a.profile)
     request = compiled.create_infer_request()
-    run = lambda: request.infer(x)[compiled.outputs[0]]  # noqa: E731
+    run = lambda x=x: request.infer(x)[compiled.outputs[0]]  # noqa: E731
 t1 = time.perf_counter()
 times = []
 for _ in range(a.runs):
@@ -50,7 +59,8 @@ for _ in range(a.runs):
     y = run()
     times.append(time.perf_counter() - s)
 if a.save:
-    np.save(a.save, np.asarray(y, np.float32))
+    ys = [np.array(y, np.float32)] + [np.array(run(other), np.float32) for other in xs[1:]]
+    np.save(a.save, np.stack(ys) if a.images else ys[0])
 result = {"median_s": round(float(np.median(times[1:] if len(times) > 1 else times)), 4),
           "first_s": round(times[0], 4), "session_s": round(t1 - t0, 4)}
 if a.profile and a.runtime != "onnxruntime":

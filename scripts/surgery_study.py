@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-CALIB = ("rocket", "immunohistochemistry", "retina", "hubble_deep_field")
-JUDGE = ("astronaut", "coffee", "chelsea")
+from photos import CALIB, JUDGE, save_photos
+
 VARIANTS = ("naive", "smooth", "rotate", "rotate+smooth")
 MODES = ("dynamic", "static")        # "token" too with --modes: dynamic, one scale per token
 SMOOTHED = ("smooth", "rotate+smooth")   # what the gap is judged on
@@ -38,13 +38,8 @@ SMOOTHED = ("smooth", "rotate+smooth")   # what the gap is judged on
 
 class Study:
     def __init__(self, work: Path):
-        from PIL import Image
-        from skimage import data
         self.work = work
-        self.photos = {}
-        for name in CALIB + JUDGE:
-            self.photos[name] = work / f"{name}.png"
-            Image.fromarray(getattr(data, name)()).save(self.photos[name])
+        self.photos = dict(zip(CALIB + JUDGE, save_photos(work, CALIB + JUDGE)))
         self.calib = ",".join(str(self.photos[n]) for n in CALIB)
 
     def export(self, kind: str) -> Path:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from photos import CALIB as CALIB_PHOTOS, JUDGE as EVAL_PHOTOS, save_photos
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".compat" / "toolchains"
 BUDGET = "0.9995"
@@ -38,8 +40,6 @@ CALIB = 8
 MARK_BEGIN, MARK_END = "<!-- toolchain configs: begin -->", "<!-- toolchain configs: end -->"
 TARGETS_BEGIN, TARGETS_END = "<!-- toolchain targets: begin -->", "<!-- toolchain targets: end -->"
 TARGET_BUDGET = "0.99"
-CALIB_PHOTOS = ("rocket", "immunohistochemistry", "retina", "hubble_deep_field")
-EVAL_PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
 def _eval_input() -> np.ndarray:
@@ -294,19 +294,6 @@ def write_section(path: Path, lines: list[str], begin: str = MARK_BEGIN, end: st
 
 # ============================================================================ targets (issue 26)
 
-def _photos(d: Path, names) -> list[Path]:
-    import skimage.data
-    from PIL import Image
-    d.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n in names:
-        a = np.asarray(getattr(skimage.data, n)())
-        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
-        out.append(d / f"{n}.png")
-        Image.fromarray(a).save(out[-1])
-    return out
-
-
 def _emulated(model: Path, keep: dict, calib: list[dict], evals: list[dict], ref: list[np.ndarray]) -> list[float]:
     """The centered cosine on ``evals`` of the emulation --budget measured in, for ``keep``'s list."""
     from passes.quantize.target import emulator
@@ -330,7 +317,7 @@ def targets(rknn) -> list[dict]:
     work = WORK / "targets"
     if work.exists():
         shutil.rmtree(work)
-    calib_png, eval_png = _photos(work / "photos", CALIB_PHOTOS), _photos(work / "photos", EVAL_PHOTOS)
+    calib_png, eval_png = save_photos(work / "photos", CALIB_PHOTOS), save_photos(work / "photos", EVAL_PHOTOS)
     calib = ",".join(map(str, calib_png))
     rows = []
     for stand_in in ("random", "outlier"):

@@ -11,9 +11,12 @@ import os
 import sys
 
 
-def calib_sets() -> list[dict]:
-    """The 8 calibration input sets every calibrating anchor gets."""
+def calib_sets(npz: str | None = None) -> list[dict]:
+    """The calibration input sets a calibrating anchor gets: 8 random ones, or those of ``npz`` (the
+    photos' ``pixel_values`` stacked, one set per row: bench_sections.quant.photo_sets)."""
     import numpy as np
+    if npz:
+        return [{"pixel_values": x} for x in np.load(npz)["pixel_values"]]
     return [{"pixel_values": np.random.default_rng(s).standard_normal((1024, 1176)).astype(np.float32)}
             for s in range(8)]
 
@@ -100,7 +103,7 @@ def ort_dynamic(src: str, dst: str) -> None:
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=True)
 
 
-def ort_static(src: str, dst: str) -> None:
+def ort_static(src: str, dst: str, npz: str | None = None) -> None:
     """As released, quantize_static cannot calibrate the 3b on 8 inputs in 24 GB: its calibrator keeps every
     inference's intermediate outputs (about 10 GB per 448x448 inference here) until all have run, and its
     CalibMaxIntermediateOutputs, meant to bound that, drops the outputs it collected instead of merging
@@ -134,7 +137,7 @@ def ort_static(src: str, dst: str) -> None:
 
     class Random(CalibrationDataReader):
         def __init__(self):
-            self.sets = iter(calib_sets())
+            self.sets = iter(calib_sets(npz))
 
         def get_next(self):
             return next(self.sets, None)
@@ -142,15 +145,17 @@ def ort_static(src: str, dst: str) -> None:
                     weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, use_external_data_format=True)
 
 
-def nncf_anchor(mode: str, src: str, dst: str) -> None:
-    """Run in the NNCF venv (compat_catalog.NNCF): its OpenVINO backend on the windowed file, saved as IR."""
+def nncf_anchor(mode: str, src: str, dst: str, npz: str | None = None) -> None:
+    """Run in the NNCF venv (compat_catalog.NNCF): its OpenVINO backend on the windowed file, saved as IR;
+    quantize calibrates on ``npz``'s sets where given (else 8 random ones), all of them."""
     import nncf
     import openvino as ov
     model = ov.Core().read_model(src)
     if mode == "weights":
         model = nncf.compress_weights(model)   # its default: int8 asymmetric weights, per output channel
     else:
-        model = nncf.quantize(model, nncf.Dataset(calib_sets()), subset_size=8, model_type=nncf.ModelType.TRANSFORMER)
+        sets = calib_sets(npz)
+        model = nncf.quantize(model, nncf.Dataset(sets), subset_size=len(sets), model_type=nncf.ModelType.TRANSFORMER)
     ov.save_model(model, dst, compress_to_fp16=False)
 
 

@@ -3,10 +3,11 @@ scripts/ort_latency.py in its own process, against onnxruntime fp32 on the same 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_sections.common import QVL, child, data_of, latency
-from bench_sections.routes import SCALE_ROUTES, QUANT_ROUTES, QUANTIZER_RSS_LIMIT_MB, STAND_IN_ROUTES, SURGERY_BASE, SURGERY_CMD, Route
+from bench_sections.routes import SCALE_ROUTES, expand, QUANT_ROUTES, QUANTIZER_RSS_LIMIT_MB, STAND_IN_ROUTES, SURGERY_BASE, SURGERY_CMD, Route
 from harness import Run, clear, measure
 
 NNCF_SHOW = {"weights": "nncf.compress_weights(ov.Core().read_model(windowed.onnx)) -> ov.save_model(q.xml, "
@@ -77,20 +78,27 @@ def _kept_note(path: Path) -> str:
     return ""
 
 
-def make_route_file(work: Path, win: Path, route: Route, target: Path, made: dict) -> Run:
-    """Write ``route``'s file to ``target`` from the windowed file; the pass's own time and peak RSS."""
+def make_route_file(work: Path, win: Path, route: Route, target: Path, made: dict,
+                    photos: "Photos | None" = None) -> Run:
+    """Write ``route``'s file to ``target`` from the windowed file; the pass's own time and peak RSS.
+    ``photos``: the calibration photos for the anchors and for a ``PHOTOS`` in the route's options."""
     label = route.label
+    npz = [str(photos.calib_npz)] if photos else []
     if route.anchor and route.anchor.startswith("nncf-"):
         from compat_catalog import NNCF
         from harness.venv import make_venv
         make_venv(NNCF.venv, NNCF.name)
         mode = route.anchor[len("nncf-"):]
-        return measure(f"quantize: {label}", child("nncf-anchor", mode, win, target, python=str(NNCF.venv.interpreter)),
-                       show=NNCF_SHOW[mode], allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
+        show = NNCF_SHOW[mode].replace("8 random inputs, subset_size=8", "the calibration photos") if npz else NNCF_SHOW[mode]
+        return measure(f"quantize: {label}", child("nncf-anchor", mode, win, target, *npz,
+                                                   python=str(NNCF.venv.interpreter)),
+                       show=show, allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
     if route.anchor:
-        return measure(f"quantize: {label}", child(route.anchor, win, target), show=ANCHOR_SHOW[route.anchor],
+        args = npz if route.anchor == "ort-static" else []
+        return measure(f"quantize: {label}", child(route.anchor, win, target, *args), show=ANCHOR_SHOW[route.anchor],
                        allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
-    opts = list(route.quantize or ())
+    from qvl_surgery.core.signature import head_model
+    opts, shown = expand(route.quantize or (), head_model(win).metadata(), photos.calib if photos else None)
     if route.surgery and route.quantize is None:   # the surgery alone: its fp32 file
         verb, *extra = SURGERY_CMD[route.surgery]
         return measure(f"{verb} (fp32)", [QVL, verb, str(win), "-o", str(target), "-q", *extra],
@@ -103,14 +111,37 @@ def make_route_file(work: Path, win: Path, route: Route, target: Path, made: dic
             verb = " ".join(SURGERY_CMD[SURGERY_BASE[route.surgery]]) + " windowed.onnx -o r.onnx && qvl-surgery " + verb
         return Run(q.label, f"qvl-surgery {verb} windowed.onnx -o s.onnx && qvl-surgery "
                    f"quantize s.onnx -o q.onnx {' '.join(opts)}", srun.wall_s + q.wall_s, max(srun.peak_mb, q.peak_mb))
-    return measure(f"quantize {' '.join(opts)}", [QVL, "quantize", str(win), "-o", str(target), "-q", *opts],
-                   show="qvl-surgery quantize windowed.onnx -o q.onnx " + " ".join(opts))
+    return measure(f"quantize {' '.join(shown)}", [QVL, "quantize", str(win), "-o", str(target), "-q", *opts],
+                   show="qvl-surgery quantize windowed.onnx -o q.onnx " + " ".join(shown))
 
 
-def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made: dict | None = None
-                ) -> tuple[list[str], list[Run]]:
+@dataclass(frozen=True)
+class Photos:
+    """Photos to calibrate on (``calib``, comma separated, as ``--calibrate`` takes them; ``calib_npz``,
+    their ``pixel_values`` for the anchors) and to judge on (``judge``: latency on the first, accuracy
+    on each)."""
+    calib: str
+    calib_npz: Path
+    judge: list[Path]
+    names: tuple[str, ...]
+
+    @classmethod
+    def make(cls, work: Path, win: Path) -> "Photos":
+        import numpy as np
+        from photos import CALIB, JUDGE, save_photos
+        from qvl_surgery.core.inputs import load_inputs
+        calib, judge = save_photos(work / "photos", CALIB), save_photos(work / "photos", JUDGE)
+        npz = work / "photos" / "calib.npz"
+        np.savez(npz, pixel_values=np.stack([load_inputs(win, image=str(p))["pixel_values"] for p in calib]))
+        return cls(",".join(map(str, calib)), npz, judge, JUDGE)
+
+
+def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made: dict | None = None,
+                photos: Photos | None = None) -> tuple[list[str], list[Run]]:
     """One table row per route. ``made``: the surgered files, kept for the caller (who clears them);
-    without it each route's surgery is cleared after its row."""
+    without it each route's surgery is cleared after its row. ``photos``: judged on its photos (the
+    accuracy cells are the worst photo's, the centered cosine of each beside it) instead of one random
+    input; the calibrating routes and anchors calibrate on its other photos."""
     import numpy as np
 
     from qvl_surgery.core.metrics import centered_cosine, cosine
@@ -127,7 +158,7 @@ def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made
             target = work / ("q.xml" if nncf else "q.onnx")   # NNCF's anchors write OpenVINO IR
             clear(*files_of(target))
             own = {} if made is None else made
-            qrun = make_route_file(work, win, route, target, own)
+            qrun = make_route_file(work, win, route, target, own, photos)
             if made is None:
                 clear_surgered(own)
             passes.append(qrun)
@@ -139,8 +170,9 @@ def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made
             continue
         runs = 3 if timed else 1
         profile = ["--profile"] if timed and runtime.startswith("openvino") else []
+        images = ["--images", ",".join(map(str, photos.judge))] if photos else []
         r = latency(f"{runtime}: {label}", target, runs, "--runtime", runtime, "--save", str(out), "--inputs-of",
-                    str(win), *profile, allow_fail=True)
+                    str(win), *profile, *images, allow_fail=True)
         mb = sum(p.stat().st_size for p in files_of(target) if p.exists()) / 1e6
         if not out.exists():
             rows.append(f"| {label} | {runtime} | failed | | | | | {mb:.0f} | | | |")
@@ -154,11 +186,14 @@ def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made
             ref, base = y, median
         lat = f"{median:.2f} | {median / base:.2f}" if timed else " | "
         q = f"{qrun.wall_s:.1f} | {qrun.peak_mb:.0f}" if qrun else " | "
-        rel = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+        pairs = list(zip(ref, y)) if photos else [(ref, y)]
+        rel = max(float(np.abs(b - a).max() / max(np.abs(a).max(), 1e-30)) for a, b in pairs)
         label += _kept_note(target) if route.makes_file else ""
-        cc = centered_cosine(ref, y)
-        cc = f"{cc:.5f}" if np.isfinite(cc) else "undefined: every token's output the same"
-        rows.append(f"| {label} | {runtime} | {lat} | {rel:.1e} | {cosine(ref, y):.5f} | {cc} | "
+        ccs = [centered_cosine(a, b) for a, b in pairs]
+        cc = f"{min(ccs):.5f}" if all(np.isfinite(ccs)) else "undefined: every token's output the same"
+        if photos and all(np.isfinite(ccs)):
+            cc += f" ({', '.join(f'{c:.5f}' for c in ccs)})"
+        rows.append(f"| {label} | {runtime} | {lat} | {rel:.1e} | {min(cosine(a, b) for a, b in pairs):.5f} | {cc} | "
                     f"{mb:.0f} | {r.peak_mb:.0f} | {q} |")
         if route.makes_file:
             clear(*files_of(target))
@@ -215,12 +250,21 @@ def section_quant(work: Path, preset: str) -> list[str]:
 
 
 def section_scales(work: Path, preset: str) -> list[str]:
-    """int8 activation scales on a CPU: per tensor (dynamic, static) against per token and MatMulNBits'
-    per-block dynamic activations, latency and accuracy in one run."""
+    """int8 activation scales on a CPU, on photos: per tensor (dynamic, static) against per token and
+    MatMulNBits' per-block dynamic activations, and the two anchors, latency and accuracy in one run."""
+    from photos import CALIB
     win = windowed(work, f"{preset}-random", None, preset)
-    rows, _ = quant_table(work, win, SCALE_ROUTES, timed=True)
-    return [f"## int8 activation scales ({preset} windowed, 448x448, random weights seed 0)", "",
-            "`quantize --activation-scale token` against the per-tensor scales and MatMulNBits (weights int8, "
-            "accuracy_level 4: onnxruntime quantizes A per block of 128 at run time); one random input, each file "
-            "in its own process (3 runs, median of the last 2), cosines against the fp32 output on it.", "",
+    photos = Photos.make(work, win)
+    rows, _ = quant_table(work, win, SCALE_ROUTES, timed=True, photos=photos)
+    clear(photos.calib_npz)
+    return [f"## int8 activation scales ({preset} windowed, 448x448, random weights seed 0, photos)", "",
+            "`quantize --activation-scale token` against the per-tensor scales, MatMulNBits (weights int8, "
+            "accuracy_level 4: onnxruntime quantizes A per block of 128 at run time) and the anchors (onnxruntime's "
+            "quantize_dynamic, NNCF's quantize in OpenVINO). Each file in its own process, 2 threads: 3 runs on "
+            f"scikit-image's {photos.names[0]} resized to 448x448 (median of the last 2), then one run on each other "
+            f"photo; accuracy cells are the worst of {', '.join(photos.names)} (centered cosine of each in "
+            f"brackets) against the fp32 file on the same photo. Calibrating routes and NNCF calibrate on "
+            f"{', '.join(CALIB)} (never judged on). Goal (issue 26): a w8a8 route at centered >= 0.998, <= 0.35x "
+            "onnxruntime fp32 on a CPU with VNNI or AMX (<= 0.80x on AVX2 alone), ahead of quantize_dynamic and "
+            "NNCF's quantize on both axes.", "",
             f"CPU: {cpu_low_precision()}.", "", *rows, ""]

@@ -6,6 +6,32 @@ from dataclasses import dataclass
 
 W8A8 = ("--weights", "int8", "--activations", "int8")
 CAL = ("--calibrate", "random:8")
+PHOTOS = "PHOTOS"   # in a route's options: the table's calibration photos (quant.Photos), comma separated
+TOKEN_U8S8 = ("--activation-scale", "token", "--int8-kernel", "u8s8")
+# per token: the linears whose inputs per-token int8 serves worst, kept float (2.7% + block 0's 3.1% of the
+# multiply-adds on the 3b): the merger and the patch embed (the budget's costliest groups per multiply-add),
+# block 0 (its next), and the full-attention blocks' attn proj (their inputs carry per-channel offsets about
+# ten times their token-to-token content, which a symmetric per-token scale spends its range on)
+FULL_ATTENTION_PROJ = "FULL_ATTENTION_PROJ"   # in a route's options: --keep-node /blocks.N/attn/proj/* per such block N
+TOKEN_KEEP = ("--keep-node", "/merger/*", "--keep-node", "/patch_embed/*", "--keep-block", "0", FULL_ATTENTION_PROJ)
+
+
+def expand(opts, win_meta: dict, calib: str | None) -> tuple[list[str], list[str]]:
+    """A route's options for the windowed file whose metadata is ``win_meta``: (to run, to show);
+    PHOTOS becomes ``calib`` (shown as PHOTOS), FULL_ATTENTION_PROJ a --keep-node per full-attention block."""
+    import json
+    run, show = [], []
+    for o in opts:
+        if o == FULL_ATTENTION_PROJ:
+            extra = [a for b in json.loads(win_meta["qvl_surgery.fullatt_blocks"])
+                     for a in ("--keep-node", f"/blocks.{b}/attn/proj/*")]
+            run += extra
+            show += extra
+        else:
+            assert o != PHOTOS or calib, "a route that calibrates on photos needs the table's photos"
+            run.append(calib if o == PHOTOS else o)
+            show.append(o)
+    return run, show
 KEEP_MERGER = ("--keep-node", "/merger/*")
 ORT_FMT, QDQ_FMT = ("--format", "onnxruntime"), ("--format", "qdq")
 QUANTIZER_RSS_LIMIT_MB = 20500   # the machine has 24 GB: an anchor past this is stopped, not the machine
@@ -85,8 +111,20 @@ SURGERY_ROUTES = [
           "rotate+smooth"),
 ]
 
-# the activation-scale comparison on CPUs (issue 26): per tensor (dynamic, static), per token, and
-# MatMulNBits with accuracy_level 4 (A quantized per block at run time)
-SCALE_ROUTES = [r for r in QUANT_ROUTES if r.label.startswith((
-    "onnxruntime fp32", "w8a8 dynamic, format", "w8a8 static, format", "w8a8 per token", "w8 weight-only",
-    "anchor: onnxruntime quantize_dynamic"))]
+# the activation-scale comparison on CPUs (issue 26), on photos: per tensor (dynamic, static), per token,
+# MatMulNBits with accuracy_level 4 (A quantized per block at run time), and the two anchors
+SCALE_ROUTES = [
+    Route("onnxruntime fp32 windowed (baseline)", "onnxruntime"),
+    Route("w8a8 dynamic, format onnxruntime (DynamicQuantizeMatMul)", "onnxruntime", W8A8 + ORT_FMT),
+    Route("w8a8 static (calibrated on the photos), format onnxruntime (MatMulIntegerToFloat)", "onnxruntime",
+          W8A8 + ORT_FMT + ("--calibrate", PHOTOS)),
+    Route("w8a8 per token, format onnxruntime (MatMulIntegerToFloat, per-row scale)", "onnxruntime",
+          W8A8 + ORT_FMT + ("--activation-scale", "token")),
+    Route("w8a8 per token, u8s8 kernel, format onnxruntime", "onnxruntime", W8A8 + ORT_FMT + TOKEN_U8S8),
+    Route("w8a8 per token, u8s8 kernel; merger, patch embed, block 0 and the full-attention blocks' attn proj "
+          "kept float", "onnxruntime", W8A8 + ORT_FMT + TOKEN_U8S8 + TOKEN_KEEP),
+    Route("w8 weight-only, format onnxruntime (MatMulNBits)", "onnxruntime", ("--weights", "int8") + ORT_FMT),
+    Route("anchor: onnxruntime quantize_dynamic (QInt8)", "onnxruntime", anchor="ort-dynamic"),
+    Route("anchor: NNCF quantize (int8, TRANSFORMER, calibrated on the photos), in OpenVINO", "openvino",
+          anchor="nncf-quantize"),
+]
