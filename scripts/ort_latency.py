@@ -3,7 +3,7 @@ Answers one JSON result line (scripts/harness/results.py): {"median_s", "first_s
 Used by scripts/bench in a child process so that its peak RSS is the model's own. A dynamic export gets one random image of
 IMAGE_SIZE (HxW, default 448x448) with its grid (host-inputs kind: the grid tensors).
 
-    python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE] [--runtime onnxruntime|openvino|openvino-bf16]
+    python scripts/ort_latency.py MODEL [RUNS] [IMAGE_SIZE] [--runtime onnxruntime|openvino|openvino-bf16|openvino-dq128]
                                   [--threads N] [--save OUT.npy] [--inputs-of MODEL.onnx]
                                   [--images A.png,B.png,...]
 
@@ -28,7 +28,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("runs", nargs="?", type=int, default=3)
 ap.add_argument("image_size", nargs="?")
-ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino", "openvino-bf16"))
+ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino", "openvino-bf16", "openvino-dq128"))
 ap.add_argument("--threads", type=int, default=None)
 ap.add_argument("--save")
 ap.add_argument("--inputs-of")
@@ -48,7 +48,9 @@ if a.runtime == "onnxruntime":
     sess = ort_session(a.model, threads=a.threads)
     run = lambda x=x: sess.run(None, x)[0]  # noqa: E731
 else:
+    # openvino-dq128: OpenVINO quantizes a weight-compressed linear's activations in groups of 128 (default 32)
     compiled = openvino_compiled(a.model, precision="bf16" if a.runtime == "openvino-bf16" else "f32",
+                                 dynamic_group=128 if a.runtime == "openvino-dq128" else None,
                                  threads=a.threads, profile=a.profile)
     request = compiled.create_infer_request()
     run = lambda x=x: request.infer(x)[compiled.outputs[0]]  # noqa: E731

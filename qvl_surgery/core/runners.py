@@ -57,10 +57,12 @@ OPENVINO_MISSING = ("OpenVINO is not installed: pip install 'qvl-surgery[clients
 
 
 def openvino_compiled(path: str | Path, extra_outputs: list[str] | None = None, precision: str = "f32",
-                      threads: int | None = None, profile: bool = False):
+                      threads: int | None = None, profile: bool = False, dynamic_group: int | None = None):
     """OpenVINO's CPU plugin on a model file (its ONNX frontend reads the file; nothing is written).
     ``precision`` is the inference precision hint: f32 by default, since OpenVINO's CPU default is
-    bf16 where the CPU has it, which would hide or add error; "bf16" asks for it."""
+    bf16 where the CPU has it, which would hide or add error; "bf16" asks for it. ``dynamic_group``:
+    DYNAMIC_QUANTIZATION_GROUP_SIZE, the group of input values OpenVINO quantizes a weight-compressed
+    linear's activations in at run time (its CPU default: 32; 0: off)."""
     try:
         import sys
         sys.modules.setdefault("openvino_telemetry", None)   # no usage statistics from a comparison
@@ -76,6 +78,8 @@ def openvino_compiled(path: str | Path, extra_outputs: list[str] | None = None, 
         config["INFERENCE_NUM_THREADS"] = threads
     if profile:
         config["PERF_COUNT"] = True   # per-node counters, read from an infer request's profiling_info
+    if dynamic_group is not None:
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(dynamic_group)
     return core.compile_model(model, "CPU", config)
 
 

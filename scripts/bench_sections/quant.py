@@ -137,7 +137,7 @@ class Photos:
 
 
 def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made: dict | None = None,
-                photos: Photos | None = None) -> tuple[list[str], list[Run]]:
+                photos: Photos | None = None, runs: int = 3) -> tuple[list[str], list[Run]]:
     """One table row per route. ``made``: the surgered files, kept for the caller (who clears them);
     without it each route's surgery is cleared after its row. ``photos``: judged on its photos (the
     accuracy cells are the worst photo's, the centered cosine of each beside it) instead of one random
@@ -168,10 +168,9 @@ def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made
             rows.append(f"| {label} | {runtime} | not run: {qrun.label.split('(', 1)[1].rstrip(')')} | "
                         f"| | | | | | {qrun.wall_s:.1f} | {qrun.peak_mb:.0f} |")
             continue
-        runs = 3 if timed else 1
         profile = ["--profile"] if timed and runtime.startswith("openvino") else []
         images = ["--images", ",".join(map(str, photos.judge))] if photos else []
-        r = latency(f"{runtime}: {label}", target, runs, "--runtime", runtime, "--save", str(out), "--inputs-of",
+        r = latency(f"{runtime}: {label}", target, runs if timed else 1, "--runtime", runtime, "--save", str(out), "--inputs-of",
                     str(win), *profile, *images, allow_fail=True)
         mb = sum(p.stat().st_size for p in files_of(target) if p.exists()) / 1e6
         if not out.exists():
@@ -255,13 +254,13 @@ def section_scales(work: Path, preset: str) -> list[str]:
     from photos import CALIB
     win = windowed(work, f"{preset}-random", None, preset)
     photos = Photos.make(work, win)
-    rows, _ = quant_table(work, win, SCALE_ROUTES, timed=True, photos=photos)
+    rows, _ = quant_table(work, win, SCALE_ROUTES, timed=True, photos=photos, runs=5)
     clear(photos.calib_npz)
     return [f"## int8 activation scales ({preset} windowed, 448x448, random weights seed 0, photos)", "",
             "`quantize --activation-scale token` against the per-tensor scales, MatMulNBits (weights int8, "
             "accuracy_level 4: onnxruntime quantizes A per block of 128 at run time) and the anchors (onnxruntime's "
-            "quantize_dynamic, NNCF's quantize in OpenVINO). Each file in its own process, 2 threads: 3 runs on "
-            f"scikit-image's {photos.names[0]} resized to 448x448 (median of the last 2), then one run on each other "
+            "quantize_dynamic, NNCF's quantize in OpenVINO). Each file in its own process, 2 threads: 5 runs on "
+            f"scikit-image's {photos.names[0]} resized to 448x448 (median of the last 4), then one run on each other "
             f"photo; accuracy cells are the worst of {', '.join(photos.names)} (centered cosine of each in "
             f"brackets) against the fp32 file on the same photo. Calibrating routes and NNCF calibrate on "
             f"{', '.join(CALIB)} (never judged on). Goal (issue 26): a w8a8 route at centered >= 0.998, <= 0.35x "

@@ -116,6 +116,8 @@ SURGERY_ROUTES = [
 SCALE_ROUTES = [
     Route("onnxruntime fp32 windowed (baseline)", "onnxruntime"),
     Route("w8a8 dynamic, format onnxruntime (DynamicQuantizeMatMul)", "onnxruntime", W8A8 + ORT_FMT),
+    Route("w8a8 dynamic, u8s8 kernel, format onnxruntime (DynamicQuantizeMatMul)", "onnxruntime",
+          W8A8 + ORT_FMT + ("--int8-kernel", "u8s8")),
     Route("w8a8 static (calibrated on the photos), format onnxruntime (MatMulIntegerToFloat)", "onnxruntime",
           W8A8 + ORT_FMT + ("--calibrate", PHOTOS)),
     Route("w8a8 per token, format onnxruntime (MatMulIntegerToFloat, per-row scale)", "onnxruntime",
@@ -124,6 +126,10 @@ SCALE_ROUTES = [
     Route("w8a8 per token, u8s8 kernel; merger, patch embed, block 0 and the full-attention blocks' attn proj "
           "kept float", "onnxruntime", W8A8 + ORT_FMT + TOKEN_U8S8 + TOKEN_KEEP),
     Route("w8 weight-only, format onnxruntime (MatMulNBits)", "onnxruntime", ("--weights", "int8") + ORT_FMT),
+    Route("w8 weight-only qdq, in OpenVINO (its own dynamic int8 activations, groups of 32: its default)", "openvino",
+          ("--weights", "int8") + QDQ_FMT),
+    Route("w8 weight-only qdq, in OpenVINO (its own dynamic int8 activations, groups of 128)", "openvino-dq128",
+          ("--weights", "int8") + QDQ_FMT),
     Route("anchor: onnxruntime quantize_dynamic (QInt8)", "onnxruntime", anchor="ort-dynamic"),
     Route("anchor: NNCF quantize (int8, TRANSFORMER, calibrated on the photos), in OpenVINO", "openvino",
           anchor="nncf-quantize"),
