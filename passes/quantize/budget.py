@@ -77,7 +77,7 @@ def prepare(model: Model, context: Context, o: SimpleNamespace) -> Prepared:
                            "random:N for random inputs)", activations=scheme.activations, calibrate="SRC")
         tensors = list(dict.fromkeys(lin.x for lin in todo))
         ranges = calibrate_ranges(model, tensors, scheme, progress=context.progress, report=report)
-    elif scheme.calibrate:
+    elif scheme.calibrate and getattr(o, "budget", None) is None:   # with a budget: the inputs it measures on
         report.skipped.append(f"calibrate={scheme.calibrate}: no static activations in this scheme")
     return Prepared(model, scheme, linears, kept, ranges, report)
 

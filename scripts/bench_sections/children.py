@@ -13,7 +13,7 @@ import sys
 
 def calib_sets(npz: str | None = None) -> list[dict]:
     """The calibration input sets a calibrating anchor gets: 8 random ones, or those of ``npz`` (the
-    photos' ``pixel_values`` stacked, one set per row: bench_sections.quant.photo_sets)."""
+    photos' ``pixel_values`` stacked, one set per row: bench_sections.quant.Photos)."""
     import numpy as np
     if npz:
         return [{"pixel_values": x} for x in np.load(npz)["pixel_values"]]

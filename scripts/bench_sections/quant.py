@@ -12,11 +12,11 @@ from harness import Run, clear, measure
 
 NNCF_SHOW = {"weights": "nncf.compress_weights(ov.Core().read_model(windowed.onnx)) -> ov.save_model(q.xml, "
                         "compress_to_fp16=False)",
-             "quantize": "nncf.quantize(ov.Core().read_model(windowed.onnx), 8 random inputs, subset_size=8, "
+             "quantize": "nncf.quantize(ov.Core().read_model(windowed.onnx), {calib}, subset_size=all of them, "
                          "model_type=TRANSFORMER) -> ov.save_model(q.xml, compress_to_fp16=False)"}
 ANCHOR_SHOW = {
     "ort-dynamic": "quantize_dynamic(windowed.onnx, q.onnx, weight_type=QInt8, use_external_data_format=True)",
-    "ort-static": "quantize_static(windowed.onnx, q.onnx, 8 random inputs, QDQ, per_channel=True, QInt8/QInt8, "
+    "ort-static": "quantize_static(windowed.onnx, q.onnx, {calib}, QDQ, per_channel=True, QInt8/QInt8, "
                   "use_external_data_format=True; its calibrator fed one input at a time, its session without the "
                   "memory arena)"}
 
@@ -84,21 +84,21 @@ def make_route_file(work: Path, win: Path, route: Route, target: Path, made: dic
     ``photos``: the calibration photos for the anchors and for a ``PHOTOS`` in the route's options."""
     label = route.label
     npz = [str(photos.calib_npz)] if photos else []
+    calib = "the calibration photos" if photos else "8 random inputs"
     if route.anchor and route.anchor.startswith("nncf-"):
         from compat_catalog import NNCF
         from harness.venv import make_venv
         make_venv(NNCF.venv, NNCF.name)
         mode = route.anchor[len("nncf-"):]
-        show = NNCF_SHOW[mode].replace("8 random inputs, subset_size=8", "the calibration photos") if npz else NNCF_SHOW[mode]
         return measure(f"quantize: {label}", child("nncf-anchor", mode, win, target, *npz,
                                                    python=str(NNCF.venv.interpreter)),
-                       show=show, allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
+                       show=NNCF_SHOW[mode].format(calib=calib), allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
     if route.anchor:
         args = npz if route.anchor == "ort-static" else []
-        return measure(f"quantize: {label}", child(route.anchor, win, target, *args), show=ANCHOR_SHOW[route.anchor],
-                       allow_fail=True, rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
-    from qvl_surgery.core.signature import head_model
-    opts, shown = expand(route.quantize or (), head_model(win).metadata(), photos.calib if photos else None)
+        return measure(f"quantize: {label}", child(route.anchor, win, target, *args),
+                       show=ANCHOR_SHOW[route.anchor].format(calib=calib), allow_fail=True,
+                       rss_limit_mb=QUANTIZER_RSS_LIMIT_MB)
+    opts, shown = expand(route.quantize or (), win, photos.calib if photos else None)
     if route.surgery and route.quantize is None:   # the surgery alone: its fp32 file
         verb, *extra = SURGERY_CMD[route.surgery]
         return measure(f"{verb} (fp32)", [QVL, verb, str(win), "-o", str(target), "-q", *extra],
@@ -110,7 +110,7 @@ def make_route_file(work: Path, win: Path, route: Route, target: Path, made: dic
         if route.surgery in SURGERY_BASE:
             verb = " ".join(SURGERY_CMD[SURGERY_BASE[route.surgery]]) + " windowed.onnx -o r.onnx && qvl-surgery " + verb
         return Run(q.label, f"qvl-surgery {verb} windowed.onnx -o s.onnx && qvl-surgery "
-                   f"quantize s.onnx -o q.onnx {' '.join(opts)}", srun.wall_s + q.wall_s, max(srun.peak_mb, q.peak_mb))
+                   f"quantize s.onnx -o q.onnx {' '.join(shown)}", srun.wall_s + q.wall_s, max(srun.peak_mb, q.peak_mb))
     return measure(f"quantize {' '.join(shown)}", [QVL, "quantize", str(win), "-o", str(target), "-q", *opts],
                    show="qvl-surgery quantize windowed.onnx -o q.onnx " + " ".join(shown))
 
@@ -123,7 +123,10 @@ class Photos:
     calib: str
     calib_npz: Path
     judge: list[Path]
-    names: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.stem for p in self.judge]
 
     @classmethod
     def make(cls, work: Path, win: Path) -> "Photos":
@@ -133,7 +136,7 @@ class Photos:
         calib, judge = save_photos(work / "photos", CALIB), save_photos(work / "photos", JUDGE)
         npz = work / "photos" / "calib.npz"
         np.savez(npz, pixel_values=np.stack([load_inputs(win, image=str(p))["pixel_values"] for p in calib]))
-        return cls(",".join(map(str, calib)), npz, judge, JUDGE)
+        return cls(",".join(map(str, calib)), npz, judge)
 
 
 def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made: dict | None = None,
@@ -189,8 +192,9 @@ def quant_table(work: Path, win: Path, routes: list[Route], *, timed: bool, made
         rel = max(float(np.abs(b - a).max() / max(np.abs(a).max(), 1e-30)) for a, b in pairs)
         label += _kept_note(target) if route.makes_file else ""
         ccs = [centered_cosine(a, b) for a, b in pairs]
-        cc = f"{min(ccs):.5f}" if all(np.isfinite(ccs)) else "undefined: every token's output the same"
-        if photos and all(np.isfinite(ccs)):
+        finite = all(np.isfinite(ccs))
+        cc = f"{min(ccs):.5f}" if finite else "undefined: every token's output the same"
+        if photos and finite:
             cc += f" ({', '.join(f'{c:.5f}' for c in ccs)})"
         rows.append(f"| {label} | {runtime} | {lat} | {rel:.1e} | {min(cosine(a, b) for a, b in pairs):.5f} | {cc} | "
                     f"{mb:.0f} | {r.peak_mb:.0f} | {q} |")

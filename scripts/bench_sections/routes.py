@@ -15,23 +15,6 @@ TOKEN_U8S8 = ("--activation-scale", "token", "--int8-kernel", "u8s8")
 FULL_ATTENTION_PROJ = "FULL_ATTENTION_PROJ"   # in a route's options: --keep-node /blocks.N/attn/proj/* per such block N
 TOKEN_KEEP = ("--keep-node", "/merger/*", "--keep-node", "/patch_embed/*", "--keep-block", "0", FULL_ATTENTION_PROJ)
 
-
-def expand(opts, win_meta: dict, calib: str | None) -> tuple[list[str], list[str]]:
-    """A route's options for the windowed file whose metadata is ``win_meta``: (to run, to show);
-    PHOTOS becomes ``calib`` (shown as PHOTOS), FULL_ATTENTION_PROJ a --keep-node per full-attention block."""
-    import json
-    run, show = [], []
-    for o in opts:
-        if o == FULL_ATTENTION_PROJ:
-            extra = [a for b in json.loads(win_meta["qvl_surgery.fullatt_blocks"])
-                     for a in ("--keep-node", f"/blocks.{b}/attn/proj/*")]
-            run += extra
-            show += extra
-        else:
-            assert o != PHOTOS or calib, "a route that calibrates on photos needs the table's photos"
-            run.append(calib if o == PHOTOS else o)
-            show.append(o)
-    return run, show
 KEEP_MERGER = ("--keep-node", "/merger/*")
 ORT_FMT, QDQ_FMT = ("--format", "onnxruntime"), ("--format", "qdq")
 QUANTIZER_RSS_LIMIT_MB = 20500   # the machine has 24 GB: an anchor past this is stopped, not the machine
@@ -41,6 +24,25 @@ SURGERY_CMD = {"smooth": ("smooth", "--calibrate", "random:4"), "rotate": ("rota
                "rotate+smooth": ("smooth", "--calibrate", "random:4")}
 SURGERY_BASE = {"rotate+smooth": "rotate"}
 ANCHORS = ("ort-dynamic", "ort-static", "nncf-weights", "nncf-quantize")
+
+
+def expand(opts, win, calib: str | None) -> tuple[list[str], list[str]]:
+    """A route's options for the windowed file ``win``: (to run, to show); PHOTOS becomes ``calib``
+    (shown as PHOTOS), FULL_ATTENTION_PROJ a --keep-node per full-attention block (from its metadata)."""
+    import json
+    run, show = [], []
+    for o in opts:
+        if o == FULL_ATTENTION_PROJ:
+            from qvl_surgery.core.signature import head_model
+            extra = [a for b in json.loads(head_model(win).metadata()["qvl_surgery.fullatt_blocks"])
+                     for a in ("--keep-node", f"/blocks.{b}/attn/proj/*")]
+            run += extra
+            show += extra
+        else:
+            assert o != PHOTOS or calib, "a route that calibrates on photos needs the table's photos"
+            run.append(calib if o == PHOTOS else o)
+            show.append(o)
+    return run, show
 
 
 @dataclass(frozen=True)
