@@ -103,19 +103,22 @@ class _QuantEmitter:
         if x in self.act_q:
             return self.act_q[x], s, z
         c = {k: self._const(f"{base}/{k}", np.array(v, np.float32))
-             for k, v in (("inv127", 1 / 127), ("tiny", 1e-30), ("shift", 128.0), ("low", 0.0), ("high", 255.0))
-             if not rank2 or k in ("inv127", "tiny")}
+             for k, v in (("inv127", 1 / 127), ("neg_inv127", -1 / 127), ("tiny", 1e-30), ("shift", 128.0),
+                          ("low", 0.0), ("high", 255.0))
+             if not rank2 or k in ("inv127", "neg_inv127", "tiny")}
         self._const(z, np.array(128, np.uint8))
         row = f"{x}/token_scale_row" if rank2 else s
-        self._node("Abs", [x], [f"{x}/abs"], f"{x}/token_scale/Abs")
-        if self.plan.opset >= 18:
-            axes = self._const(f"{base}/last_axis", np.array([-1], np.int64))
-            self._node("ReduceMax", [f"{x}/abs", axes], [f"{x}/absmax"], f"{x}/token_scale/ReduceMax", keepdims=1)
-        else:
-            self._node("ReduceMax", [f"{x}/abs"], [f"{x}/absmax"], f"{x}/token_scale/ReduceMax", axes=[-1],
-                       keepdims=1)
-        self._node("Mul", [f"{x}/absmax", c["inv127"]], [f"{x}/token_scale_raw"], f"{x}/token_scale/Mul")
-        self._node("Max", [f"{x}/token_scale_raw", c["tiny"]], [s], f"{x}/token_scale/Max")
+        # max |row| as max(ReduceMax, -ReduceMin): two reductions that read x, where Abs wrote a copy of
+        # it first (on the 3b, 2 threads, AMX Xeon: 53 ms against Abs + ReduceMax's 106 ms a run)
+        axes = self._const(f"{base}/last_axis", np.array([-1], np.int64)) if self.plan.opset >= 18 else None
+        for op, tag in (("ReduceMax", "rowmax"), ("ReduceMin", "rowmin")):
+            if axes:
+                self._node(op, [x, axes], [f"{x}/{tag}"], f"{x}/token_scale/{op}", keepdims=1)
+            else:
+                self._node(op, [x], [f"{x}/{tag}"], f"{x}/token_scale/{op}", axes=[-1], keepdims=1)
+        self._node("Mul", [f"{x}/rowmax", c["inv127"]], [f"{x}/scale_of_max"], f"{x}/token_scale/Mul_max")
+        self._node("Mul", [f"{x}/rowmin", c["neg_inv127"]], [f"{x}/scale_of_min"], f"{x}/token_scale/Mul_min")
+        self._node("Max", [f"{x}/scale_of_max", f"{x}/scale_of_min", c["tiny"]], [s], f"{x}/token_scale/Max")
         if rank2:
             flat = self._const(f"{base}/flat", np.array([-1], np.int64))
             self._node("Reshape", [s, flat], [row], f"{x}/token_scale/Reshape")
