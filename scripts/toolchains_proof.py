@@ -5,6 +5,8 @@ goes into COMPAT.md (its "toolchain configs" section, between markers; the rest 
 
     scripts/toolchains-proof                  # about 15 min on 2 cores; run it alone
     scripts/toolchains-proof --only targets   # the "targets" table alone (about 4 min)
+    scripts/toolchains-proof --3b             # the targets row of the 3b outlier stand-in, smoothed (once;
+                                              # about an hour, stopped when the machine has under 3 GB free)
 
 The "targets" table (issue 26): per file, ``qvl-surgery toolchains FILE --budget 0.99 --target rknn``
 calibrated on four scikit-image photos, its rknn hybrid config built by rknn-toolkit2's simulator, and
@@ -40,6 +42,9 @@ CALIB = 8
 MARK_BEGIN, MARK_END = "<!-- toolchain configs: begin -->", "<!-- toolchain configs: end -->"
 TARGETS_BEGIN, TARGETS_END = "<!-- toolchain targets: begin -->", "<!-- toolchain targets: end -->"
 TARGET_BUDGET = "0.99"
+TARGETS_3B_BEGIN, TARGETS_3B_END = "<!-- toolchain targets 3b: begin -->", "<!-- toolchain targets 3b: end -->"
+PEAK = "peak_rss_mb="
+MIN_FREE_GB = 3.0
 
 
 def _eval_input() -> np.ndarray:
@@ -78,6 +83,7 @@ def _rknn_job(job: dict) -> None:
     if job["step"] == "step1":
         ok(r.load_onnx(model=job["model"]), "load_onnx")
         ok(r.hybrid_quantization_step1(dataset=job["dataset"]), "hybrid_quantization_step1")
+        _peak()
         return
     if job["step"] == "w8a8":
         ok(r.load_onnx(model=job["model"]), "load_onnx")
@@ -92,6 +98,13 @@ def _rknn_job(job: dict) -> None:
             raise RuntimeError("rknn inference returned None")
         np.save(out, np.asarray(y[0]))
     r.release()
+    _peak()
+
+
+def _peak() -> None:
+    """The worker's peak resident memory, as its last line (read by :func:`run_job`)."""
+    import resource
+    print(PEAK + json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
 
 
 def worker(job_path: Path) -> int:
@@ -116,17 +129,21 @@ def qvl(*args) -> str:
 
 
 def run_job(client, job: dict, timeout: int = 900) -> tuple[bool, str, float]:
-    """Run one job in the client's venv; (ok, the client's last error line, seconds)."""
+    """Run one job in the client's venv, stopped past ``timeout`` or when the machine has under
+    MIN_FREE_GB left; (ok, the client's last error line or why it was stopped, seconds). The job's
+    peak resident memory (MB, from the worker's last line) goes into ``job["peak_mb"]``."""
+    from harness.process import supervise
     d = Path(job["dir"])
     d.mkdir(parents=True, exist_ok=True)
     (d / "job.json").write_text(json.dumps(job))
     t0 = time.perf_counter()
-    with open(d / "log.txt", "w") as log:
-        p = subprocess.run([str(client.venv.interpreter), str(Path(__file__).resolve()), "--worker", str(d / "job.json")],
-                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    code, stopped = supervise([str(client.venv.interpreter), str(Path(__file__).resolve()), "--worker",
+                               str(d / "job.json")], d / "log.txt", timeout=timeout, min_free_gb=MIN_FREE_GB,
+                              who="scripts/toolchains-proof")
     text = (d / "log.txt").read_text(errors="replace").strip().splitlines()
-    why = next((l for l in reversed(text) if "Error" in l or l.startswith("E ")), text[-1] if text else "")
-    return p.returncode == 0, why[:300], time.perf_counter() - t0
+    job["peak_mb"] = next((json.loads(l[len(PEAK):]) for l in reversed(text) if l.startswith(PEAK)), None)
+    why = stopped or next((l for l in reversed(text) if "Error" in l or l.startswith("E ")), text[-1] if text else "")
+    return code == 0, why[:300], time.perf_counter() - t0
 
 
 def copy_model(src: Path, dst_dir: Path) -> Path:
@@ -136,15 +153,16 @@ def copy_model(src: Path, dst_dir: Path) -> Path:
     return dst_dir / src.name
 
 
-def stand_in_files(d: Path, stand_in: str, calibrate: str) -> tuple[Path, Path]:
-    """The tiny stand-in's windowed export and its smoothed form (``smooth --calibrate calibrate``)."""
-    from qvl_surgery.core.config import PRESETS
-    from qvl_surgery.core.export import export
-    from qvl_surgery.core.weights import STAND_INS
+def stand_in_files(d: Path, stand_in: str, calibrate: str, preset: str = "tiny") -> tuple[Path, Path]:
+    """The stand-in's windowed export and its smoothed form (``smooth --calibrate calibrate``); the
+    export's own file deleted once windowed."""
     src = d / f"{stand_in}.onnx"
-    export(STAND_INS[stand_in](PRESETS["tiny"], 0), src, (448, 448), progress=False)
+    qvl("export", "--random-init", preset, *(("--stand-in", stand_in) if stand_in != "random" else ()), "-o", src,
+        "-q")
     win, sm = d / f"{stand_in}_windowed.onnx", d / f"{stand_in}_smoothed.onnx"
     qvl("attention", src, "-o", win, "-q")
+    for p in (src, Path(f"{src}.data")):
+        p.unlink()
     qvl("smooth", win, "-o", sm, "-q", "--calibrate", calibrate)
     return win, sm
 
@@ -155,10 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=ROOT / "COMPAT.md")
     ap.add_argument("--clients", default="nncf,rknn")
     ap.add_argument("--only", choices=("configs", "targets"), help="one of the two tables (the other is kept)")
+    ap.add_argument("--3b", dest="big", action="store_true",
+                    help="the targets row of the 3b outlier stand-in (smoothed) instead, once (the rest is kept)")
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a.worker)
     clients = {k: v for k, v in _clients().items() if k in a.clients.split(",")}
+    if a.big:
+        from harness.process import mem_available_gb, mem_total_gb
+        from harness.venv import make_venv
+        make_venv(clients["rknn"].venv, "rknn")
+        memory = f"{mem_available_gb():.1f} GB free of {mem_total_gb():.0f} GB"
+        write_section(a.output, targets_3b_lines(targets(clients["rknn"], "3b", BIG_CASES), memory),
+                      TARGETS_3B_BEGIN, TARGETS_3B_END)
+        return 0
     if a.only != "configs" and "rknn" in clients:
         from harness.venv import make_venv
         make_venv(clients["rknn"].venv, "rknn")
@@ -276,10 +304,9 @@ def write_section(path: Path, lines: list[str], begin: str = MARK_BEGIN, end: st
         text = text.rstrip() + "\n\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
     head, rest = text.split(MARK_BEGIN, 1)
     section, tail = rest.split(MARK_END, 1)
-    if begin == MARK_BEGIN:   # the configs table: the targets table nested in the section survives
-        nested = ""
-        if TARGETS_BEGIN in section:
-            nested = TARGETS_BEGIN + section.split(TARGETS_BEGIN, 1)[1].split(TARGETS_END, 1)[0] + TARGETS_END + "\n"
+    if begin == MARK_BEGIN:   # the configs table: the targets tables nested in the section survive
+        nested = "".join(b + section.split(b, 1)[1].split(e, 1)[0] + e + "\n"
+                         for b, e in ((TARGETS_BEGIN, TARGETS_END), (TARGETS_3B_BEGIN, TARGETS_3B_END)) if b in section)
         section = "\n" + "\n".join(lines) + "\n" + nested
     else:
         block = begin + "\n" + "\n".join(lines) + "\n" + end
@@ -308,51 +335,70 @@ def _emulated(model: Path, keep: dict, calib: list[dict], evals: list[dict], ref
     return [centered_cosine(r, g) for r, g in zip(ref, got)]
 
 
-def targets(rknn) -> list[dict]:
+TINY_CASES = (("random", ("plain (windowed)", "smoothed")), ("outlier", ("plain (windowed)", "smoothed")))
+BIG_CASES = (("outlier", ("smoothed",)),)
+
+
+def targets(rknn, preset: str = "tiny", cases=TINY_CASES) -> list[dict]:
     """Per file: toolchains --budget --target rknn on photos, rknn's simulator with the written hybrid
-    config, the emulation's figure; on the photos the calibration did not see."""
+    config, the emulation's figure; on the photos the calibration did not see. Each step's wall time
+    (and the rknn steps' peak memory) in the row. The reference and the emulation run in this process
+    after rknn's jobs, so that nothing of a 3b model is held here while rknn builds."""
     from qvl_surgery.core.inputs import InputSource
     from qvl_surgery.core.metrics import centered_cosine
     from qvl_surgery.core.runners import run_model
-    work = WORK / "targets"
+    work = WORK / ("targets" if preset == "tiny" else f"targets-{preset}")
     if work.exists():
         shutil.rmtree(work)
     calib_png, eval_png = save_photos(work / "photos", CALIB_PHOTOS), save_photos(work / "photos", EVAL_PHOTOS)
     calib = ",".join(map(str, calib_png))
     rows = []
-    for stand_in in ("random", "outlier"):
-        win, sm = stand_in_files(work, stand_in, calib)
-        for label, model in (("plain (windowed)", win), ("smoothed", sm)):
+    for stand_in, labels in cases:
+        files = dict(zip(("plain (windowed)", "smoothed"), stand_in_files(work, stand_in, calib, preset)))
+        for label in labels:
+            model, secs = files[label], {}
             cfg = work / f"{model.stem}.configs"
+            t0 = time.perf_counter()
             qvl("toolchains", model, "--budget", TARGET_BUDGET, "--target", "rknn", "--activations", "int8",
                 "--calibrate", calib, "--dataset", calib, "-o", cfg, "-q")
+            secs["budget"] = time.perf_counter() - t0
             keep = json.loads((cfg / "keep.json").read_text())
             feeds = InputSource.parse(",".join(map(str, eval_png)), "dataset", random_ok=False).sets(model)
             evals = []
             for png, f in zip(eval_png, feeds):
                 evals.append(work / f"{model.stem}.{png.stem}.npy")
                 np.save(evals[-1], f["pixel_values"])
-            ref = [run_model(model, f)["image_embeds"] for f in feeds]
-            calib_feeds = InputSource.parse(calib, "calibrate", random_ok=False).sets(model)
-            emulated = _emulated(model, keep, calib_feeds, feeds, ref)
             d1 = work / "jobs" / f"{model.stem}-step1"
             m = copy_model(model, d1 / "in")
-            ok, why, _ = run_job(rknn, {"client": "rknn", "step": "step1", "dir": str(d1), "model": str(m),
-                                        "dataset": str(cfg / "calib" / "rknn" / "dataset.txt")})
-            sim = why if not ok else None
+            job1 = {"client": "rknn", "step": "step1", "dir": str(d1), "model": str(m),
+                    "dataset": str(cfg / "calib" / "rknn" / "dataset.txt")}
+            ok, why, secs["step1"] = run_job(rknn, job1, timeout=3 * 3600)
+            peaks = {"step1": job1["peak_mb"]}
+            sim = why
             if ok:
                 hyb = work / f"{model.stem}.rknn-configs"
                 qvl("toolchains", model, "--keep-from", cfg / "keep.json", "--rknn-step1", d1, "-o", hyb, "-q")
                 d2 = work / "jobs" / f"{model.stem}-step2"
                 outs = [str(d2 / f"out.{p.stem}.npy") for p in eval_png]
-                ok, why, _ = run_job(rknn, {"client": "rknn", "step": "step2", "dir": str(d2),
-                                            "model_file": str(next(d1.glob("*.model"))),
-                                            "data_file": str(next(d1.glob("*.data"))),
-                                            "cfg": str(hyb / "rknn.quantization.cfg"), "evals": list(map(str, evals)),
-                                            "outs": outs})
-                sim = [centered_cosine(r, np.load(o).reshape(r.shape)) for r, o in zip(ref, outs)] if ok else why
-            rows.append({"stand_in": stand_in, "file": label, "keep": keep, "emulation": emulated, "simulator": sim})
-            print(stand_in, label, sorted(keep["kept"]), emulated, sim, flush=True)
+                job2 = {"client": "rknn", "step": "step2", "dir": str(d2),
+                        "model_file": str(next(d1.glob("*.model"))), "data_file": str(next(d1.glob("*.data"))),
+                        "cfg": str(hyb / "rknn.quantization.cfg"), "evals": list(map(str, evals)), "outs": outs}
+                ok, why, secs["step2"] = run_job(rknn, job2, timeout=3 * 3600)
+                peaks["step2"] = job2["peak_mb"]
+                sim = [np.load(o) for o in outs] if ok else why
+            shutil.rmtree(work / "jobs", ignore_errors=True)   # rknn's copies and its multi-GB build files
+            ref = [run_model(model, f)["image_embeds"] for f in feeds]
+            if isinstance(sim, list):
+                sim = [centered_cosine(r, y.reshape(r.shape)) for r, y in zip(ref, sim)]
+            calib_feeds = InputSource.parse(calib, "calibrate", random_ok=False).sets(model)
+            t0 = time.perf_counter()
+            emulated = _emulated(model, keep, calib_feeds, feeds, ref)
+            secs["emulation"] = time.perf_counter() - t0
+            rows.append({"stand_in": stand_in, "file": label, "keep": keep, "emulation": emulated, "simulator": sim,
+                         "secs": secs, "peak_mb": peaks})
+            print(stand_in, label, sorted(keep["kept"]), emulated, sim, secs, peaks, flush=True)
+    if preset != "tiny":
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -373,6 +419,24 @@ def targets_lines(rows: list[dict]) -> list[str]:
         diff = (f"{abs(min(r['emulation']) - min(r['simulator'])):.5f}" if isinstance(r["simulator"], list) else "-")
         lines.append(f"| {r['stand_in']} | {r['file']} | {kept} ({100 * r['keep']['kept_share']:.1f}%) | "
                      f"{worst(r['emulation'])} | {worst(r['simulator'])} | {diff} |")
+    return lines
+
+
+def targets_3b_lines(rows: list[dict], memory: str) -> list[str]:
+    """The 3b row(s) of the targets table, with what each step took: written by ``--3b`` (once)."""
+    lines = []
+    for r in rows:
+        kept = ", ".join(sorted({k.split("/")[1] for k in r["keep"]["kept"]})) or "nothing"
+        sim = r["simulator"]
+        cell = (f"{min(sim):.5f} (each photo {', '.join(f'{v:.5f}' for v in sim)})" if isinstance(sim, list)
+                else f"not run to the end: {sim}")
+        diff = f"; difference {abs(min(r['emulation']) - min(sim)):.5f}" if isinstance(sim, list) else ""
+        took = ", ".join(f"{k} {v:.0f} s" + (f" (peak {r['peak_mb'][k] / 1024:.1f} GB)" if r["peak_mb"].get(k) else "")
+                         for k, v in r["secs"].items())
+        lines.append(f"3b {r['stand_in']} stand-in (random weights seed 0, 448x448), {r['file']} (`smooth --calibrate` "
+                     f"on the calibration photos), the same steps (`scripts/toolchains-proof --3b`, {memory} before): "
+                     f"kept {kept} ({100 * r['keep']['kept_share']:.2f}% of the multiply-adds); emulation "
+                     f"{min(r['emulation']):.5f}; rknn simulator {cell}{diff}. Took: {took}.")
     return lines
 
 
