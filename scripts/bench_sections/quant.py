@@ -262,7 +262,8 @@ def section_scales(work: Path, preset: str) -> list[str]:
     clear(photos.calib_npz)
     return [f"## int8 activation scales ({preset} windowed, 448x448, random weights seed 0, photos)", "",
             "`quantize --activation-scale token` against the per-tensor scales, MatMulNBits (weights int8, "
-            "accuracy_level 4: onnxruntime quantizes A per block of 128 at run time) and the anchors (onnxruntime's "
+            "accuracy_level 4: onnxruntime quantizes A per block of 128 at run time), the toolkit's static per-tensor "
+            "qdq file in OpenVINO (whose int8 FullyConnected kernels are the fastest here) and the anchors (onnxruntime's "
             "quantize_dynamic, NNCF's quantize in OpenVINO). Each file in its own process, 2 threads: 5 runs on "
             f"scikit-image's {photos.names[0]} resized to 448x448 (median of the last 4), then one run on each other "
             f"photo; accuracy cells are the worst of {', '.join(photos.names)} (centered cosine of each in "
