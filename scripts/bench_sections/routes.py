@@ -7,6 +7,7 @@ from dataclasses import dataclass
 W8A8 = ("--weights", "int8", "--activations", "int8")
 CAL = ("--calibrate", "random:8")
 PHOTOS = "PHOTOS"   # in a route's options: the table's calibration photos (quant.Photos), comma separated
+CAL_PHOTOS = ("--calibrate", PHOTOS)
 TOKEN_U8S8 = ("--activation-scale", "token", "--int8-kernel", "u8s8")
 # per token: the linears whose inputs per-token int8 serves worst, kept float (2.7% + block 0's 3.1% of the
 # multiply-adds on the 3b): the merger and the patch embed (the budget's costliest groups per multiply-add),
@@ -121,7 +122,7 @@ SCALE_ROUTES = [
     Route("w8a8 dynamic, u8s8 kernel, format onnxruntime (DynamicQuantizeMatMul)", "onnxruntime",
           W8A8 + ORT_FMT + ("--int8-kernel", "u8s8")),
     Route("w8a8 static (calibrated on the photos), format onnxruntime (MatMulIntegerToFloat)", "onnxruntime",
-          W8A8 + ORT_FMT + ("--calibrate", PHOTOS)),
+          W8A8 + ORT_FMT + CAL_PHOTOS),
     Route("w8a8 per token, format onnxruntime (MatMulIntegerToFloat, per-row scale)", "onnxruntime",
           W8A8 + ORT_FMT + ("--activation-scale", "token")),
     Route("w8a8 per token, u8s8 kernel, format onnxruntime", "onnxruntime", W8A8 + ORT_FMT + TOKEN_U8S8),
@@ -131,7 +132,7 @@ SCALE_ROUTES = [
     # per tensor where the fastest int8 kernels are (OpenVINO's AMX/VNNI FullyConnected): mse ranges measured
     # 0.99621 worst centered against percentile's 0.99582; smooth first 0.98663 (judged photos; 3b, random weights)
     Route("w8a8 static qdq (calibrated on the photos, mse ranges), in OpenVINO", "openvino",
-          W8A8 + QDQ_FMT + ("--calibrate", PHOTOS, "--calibrate-method", "mse")),
+          W8A8 + QDQ_FMT + CAL_PHOTOS + ("--calibrate-method", "mse")),
     Route("w8 weight-only qdq, in OpenVINO (its own dynamic int8 activations, groups of 32: its default)", "openvino",
           ("--weights", "int8") + QDQ_FMT),
     Route("w8 weight-only qdq, in OpenVINO (its own dynamic int8 activations, groups of 128)", "openvino-dq128",
